@@ -1,0 +1,86 @@
+"""Small models and data shared by the tests (float64 unless stated otherwise)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def make_data(n=12, d=5, k=3, *, classification=True, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    if classification:
+        y = torch.randint(0, k, (n,), generator=g)
+    else:
+        y = torch.randn(n, k, generator=g, dtype=dtype)
+    return X, y
+
+
+def mlp(d=5, h=6, k=3, *, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, k)).to(dtype)
+
+
+def linear(d=5, k=1, *, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Linear(d, k).to(dtype)
+
+
+class TinyCNN(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> pool -> linear, on 1x6x6 inputs."""
+
+    def __init__(self, k=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 2 * 2, k)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = nn.functional.max_pool2d(x, 2)
+        return self.fc(x.flatten(1))
+
+
+def tiny_cnn(k=3, *, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    m = TinyCNN(k).to(dtype)
+    # non-trivial running statistics so eval mode differs from train mode
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def image_data(n=10, k=3, *, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 1, 6, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, k, (n,), generator=g)
+    return X, y
+
+
+def model_state(model):
+    """Snapshot of everything a side-effect-free call must leave unchanged."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone()
+            for n, p in model.named_parameters()
+        },
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "modes": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_same_state(before, after):
+    for key in ("params", "buffers"):
+        assert before[key].keys() == after[key].keys()
+        for n in before[key]:
+            assert torch.equal(before[key][n], after[key][n]), f"{key} {n} changed"
+    for n in before["grads"]:
+        a, b = before["grads"][n], after["grads"][n]
+        assert (a is None) == (b is None), f"grad {n} changed"
+        if a is not None:
+            assert torch.equal(a, b), f"grad {n} changed"
+    assert before["modes"] == after["modes"], "module modes changed"
+    assert torch.equal(before["rng"], after["rng"]), "global RNG changed"
