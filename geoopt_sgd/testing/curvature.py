@@ -1,0 +1,3 @@
+"""Dense Hessian and GGN references (being implemented)."""
+
+__all__: list[str] = []
