@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import _common as C
+import pytest
+import torch
+
+
+@dataclass(frozen=True)
+class Cfg:
+    model: str = "mlp"  # model name
+    lr: float = 0.1  # learning rate
+    steps: int = 10  # number of steps
+    ks: tuple[int, ...] = (1, 5)  # k values
+    resume: bool = False  # resume from checkpoint
+    note: str | None = None  # optional note
+    device: str = "cpu"  # cpu or cuda
+    seed: int = 0  # seed
+
+    @classmethod
+    def quick(cls):
+        return cls(steps=3)
+
+
+# ---------------------------------------------------------------- config / CLI
+
+
+def test_parse_config_precedence(tmp_path):
+    assert C.parse_config(Cfg, []) == Cfg()
+    assert C.parse_config(Cfg, ["--quick"]).steps == 3
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"steps": 7, "lr": 0.5, "ks": [2, 3]}))
+    cfg = C.parse_config(Cfg, ["--quick", "--config", str(f), "--lr", "0.25"])
+    # file overrides quick(), CLI overrides the file
+    assert cfg == Cfg(steps=7, lr=0.25, ks=(2, 3))
+
+
+def test_parse_config_types():
+    cfg = C.parse_config(
+        Cfg, ["--ks", "4,8", "--resume", "--note", "hi", "--model", "test_resnet"]
+    )
+    assert cfg.ks == (4, 8) and cfg.resume is True and cfg.note == "hi"
+    assert C.parse_config(Cfg, ["--note", "none"]).note is None
+    assert C.parse_config(Cfg, ["--resume", "--no-resume"]).resume is False
+
+
+def test_parse_config_help_uses_comments(capsys):
+    with pytest.raises(SystemExit):
+        C.parse_config(Cfg, ["--help"])
+    out = capsys.readouterr().out
+    assert "--learning-rate" not in out and "learning rate" in out
+    assert "--steps" in out
+
+
+def test_parse_config_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        C.parse_config(Cfg, ["--steps", "abc"])
+    assert "`steps` must be of type int; got 'abc'." in capsys.readouterr().err
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"stepz": 1}))
+    with pytest.raises(SystemExit):
+        C.parse_config(Cfg, ["--config", str(f)])
+    assert "unknown config field(s) 'stepz'" in capsys.readouterr().err
+
+
+def test_config_dict_roundtrip():
+    cfg = Cfg(ks=(3,), note="x")
+    d = C.config_to_dict(cfg)
+    assert d["ks"] == [3]
+    assert C.config_from_dict(Cfg, json.loads(json.dumps(d))) == cfg
+    with pytest.raises(ValueError, match="`steps` must be an integer; got 1.5."):
+        C.config_from_dict(Cfg, {"steps": 1.5})
+    with pytest.raises(ValueError, match="`resume` must be a boolean; got 'maybe'."):
+        C.config_from_dict(Cfg, {"resume": "maybe"})
+    with pytest.raises(ValueError, match="`lr` must not be None."):
+        C.config_from_dict(Cfg, {"lr": None})
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_check_config_basics_errors():
+    C.check_config_basics(Cfg())
+    with pytest.raises(ValueError, match=r"`model` must be one of 'mlp'.*got 'nope'"):
+        C.check_config_basics(Cfg(model="nope"))
+    with pytest.raises(ValueError, match="timm.list_models"):
+        C.check_model_name("nope")
+    with pytest.raises(ValueError, match=r"`lr` must be > 0; got -1.0."):
+        C.check_config_basics(Cfg(lr=-1.0))
+    with pytest.raises(ValueError, match=r"`lr` must be > 0; got 0.0."):
+        C.check_config_basics(Cfg(lr=0.0))
+    with pytest.raises(ValueError, match=r"`seed` must be >= 0; got -2."):
+        C.check_config_basics(Cfg(seed=-2))
+    with pytest.raises(ValueError, match=r"`device` must be one of 'cpu', 'cuda'"):
+        C.check_device("tpu")
+    with pytest.raises(ValueError, match=r"`dataset` must be one of 'digits'"):
+        C.check_dataset("imagenet")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_check_device_no_cuda():
+    with pytest.raises(ValueError, match="CUDA is not available here; pass --device"):
+        C.check_device("cuda")
+
+
+def test_check_config_basics_loss():
+    @dataclass(frozen=True)
+    class L:
+        loss: str = "hinge"
+
+    with pytest.raises(ValueError, match=r"`loss` must be one of 'ce', 'mse'; got 'h"):
+        C.check_config_basics(L())
+    with pytest.raises(ValueError, match=r"`loss` must be one of 'ce', 'mse'"):
+        C.make_loss("hinge")
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_load_digits_shapes_and_standardisation():
+    d = C.load_data("digits", image_size=12, in_chans=3, num_train=200, num_test=50)
+    assert d.x_train.shape == (200, 3, 12, 12) and d.x_test.shape == (50, 3, 12, 12)
+    assert d.y_train.dtype == torch.long and d.num_classes == 10
+    assert d.in_chans == 3 and d.image_size == 12 and d.input_dim == 3 * 12 * 12
+    # standardised per channel on the training split: mean 0, std 1 (float32 sums
+    # over 28,800 entries: 1e-5 is ample)
+    m = d.x_train.mean(dim=(0, 2, 3))
+    s = d.x_train.std(dim=(0, 2, 3))
+    torch.testing.assert_close(m, torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s, torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_load_digits_native_flat_and_deterministic():
+    a = C.load_data("digits", image_size=None, flatten=True, dtype=torch.float64)
+    b = C.load_data("digits", image_size=None, flatten=True, dtype=torch.float64)
+    assert a.x_train.shape[1] == 64 and a.image_size is None
+    assert a.x_train.dtype == torch.float64
+    assert len(a.y_train) + len(a.y_test) == 1797
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    c = C.load_data("digits", image_size=None, flatten=True, seed=1)
+    assert not torch.equal(a.y_train, c.y_train)
+    # train and test are disjoint: same number of rows as the full set, no overlap
+    rows = {tuple(r.tolist()) for r in a.x_train} & {
+        tuple(r.tolist()) for r in a.x_test
+    }
+    # digits holds a few exact duplicate images; the split itself is by index
+    assert len(rows) < 20
+
+
+def test_load_data_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"`dataset` must be one of 'digits'.*'svhn'"):
+        C.load_data("svhn")
+    with pytest.raises(ValueError, match="pass --data-dir DIR"):
+        C.load_data("cifar10")
+    with pytest.raises(FileNotFoundError, match="--download"):
+        C.load_data("fashion_mnist", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"`num_train` must be in \[1, "):
+        C.load_data("digits", num_train=10**6)
+    with pytest.raises(ValueError, match="`image_size` must be >= 1; got 0."):
+        C.load_data("digits", image_size=0)
+    with pytest.raises(ValueError, match="`in_chans` must be >= 1; got 0."):
+        C.load_data("digits", in_chans=0)
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_make_model_small_and_seeded():
+    rng = torch.get_rng_state()
+    a = C.make_model("mlp", 10, input_dim=64, width=8, seed=3, dtype=torch.float64)
+    b = C.make_model("mlp", 10, input_dim=64, width=8, seed=3, dtype=torch.float64)
+    assert torch.equal(torch.get_rng_state(), rng), "global RNG consumed"
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q) and p.dtype == torch.float64
+    assert a(torch.zeros(2, 64, dtype=torch.float64)).shape == (2, 10)
+    cnn = C.make_model("cnn", 4, in_chans=1, image_size=8, width=3)
+    assert cnn(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
+    lin = C.make_model("linear", 2, input_dim=5)
+    assert lin(torch.zeros(1, 5)).shape == (1, 2)
+
+
+def test_make_model_timm():
+    m = C.make_model("test_efficientnet", 10, in_chans=1)
+    assert m(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_make_model_errors():
+    with pytest.raises(ValueError, match="timm.list_models"):
+        C.make_model("resnet_does_not_exist", 10)
+    with pytest.raises(ValueError, match="`input_dim` is needed for model 'mlp'."):
+        C.make_model("mlp", 10)
+    with pytest.raises(ValueError, match="`input_dim` is needed for model 'linear'."):
+        C.make_model("linear", 10)
+    with pytest.raises(ValueError, match="`image_size` is needed for model 'cnn'."):
+        C.make_model("cnn", 10)
+    with pytest.raises(ValueError, match="`activation` must be one of 'tanh', 'relu'"):
+        C.make_model("mlp", 10, input_dim=3, activation="gelu")
+
+
+def test_make_targets():
+    y = torch.tensor([0, 2])
+    assert torch.equal(C.make_targets("ce", y, 3, torch.float64), y)
+    t = C.make_targets("mse", y, 3, torch.float64)
+    assert t.dtype == torch.float64
+    assert torch.equal(t, torch.tensor([[1.0, 0, 0], [0, 0, 1]], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_write_json_atomic_and_strict(tmp_path):
+    p = C.write_json(
+        tmp_path / "a" / "r.json",
+        {"x": float("nan"), "t": torch.tensor([1.0, 2.0]), "i": math.inf},
+    )
+    assert json.loads(p.read_text()) == {"x": None, "t": [1.0, 2.0], "i": None}
+    assert [f.name for f in p.parent.iterdir()] == ["r.json"], "temp file left behind"
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        C.write_json(tmp_path / "b.json", {"o": object()})
+    assert not (tmp_path / "b.json").exists()
+    assert list(tmp_path.glob(".b.json*")) == []
+
+
+def test_checkpoint_roundtrip_restores_rng(tmp_path):
+    cfg = C.config_to_dict(Cfg())
+    path = tmp_path / "ck.pt"
+    assert C.load_checkpoint(path) is None
+    torch.manual_seed(5)
+    random.seed(5)
+    C.save_checkpoint(path, {"step": 3, "config": cfg, "w": torch.arange(3)})
+    expect = (torch.rand(2), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    # weights_only=True inside load_checkpoint: only plain types were saved
+    state = C.load_checkpoint(path, config=dict(cfg, resume=True, device="cuda"))
+    assert state["step"] == 3 and torch.equal(state["w"], torch.arange(3))
+    assert torch.equal(torch.rand(2), expect[0]) and random.random() == expect[1]
+
+
+def test_checkpoint_config_mismatch(tmp_path):
+    path = tmp_path / "ck.pt"
+    C.save_checkpoint(path, {"config": C.config_to_dict(Cfg())})
+    other = C.config_to_dict(Cfg(lr=0.3))
+    with pytest.raises(ValueError, match=r"different config \(fields 'lr'\)"):
+        C.load_checkpoint(path, config=other)
+
+
+def test_results_payload_and_environment():
+    env = C.environment("cpu")
+    for key in ("torch", "timm", "device", "git_sha", "python"):
+        assert key in env
+    rows = [C.claim("a", 1.0, ">=", 0.5), C.claim("b", None, "<", 1)]
+    out = C.results_payload(
+        "x", Cfg(), env=env, metrics={"m": 1}, arrays={"loss": [1, 2]}, verdict=rows
+    )
+    assert out["schema_version"] == C.SCHEMA_VERSION and out["seed"] == 0
+    assert out["passed"] is False and out["config"]["ks"] == [1, 5]
+
+
+# ---------------------------------------------------------------- verdict
+
+
+@pytest.mark.parametrize(
+    ("value", "op", "thr", "ok"),
+    [
+        (0.95, ">=", 0.9, True),
+        (0.9, ">=", 0.9, True),
+        (0.9, ">", 0.9, False),
+        (0.4, "<=", 0.5, True),
+        (0.6, "<", 0.5, False),
+        (float("nan"), "<=", 0.5, False),
+        (None, ">=", 0.0, False),
+    ],
+)
+def test_claim(value, op, thr, ok):
+    row = C.claim("c", value, op, thr, source="SPEC R10")
+    assert row["passed"] is ok and row["threshold"] == thr
+
+
+def test_claim_error_and_table():
+    with pytest.raises(ValueError, match=r"`op` must be one of '>=', '>', '<=', '<'"):
+        C.claim("c", 1.0, "==", 1.0)
+    table = C.verdict_table(
+        [C.claim("rho", 0.95, ">=", 0.9), C.claim("x", None, "<", 1)]
+    )
+    assert "| rho | 0.95 | >= 0.9 | PASS |" in table
+    assert "| x | n/a | < 1 | FAIL |" in table
+
+
+def test_maybe_interrupt():
+    C.maybe_interrupt(3, None)
+    C.maybe_interrupt(3, 4)
+    with pytest.raises(C.Interrupted, match="interrupted at step 4"):
+        C.maybe_interrupt(4, 4)
