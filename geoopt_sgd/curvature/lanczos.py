@@ -1,19 +1,483 @@
-"""Lanczos eigensolver (stub: being implemented)."""
+"""Thick-restart Lanczos eigensolver for symmetric :class:`LinearOperator` s.
+
+The solver keeps an orthonormal Krylov basis of at most ``max_basis`` vectors on
+the operator's device and in its dtype, fully reorthogonalised (classical
+Gram-Schmidt applied twice, inner products accumulated in float64), and a
+projected matrix and its Ritz values in float64. When the basis is full it
+restarts by keeping the wanted Ritz vectors (thick restart, Wu & Simon 2000),
+so memory is bounded by ``max_basis``, not by the number of iterations.
+
+Convergence is decided on the true residual of each Ritz pair
+``(theta, y)``, ``||A y - theta y||``, which the Lanczos relation
+``A V = V H + v_{m+1} b^T`` gives without extra products, relative to
+``max(|theta|, sqrt(eps) * ||A||)``. Two extra *guard* Ritz values must converge as
+well (dense clusters otherwise hide an eigenvalue).
+
+References:
+    K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric
+    eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2), 2000.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .. import distributed
+from .._checks import check_choice, check_int, check_number
+from .linop import LinearOperator
+
 __all__ = ["EigenResult", "bottom_eigenpairs", "top_eigenpairs"]
 
+Which = Literal["LA", "SA", "LM", "BE"]
+_WHICH = ("LA", "SA", "LM", "BE")
+# Extra Ritz values that must converge beyond the k wanted ones: a plain Lanczos
+# that stops on the top-k residuals missed an eigenvalue of a dense cluster in 2 of
+# 5 seeds at k=20 on resnet18; two guards fixed it for ~22% more products.
+_GUARD = 2
+# Row chunk for float64-accumulated inner products of float32/16 vectors: the
+# error of a float32 dot over 11M entries reached 4e-4 on CPU, over 2^15 it is
+# ~1e-7, and summing the chunks in float64 keeps it there.
+_CHUNK = 1 << 15
 
+
+@dataclass(frozen=True)
 class EigenResult:
-    """Eigenpairs with residuals and cost (stub)."""
+    """Eigenpairs of a symmetric operator, with their residuals and cost.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64 CPU tensor, sorted descending (ascending for
+            :func:`bottom_eigenpairs`).
+        eigenvectors: ``(P, k)`` orthonormal columns in the operator's dtype and
+            device, in the order of ``eigenvalues``; each is defined up to sign.
+        residuals: ``(k,)`` float64, the relative true residuals
+            ``||A v - lambda v|| / max(|lambda|, sqrt(eps) * ||A||)`` (``0`` for an
+            exact zero operator).
+        n_matvec: Matrix-vector products used by this call.
+        converged: Whether every returned pair reached the requested tolerance.
+        wall_time: Seconds spent in the call.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    n_matvec: int
+    converged: bool
+    wall_time: float
 
 
-def top_eigenpairs(operator, k, **kwargs):
-    """Compute top-k eigenpairs (stub)."""
-    raise NotImplementedError
+def _dot64(Vt: Tensor, w: Tensor) -> Tensor:
+    """Return ``Vt @ w`` (``(j,)``, float64), accumulated in float64."""
+    if Vt.dtype == torch.float64:
+        return Vt @ w
+    P = w.shape[0]
+    out = torch.zeros(Vt.shape[0], dtype=torch.float64, device=w.device)
+    for s in range(0, P, _CHUNK):
+        out += (Vt[:, s : s + _CHUNK] @ w[s : s + _CHUNK]).double()
+    return out
 
 
-def bottom_eigenpairs(operator, k, **kwargs):
-    """Compute bottom-k eigenpairs (stub)."""
-    raise NotImplementedError
+def _orthogonalize(Vt: Tensor, w: Tensor) -> tuple[Tensor, float]:
+    """Orthogonalise ``w`` against the rows of ``Vt`` in place (CGS2).
+
+    Returns:
+        The float64 coefficients ``Vt @ w`` (before projection) and ``||w||`` after.
+    """
+    h = torch.zeros(Vt.shape[0], dtype=torch.float64, device=w.device)
+    for _ in range(2):
+        if Vt.shape[0] == 0:
+            break
+        c = _dot64(Vt, w)
+        w -= c.to(w.dtype) @ Vt
+        h += c
+    return h, math.sqrt(max(float(_dot64(w.unsqueeze(0), w)[0]), 0.0))
+
+
+def _select(theta: Tensor, n_top: int, n_bottom: int, magnitude: bool) -> Tensor:
+    """Indices of the wanted Ritz values (``theta`` ascending), best first."""
+    j = theta.shape[0]
+    if magnitude:
+        order = torch.argsort(theta.abs(), descending=True, stable=True)
+        return order[: min(n_top, j)]
+    top = torch.arange(j - 1, max(j - n_top, 0) - 1, -1)
+    bottom = torch.arange(0, min(n_bottom, max(j - top.numel(), 0)))
+    return torch.cat([top, bottom])
+
+
+def _random_unit(P: int, gen: torch.Generator, Vt: Tensor, like: Tensor) -> Tensor:
+    """A random unit vector orthogonal to the rows of ``Vt``."""
+    for _ in range(3):
+        z = torch.randn(P, generator=gen, device=like.device, dtype=torch.float32)
+        z = z.to(like.dtype)
+        _, nrm = _orthogonalize(Vt, z)
+        if nrm > 1e-3 * math.sqrt(P):
+            return z / nrm
+    raise RuntimeError("could not draw a vector outside the Krylov basis.")
+
+
+def _lanczos(
+    operator: LinearOperator,
+    n_top: int,
+    n_bottom: int,
+    *,
+    magnitude: bool,
+    tol: float,
+    max_matvecs: int | None,
+    max_basis: int | None,
+    seed: int | None,
+    v0: Tensor | None,
+    bottom_absolute: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """Thick-restart Lanczos core: the wanted pairs, best first.
+
+    Returns:
+        Ritz values (float64, order of selection), Ritz vectors ``(P, n)``,
+        relative residuals, products used, and whether all converged.
+    """
+    P = operator.shape[0]
+    dtype, device = operator.dtype, operator.device
+    k = n_top + n_bottom
+    eps = torch.finfo(dtype).eps
+    floor = math.sqrt(eps)
+    # wanted Ritz values during the iteration: k plus guards at each wanted end
+    g_top = _GUARD if n_top else 0
+    g_bot = (_GUARD if n_bottom else 0) if not magnitude else 0
+    if n_top and n_bottom and not magnitude:
+        g_top = g_bot = 1
+    m = min(P, max_basis if max_basis is not None else max(2 * (k + _GUARD) + 10, 30))
+    w_top = min(n_top + g_top, P)
+    w_bot = min(n_bottom + g_bot, P - min(n_top, P))
+    if w_top + w_bot >= m and m < P:  # leave room in the basis to expand
+        w_top = min(w_top, max(n_top, m - 1 - w_bot))
+        w_bot = min(w_bot, max(n_bottom, m - 1 - w_top))
+    n_need = w_top + w_bot
+    if max_matvecs is None:
+        max_matvecs = max(20 * m, 500)
+    gen = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
+
+    Vt = torch.zeros(m + 1, P, dtype=dtype, device=device)
+    H = torch.zeros(m + 1, m + 1, dtype=torch.float64)
+    if v0 is None:
+        v = torch.randn(P, generator=gen, device=device, dtype=torch.float32)
+        v = v.to(dtype)
+    else:
+        v = v0.to(device=device, dtype=dtype)
+        if v.dim() == 2:
+            cols = v / v.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
+            v = cols.sum(dim=1)
+        v = v.clone()
+    distributed.broadcast(v)
+    nrm = math.sqrt(float(_dot64(v.unsqueeze(0), v)[0]))
+    if not nrm > 0:
+        v = _random_unit(P, gen, Vt[:0], Vt)
+        nrm = 1.0
+    Vt[0] = v / nrm
+
+    j = 0  # vectors whose product is known
+    n_mv = 0
+    anorm = 0.0
+    theta = S = R = None
+    converged = False
+    while True:
+        w = operator.matvec(Vt[j])
+        n_mv += 1
+        h, beta = _orthogonalize(Vt[: j + 1], w)
+        anorm = max(anorm, math.sqrt(float(h.square().sum()) + beta * beta))
+        H[: j + 1, j] = h.cpu()
+        H[j + 1, j] = beta
+        j += 1
+        # Rayleigh-Ritz on the symmetrised projection
+        T = torch.triu(H[:j, :j]) + torch.triu(H[:j, :j], 1).T
+        theta, S = torch.linalg.eigh(T)
+        anorm = max(anorm, float(theta.abs().max()))
+        R = (H[: j + 1, :j] @ S - torch.cat([S, torch.zeros(1, j)]) * theta).norm(dim=0)
+        denom = theta.abs().clamp_min(floor * anorm)
+        want = _select(theta, w_top, w_bot, magnitude)
+        scale = denom[want]
+        if bottom_absolute and w_bot:
+            is_bot = torch.zeros(j, dtype=torch.bool)
+            is_bot[:w_bot] = True
+            scale = torch.where(is_bot[want], anorm, scale)
+        done = j >= n_need and bool((R[want] <= tol * scale).all())
+        breakdown = beta <= 10 * eps * anorm * math.sqrt(j)
+        if done or j >= P:
+            converged = True
+            break
+        if n_mv >= max_matvecs:
+            break
+        if breakdown:
+            # invariant subspace: continue with a fresh direction, decoupled
+            H[j, j - 1] = 0.0
+            if j < m:
+                Vt[j] = _random_unit(P, gen, Vt[:j], Vt)
+                continue
+        else:
+            Vt[j] = w / beta
+        if j < m:
+            continue
+        # thick restart: keep the wanted Ritz vectors (and as many neighbours)
+        n_keep = min(m - 1, max(n_need, (m + n_need) // 2))
+        if magnitude:
+            keep = _select(theta, n_keep, 0, True)
+        else:
+            t_extra = n_keep - n_need
+            kt = w_top + (t_extra if w_top else 0)
+            kb = w_bot + (t_extra if not w_top else 0)
+            if w_top and w_bot:
+                kt = w_top + t_extra // 2
+                kb = w_bot + t_extra - t_extra // 2
+            keep = _select(theta, kt, kb, False)
+        Sk = S[:, keep]
+        Sk_dev = Sk.to(device=device, dtype=dtype)
+        for s in range(0, P, _CHUNK):
+            Vt[: keep.numel(), s : s + _CHUNK] = Sk_dev.T @ Vt[:j, s : s + _CHUNK]
+        lk = keep.numel()
+        Vt[lk] = Vt[j]
+        coupling = H[j, :j] @ Sk
+        H.zero_()
+        H[:lk, :lk] = torch.diag(theta[keep])
+        H[lk, :lk] = coupling
+        j = lk
+        # the product of the new vector is computed at the loop top
+        if j >= m:  # pragma: no cover - guarded by n_keep <= m - 1
+            break
+
+    # final wanted pairs
+    assert theta is not None and S is not None and R is not None
+    final = _select(theta, n_top, n_bottom, magnitude)
+    denom = theta.abs().clamp_min(floor * anorm)
+    if bottom_absolute:
+        denom = denom.clone()
+        denom[: min(n_bottom, j)] = max(anorm, 0.0)
+    rel = torch.where(denom[final] > 0, R[final] / denom[final], R[final] * 0.0)
+    if j >= P:
+        converged = True
+    ok = bool((rel <= tol).all()) or (j >= P and converged)
+    Sf = S[:, final].to(device=device, dtype=dtype)
+    Y = Vt[:j].T @ Sf
+    return theta[final].clone(), Y, rel, n_mv, ok
+
+
+def _validate(
+    operator: LinearOperator,
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int | None,
+    max_basis: int | None,
+    seed: int | None,
+    v0: Tensor | None,
+) -> None:
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(
+            f"`operator` must be a LinearOperator; got {type(operator).__name__}."
+        )
+    P = operator.shape[0]
+    check_int("k", k, ge=1)
+    if k > P:
+        raise ValueError(f"`k` must be <= P = {P} (the operator's size); got {k}.")
+    check_choice("which", which, _WHICH)
+    check_number("tol", tol, gt=0)
+    check_int("max_matvecs", max_matvecs, ge=1, allow_none=True)
+    check_int("max_basis", max_basis, ge=min(k + 2, P), allow_none=True)
+    check_int("seed", seed, ge=0, allow_none=True)
+    if v0 is not None:
+        if not isinstance(v0, Tensor):
+            raise TypeError(f"`v0` must be a torch.Tensor; got {type(v0).__name__}.")
+        if v0.dim() not in (1, 2) or v0.shape[0] != P:
+            raise ValueError(
+                f"`v0`: expected shape ({P},) or ({P}, m), got {tuple(v0.shape)}."
+            )
+        if not bool(torch.isfinite(v0).all()):
+            raise ValueError("`v0` must be finite; it has non-finite entries.")
+
+
+def _dense(operator: LinearOperator) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense eigendecomposition via ``P`` products (ascending)."""
+    A = operator.to_dense().double()
+    A = (A + A.T) / 2
+    lam, U = torch.linalg.eigh(A)
+    R = (A @ U - U * lam).norm(dim=0)
+    return lam.cpu(), U, R.cpu()
+
+
+def top_eigenpairs(
+    operator: LinearOperator,
+    k: int,
+    *,
+    which: Which = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int | None = None,
+    max_basis: int | None = None,
+    seed: int | None = None,
+    v0: Tensor | None = None,
+) -> EigenResult:
+    """Compute ``k`` extreme eigenpairs of a symmetric operator by Lanczos.
+
+    Thick-restart Lanczos with full reorthogonalisation; see the module docstring.
+    ``which`` selects the end of the spectrum:
+
+    * ``"LA"``: the ``k`` largest algebraic eigenvalues (the sharpness default; a
+      large negative eigenvalue is never reported as ``lambda_max``),
+    * ``"SA"``: the ``k`` smallest algebraic (most negative),
+    * ``"LM"``: the ``k`` largest in magnitude,
+    * ``"BE"``: both ends, ``ceil(k/2)`` largest and ``floor(k/2)`` smallest.
+
+    The result is always sorted descending. A pair is converged when its true
+    residual ``||A v - lambda v||`` is at most ``tol * max(|lambda|, sqrt(eps) *
+    ||A||)`` (``eps`` of the operator's dtype); the eigenvalue is then within that
+    residual of a true eigenvalue. Two extra guard Ritz values per wanted end must
+    converge too. If ``max_matvecs`` runs out first, the best pairs so far come
+    back with ``converged=False`` and a :class:`RuntimeWarning` names their
+    residuals.
+
+    Special cases: ``k == P`` materialises the operator (``P`` products) and uses a
+    dense float64 ``eigh``; a zero operator returns zeros with orthonormal vectors.
+    Exactly repeated eigenvalues are resolved through the restarts' fresh
+    directions; single-vector Lanczos can report one copy of a multiple
+    eigenvalue when the basis never leaves its Krylov space, so for operators with
+    known exact multiplicities pass a block ``v0`` spanning them.
+
+    Args:
+        operator: The symmetric operator ``A`` (size ``P``).
+        k: Number of eigenpairs, ``1 <= k <= P``.
+        which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
+        tol: Relative residual tolerance, ``> 0``.
+        max_matvecs: Budget of products; default ``max(20 * max_basis, 500)``.
+        max_basis: Most basis vectors kept (memory ``max_basis * P`` in the
+            operator's dtype); default ``max(2 * (k + 2) + 10, 30)`` capped at
+            ``P``. Must be ``>= min(k + 2, P)``.
+        seed: Seed of the private generator for the start vector (the global RNG
+            is never used); ``None`` means ``0``, so calls are deterministic.
+        v0: Warm start, ``(P,)`` or ``(P, m)`` (e.g. a previous result's
+            ``eigenvectors``; the start vector is the sum of its unit columns).
+
+    Returns:
+        An :class:`EigenResult`, eigenvalues sorted descending.
+
+    Raises:
+        TypeError: If ``operator`` is not a :class:`LinearOperator`, ``v0`` is not a
+            tensor, or an integer argument is not an integer.
+        ValueError: If ``k`` is not in ``[1, P]``, ``which`` is unknown, ``tol <= 0``,
+            ``max_matvecs < 1``, ``max_basis < min(k + 2, P)``, ``seed < 0``, or
+            ``v0`` has the wrong shape or non-finite entries.
+
+    Example:
+        >>> import torch
+        >>> A = DenseOperator(torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64)))
+        >>> res = top_eigenpairs(A, 3, tol=1e-8)
+        >>> res.eigenvalues
+        tensor([40., 39., 38.], dtype=torch.float64)
+    """
+    t0 = time.perf_counter()
+    _validate(operator, k, which, tol, max_matvecs, max_basis, seed, v0)
+    P = operator.shape[0]
+    if k == P:
+        lam, U, R = _dense(operator)
+        lam_s, idx = torch.sort(lam, descending=True, stable=True)
+        anorm = float(lam.abs().max())
+        denom = lam_s.abs().clamp_min(
+            math.sqrt(torch.finfo(operator.dtype).eps) * anorm
+        )
+        rel = torch.where(denom > 0, R[idx] / denom, R[idx] * 0.0)
+        return EigenResult(
+            lam_s,
+            U[:, idx.to(U.device)].to(operator.dtype),
+            rel,
+            P,
+            True,
+            time.perf_counter() - t0,
+        )
+    if which == "LA":
+        n_top, n_bottom = k, 0
+    elif which == "SA":
+        n_top, n_bottom = 0, k
+    elif which == "BE":
+        n_top, n_bottom = (k + 1) // 2, k // 2
+    else:
+        n_top, n_bottom = k, 0
+    lam, Y, rel, n_mv, ok = _lanczos(
+        operator,
+        n_top,
+        n_bottom,
+        magnitude=which == "LM",
+        tol=tol,
+        max_matvecs=max_matvecs,
+        max_basis=max_basis,
+        seed=seed,
+        v0=v0,
+    )
+    if not ok:
+        warnings.warn(
+            f"top_eigenpairs did not converge within {n_mv} matvecs (tol={tol}); "
+            f"relative residuals: {[float(f'{r:.3g}') for r in rel.tolist()]}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    order = torch.argsort(lam, descending=True, stable=True)
+    return EigenResult(
+        lam[order],
+        Y[:, order.to(Y.device)],
+        rel[order],
+        n_mv,
+        ok,
+        time.perf_counter() - t0,
+    )
+
+
+def bottom_eigenpairs(
+    operator: LinearOperator,
+    k: int,
+    *,
+    tol: float = 1e-3,
+    max_matvecs: int | None = None,
+    max_basis: int | None = None,
+    seed: int | None = None,
+    v0: Tensor | None = None,
+) -> EigenResult:
+    """Compute the ``k`` smallest algebraic eigenpairs, sorted ascending.
+
+    Equivalent to ``top_eigenpairs(operator, k, which="SA", ...)`` with the result
+    reversed, so ``eigenvalues[0]`` is the most negative eigenvalue.
+
+    Args:
+        operator: The symmetric operator ``A`` (size ``P``).
+        k: Number of eigenpairs, ``1 <= k <= P``.
+        tol: Relative residual tolerance, ``> 0``.
+        max_matvecs: Budget of products (see :func:`top_eigenpairs`).
+        max_basis: Most basis vectors kept (see :func:`top_eigenpairs`).
+        seed: Seed of the private start-vector generator (``None`` means ``0``).
+        v0: Warm start, ``(P,)`` or ``(P, m)``.
+
+    Returns:
+        An :class:`EigenResult`, eigenvalues sorted ascending.
+
+    Raises:
+        TypeError: As :func:`top_eigenpairs`.
+        ValueError: As :func:`top_eigenpairs`.
+    """
+    t0 = time.perf_counter()
+    res = top_eigenpairs(
+        operator,
+        k,
+        which="SA",
+        tol=tol,
+        max_matvecs=max_matvecs,
+        max_basis=max_basis,
+        seed=seed,
+        v0=v0,
+    )
+    return EigenResult(
+        res.eigenvalues.flip(0),
+        res.eigenvectors.flip(1),
+        res.residuals.flip(0),
+        res.n_matvec,
+        res.converged,
+        time.perf_counter() - t0,
+    )
