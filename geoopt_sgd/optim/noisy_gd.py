@@ -1,11 +1,847 @@
-"""NoisyGD (stub: being implemented)."""
+r"""NoisyGD: gradient descent plus injected Gaussian noise (SPEC §3).
+
+A drop-in :class:`torch.optim.Optimizer`: the user computes a gradient
+(full-batch or not), then calls :meth:`NoisyGD.step`, which adds noise ``ξ_t`` of
+the chosen kind. Kinds that need curvature or gradient statistics take a
+*curvature source* (``model``, ``loss_fn``, ``data``) and refresh their
+statistics every ``refresh_every`` steps (eigensolves warm-started from the
+previous eigenvectors); the cost is counted in :attr:`NoisyGD.stats`.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
 import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .. import distributed
+from .._checks import check_choice, check_int, check_number
+from .._model import FunctionalModel, as_batches, detect_reduction, to_device
+from .._model import batch_size as _batch_len
+from ..curvature.linop import LinearOperator
+from . import noise as _noise
+from ._functional import noisy_gd_update
 
 __all__ = ["NoisyGD"]
 
+NoiseKind = Literal[
+    "none",
+    "isotropic",
+    "isotropic_matched",
+    "diagonal",
+    "sgd_leading",
+    "hessian",
+    "top_eigvec",
+    "sgd_matched",
+    "geometry_aware",
+    "geometry_aware_isotropic",
+]
+
+# kinds whose statistics come from M mini-batch gradients (the covariance C)
+_USES_C = ("isotropic_matched", "diagonal", "sgd_leading")
+# kinds whose statistics come from the top-k eigenpairs of the curvature
+_USES_CURVATURE = (
+    "hessian",
+    "top_eigvec",
+    "geometry_aware",
+    "geometry_aware_isotropic",
+)
+# kinds whose magnitude is set by the `magnitude` argument
+_MAGNITUDE_KINDS = (
+    "isotropic_matched",
+    "diagonal",
+    "sgd_leading",
+    "hessian",
+    "top_eigvec",
+)
+
+# sub-stream indices for make_generator (per step); ranks offset the last one
+_STREAM_NOISE, _STREAM_PARTITION, _STREAM_EIG, _STREAM_TRACE, _STREAM_WEIGHTS = range(5)
+
+_STATE_KEY = "noisy_gd"
+
+
+def _per_sample_losses(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> Tensor:
+    # The loss of one sample, evaluated as a batch of one: with reduction "mean"
+    # the batch loss is the mean of these, with "sum" their sum (also for
+    # MSELoss, whose per-sample mean runs over the outputs).
+    def one(o: Tensor, t: Tensor) -> Tensor:
+        return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+
+    return vmap(one)(outputs, targets)
+
+
+def _index(inputs: Any, idx: Tensor) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[idx.to(inputs.device)]
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_index(x, idx) for x in inputs)
+    raise TypeError(
+        f"inputs must be a tensor or a tuple of tensors; got {type(inputs).__name__}."
+    )
+
 
 class NoisyGD(torch.optim.Optimizer):
-    """Gradient descent with injected noise (stub)."""
+    r"""Gradient descent with injected Gaussian noise of a chosen geometry.
+
+    .. math::
+
+        d_t = \pm g_t + \omega θ_t, \qquad
+        θ_{t+1} = θ_t - η (d_t + ξ_t) \ \text{(grad units)}
+        \quad\text{or}\quad
+        θ_{t+1} = θ_t - η d_t + ξ_t \ \text{(param units)},
+
+    with ``ξ_t ~ N(0, S)`` and ``S`` set by ``noise`` (SPEC §3; ``C`` is the
+    covariance of mini-batch gradients at batch size ``B``, which estimates
+    ``Σ/B``; ``(λ_j, u_j)`` the top-``k`` eigenpairs of the curvature; ``s``
+    = ``noise_scale`` times ``noise_schedule(t)``):
+
+    ==============================  =========================================
+    ``noise``                       ``S`` (with ``magnitude="sgd"``)
+    ==============================  =========================================
+    ``"none"``                      0 (plain GD; equals ``torch.optim.SGD``)
+    ``"isotropic"`` (GLD-const)     ``s² I``
+    ``"isotropic_matched"`` (dyn)   ``s² (Tr C / P) I``
+    ``"diagonal"`` (GLD-diag)       ``s² diag(C)``
+    ``"sgd_leading"`` (GLD-lead)    ``s² (Tr C/Σe_j) Σ_j e_j v_j v_jᵀ``, top-k of C
+    ``"hessian"`` (GLD-Hess)        ``s² (Tr C/Σλ_j) Σ_j λ_j u_j u_jᵀ``
+    ``"top_eigvec"`` (GLD-1eig)     ``s² Tr C · u_1 u_1ᵀ``
+    ``"sgd_matched"`` (SGD-Gauss)   ``s² Σ/B`` exactly, one reweighted backward
+    ``"geometry_aware"`` (GEO)      ``s² (2L/B) Σ_j λ_j u_j u_jᵀ``
+    ``"geometry_aware_isotropic"``  ``s² (2L/B) (Tr H/P) I`` (ISO)
+    ==============================  =========================================
+
+    ``magnitude`` changes the five matched kinds: ``"sgd"`` (default) gives them
+    the SGD noise magnitude ``E‖ξ‖² = Tr C`` (SPEC §3: comparisons are fair);
+    ``"unit"`` normalises their covariance to trace 1, so that ``noise_scale²``
+    is the total variance (the Z19 2-D toy); ``"raw"`` leaves the covariance
+    unnormalised (``diag(C)``, ``Σ_j e_j v_j v_jᵀ``, ``Σ_j λ_j u_j u_jᵀ``,
+    ``λ_1 u_1 u_1ᵀ``; Z19's FashionMNIST GLD-lead).
+
+    Notes:
+        * Low-rank kinds carry only the top-``k`` part of the curvature; the
+          remainder (the bulk) is dropped, and the matched kinds renormalise
+          the top-``k`` mass to the target. For ``"geometry_aware"`` the lost
+          mass is not restored (SPEC §3, GEO): its total variance is
+          ``2L Σ_{j≤k} λ_j / B``, below the ``2L Tr H / B`` of its isotropic
+          twin; both are recorded in :attr:`stats`.
+        * Negative Ritz values (indefinite Hessian) are clamped to 0, the count
+          is recorded in ``stats["clamped_negative"]``, and a spectrum with no
+          positive value gives zero noise, never NaN.
+        * Statistics are refreshed at steps ``0, R, 2R, …`` (``R`` =
+          ``refresh_every``) and cached in between; ``L(θ)`` of the GEO kinds is
+          taken at the refresh. ``"sgd_matched"`` makes a fresh pass over
+          ``data`` every step (``n_backward`` counts them).
+        * Noise comes from generators seeded by ``(seed, t)`` (see
+          :func:`~geoopt_sgd.optim.noise.step_seed`) on the parameters' device;
+          the global RNG is never touched. The step count, the cached statistics
+          and :attr:`stats` are saved in :meth:`state_dict`, so a resumed run
+          continues bit for bit. Under ``torch.distributed`` every rank draws the
+          same noise without communication; a curvature source's ``data`` is
+          this rank's shard, and statistics are summed over ranks.
+        * The noise is one vector over all parameters of all groups, in order.
+          Parameters whose ``.grad`` is ``None`` are skipped (no update and no
+          noise), as in torch SGD. Noise options are optimizer-wide; ``lr`` and
+          ``weight_decay`` may differ per group and are read at every step.
+        * With ``loss_reduction="sum"`` the SGD noise scales with ``n``
+          (``(n/B) Σ_{i∈b} ∇L_i`` estimates ``∇L``); ``C`` and ``"sgd_matched"``
+          follow that convention.
+
+    Args:
+        params: Parameters or parameter groups, as for any torch optimizer.
+        lr: Learning rate ``η`` (``>= 0``).
+        noise: The noise kind; one of :attr:`NOISE_KINDS`.
+        noise_scale: ``s``, multiplies the noise (``>= 0``). For
+            ``"isotropic"`` it is the standard deviation per coordinate ``ϱ``.
+        batch_size: ``B``, the SGD batch size whose noise is imitated; required
+            by ``isotropic_matched``, ``diagonal``, ``sgd_leading``,
+            ``sgd_matched``, the GEO kinds, and by ``hessian``/``top_eigvec``
+            with ``magnitude="sgd"``.
+        k: Number of eigenpairs of the low-rank kinds (Z19: 20).
+        refresh_every: ``R``, steps between refreshes of the statistics
+            (Z19: 1 or 10).
+        model: The curvature source's model (the optimizer's parameters must be
+            parameters of it).
+        loss_fn: The curvature source's loss (reduction ``"mean"`` or ``"sum"``).
+        data: One ``(inputs, targets)`` batch or an iterable of them (a
+            ``DataLoader`` in a fixed order), the data ``C`` and ``H`` refer to.
+        curvature: ``"hessian"`` or ``"ggn"`` (always PSD; SPEC §6.6).
+        noise_units: ``"grad"`` (``ξ`` added to the gradient) or ``"param"``
+            (added to the parameters after the step, in parameter units).
+        seed: Seed of the noise streams (``>= 0``).
+        weight_decay: ``ω``, L2 penalty as in torch SGD.
+        maximize: Maximize the objective (negates the gradient).
+        foreach: Use the ``torch._foreach_*`` kernels (``None``: on CUDA).
+        noise_schedule: Optional ``t -> multiplier`` of ``s`` (a pure function of
+            the step count, e.g. ``lambda t: 1 / (1 + t) ** 0.55``).
+        magnitude: ``"sgd"``, ``"unit"`` or ``"raw"``; see above.
+        num_batches: At most this many mini-batch gradients for ``C``
+            (``None``: every disjoint batch of ``data``; Z19 CIFAR: 100).
+        mode: Mode policy of the curvature source: ``"eval"`` or ``"train"``
+            (see :mod:`geoopt_sgd._model`).
+        loss_reduction: ``"mean"``, ``"sum"`` or ``None`` (read from
+            ``loss_fn.reduction``).
+        tol: Relative tolerance of the eigensolver.
+
+    Attributes:
+        NOISE_KINDS: The accepted values of ``noise``.
+        stats: Costs and magnitudes (plain floats and ints): ``step``,
+            ``target_sq_norm`` (``E‖ξ‖²`` this step's sampler realises in
+            expectation, in the units it is applied), ``realised_sq_norm``
+            (``‖ξ‖²`` drawn this step) and ``realised_sq_norm_mean`` (its mean
+            over steps), ``reference_sq_norm`` (``Tr C`` or the GEO/ISO
+            reference, NaN when not computed), ``n_hvp``, ``n_backward``,
+            ``n_refresh``, ``hvp_per_step``, ``clamped_negative`` (at the last
+            refresh) and ``clamped_negative_total``, ``refresh_seconds``.
+
+    Raises:
+        ValueError: For an invalid value (unknown ``noise``, negative ``lr`` or
+            ``noise_scale``, ``refresh_every < 1``, a kind that needs a curvature
+            source or ``batch_size`` without one, …).
+        TypeError: For an argument of the wrong type.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = NoisyGD(model.parameters(), lr=0.1, noise="isotropic",
+        ...               noise_scale=1e-3, seed=0)
+        >>> model(torch.ones(2, 3)).sum().backward()
+        >>> opt.step()
+        >>> opt.stats["step"]
+        1
+    """
+
+    NOISE_KINDS: tuple[str, ...] = (
+        "none",
+        "isotropic",
+        "isotropic_matched",
+        "diagonal",
+        "sgd_leading",
+        "hessian",
+        "top_eigvec",
+        "sgd_matched",
+        "geometry_aware",
+        "geometry_aware_isotropic",
+    )
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        *,
+        noise: NoiseKind = "none",
+        noise_scale: float = 1.0,
+        batch_size: int | None = None,
+        k: int = 20,
+        refresh_every: int = 10,
+        model: nn.Module | None = None,
+        loss_fn: Callable[..., Tensor] | None = None,
+        data: Any = None,
+        curvature: Literal["hessian", "ggn"] = "hessian",
+        noise_units: Literal["grad", "param"] = "grad",
+        seed: int = 0,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        noise_schedule: Callable[[int], float] | None = None,
+        magnitude: Literal["sgd", "unit", "raw"] = "sgd",
+        num_batches: int | None = None,
+        mode: Literal["eval", "train"] = "eval",
+        loss_reduction: Literal["mean", "sum"] | None = None,
+        tol: float = 1e-3,
+    ) -> None:
+        check_number("lr", lr, ge=0, allow_tensor=True)
+        check_choice("noise", noise, self.NOISE_KINDS)
+        check_number("noise_scale", noise_scale, ge=0)
+        check_int("batch_size", batch_size, ge=1, allow_none=True)
+        check_int("k", k, ge=1)
+        check_int("refresh_every", refresh_every, ge=1)
+        check_choice("curvature", curvature, ("hessian", "ggn"))
+        check_choice("noise_units", noise_units, ("grad", "param"))
+        check_int("seed", seed, ge=0)
+        check_number("weight_decay", weight_decay, ge=0)
+        check_choice("magnitude", magnitude, ("sgd", "unit", "raw"))
+        check_int("num_batches", num_batches, ge=2, allow_none=True)
+        check_choice("mode", mode, ("eval", "train"))
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum", None))
+        check_number("tol", tol, gt=0)
+        if noise_schedule is not None and not callable(noise_schedule):
+            raise TypeError(
+                "`noise_schedule` must be a callable step -> multiplier or None; "
+                f"got {type(noise_schedule).__name__}."
+            )
+        needs_source = noise not in ("none", "isotropic")
+        if needs_source:
+            missing = [
+                name
+                for name, v in (("model", model), ("loss_fn", loss_fn), ("data", data))
+                if v is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"noise={noise!r} needs a curvature source: pass `model`, "
+                    "`loss_fn` and `data` (missing: "
+                    + ", ".join(f"`{m}`" for m in missing)
+                    + ")."
+                )
+        needs_batch = noise in (
+            *_USES_C,
+            "sgd_matched",
+            "geometry_aware",
+            "geometry_aware_isotropic",
+        ) or (noise in ("hessian", "top_eigvec") and magnitude == "sgd")
+        if needs_batch and batch_size is None:
+            raise ValueError(
+                f"noise={noise!r} needs `batch_size`, the SGD batch size B whose "
+                "noise magnitude Tr(Σ)/B it matches; got None."
+            )
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise RuntimeError("NoisyGD does not support sparse parameters.")
+
+        self.noise = noise
+        self.noise_scale = float(noise_scale)
+        self.batch_size = batch_size
+        self.k = k
+        self.refresh_every = refresh_every
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.curvature = curvature
+        self.noise_units = noise_units
+        self.seed = seed
+        self.noise_schedule = noise_schedule
+        self.magnitude = magnitude
+        self.num_batches = num_batches
+        self.mode = mode
+        self.loss_reduction = loss_reduction
+        self.tol = float(tol)
+
+        self._step_count = 0
+        self._cache: dict[str, Tensor] = {}
+        self._fm: FunctionalModel | None = None
+        self.stats: dict[str, float | int] = {
+            "step": 0,
+            "target_sq_norm": 0.0,
+            "realised_sq_norm": 0.0,
+            "realised_sq_norm_mean": 0.0,
+            "reference_sq_norm": math.nan,
+            "n_hvp": 0,
+            "n_backward": 0,
+            "n_refresh": 0,
+            "hvp_per_step": 0.0,
+            "clamped_negative": 0,
+            "clamped_negative_total": 0,
+            "refresh_seconds": 0.0,
+        }
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Return the optimizer state, with the noise step count and cache.
+
+        Returns:
+            torch's optimizer state dict plus a ``"noisy_gd"`` entry holding the
+            integer step count, the seed, the cached noise statistics (tensors)
+            and :attr:`stats`; loadable with ``torch.load(weights_only=True)``.
+        """
+        sd = super().state_dict()
+        sd[_STATE_KEY] = {
+            "step": self._step_count,
+            "seed": self.seed,
+            "cache": {k: v.clone() for k, v in self._cache.items()},
+            "stats": dict(self.stats),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`, noise stream included.
+
+        The step count, seed and cached statistics live outside the
+        per-parameter state, so :class:`torch.optim.Optimizer`'s dtype casting
+        never touches them.
+
+        Args:
+            state_dict: A dict from :meth:`state_dict` (a plain torch SGD state
+                dict also loads; the noise stream then restarts at step 0).
+        """
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_STATE_KEY, None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._step_count = int(extra["step"])
+            self.seed = int(extra["seed"])
+            self._cache = {k: v.clone() for k, v in extra["cache"].items()}
+            self.stats = dict(extra["stats"])
+
+    # ----------------------------------------------------------------- helpers
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _scale(self, t: int) -> float:
+        s = self.noise_scale
+        if self.noise_schedule is not None:
+            s = s * float(self.noise_schedule(t))
+        return s
+
+    def _source(self) -> FunctionalModel:
+        if self._fm is None:
+            params = self._params()
+            self._fm = FunctionalModel(self.model, params, mode=self.mode)
+            self._reduction = detect_reduction(self.loss_fn, self.loss_reduction)
+            self._batches = as_batches(self.data)
+            local = sum(_batch_len(t) for _, t in self._batches)
+            self._n_local = local
+            self._n_total = self._fm.total_count(self._batches)
+        return self._fm
+
+    def _weighted_gradient(self, inputs: Any, targets: Tensor, w: Tensor) -> Tensor:
+        """Flat gradient of ``Σ_i w_i L_i`` over one batch (one backward)."""
+        fm = self._fm
+        assert fm is not None
+        params = [p.detach().requires_grad_(True) for p in fm.params]
+        with torch.enable_grad(), fm.policy():
+            out = fm(params, inputs)
+            losses = _per_sample_losses(self.loss_fn, out, targets)
+            total = (losses * w.to(losses)).sum()
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        self.stats["n_backward"] += 1
+        return torch.cat(
+            [
+                torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                for g, p in zip(grads, params, strict=True)
+            ]
+        )
+
+    def _loss_factor(self) -> float:
+        # per-sample losses L_i: L = mean L_i ("mean") or sum L_i ("sum")
+        return 1.0 if self._reduction == "mean" else float(self._n_total)
+
+    def _minibatch_gradients(self, t: int) -> Tensor:
+        """Rows ``g_b`` (M, P): gradients on disjoint random batches of size B."""
+        fm = self._source()
+        B = self.batch_size
+        assert B is not None
+        gen = _noise.make_generator(
+            self.seed, t, "cpu", stream=_STREAM_PARTITION + distributed.rank()
+        )
+        factor = self._loss_factor()
+        rows: list[Tensor] = []
+        for inputs, targets in self._batches:
+            inputs, targets = (
+                to_device(inputs, fm.device),
+                to_device(targets, fm.device),
+            )
+            perm = torch.randperm(_batch_len(targets), generator=gen)
+            for c in range(_batch_len(targets) // B):
+                if self.num_batches is not None and len(rows) >= self.num_batches:
+                    break
+                idx = perm[c * B : (c + 1) * B]
+                w = torch.full((B,), factor / B, dtype=fm.dtype, device=fm.device)
+                rows.append(
+                    self._weighted_gradient(_index(inputs, idx), targets[idx], w)
+                )
+        local = torch.stack(rows) if rows else fm.params[0].new_zeros((0, fm.numel))
+        if distributed.is_distributed():
+            counts = torch.zeros(
+                distributed.world_size(), dtype=torch.long, device=fm.device
+            )
+            counts[distributed.rank()] = local.shape[0]
+            distributed.all_reduce_sum(counts)
+            start = int(counts[: distributed.rank()].sum())
+            full = local.new_zeros((int(counts.sum()), fm.numel))
+            full[start : start + local.shape[0]] = local
+            local = distributed.all_reduce_sum(full)
+        if local.shape[0] < 2:
+            raise ValueError(
+                f"noise={self.noise!r} estimates C from mini-batches of size "
+                f"batch_size={B}, but `data` holds only {local.shape[0]} of them; "
+                "pass more data or a smaller batch_size."
+            )
+        return local
+
+    def _curvature_operator(self) -> Any:
+        from ..curvature import GGNOperator, HessianOperator
+
+        cls = HessianOperator if self.curvature == "hessian" else GGNOperator
+        try:
+            return cls(
+                self.model,
+                self.loss_fn,
+                self.data,
+                params=self._params(),
+                mode=self.mode,
+                loss_reduction=self.loss_reduction,
+            )
+        except NotImplementedError:
+            # the package operators are not available (stub): use the private one
+            self._source()
+            return _CurvatureFallback(self, ggn=self.curvature == "ggn")
+
+    # ----------------------------------------------------------------- refresh
+    def _refresh(self, t: int) -> None:
+        start = time.perf_counter()
+        fm = self._source()
+        cache: dict[str, Tensor] = {}
+        kind = self.noise
+        if kind in _USES_C or (
+            kind in ("hessian", "top_eigvec") and self.magnitude == "sgd"
+        ):
+            G = self._minibatch_gradients(t)
+            _, diag, trace = _noise.minibatch_statistics(G)
+            cache["trace_c"] = trace
+            if kind == "diagonal":
+                cache["variance"] = diag
+            if kind == "sgd_leading":
+                e, V = _noise.minibatch_eigenpairs(G, self.k)
+                cache["eigenvalues"], cache["eigenvectors"] = e, V
+            self.stats["reference_sq_norm"] = float(trace)
+        if kind in _USES_CURVATURE:
+            from ..curvature import hutchinson_trace, top_eigenpairs
+
+            op = self._curvature_operator()
+            k = 1 if kind == "top_eigvec" else self.k
+            v0 = self._cache.get("eigenvectors")
+            if v0 is not None and v0.shape[1] > k:
+                v0 = v0[:, :k]
+            if kind != "geometry_aware_isotropic":
+                res = top_eigenpairs(
+                    op,
+                    k,
+                    tol=self.tol,
+                    v0=v0,
+                    seed=_noise.step_seed(self.seed, t, _STREAM_EIG),
+                )
+                lam, n_clamped = _noise.clamp_eigenvalues(res.eigenvalues)
+                cache["eigenvalues"] = lam.to(fm.dtype)
+                cache["eigenvectors"] = res.eigenvectors.to(fm.dtype)
+                self.stats["clamped_negative"] = n_clamped
+                self.stats["clamped_negative_total"] += n_clamped
+            if kind in ("geometry_aware", "geometry_aware_isotropic"):
+                cache["loss"] = torch.tensor(float(op.loss()), dtype=fm.dtype)
+            if kind == "geometry_aware_isotropic":
+                est = hutchinson_trace(
+                    op, seed=_noise.step_seed(self.seed, t, _STREAM_TRACE)
+                )
+                cache["trace_h"] = torch.tensor(float(est.value), dtype=fm.dtype)
+            self.stats["n_hvp"] += int(op.n_matvec)
+        self._cache = cache
+        self.stats["n_refresh"] += 1
+        self.stats["refresh_seconds"] += time.perf_counter() - start
+
+    # ------------------------------------------------------------------- noise
+    def _sgd_matched_noise(self, t: int) -> Tensor:
+        """``ξ = Σ_i w_i ∇L_i`` with the weights of SPEC §2.0.6 (Cov = Σ/B)."""
+        fm = self._source()
+        gen = _noise.make_generator(
+            self.seed, t, fm.device, stream=_STREAM_WEIGHTS + distributed.rank()
+        )
+        z = _noise.standard_normal(
+            self._n_local, generator=gen, dtype=fm.dtype, device=fm.device
+        )
+        zsum = distributed.all_reduce_sum(z.sum().reshape(1))
+        w_all = _noise.reweighting_weights(
+            z, self.batch_size, total=self._n_total, z_mean=zsum[0] / self._n_total
+        )
+        w_all = w_all * self._loss_factor()
+        xi = fm.params[0].new_zeros(fm.numel)
+        i = 0
+        for inputs, targets in self._batches:
+            inputs, targets = (
+                to_device(inputs, fm.device),
+                to_device(targets, fm.device),
+            )
+            b = _batch_len(targets)
+            xi += self._weighted_gradient(inputs, targets, w_all[i : i + b])
+            i += b
+        return distributed.all_reduce_sum(xi)
+
+    def _flat_noise(self, t: int, numel: int) -> tuple[Tensor | None, float, float]:
+        """Return ``(ξ or z, alpha, E‖alpha·ξ‖²)`` for the curvature kinds."""
+        fm = self._source()
+        c = self._cache
+        s = self._scale(t)
+        gen = _noise.make_generator(self.seed, t, fm.device, stream=_STREAM_NOISE)
+        kind, mag = self.noise, self.magnitude
+        if kind == "sgd_matched":
+            # E‖ξ‖² = Tr(Σ)/B is not computed (it would need per-sample gradients)
+            return self._sgd_matched_noise(t), s, math.nan
+        if kind == "isotropic_matched":
+            z = _noise.standard_normal(
+                numel, generator=gen, dtype=fm.dtype, device=fm.device
+            )
+            var = float(c["trace_c"]) / numel
+            if mag == "unit":
+                var = 1.0 / numel
+            return z, s * math.sqrt(var), s * s * var * numel
+        if kind == "geometry_aware_isotropic":
+            z = _noise.standard_normal(
+                numel, generator=gen, dtype=fm.dtype, device=fm.device
+            )
+            L = max(float(c["loss"]), 0.0)
+            trace_h = max(float(c["trace_h"]), 0.0)
+            var = 2.0 * L * trace_h / (self.batch_size * numel)
+            self.stats["reference_sq_norm"] = var * numel
+            return z, s * math.sqrt(var), s * s * var * numel
+        if kind == "diagonal":
+            v = c["variance"]
+            total = float(v.sum())
+            if mag == "sgd" or mag == "raw":
+                a = 1.0
+            else:
+                a = 1.0 / math.sqrt(total) if total > 0 else 0.0
+            xi = _noise.diagonal_noise(v, generator=gen)
+            return xi, s * a, (s * a) ** 2 * total
+        # low-rank kinds: sgd_leading, hessian, top_eigvec, geometry_aware
+        lam, U = c["eigenvalues"], c["eigenvectors"]
+        if kind == "top_eigvec":
+            lam, U = lam[:1], U[:, :1]
+        mass = float(lam.clamp(min=0).sum())
+        if kind == "geometry_aware":
+            L = max(float(c["loss"]), 0.0)
+            a2 = 2.0 * L / self.batch_size
+        elif mag == "sgd":
+            a2 = float(c["trace_c"]) / mass if mass > 0 else 0.0
+        elif mag == "unit":
+            a2 = 1.0 / mass if mass > 0 else 0.0
+        else:
+            a2 = 1.0
+        xi = _noise.low_rank_noise(lam, U, generator=gen)
+        return xi, s * math.sqrt(a2), s * s * a2 * mass
+
+    def _noise_for_step(
+        self, t: int, params: list[Tensor]
+    ) -> tuple[list[Tensor] | None, float, float, float]:
+        """Per-parameter noise views, their multiplier, target and realised E‖ξ‖²."""
+        if self.noise == "none":
+            return None, 0.0, 0.0, 0.0
+        if self.noise == "isotropic":
+            # one flat draw per (device, dtype) bucket, split into views
+            buckets: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                buckets.setdefault((p.device, p.dtype), []).append(i)
+            views: list[Tensor | None] = [None] * len(params)
+            sq = 0.0
+            for b, ((device, dtype), idx) in enumerate(buckets.items()):
+                gen = _noise.make_generator(self.seed, t, device, stream=b)
+                n = sum(params[i].numel() for i in idx)
+                z = _noise.standard_normal(n, generator=gen, dtype=dtype, device=device)
+                sq += float(torch.dot(z, z))
+                off = 0
+                for i in idx:
+                    m = params[i].numel()
+                    views[i] = z[off : off + m].view_as(params[i])
+                    off += m
+            s = self._scale(t)
+            numel = sum(p.numel() for p in params)
+            return views, s, s * s * numel, s * s * sq  # type: ignore[return-value]
+        numel = sum(p.numel() for p in params)
+        flat, alpha, target = self._flat_noise(t, numel)
+        assert flat is not None
+        sq = alpha * alpha * float(torch.dot(flat, flat))
+        out, off = [], 0
+        for p in params:
+            m = p.numel()
+            out.append(flat[off : off + m].view_as(p).to(p.dtype))
+            off += m
+        return out, alpha, target, sq
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one noisy gradient-descent step.
+
+        Args:
+            closure: Optional closure that re-evaluates the model and returns the
+                loss; called once, under ``torch.enable_grad()``.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+
+        Raises:
+            RuntimeError: If a gradient is sparse.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self._step_count
+        params = self._params()
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    "NoisyGD does not support sparse gradients; use dense "
+                    "gradients (e.g. nn.Embedding(sparse=False))."
+                )
+        if self.noise not in ("none", "isotropic", "sgd_matched") and (
+            t % self.refresh_every == 0 or not self._cache
+        ):
+            self._refresh(t)
+        noises, alpha, target, realised = self._noise_for_step(t, params)
+        position = {id(p): i for i, p in enumerate(params)}
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(p.is_cuda for p in ps)
+            zs = None if noises is None else [noises[position[id(p)]] for p in ps]
+            noisy_gd_update(
+                ps,
+                [p.grad for p in ps],
+                zs,
+                lr=float(group["lr"]),
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                noise_alpha=alpha,
+                noise_units=self.noise_units,
+                foreach=foreach,
+            )
+        self._step_count = t + 1
+        st = self.stats
+        st["step"] = t + 1
+        st["target_sq_norm"] = target
+        st["realised_sq_norm"] = realised
+        st["realised_sq_norm_mean"] += (realised - st["realised_sq_norm_mean"]) / (
+            t + 1
+        )
+        st["hvp_per_step"] = st["n_hvp"] / (t + 1)
+        return loss
+
+    _PICKLED = (
+        "noise",
+        "noise_scale",
+        "batch_size",
+        "k",
+        "refresh_every",
+        "model",
+        "loss_fn",
+        "data",
+        "curvature",
+        "noise_units",
+        "seed",
+        "noise_schedule",
+        "magnitude",
+        "num_batches",
+        "mode",
+        "loss_reduction",
+        "tol",
+        "_step_count",
+        "_cache",
+        "stats",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._PICKLED})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._fm = None
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("weight_decay", 0.0)
+
+
+class _CurvatureFallback(LinearOperator):
+    """Hessian or GGN of the curvature source's full-data loss (private fallback).
+
+    Used only while :class:`~geoopt_sgd.HessianOperator` / ``GGNOperator`` are
+    unavailable. Products by double backward (Hessian) or jvp -> output Hessian
+    -> vjp (GGN), summed over batches with the exact batch weights.
+    """
+
+    def __init__(self, opt: NoisyGD, *, ggn: bool) -> None:
+        fm = opt._fm
+        assert fm is not None
+        super().__init__(fm.numel, fm.dtype, fm.device, fm.shapes)
+        self._opt, self._ggn, self._fm = opt, ggn, fm
+
+    def _batches(self) -> Iterable[tuple[Any, Tensor, float]]:
+        opt, fm = self._opt, self._fm
+        for inputs, targets in opt._batches:
+            inputs = to_device(inputs, fm.device)
+            targets = to_device(targets, fm.device)
+            b = _batch_len(targets)
+            weight = b / opt._n_total if opt._reduction == "mean" else 1.0
+            yield inputs, targets, weight
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        fm, loss_fn = self._fm, self._opt.loss_fn
+        out = torch.zeros_like(V)
+        for inputs, targets, weight in self._batches():
+            with torch.enable_grad(), fm.policy():
+                params = [p.detach().requires_grad_(True) for p in fm.params]
+                outputs = fm(params, inputs)
+                if self._ggn:
+                    f = outputs.detach().requires_grad_(True)
+                    g_out = torch.autograd.grad(
+                        loss_fn(f, targets), f, create_graph=True
+                    )
+                for j in range(V.shape[1]):
+                    vs = self.unflatten(V[:, j])
+                    if self._ggn:
+                        # J v by the double-vjp trick, then H_out (J v), then J^T
+                        u = torch.zeros_like(outputs, requires_grad=True)
+                        jt_u = torch.autograd.grad(
+                            outputs, params, u, create_graph=True, allow_unused=True
+                        )
+                        pairs = [
+                            (a, b)
+                            for a, b in zip(jt_u, vs, strict=True)
+                            if a is not None
+                        ]
+                        jv = torch.autograd.grad(
+                            [a for a, _ in pairs],
+                            u,
+                            [b for _, b in pairs],
+                            retain_graph=True,
+                        )[0]
+                        hjv = torch.autograd.grad(g_out[0], f, jv, retain_graph=True)[0]
+                        res = torch.autograd.grad(
+                            outputs, params, hjv, retain_graph=True, allow_unused=True
+                        )
+                    else:
+                        if j == 0:
+                            loss = loss_fn(outputs, targets)
+                            grads = torch.autograd.grad(
+                                loss, params, create_graph=True, allow_unused=True
+                            )
+                        pairs = [
+                            (a, b)
+                            for a, b in zip(grads, vs, strict=True)
+                            if a is not None
+                        ]
+                        res = torch.autograd.grad(
+                            [a for a, _ in pairs],
+                            params,
+                            [b for _, b in pairs],
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                    flat = [
+                        torch.zeros_like(p).reshape(-1) if r is None else r.reshape(-1)
+                        for r, p in zip(res, params, strict=True)
+                    ]
+                    out[:, j] += weight * torch.cat(flat)
+        return distributed.all_reduce_sum(out)
+
+    def loss(self) -> float:
+        """Full-data loss at the current parameters."""
+        fm, loss_fn = self._fm, self._opt.loss_fn
+        total = torch.zeros((), dtype=fm.dtype, device=fm.device)
+        with torch.no_grad(), fm.policy():
+            for inputs, targets, weight in self._batches():
+                total += weight * loss_fn(fm(fm.params, inputs), targets)
+        return float(distributed.all_reduce_sum(total.reshape(1))[0])
