@@ -370,6 +370,7 @@ def top_eigenpairs(
 
     Example:
         >>> import torch
+        >>> from geoopt_sgd import DenseOperator
         >>> A = DenseOperator(torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64)))
         >>> res = top_eigenpairs(A, 3, tol=1e-8)
         >>> res.eigenvalues

@@ -1,19 +1,342 @@
-"""Sharpness measures (stub: being implemented)."""
+"""Sharpness measures of a model at its current parameters.
+
+:func:`sharpness` gathers the Hessian-based measures in one call (top
+eigenvalues, ``lambda_min``, trace, Frobenius norm, the GD stability ratio and the
+cost) on a :class:`~geoopt_sgd.HessianOperator`; :func:`expected_sharpness` is the
+zeroth-order measure of Zhu et al. (2019), from loss evaluations only.
+"""
 
 from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed
+from .._checks import check_int, check_number
+from .._model import (
+    FunctionalModel,
+    as_batches,
+    batch_size,
+    detect_reduction,
+    to_device,
+)
+from .hessian import HessianOperator
+from .lanczos import _lanczos
+from .trace import Estimate, _coldot64, _mean_stderr, _probes
 
 __all__ = ["SharpnessReport", "expected_sharpness", "sharpness"]
 
 
+@dataclass(frozen=True)
 class SharpnessReport:
-    """All sharpness measures of one point (stub)."""
+    """Hessian sharpness measures of one point, with their cost.
+
+    Attributes:
+        lambda_max: Largest algebraic Hessian eigenvalue.
+        lambda_min: Smallest algebraic eigenvalue (accurate to ``tol * |lambda_max|``
+            in absolute terms).
+        top_eigenvalues: ``(k,)`` float64, the ``k`` largest, descending.
+        trace: Hutchinson estimate of ``tr H`` (``None`` when ``trace_probes=0``).
+        trace_stderr: Its standard error.
+        frobenius: Estimate of ``||H||_F = sqrt(E ||H z||^2)`` from the same probes.
+        frobenius_stderr: Its standard error (delta method).
+        stability_ratio: ``lr * lambda_max / 2`` (GD is linearly stable below 1),
+            or ``None`` without ``lr``.
+        converged: Whether the eigenvalues reached ``tol``.
+        n_hvp: Hessian-vector products used.
+        seconds: Wall time of the call.
+        eigenvectors: ``(P, k)`` top eigenvectors, for the next call's ``v0``
+            (left out of :meth:`as_dict`).
+    """
+
+    lambda_max: float
+    lambda_min: float
+    top_eigenvalues: Tensor
+    trace: float | None
+    trace_stderr: float | None
+    frobenius: float | None
+    frobenius_stderr: float | None
+    stability_ratio: float | None
+    converged: bool
+    n_hvp: int
+    seconds: float
+    eigenvectors: Tensor = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a flat, JSON-ready dict of the measures (no eigenvectors).
+
+        Returns:
+            Floats, ints, bools and ``None``; ``top_eigenvalues`` as a list.
+        """
+        return {
+            "lambda_max": self.lambda_max,
+            "lambda_min": self.lambda_min,
+            "top_eigenvalues": [float(x) for x in self.top_eigenvalues],
+            "trace": self.trace,
+            "trace_stderr": self.trace_stderr,
+            "frobenius": self.frobenius,
+            "frobenius_stderr": self.frobenius_stderr,
+            "stability_ratio": self.stability_ratio,
+            "converged": self.converged,
+            "n_hvp": self.n_hvp,
+            "seconds": self.seconds,
+        }
 
 
-def expected_sharpness(model, loss_fn, data, **kwargs):
-    """Estimate expected sharpness (stub)."""
-    raise NotImplementedError
+def sharpness(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    data: Any,
+    *,
+    k: int = 1,
+    lr: float | None = None,
+    tol: float = 1e-3,
+    trace_probes: int = 10,
+    seed: int | None = None,
+    method: str = "auto",
+    mode: str = "eval",
+    params: Iterable[Tensor] | Iterable[str] | None = None,
+    v0: Tensor | None = None,
+    loss_reduction: str | None = None,
+    max_matvecs: int | None = None,
+) -> SharpnessReport:
+    """Measure the Hessian sharpness of ``model`` on ``data`` in one call.
+
+    One thick-restart Lanczos run (:mod:`.lanczos`) gives the ``k`` largest
+    algebraic eigenvalues and ``lambda_min`` together; ``trace_probes`` Rademacher
+    probes then give both ``tr H`` (``z^T H z``) and ``||H||_F^2`` (``||H z||^2``).
+    The model, its buffers, ``.grad`` and the global RNG are left unchanged.
+
+    Args:
+        model: The model (DDP wrappers are unwrapped).
+        loss_fn: The loss, ``loss_fn(outputs, targets)`` with reduction
+            ``"mean"`` or ``"sum"``.
+        data: One ``(inputs, targets)`` batch or an iterable of batches.
+        k: Number of top eigenvalues, ``>= 1``.
+        lr: Learning rate for the stability ratio ``lr * lambda_max / 2``.
+        tol: Relative residual tolerance of the eigenvalues, ``> 0``.
+        trace_probes: Probes for trace and Frobenius norm (``0`` skips them).
+        seed: Seed of the private generators; ``None`` means ``0``.
+        method: HVP route of :class:`~geoopt_sgd.HessianOperator`.
+        mode: ``"eval"`` or ``"train"`` (the package's mode policy).
+        params: Parameters (or names) to differentiate; default all trainable.
+        v0: Warm start for the eigensolver, e.g. the previous report's
+            ``eigenvectors``.
+        loss_reduction: Override the reduction read from ``loss_fn``.
+        max_matvecs: Budget of the eigensolver (see
+            :func:`~geoopt_sgd.top_eigenpairs`).
+
+    Returns:
+        A :class:`SharpnessReport`.
+
+    Raises:
+        TypeError: If an integer argument is not an integer or ``v0`` is not a
+            tensor.
+        ValueError: If ``k < 1`` or ``k > P``, ``lr <= 0``, ``tol <= 0``,
+            ``trace_probes < 0``, ``seed < 0`` or ``v0`` has the wrong shape (and
+            the operator's own errors, e.g. an unknown ``method``).
+    """
+    t0 = time.perf_counter()
+    check_int("k", k, ge=1)
+    check_number("lr", lr, gt=0, allow_none=True)
+    check_number("tol", tol, gt=0)
+    check_int("trace_probes", trace_probes, ge=0)
+    check_int("seed", seed, ge=0, allow_none=True)
+    check_int("max_matvecs", max_matvecs, ge=1, allow_none=True)
+    op = HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        method=method,
+        mode=mode,
+        loss_reduction=loss_reduction,
+    )
+    try:
+        P = op.shape[0]
+        if k > P:
+            raise ValueError(f"`k` must be <= P = {P} (the parameter count); got {k}.")
+        if v0 is not None:
+            if not isinstance(v0, Tensor):
+                raise TypeError(
+                    f"`v0` must be a torch.Tensor; got {type(v0).__name__}."
+                )
+            if v0.dim() not in (1, 2) or v0.shape[0] != P:
+                raise ValueError(
+                    f"`v0`: expected shape ({P},) or ({P}, m), got {tuple(v0.shape)}."
+                )
+        n0 = op.n_matvec
+        if k + 1 >= P:
+            A = op.to_dense().double()
+            lam, U = torch.linalg.eigh((A + A.T) / 2)
+            top = lam.flip(0)[:k].cpu()
+            vecs = U.flip(1)[:, :k].to(op.dtype)
+            lam_min, ok = float(lam[0]), True
+        else:
+            vals, Y, _, _, ok = _lanczos(
+                op,
+                k,
+                1,
+                magnitude=False,
+                tol=tol,
+                max_matvecs=max_matvecs,
+                max_basis=None,
+                seed=seed,
+                v0=v0,
+                bottom_absolute=True,
+            )
+            top, vecs, lam_min = vals[:k], Y[:, :k], float(vals[k])
+            if not ok:
+                warnings.warn(
+                    f"sharpness: the eigensolver did not reach tol={tol} within "
+                    f"{op.n_matvec - n0} Hessian-vector products.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        trace = trace_se = fro = fro_se = None
+        if trace_probes:
+            t_s, f_s = [], []
+            for Z, HZ in _probes(op, trace_probes, 10, None, seed):
+                t_s.append(_coldot64(Z, HZ).cpu())
+                f_s.append(_coldot64(HZ, HZ).cpu())
+            trace, trace_se = _mean_stderr(torch.cat(t_s))
+            f2, f2_se = _mean_stderr(torch.cat(f_s))
+            fro = math.sqrt(max(f2, 0.0))
+            fro_se = f2_se / (2 * fro) if fro > 0 else f2_se
+        lam_max = float(top[0])
+        return SharpnessReport(
+            lambda_max=lam_max,
+            lambda_min=lam_min,
+            top_eigenvalues=top,
+            trace=trace,
+            trace_stderr=trace_se,
+            frobenius=fro,
+            frobenius_stderr=fro_se,
+            stability_ratio=None if lr is None else float(lr) * lam_max / 2,
+            converged=ok,
+            n_hvp=op.n_matvec - n0,
+            seconds=time.perf_counter() - t0,
+            eigenvectors=vecs,
+        )
+    finally:
+        release = getattr(op, "release", None) or getattr(op, "close", None)
+        if callable(release):
+            release()
 
 
-def sharpness(model, loss_fn, data, **kwargs):
-    """Compute all sharpness measures (stub)."""
-    raise NotImplementedError
+def _full_loss(
+    fm: FunctionalModel,
+    loss_fn: Callable[..., Tensor],
+    data: Any,
+    reduction: str,
+    params: list[Tensor],
+) -> float:
+    """Full-data loss at ``params``: mean weighted by batch sizes, or sum."""
+    total = torch.zeros(2, dtype=torch.float64, device=fm.device)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), fm.policy():
+        for inputs, targets in as_batches(data):
+            inputs = to_device(inputs, fm.device)
+            targets = to_device(targets, fm.device)
+            n = batch_size(targets)
+            loss = loss_fn(fm(params, inputs), targets).double()
+            total[0] += loss * n if reduction == "mean" else loss
+            total[1] += n
+    distributed.all_reduce_sum(total)
+    if reduction == "mean":
+        return float(total[0] / total[1])
+    return float(total[0])
+
+
+def expected_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    data: Any,
+    *,
+    sigma: float = 0.01,
+    num_samples: int = 100,
+    antithetic: bool = True,
+    absolute: bool = False,
+    seed: int | None = None,
+    mode: str = "eval",
+    params: Iterable[Tensor] | Iterable[str] | None = None,
+    loss_reduction: str | None = None,
+) -> Estimate:
+    """Estimate the expected sharpness ``E[L(theta + nu)] - L(theta)``.
+
+    ``nu ~ N(0, sigma^2 I)`` over the selected parameters (Zhu et al. 2019, §2.9
+    of the SPEC; defaults ``sigma=0.01``). For small ``sigma`` it is about
+    ``sigma^2 / 2 * tr H``. Antithetic pairs ``+-nu`` cancel the first-order term
+    exactly (each sample is ``(L(theta+nu) + L(theta-nu)) / 2 - L(theta)``).
+    ``absolute=True`` averages ``|L(theta + nu) - L(theta)|`` instead, as the
+    authors' code does. Perturbed losses are evaluated functionally: the model's
+    parameters, buffers and the global RNG are never changed.
+
+    Args:
+        model: The model.
+        loss_fn: The loss, reduction ``"mean"`` or ``"sum"``.
+        data: One ``(inputs, targets)`` batch or an iterable of batches.
+        sigma: Standard deviation of the perturbation, ``> 0``.
+        num_samples: Draws of ``nu`` (each costs two full-data losses when
+            antithetic, else one).
+        antithetic: Use ``+-nu`` pairs.
+        absolute: Average absolute loss changes.
+        seed: Seed of the private generator; ``None`` means ``0``.
+        mode: ``"eval"`` or ``"train"`` (the package's mode policy).
+        params: Parameters (or names) to perturb; default all trainable.
+        loss_reduction: Override the reduction read from ``loss_fn``.
+
+    Returns:
+        An :class:`~geoopt_sgd.Estimate` (``n_matvec = 0``, ``num_probes`` =
+        ``num_samples``).
+
+    Raises:
+        TypeError: If ``sigma`` is not a number or ``num_samples`` / ``seed`` not
+            an integer.
+        ValueError: If ``sigma <= 0``, ``num_samples < 1`` or ``seed < 0`` (and
+            :class:`~geoopt_sgd._model.FunctionalModel` errors for ``mode`` and
+            ``params``).
+    """
+    check_number("sigma", sigma, gt=0)
+    check_int("num_samples", num_samples, ge=1)
+    check_int("seed", seed, ge=0, allow_none=True)
+    fm = FunctionalModel(model, params, mode=mode)
+    reduction = detect_reduction(loss_fn, loss_reduction)
+    gen = torch.Generator(device=fm.device).manual_seed(0 if seed is None else seed)
+    theta = fm.params
+    base = _full_loss(fm, loss_fn, data, reduction, theta)
+    samples = []
+    for _ in range(num_samples):
+        nu = [
+            sigma
+            * torch.randn(
+                p.shape, generator=gen, device=p.device, dtype=torch.float32
+            ).to(p.dtype)
+            for p in theta
+        ]
+        if len(nu) and distributed.is_distributed():
+            for t in nu:
+                distributed.broadcast(t)
+        signs = (1.0, -1.0) if antithetic else (1.0,)
+        diffs = [
+            _full_loss(
+                fm,
+                loss_fn,
+                data,
+                reduction,
+                [p + s * n for p, n in zip(theta, nu, strict=True)],
+            )
+            - base
+            for s in signs
+        ]
+        if absolute:
+            diffs = [abs(d) for d in diffs]
+        samples.append(sum(diffs) / len(diffs))
+    mean, se = _mean_stderr(torch.tensor(samples, dtype=torch.float64))
+    return Estimate(mean, se, 0, num_samples)
