@@ -1,14 +1,816 @@
-"""Noise-geometry metrics (stub: being implemented)."""
+r"""Noise-geometry metrics of WWS22, WW23, Z19 and ZYT (SPEC §2), no ``P x P`` matrix.
+
+Notation (SPEC §1): ``n`` probe samples with per-sample losses ``L_i`` (square loss
+``1/2 ||f - y||^2`` for ``nn.MSELoss``, other losses as given), ``L`` their mean,
+``Sigma = Sigma_1 - Sigma_2`` the per-sample gradient covariance (``1/n``), or with
+``cov="minibatch"`` the covariance ``C ~ Sigma / B`` of the means of ``M = n // B``
+consecutive disjoint batches (then every ``Sigma`` below means ``C``). ``H`` is the
+curvature matrix chosen by ``curvature``: the GGN ``G = (1/n) sum J_i^T Lambda_i J_i``
+(default; PSD, equals the WWS22 Fisher for square loss) or the Hessian. With
+cross-entropy the mu-type metrics are the GGN extension [SPEC §2.1, PROPOSED].
+
+Routes (``route=``):
+
+* ``"exact"``: per-sample gradients ``D`` ``(n, P)`` and ``M_i = Lambda_i^{1/2} J_i``
+  ``(nK, P)`` are materialised (chunked ``vmap``) and every trace/norm comes from
+  the Gram identities of SPEC §2.0.3, exactly. Cost: ``n`` per-sample gradients,
+  ``nK`` per-sample output-Jacobian rows, and for ``curvature="hessian"``
+  ``n`` HVPs plus ``P`` HVPs for ``||H||_F`` and ``Tr H`` when ``P <= 4096``
+  (else Hutchinson with ``num_probes``). Memory ``n (K + 1) P``.
+* ``"sketch"``: nothing of size ``n x P``. Randomised trace estimators with
+  ``s = num_probes`` natural probes (SPEC §2.0.6): ``w ~ N(0, G)`` by one vjp of
+  the outputs with Gaussian cotangents, ``xi ~ (0, Sigma)`` by one backward of the
+  reweighted loss ``sum_i c_i L_i``, each followed by one ``jvp`` of the per-sample
+  losses (SPEC §2.0.2). Then ``||G||_F^2 = E w^T G w``, ``Tr G = E ||w||^2``,
+  ``Tr(Sigma_1 G) = E mean_i (grad L_i . w)^2``, ``Tr(Sigma G) = E var_i(...)``,
+  ``chi_i = E (J_i w)^T Lambda_i (J_i w)``, ``Tr Sigma = E ||xi||^2``,
+  ``||Sigma||_F^2 = E var_i(grad L_i . xi)``; ``Tr(Sigma_2 G)`` is exact. Cost: about
+  ``2s`` backward and ``2s`` jvp passes of the probe batch (plus ``s`` HVPs
+  each for ``Tr(Sigma H)``, ``Tr(Sigma_1 H)`` and ``||H||_F`` with the Hessian).
+  Relative standard errors are about ``sqrt(2 / s)``.
+* ``"auto"`` (default): ``"exact"`` when ``n (K + 1) P <= 2e7`` (160 MB of float64)
+  and not distributed, else ``"sketch"``.
+
+The eigenbasis metrics are exact on either route: the top-``k`` eigenpairs of
+``H`` by Lanczos (``top_eigenpairs``; ``3k`` to ``10k`` products), then one ``jvp``
+of the per-sample losses along the ``k + r`` directions ``[U_k, random]`` gives
+``a_i = grad L_i . v`` for all samples at once, hence ``v^T Sigma v`` and the
+projected covariance ``U_k^T Sigma U_k`` (``k + r`` tangent passes; ``k + r`` HVPs
+more for ``v^T H v`` when ``curvature="hessian"``).
+
+Distributed: each rank holds a shard of the probe batch; only ``(n, q)`` projections,
+``(s, P)`` *aggregated* probe vectors, operator products and scalars are reduced, so
+the values equal those of one process holding all samples. The Gram identities would
+need per-sample ``P``-vectors to travel, so ``route="exact"`` is refused there.
+"""
 
 from __future__ import annotations
 
-__all__ = ["NoiseGeometry", "noise_geometry"]
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed
+from .._checks import check_choice, check_int, check_number
+from .._model import FunctionalModel, as_batches, batch_size, to_device
+from ._primitives import CurvatureOperator, ProbeSet
+
+__all__ = ["DEFAULT_METRICS", "METRICS", "NoiseGeometry", "noise_geometry"]
+
+METRICS: tuple[str, ...] = (
+    "loss",
+    "alpha",
+    "beta",
+    "mu",
+    "mu1",
+    "mu2",
+    "mu_hessian",
+    "loss_alignment",
+    "gradient_uniformity",
+    "tr_sigma",
+    "tr_h_sigma",
+    "tr_h_sigma_iso",
+    "projection_coefficient",
+    "directional_alignment",
+    "directional_alignment_random",
+    "noise_energies",
+    "power_law_exponent",
+    "power_law_r2",
+    "spearman",
+    "eigen_alignment",
+    "commutativity_error",
+    "commutativity_baseline",
+    "sharp_fraction",
+    "loss_energy_fraction",
+)
+"""Every metric name :func:`noise_geometry` accepts (SPEC §2.1-2.7)."""
+
+DEFAULT_METRICS: tuple[str, ...] = tuple(
+    m
+    for m in METRICS
+    if m not in ("mu_hessian", "sharp_fraction", "loss_energy_fraction")
+)
+"""The default set: everything affordable on the sketch route (no extra Hessian,
+no displacement); the escape decomposition is added when ``displacement`` is given."""
+
+_STATS = {
+    "alpha",
+    "beta",
+    "mu",
+    "mu1",
+    "mu2",
+    "loss_alignment",
+    "tr_h_sigma",
+    "tr_h_sigma_iso",
+    "projection_coefficient",
+}
+_EIGEN = {
+    "projection_coefficient",
+    "directional_alignment",
+    "directional_alignment_random",
+    "noise_energies",
+    "power_law_exponent",
+    "power_law_r2",
+    "spearman",
+    "eigen_alignment",
+    "commutativity_error",
+    "commutativity_baseline",
+    "sharp_fraction",
+    "loss_energy_fraction",
+}
+_ESCAPE = {"sharp_fraction", "loss_energy_fraction"}
+_ARRAYS = (
+    "eigenvalues",
+    "noise_energies",
+    "directional_alignment",
+    "direction_shares",
+    "loss_shares",
+)
+_EXACT_MAX = 2e7
+_DENSE_HESSIAN_MAX = 4096
+_NUM_ROTATIONS = 8
 
 
+@dataclass(frozen=True)
 class NoiseGeometry:
-    """Result of :func:`noise_geometry` (stub)."""
+    """Result of :func:`noise_geometry`.
+
+    Attributes:
+        values: Scalar metrics by name (see :data:`METRICS`), NaN where not finite;
+            ``"n_nonfinite"`` counts the NaNs.
+        eigenvalues: Top-``k`` curvature eigenvalues ``(k,)``, descending, or ``None``.
+        eigenvectors: Matching eigenvectors ``(P, k)`` (reuse as the next ``v0``).
+        noise_energies: ``u_i^T Sigma u_i`` ``(k,)``.
+        directional_alignment: ``g(theta; u_i)`` ``(k,)`` (WW23).
+        direction_shares: ``(u_i^T delta)^2 / ||delta||^2`` ``(k,)`` (displacement).
+        loss_shares: ``lambda_i (u_i^T delta)^2 / sum_j lambda_j (u_j^T delta)^2``.
+        cost: Counters (``n_forward``, ``n_backward``, ``n_jvp``, ``n_hvp``,
+            ``n_ggnvp``, ``n_per_sample_grad``, ``seconds``).
+        num_samples: Probe samples used (over all ranks).
+        route: ``"exact"`` or ``"sketch"``.
+    """
+
+    values: dict[str, float]
+    eigenvalues: Tensor | None = None
+    eigenvectors: Tensor | None = None
+    noise_energies: Tensor | None = None
+    directional_alignment: Tensor | None = None
+    direction_shares: Tensor | None = None
+    loss_shares: Tensor | None = None
+    cost: dict[str, float] = field(default_factory=dict)
+    num_samples: int = 0
+    route: str = "exact"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a flat, JSON-ready dict (floats, lists, strings; no ``P``-sized data).
+
+        Returns:
+            Scalars by name, arrays as lists, ``cost_<counter>`` entries,
+            ``num_samples`` and ``route``.
+        """
+        out: dict[str, Any] = {k: float(v) for k, v in self.values.items()}
+        for name in _ARRAYS:
+            t = getattr(self, name)
+            if t is not None:
+                out[name] = [float(x) for x in t.detach().cpu().reshape(-1)]
+        for k, v in self.cost.items():
+            out[f"cost_{k}"] = float(v)
+        out["num_samples"] = int(self.num_samples)
+        out["route"] = self.route
+        return out
 
 
-def noise_geometry(model, loss_fn, data, **kwargs):
-    """Compute the noise-geometry metrics (stub)."""
-    raise NotImplementedError
+# --- small statistics in torch (no scipy in the library) ----------------------------
+def _linregress(x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Least-squares slope of ``y`` on ``x`` and ``R^2`` (NaN when undefined)."""
+    xm, ym = x - x.mean(), y - y.mean()
+    sxx, syy, sxy = (xm * xm).sum(), (ym * ym).sum(), (xm * ym).sum()
+    if x.numel() < 2 or float(sxx) == 0.0:
+        return math.nan, math.nan
+    r2 = float(sxy * sxy / (sxx * syy)) if float(syy) > 0 else math.nan
+    return float(sxy / sxx), r2
+
+
+def _rank(x: Tensor) -> Tensor:
+    """Ranks with ties averaged (as ``scipy.stats.rankdata``)."""
+    order = torch.argsort(x)
+    xs = x[order]
+    ranks = torch.empty_like(x)
+    i, n = 0, x.numel()
+    while i < n:
+        j = i
+        while j + 1 < n and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def _spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman rank correlation (Pearson correlation of the ranks)."""
+    if x.numel() < 2:
+        return math.nan
+    rx, ry = _rank(x) - (x.numel() + 1) / 2, _rank(y) - (y.numel() + 1) / 2
+    den = float(((rx * rx).sum() * (ry * ry).sum()).sqrt())
+    return float((rx * ry).sum()) / den if den > 0 else math.nan
+
+
+def _fro(A: Tensor) -> Tensor:
+    return (A * A).sum().sqrt()
+
+
+def _haar(k: int, draws: int, gen: torch.Generator) -> list[Tensor]:
+    """Haar-distributed orthogonal ``(k, k)`` matrices (QR of Gaussians, sign-fixed)."""
+    out = []
+    for _ in range(draws):
+        Q, R = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+        out.append(Q * torch.sign(torch.diagonal(R)).unsqueeze(0))
+    return out
+
+
+def _random_directions(P: int, r: int, gen: torch.Generator) -> Tensor:
+    """``r`` unit Gaussian directions ``(P, r)`` (float64, CPU)."""
+    R = torch.randn(P, r, generator=gen, dtype=torch.float64)
+    return R / R.norm(dim=0, keepdim=True)
+
+
+# --- eigenpairs -----------------------------------------------------------------
+def _lanczos_top(
+    op: CurvatureOperator, k: int, v0: Tensor | None, gen: torch.Generator, tol: float
+) -> tuple[Tensor, Tensor]:
+    """Plain Lanczos with full reorthogonalisation (fallback; float64 Ritz pairs)."""
+    P = op.shape[0]
+    m_max = min(P, max(10 * k, k + 40))
+    q = (
+        v0[:, 0]
+        if v0 is not None
+        else torch.randn(P, generator=gen, dtype=torch.float64)
+    )
+    q = q.to(torch.float64)
+    Qb = [q / q.norm()]
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    theta = Y = None
+    for j in range(m_max):
+        w = op.matvec(Qb[j].to(op.dtype)).to(torch.float64)
+        alphas.append(w @ Qb[j])
+        Qm = torch.stack(Qb, 1)
+        for _ in range(2):
+            w = w - Qm @ (Qm.T @ w)
+        b = w.norm()
+        T = torch.diag(torch.stack(alphas))
+        if betas:
+            off = torch.stack(betas)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, Y = torch.linalg.eigh(T)
+        if j + 1 >= k:
+            res = (b * Y[-1, -k:]).abs()
+            scale = theta.abs().max().clamp_min(1e-300)
+            if bool((res <= tol * scale).all()) or j + 1 == m_max or float(b) == 0.0:
+                break
+        if float(b) <= 1e-14 * float(theta.abs().max().clamp_min(1e-300)):
+            break
+        betas.append(b)
+        Qb.append(w / b)
+    assert theta is not None and Y is not None
+    Qm = torch.stack(Qb[: Y.shape[0]], 1)
+    idx = torch.argsort(theta, descending=True)[:k]
+    return theta[idx], Qm @ Y[:, idx]
+
+
+def _top_eigenpairs(
+    op: CurvatureOperator, k: int, v0: Tensor | None, seed: int, tol: float
+) -> tuple[Tensor, Tensor]:
+    try:
+        from ..curvature.lanczos import top_eigenpairs
+
+        res = top_eigenpairs(op, k, tol=tol, seed=seed, v0=v0)
+        return res.eigenvalues.to(torch.float64), res.eigenvectors.to(torch.float64)
+    except NotImplementedError:
+        pass
+    gen = torch.Generator().manual_seed(seed)
+    if op.shape[0] <= 1024:
+        e, Q = torch.linalg.eigh(op.to_dense().to(torch.float64).cpu())
+        return e.flip(0)[:k].to(op.device), Q.flip(1)[:, :k].to(op.device)
+    lam, U = _lanczos_top(op, k, None if v0 is None else v0.cpu(), gen, tol)
+    return lam.to(op.device), U.to(op.device)
+
+
+# --- helpers ----------------------------------------------------------------------
+def _collect(
+    data: Any, device: torch.device, max_samples: int
+) -> list[tuple[Any, Tensor]]:
+    out, count = [], 0
+    for x, y in as_batches(data):
+        b = batch_size(y)
+        take = min(b, max_samples - count)
+        if take <= 0:
+            break
+        if take < b:
+            x = tuple(t[:take] for t in x) if isinstance(x, tuple) else x[:take]
+            y = y[:take]
+        out.append((to_device(x, device), to_device(y, device)))
+        count += take
+    return out
+
+
+def _flatten_displacement(displacement: Any, fm: FunctionalModel) -> Tensor:
+    if isinstance(displacement, (list, tuple)):
+        if len(displacement) != len(fm.shapes) or any(
+            tuple(t.shape) != tuple(s)
+            for t, s in zip(displacement, fm.shapes, strict=False)
+        ):
+            raise ValueError(
+                "`displacement` as a list must hold one tensor per selected parameter, "
+                f"shaped {[tuple(s) for s in fm.shapes]}."
+            )
+        return torch.cat([t.reshape(-1) for t in displacement]).to(fm.device, fm.dtype)
+    if not isinstance(displacement, Tensor):
+        raise TypeError(
+            "`displacement` must be a (P,) tensor or a list of per-parameter tensors; "
+            f"got {type(displacement).__name__}."
+        )
+    if tuple(displacement.shape) != (fm.numel,):
+        raise ValueError(
+            f"`displacement`: expected shape ({fm.numel},), "
+            f"got {tuple(displacement.shape)}."
+        )
+    return displacement.to(fm.device, fm.dtype)
+
+
+def _chunks(n: int, c: int) -> Iterable[slice]:
+    for i in range(0, n, c):
+        yield slice(i, min(n, i + c))
+
+
+class _Stats:
+    """Traces and norms for one curvature matrix (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.tr_s1c = self.tr_s2c = self.fro2_c = self.tr_c = math.nan
+        self.chi: Tensor | None = None
+
+    @property
+    def tr_sc(self) -> float:
+        return self.tr_s1c - self.tr_s2c
+
+
+def noise_geometry(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    data: Any,
+    *,
+    metrics: Sequence[str] | None = None,
+    k: int = 10,
+    curvature: Literal["ggn", "hessian"] = "ggn",
+    cov: Literal["per_sample", "minibatch"] = "per_sample",
+    batch_size: int | None = None,
+    v0: Tensor | None = None,
+    max_samples: int = 1024,
+    displacement: Tensor | Sequence[Tensor] | None = None,
+    seed: int | None = None,
+    params: Iterable[Tensor] | Iterable[str] | None = None,
+    mode: Literal["eval", "train"] = "eval",
+    route: Literal["auto", "exact", "sketch"] = "auto",
+    num_probes: int = 32,
+    num_random_directions: int = 8,
+    tol: float = 1e-6,
+    chunk_size: int | None = None,
+) -> NoiseGeometry:
+    r"""Measure the geometry of SGD noise at the model's current parameters.
+
+    Definitions (SPEC §2; ``H`` is the ``curvature`` matrix, ``Sigma`` the noise
+    covariance chosen by ``cov``; cost of each on the sketch route in brackets,
+    ``s = num_probes``, ``q = k + num_random_directions``):
+
+    * ``loss``: ``L`` (mean per-sample loss, square-loss convention) [1 forward].
+    * ``alpha = Tr(H Sigma) / (||H||_F ||Sigma||_F)``,
+      ``beta = ||Sigma||_F / (2L ||H||_F)``, ``mu = Tr(Sigma H) / (2L ||H||_F^2)``,
+      ``mu1``/``mu2`` with ``Sigma_1``/``Sigma_2``
+      (WWS22 §2.1); ``loss_alignment`` = ``mu1`` (the WW23 Sigma_1 form)
+      [``2s`` backward + ``2s`` jvp; with the Hessian ``3s`` HVPs more].
+    * ``mu_hessian``: ``mu`` with the true Hessian whatever ``curvature`` is.
+    * ``gradient_uniformity``: ``gamma = min_i chi_i / mean_i chi_i``,
+      ``chi_i = Tr(Lambda_i J_i G J_i^T)`` (WWS22 Def. 2.1, with the GGN); on the
+      sketch route each ``chi_i`` is an estimate, so the min is biased low.
+    * ``tr_sigma``, ``tr_h_sigma = Tr(H Sigma)`` and
+      ``tr_h_sigma_iso = Tr H Tr Sigma / P`` (Z19).
+    * ``projection_coefficient = u_1^T Sigma u_1 Tr H / (lambda_1 Tr Sigma)`` (Z19).
+    * ``noise_energies`` ``u_i^T Sigma u_i``, ``directional_alignment``
+      ``g(u_i) = u_i^T Sigma u_i / (2L u_i^T H u_i)`` and its mean over random unit
+      directions ``directional_alignment_random`` (WW23) [``q`` jvp].
+    * ZYT in the top-``k`` eigenbasis, ``C~ = U^T Sigma U``: ``power_law_exponent``
+      and ``power_law_r2`` (least squares of ``log10 C~_ii`` on ``log10 lambda_i``
+      over entries with both positive), ``spearman`` (same entries),
+      ``eigen_alignment = ||diag C~||^2 / ||C~||_F^2``, ``commutativity_error =
+      ||C~ Lam - Lam C~||_F / ||C~ Lam||_F`` and its Haar-rotated baseline
+      ``commutativity_baseline`` (mean of 8 rotations) [free given the jvp].
+    * With ``displacement`` ``delta``: ``sharp_fraction = ||U^T delta||^2 /
+      ||delta||^2``, ``loss_energy_fraction = sum_i lambda_i (u_i^T delta)^2 /
+      delta^T H delta``, and the arrays ``direction_shares``, ``loss_shares``
+      (SPEC §2.6) [1 product].
+
+    The model is not changed (parameters, ``.grad``, buffers, modes, global RNG: a
+    private generator seeded by ``seed`` draws all random numbers). Non-finite
+    losses or gradients never raise: the values are NaN and
+    ``values["n_nonfinite"]`` counts them.
+
+    Args:
+        model: The model (DDP wrappers are unwrapped).
+        loss_fn: The loss; ``nn.MSELoss`` is converted to ``1/2 ||r||^2`` per sample,
+            other losses are applied to batches of one as given.
+        data: The probe batch ``(inputs, targets)`` or an iterable of batches; under
+            ``torch.distributed`` this rank's shard.
+        metrics: Names from :data:`METRICS`; ``None`` means :data:`DEFAULT_METRICS`
+            plus the escape metrics when ``displacement`` is given.
+        k: Number of top curvature eigenpairs.
+        curvature: ``"ggn"`` (default, PSD) or ``"hessian"``.
+        cov: ``"per_sample"`` (``Sigma``, WWS22/WW23) or ``"minibatch"`` (``C``,
+            Z19/ZYT; needs ``batch_size``).
+        batch_size: Batch size ``B`` for ``cov="minibatch"``: ``M = n // B``
+            consecutive disjoint batches, a trailing partial batch dropped.
+        v0: Warm start ``(P,)`` or ``(P, m)`` for the eigensolver (e.g. the previous
+            result's ``eigenvectors``).
+        max_samples: Use at most this many samples (the first ones; per rank).
+        displacement: ``delta = theta - theta_star``, ``(P,)`` or a list of
+            per-parameter tensors.
+        seed: Seed of the private generator (``None``: 0).
+        params: Parameters to measure (tensors or names); ``None``: all trainable.
+        mode: ``"eval"`` or ``"train"``, the package's mode policy.
+        route: ``"auto"``, ``"exact"`` or ``"sketch"`` (module docstring).
+        num_probes: Probes ``s`` of the sketch route (and of Hutchinson for a
+            large Hessian on the exact route).
+        num_random_directions: Random directions for
+            ``directional_alignment_random``.
+        tol: Relative residual tolerance of the eigensolver.
+        chunk_size: Samples per vmapped chunk when materialising per-sample rows
+            (``None``: a batch at once); vectors are pushed 8 at a time.
+
+    Returns:
+        The :class:`NoiseGeometry`.
+
+    Raises:
+        ValueError: On an unknown metric, curvature, cov, mode or route; ``k < 1``
+            or ``k > P``; fewer than 2 samples (or batches) for a covariance;
+            ``cov="minibatch"`` without ``batch_size``; ``route="exact"`` under
+            ``torch.distributed``; a displacement of the wrong shape.
+        TypeError: On non-integer counts or a displacement of the wrong type.
+    """
+    t0 = time.perf_counter()
+    if metrics is None:
+        wanted = set(DEFAULT_METRICS) | (_ESCAPE if displacement is not None else set())
+    else:
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        for m in metrics:
+            check_choice("metrics", m, METRICS)
+        wanted = set(metrics)
+    check_int("k", k, ge=1)
+    check_choice("curvature", curvature, ("ggn", "hessian"))
+    check_choice("cov", cov, ("per_sample", "minibatch"))
+    check_choice("route", route, ("auto", "exact", "sketch"))
+    check_int("max_samples", max_samples, ge=2)
+    check_int("num_probes", num_probes, ge=1)
+    check_int("num_random_directions", num_random_directions, ge=1)
+    check_int("chunk_size", chunk_size, ge=1, allow_none=True)
+    check_int("seed", seed, allow_none=True)
+    check_number("tol", tol, gt=0)
+    if cov == "minibatch":
+        if batch_size is None:
+            raise ValueError(
+                "`batch_size` must be given with cov='minibatch' (B in C ~ Sigma/B)."
+            )
+        check_int("batch_size", batch_size, ge=1)
+    if wanted & _ESCAPE and displacement is None:
+        raise ValueError(
+            "`displacement` must be given for 'sharp_fraction'/'loss_energy_fraction'."
+        )
+    if route == "exact" and distributed.is_distributed():
+        raise ValueError(
+            "`route` must be 'sketch' or 'auto' under torch.distributed; got 'exact' "
+            "(the Gram identities would need per-sample P-vectors to travel)."
+        )
+    fm = FunctionalModel(model, params, mode=mode)
+    P = fm.numel
+    if k > P:
+        raise ValueError(f"`k` must be <= P = {P}; got {k}.")
+    delta = None if displacement is None else _flatten_displacement(displacement, fm)
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    dtype, device = fm.dtype, fm.device
+
+    with torch.enable_grad():
+        probe = ProbeSet(
+            fm, loss_fn, _collect(data, device, max_samples), chunk_size=chunk_size
+        )
+    n = probe.n
+    B = 1 if cov == "per_sample" else int(batch_size)  # type: ignore[arg-type]
+    M = n // B
+    if M < 2:
+        what = "samples" if cov == "per_sample" else f"batches of {B}"
+        raise ValueError(
+            f"`data` must hold at least 2 {what} for a covariance; got {n} samples."
+        )
+    # W: (M, n_local), row b averages the samples of batch b held by this rank
+    gidx = torch.arange(probe.offset, probe.offset + probe.n_local)
+    W = torch.zeros(M, probe.n_local, dtype=dtype)
+    keep = gidx < M * B
+    W[(gidx[keep] // B), torch.nonzero(keep).reshape(-1)] = 1.0 / B
+    W = W.to(device)
+
+    def batch_proj(A: Tensor) -> Tensor:
+        """``(n_local, q)`` per-sample values -> ``(M, q)`` batch means, all ranks."""
+        return distributed.all_reduce_sum(W @ A.to(dtype))
+
+    vec_chunk = 8
+    with torch.enable_grad():
+        losses = probe.losses()
+    L = float(distributed.all_reduce_sum(losses.sum().reshape(1))) / n
+    ctx: dict[str, Any] = {}
+
+    def nan_result() -> NoiseGeometry:
+        names = sorted(
+            wanted | ({"power_law_r2"} if "power_law_exponent" in wanted else set())
+        )
+        vals = {
+            m: math.nan
+            for m in names
+            if m not in ("noise_energies", "directional_alignment")
+        }
+        vals["n_nonfinite"] = float(len(vals))
+        cost = dict(probe.cost)
+        cost["seconds"] = time.perf_counter() - t0
+        return NoiseGeometry(values=vals, cost=cost, num_samples=n, route="none")
+
+    if not math.isfinite(L):
+        return nan_result()
+
+    K = int(probe.output_hessians()[0][0].shape[-1]) if probe.batches else 1
+    if route == "auto":
+        exact = (not distributed.is_distributed()) and n * (K + 1) * P <= _EXACT_MAX
+        route = "exact" if exact else "sketch"
+
+    need_stats = bool(wanted & (_STATS | {"tr_sigma"}))
+    need_ggn = (need_stats and curvature == "ggn") or "gradient_uniformity" in wanted
+    need_hess = (need_stats and curvature == "hessian") or "mu_hessian" in wanted
+    stats: dict[str, _Stats] = {}
+    tr_sigma = fro2_sigma = math.nan
+    op = {
+        "ggn": CurvatureOperator(probe, "ggn"),
+        "hessian": CurvatureOperator(probe, "hessian"),
+    }
+
+    def matmat(kind: str, V: Tensor) -> Tensor:
+        cols = [
+            op[kind].matmat(V[:, s].to(dtype)) for s in _chunks(V.shape[1], vec_chunk)
+        ]
+        return torch.cat(cols, 1)
+
+    def directional(V: Tensor) -> tuple[Tensor, Tensor]:
+        parts = [probe.directional(V[:, s]) for s in _chunks(V.shape[1], vec_chunk)]
+        return torch.cat([a for a, _ in parts], 1), torch.cat([q for _, q in parts], 1)
+
+    def hutchinson_hessian(st: _Stats) -> None:
+        Z = torch.randint(0, 2, (P, num_probes), generator=gen).to(dtype) * 2 - 1
+        HZ = matmat("hessian", Z.to(device))
+        st.tr_c = float((Z.to(device) * HZ).sum(0).mean())
+        st.fro2_c = float((HZ * HZ).sum(0).mean())
+
+    with torch.enable_grad():
+        if need_stats or need_ggn or need_hess:
+            grad_L = probe.weighted_gradient(
+                torch.full((probe.n_local,), 1.0 / n, dtype=dtype, device=device)
+            )
+            if not bool(torch.isfinite(grad_L).all()):
+                return nan_result()
+        if (need_stats or need_ggn or need_hess) and route == "exact":
+            D = probe.per_sample_rows()  # (n, P), here n_local == n
+            R = W @ D
+            rbar = R.mean(0)
+            Rt = R - rbar
+            tr_sigma = float((Rt * Rt).sum()) / M
+            fro2_sigma = float(_fro(Rt @ Rt.T) ** 2) / M**2
+            if need_ggn:
+                Mf = probe.jacobian_rows()  # (n, K, P)
+                Kk = Mf.shape[1]
+                Mf = Mf.reshape(n * Kk, P)
+                st = _Stats()
+                Gram = Mf @ Mf.T
+                st.fro2_c = float((Gram * Gram).sum()) / n**2
+                st.tr_c = float((Mf * Mf).sum()) / n
+                RM = R @ Mf.T
+                st.tr_s1c = float((RM * RM).sum()) / (M * n)
+                Mr = Mf @ rbar
+                st.tr_s2c = float(Mr @ Mr) / n
+                st.chi = (Gram.reshape(n, Kk, n, Kk) ** 2).sum((1, 2, 3)) / n
+                stats["ggn"] = st
+            if need_hess:
+                st = _Stats()
+                HR = matmat("hessian", R.T)  # (P, M)
+                st.tr_s1c = float((R.T * HR).sum()) / M
+                st.tr_s2c = float(rbar @ HR.mean(1))
+                if P <= _DENSE_HESSIAN_MAX:
+                    Hd = matmat("hessian", torch.eye(P, dtype=dtype, device=device))
+                    st.tr_c = float(torch.trace(Hd))
+                    st.fro2_c = float((Hd * Hd).sum())
+                else:
+                    hutchinson_hessian(st)
+                stats["hessian"] = st
+        elif need_stats or need_ggn or need_hess:
+            s = num_probes
+            # xi probes, Cov = Sigma (centred): Tr Sigma, ||Sigma||_F, Tr(Sigma H)
+            z = torch.randn(s, M, generator=gen, dtype=torch.float64).to(device, dtype)
+            zc = z - z.mean(1, keepdim=True)
+            c = (W.T @ zc.T) / M**0.5  # (n_local, s)
+            xi = torch.cat(
+                [
+                    probe.weighted_gradient(c[:, sl]).reshape(-1, P)
+                    for sl in _chunks(s, vec_chunk)
+                ]
+            )  # (s, P)
+            tr_sigma = float((xi * xi).sum(1).mean())
+            A_xi, _ = directional(xi.T)
+            Bx = batch_proj(A_xi)
+            fro2_sigma = float(Bx.var(0, unbiased=False).mean())
+            if need_ggn:
+                st = _Stats()
+                Z = torch.randn(s, n, K, generator=gen, dtype=torch.float64)
+                Z = Z[:, probe.offset : probe.offset + probe.n_local].to(device, dtype)
+                w = torch.cat(
+                    [probe.ggn_sample(Z[sl]) for sl in _chunks(s, vec_chunk)]
+                )  # (s, P)
+                A_w, Q_w = directional(w.T)  # (n_local, s)
+                Bw = batch_proj(A_w)
+                st.tr_c = float((w * w).sum(1).mean())
+                chi_local = Q_w.mean(1)
+                chi = torch.zeros(n, dtype=dtype, device=device)
+                chi[probe.offset : probe.offset + probe.n_local] = chi_local
+                st.chi = distributed.all_reduce_sum(chi)
+                st.fro2_c = float(st.chi.mean())
+                st.tr_s1c = float((Bw * Bw).mean(0).mean())
+                rbar_dir = Bw.mean(0)
+                # Tr(Sigma_2 G) exactly: rbar^T G rbar (rbar = mean of the batch means)
+                rbar = probe.weighted_gradient(
+                    W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
+                )
+                _, Q_r = directional(rbar.reshape(P, 1))
+                st.tr_s2c = float(distributed.all_reduce_sum(Q_r.sum(0))) / n
+                del rbar_dir
+                stats["ggn"] = st
+            if need_hess:
+                st = _Stats()
+                c1 = (W.T @ z.T) / M**0.5
+                xi1 = torch.cat(
+                    [
+                        probe.weighted_gradient(c1[:, sl]).reshape(-1, P)
+                        for sl in _chunks(s, vec_chunk)
+                    ]
+                )
+                st.tr_s1c = float((xi1.T * matmat("hessian", xi1.T)).sum(0).mean())
+                rbar = probe.weighted_gradient(
+                    W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
+                )
+                st.tr_s2c = float(rbar @ matmat("hessian", rbar.reshape(P, 1))[:, 0])
+                hutchinson_hessian(st)
+                stats["hessian"] = st
+
+        values: dict[str, float] = {}
+        if "loss" in wanted:
+            values["loss"] = L
+        if "tr_sigma" in wanted:
+            values["tr_sigma"] = tr_sigma
+
+        def mus(st: _Stats) -> dict[str, float]:
+            fro_c = math.sqrt(st.fro2_c) if st.fro2_c >= 0 else math.nan
+            fro_s = math.sqrt(fro2_sigma) if fro2_sigma >= 0 else math.nan
+            den = 2 * L * st.fro2_c
+            return {
+                "alpha": st.tr_sc / (fro_c * fro_s),
+                "beta": fro_s / (2 * L * fro_c),
+                "mu": st.tr_sc / den,
+                "mu1": st.tr_s1c / den,
+                "mu2": st.tr_s2c / den,
+                "loss_alignment": st.tr_s1c / den,
+                "tr_h_sigma": st.tr_sc,
+                "tr_h_sigma_iso": st.tr_c * tr_sigma / P,
+            }
+
+        if need_stats:
+            for key, val in mus(stats[curvature]).items():
+                if key in wanted:
+                    values[key] = val
+        if "mu_hessian" in wanted:
+            values["mu_hessian"] = mus(stats["hessian"])["mu"]
+        if "gradient_uniformity" in wanted:
+            chi = stats["ggn"].chi
+            assert chi is not None
+            values["gradient_uniformity"] = float(chi.min() / chi.mean())
+
+        eig_out: dict[str, Tensor | None] = {}
+        if wanted & _EIGEN:
+            v0_ = None
+            if v0 is not None:
+                v0_ = v0.detach().to(device, dtype)
+                if v0_.dim() == 1:
+                    v0_ = v0_.reshape(-1, 1)
+                if v0_.shape[0] != P:
+                    raise ValueError(
+                        f"`v0`: expected shape ({P},) or ({P}, m); "
+                        f"got {tuple(v0.shape)}."
+                    )
+            lam, U = _top_eigenpairs(
+                op[curvature], k, v0_, 0 if seed is None else seed, tol
+            )
+            lam, U = lam.to(device, dtype), U.to(device, dtype)
+            kk = lam.numel()
+            r = num_random_directions
+            Rnd = _random_directions(P, r, gen).to(device, dtype)
+            V = torch.cat([U, Rnd], 1)
+            A, Qd = directional(V)
+            if curvature == "ggn":
+                quad = distributed.all_reduce_sum(Qd.sum(0)) / n
+            else:
+                quad = (V * matmat("hessian", V)).sum(0)
+            Bv = batch_proj(A)  # (M, k + r)
+            Bc = Bv - Bv.mean(0, keepdim=True)
+            energies = (Bc * Bc).mean(0)
+            Ct = (Bc[:, :kk].T @ Bc[:, :kk]) / M
+            diag = energies[:kk]
+            lam64, diag64, Ct64 = (
+                lam.double().cpu(),
+                diag.double().cpu(),
+                Ct.double().cpu(),
+            )
+            eig_out["eigenvalues"] = lam.detach()
+            eig_out["eigenvectors"] = U.detach()
+            eig_out["noise_energies"] = diag.detach()
+            eig_out["directional_alignment"] = (diag / (2 * L * quad[:kk])).detach()
+            if "directional_alignment_random" in wanted:
+                values["directional_alignment_random"] = float(
+                    (energies[kk:] / (2 * L * quad[kk:])).mean()
+                )
+            if "projection_coefficient" in wanted:
+                tr_c = stats[curvature].tr_c
+                values["projection_coefficient"] = (
+                    float(diag64[0]) * tr_c / (float(lam64[0]) * tr_sigma)
+                )
+            mask = (lam64 > 0) & (diag64 > 0)
+            if wanted & {"power_law_exponent", "power_law_r2"}:
+                slope, r2 = _linregress(lam64[mask].log10(), diag64[mask].log10())
+                values["power_law_exponent"], values["power_law_r2"] = slope, r2
+            if "spearman" in wanted:
+                values["spearman"] = _spearman(lam64[mask], diag64[mask])
+            if "eigen_alignment" in wanted:
+                values["eigen_alignment"] = float(
+                    (diag64 * diag64).sum() / (Ct64 * Ct64).sum()
+                )
+            Lam = torch.diag(lam64)
+            if "commutativity_error" in wanted:
+                values["commutativity_error"] = float(
+                    _fro(Ct64 @ Lam - Lam @ Ct64) / _fro(Ct64 @ Lam)
+                )
+            if "commutativity_baseline" in wanted:
+                vals = []
+                for Qr in _haar(kk, _NUM_ROTATIONS, gen):
+                    Hq = Qr @ Lam @ Qr.T
+                    vals.append(float(_fro(Ct64 @ Hq - Hq @ Ct64) / _fro(Ct64 @ Hq)))
+                values["commutativity_baseline"] = sum(vals) / len(vals)
+            if delta is not None and wanted & _ESCAPE:
+                cvec = (U.T @ delta).double().cpu()
+                dd = float(delta.double() @ delta.double())
+                lc = lam64 * cvec * cvec
+                eig_out["direction_shares"] = (cvec * cvec / dd).to(dtype)
+                eig_out["loss_shares"] = (lc / lc.sum()).to(dtype)
+                if "sharp_fraction" in wanted:
+                    values["sharp_fraction"] = float((cvec * cvec).sum()) / dd
+                if "loss_energy_fraction" in wanted:
+                    Hd = matmat(curvature, delta.reshape(P, 1))[:, 0]
+                    values["loss_energy_fraction"] = float(lc.sum()) / float(
+                        delta.double() @ Hd.double()
+                    )
+
+    n_bad = 0
+    for key, val in values.items():
+        if not math.isfinite(val):
+            values[key] = math.nan
+            n_bad += 1
+    values["n_nonfinite"] = float(n_bad)
+    cost = dict(probe.cost)
+    cost["seconds"] = time.perf_counter() - t0
+    del ctx
+    return NoiseGeometry(
+        values=values,
+        eigenvalues=eig_out.get("eigenvalues"),
+        eigenvectors=eig_out.get("eigenvectors"),
+        noise_energies=eig_out.get("noise_energies"),
+        directional_alignment=eig_out.get("directional_alignment"),
+        direction_shares=eig_out.get("direction_shares"),
+        loss_shares=eig_out.get("loss_shares"),
+        cost=cost,
+        num_samples=n,
+        route=route,
+    )
