@@ -1,0 +1,971 @@
+"""Anisotropic noise escapes sharp minima (Zhu et al. 2019; SPEC R1 and R3).
+
+Two experiments from Z19 ("The Anisotropic Noise in SGD", ICML 2019):
+
+* **R1, the 2-D toy (Fig. 2).** A sharp basin at (1, 1) (Hessian eigenvalues 20 and
+  200, stiff axis along (1, 1)/√2) and a flat one at (-1, -1) (Hessian 2I). From
+  w = (1, 1), gradient descent plus parameter-unit noise of total variance 0.01 per
+  step, in six flavours: none (GD), isotropic (GLD-const), diag(C), C (GLD-lead),
+  H (GLD-Hess) and u_1 only (GLD-1eig). Success: w ends in the flat basin. The toy's
+  per-point loss is a min of two quadratics, so H and the per-sample gradient
+  covariance C are exact 2×2 matrices; the dynamics are written out here, vectorised
+  over the 100 runs (the library's NoisyGD needs a model, loss and data set and
+  would run the 600 trajectories one by one).
+* **R3, escaping a GD minimum (Figs. 3, 5).** Z19's FashionMNIST setting on the
+  offline ``digits`` (1,000 clean + 200 random-label training images): GD to a
+  minimum θ*_GD, then every dynamic of SPEC §3 continues from it with the same lr
+  (GD, GLD-const, GLD-dyn, GLD-diag, GLD-lead, GLD-Hess, GLD-1eig through
+  :class:`geoopt_sgd.NoisyGD`, and mini-batch SGD). Measured: train/test accuracy,
+  expected sharpness (:func:`geoopt_sgd.expected_sharpness`), and along SGD
+  Tr(HΣ) vs Tr(HΣ̄) and the projection coefficient â
+  (:func:`geoopt_sgd.noise_geometry`).
+
+Verdict (SPEC R1): GD never escapes; GLD-const and GLD-diag escape in ≤ 5% of runs;
+GLD-lead, GLD-Hess and GLD-1eig in ≥ 20%; Tr(HC) > Tr(HC̄) at (1, 1). (SPEC R3):
+the anisotropic group (SGD, lead, Hess, 1eig) ends ≥ 1 pp more accurate on the
+test set and flatter (lower expected sharpness) than the isotropic group (GD,
+const, dyn, diag); Tr(HΣ)/Tr(HΣ̄) ≥ 5 and â > 1 along SGD.
+
+Commands (from the repository root)::
+
+    python recipes/anisotropic_escape.py --quick            # CI setting
+    python recipes/anisotropic_escape.py                    # full: 3 seeds
+    python recipes/anisotropic_escape.py --part toy         # R1 only (seconds)
+    python recipes/anisotropic_escape.py --dataset fashion_mnist \\
+        --data-dir ~/data --download --model cnn            # the paper's data
+
+Outputs go to ``<out-dir>/anisotropic_escape/``: ``config.json``,
+``results.json`` and ``toy.png`` / ``net.png``, redrawn from the JSON by
+:func:`plot`. Runtime on 2 CPU cores and expected numbers: see
+``recipes/README.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _common as common
+import torch
+from torch import Tensor, nn
+
+RECIPE = "anisotropic_escape"
+
+TOY_DYNAMICS = ("gd", "const", "diag", "lead", "hess", "1eig")
+NET_DYNAMICS = ("gd", "const", "dyn", "diag", "lead", "hess", "1eig", "sgd")
+ISOTROPIC_GROUP = ("gd", "const", "dyn", "diag")
+ANISOTROPIC_GROUP = ("sgd", "lead", "hess", "1eig")
+# The NoisyGD noise kind behind each GLD variant (SPEC §3 table).
+NOISE_KIND = {
+    "gd": "none",
+    "const": "isotropic",
+    "dyn": "isotropic_matched",
+    "diag": "diagonal",
+    "lead": "sgd_leading",
+    "hess": "hessian",
+    "1eig": "top_eigvec",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    part: str = "both"  # 'toy' (R1), 'net' (R3) or 'both'
+    seed: int = 0  # base seed; the net part runs seeds seed .. seed+num_seeds-1
+    device: str = "cpu"  # 'cpu' or 'cuda'
+    out_dir: str = "runs"  # outputs go to <out_dir>/anisotropic_escape/
+    resume: bool = False  # continue from <out_dir>/anisotropic_escape/checkpoint.pt
+    # --- R1: the 2-D toy [C-Z19 2Dim]
+    toy_runs: int = 100  # independent runs per dynamic, each with fresh data
+    toy_points: int = 100  # data points per run
+    toy_steps: int = 500  # iterations per run
+    toy_lr: float = 0.005  # step size
+    toy_noise_var: float = (
+        0.01  # total noise variance E||eps||^2 per step (param units)
+    )
+    toy_traj_runs: int = 4  # trajectories per dynamic kept for the figure
+    # --- R3: escaping a GD minimum [C-Z19, SPEC R3]
+    dataset: str = "digits"  # 'digits' (offline), 'fashion_mnist', 'mnist', 'cifar10'
+    data_dir: str | None = None  # where torchvision data lives (with --download)
+    download: bool = False  # download a missing torchvision dataset into data_dir
+    model: str = "mlp"  # 'mlp', 'cnn', 'linear' or any timm name (e.g. 'test_vit')
+    width: int = 32  # hidden width / channels of the small models
+    activation: str = "relu"  # 'relu' or 'tanh' (mlp)
+    image_size: int | None = None  # input side for image models (None: native)
+    num_train: int = 1200  # training samples (the last num_corrupt get random labels)
+    num_corrupt: int = 200  # training labels replaced by uniform random labels
+    lr: float = 0.07  # step size of GD to theta*_GD and of every dynamic [P caption]
+    gd_steps: int = 3000  # GD iterations to reach theta*_GD [P]
+    steps: int = 3000  # iterations of each dynamic from theta*_GD (code: 20k)
+    batch_size: int = 20  # SGD batch; noise magnitudes are matched to it [C-Z19]
+    dynamics: tuple[str, ...] = NET_DYNAMICS  # subset of NET_DYNAMICS to run
+    k: int = 20  # eigenpairs of GLD-lead / GLD-Hess [C-Z19]
+    refresh_every: int = 10  # steps between noise-statistics refreshes [C-Z19]
+    const_noise: float = 1e-3  # GLD-const std per coordinate, rho [C-Z19]
+    eval_every: int = 100  # steps between accuracy evaluations
+    sharpness_sigma: float = 0.01  # expected-sharpness radius delta [P]
+    sharpness_samples: int = 1000  # Monte-Carlo draws of expected sharpness [P]
+    geometry_every: int = 500  # steps between Tr(H Sigma) / a-hat probes along SGD
+    geometry_k: int = 10  # Lanczos pairs of the probe (u_1, lambda_1)
+    top_k: int = 50  # Hessian eigenvalues reported at theta*_GD (Fig. 5 left: 400)
+    num_seeds: int = 3  # seeds of the net part (the verdict averages them)
+
+    @classmethod
+    def quick(cls) -> Config:
+        """The CI setting: 1 seed, short runs (about 2–3 min on 2 CPU cores)."""
+        return cls(
+            num_seeds=1,
+            gd_steps=1500,
+            steps=600,
+            eval_every=100,
+            sharpness_samples=200,
+            geometry_every=200,
+            top_k=20,
+            toy_traj_runs=3,
+        )
+
+
+# ======================================================================================
+# R1: the 2-D toy
+# ======================================================================================
+
+_C = _S = math.cos(math.pi / 4)
+
+
+def toy_basins(dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+    """Return the toy's fixed geometry: axes and Hessians of the two basins."""
+    v1 = torch.tensor([_C, -_S], dtype=dtype)  # soft axis of the sharp basin (20)
+    v2 = torch.tensor([_C, _S], dtype=dtype)  # stiff axis (200), toward (-1, -1)
+    return {
+        "v1": v1,
+        "v2": v2,
+        "h_sharp": 20 * torch.outer(v1, v1) + 200 * torch.outer(v2, v2),
+        "h_flat": 2 * torch.eye(2, dtype=dtype),
+    }
+
+
+def toy_data(runs: int, n: int, generator: torch.Generator) -> Tensor:
+    """Draw ``runs`` data sets of ``n`` points x = 0.01·(z_1√10, z_2)·K, ``(R, n, 2)``.
+
+    K is the 45° rotation [[c, -s], [s, c]] [C-Z19 2Dim].
+    """
+    z = torch.randn(runs, n, 2, generator=generator, dtype=torch.float64)
+    z = z * torch.tensor([math.sqrt(10.0), 1.0], dtype=torch.float64)
+    rot = torch.tensor([[_C, -_S], [_S, _C]], dtype=torch.float64)
+    return 0.01 * z @ rot
+
+
+def toy_terms(w: Tensor, x: Tensor, basins: dict[str, Tensor]):
+    """Per-point losses, gradients and the exact Hessian of the mean loss.
+
+    ℓ(w; x) = min{10(c·a − s·b)² + 100(c·a + s·b)², (w_1−x_1+1)² + (w_2−x_2+1)²},
+    a = w_1 − x_1 − 1, b = w_2 − x_2 − 1 (SPEC R1).
+
+    Args:
+        w: Iterates ``(R, 2)``.
+        x: Data ``(R, n, 2)``.
+        basins: From :func:`toy_basins`.
+
+    Returns:
+        ``(loss (R, n), grads (R, n, 2), hessian (R, 2, 2))``; the Hessian is that
+        of the mean loss: each point contributes its active quadratic's Hessian.
+    """
+    v1, v2 = basins["v1"], basins["v2"]
+    e = w[:, None, :] - x - 1.0
+    q1, q2 = e @ v1, e @ v2
+    loss_sharp = 10 * q1**2 + 100 * q2**2
+    grad_sharp = 20 * q1[..., None] * v1 + 200 * q2[..., None] * v2
+    f = w[:, None, :] - x + 1.0
+    loss_flat = (f**2).sum(-1)
+    grad_flat = 2 * f
+    sharp = loss_sharp <= loss_flat
+    loss = torch.where(sharp, loss_sharp, loss_flat)
+    grads = torch.where(sharp[..., None], grad_sharp, grad_flat)
+    frac = sharp.to(w.dtype).mean(1)[:, None, None]
+    hessian = frac * basins["h_sharp"] + (1 - frac) * basins["h_flat"]
+    return loss, grads, hessian
+
+
+def _trace(m: Tensor) -> Tensor:
+    return m.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def toy_noise_covariance(kind: str, c: Tensor, h: Tensor, var: float) -> Tensor:
+    """Return the parameter-unit noise covariance of one toy dynamic, ``(R, 2, 2)``.
+
+    Every non-GD dynamic has total variance ``var`` [C-Z19 2Dim]: GLD-const
+    ``var/2·I``, GLD-diag ``diag(C)/Tr C·var``, GLD-lead (k = 2) ``C/Tr C·var``,
+    GLD-Hess ``H/Tr H·var``, GLD-1eig ``var·u_1u_1ᵀ``.
+
+    Args:
+        kind: One of :data:`TOY_DYNAMICS`.
+        c: Per-sample gradient covariances ``(R, 2, 2)``.
+        h: Hessians ``(R, 2, 2)``.
+        var: Total variance.
+
+    Returns:
+        The covariance.
+    """
+    eye = torch.eye(2, dtype=c.dtype).expand_as(c)
+    if kind == "gd":
+        return torch.zeros_like(c)
+    if kind == "const":
+        return var / 2 * eye
+    if kind == "diag":
+        return (
+            torch.diag_embed(c.diagonal(dim1=1, dim2=2))
+            / _trace(c)[:, None, None].clamp_min(1e-300)
+            * var
+        )
+    if kind == "lead":
+        return c / _trace(c)[:, None, None].clamp_min(1e-300) * var
+    if kind == "hess":
+        return h / _trace(h)[:, None, None] * var
+    if kind == "1eig":
+        u1 = torch.linalg.eigh(h)[1][..., -1]
+        return var * u1[:, :, None] * u1[:, None, :]
+    raise ValueError(
+        f"`kind` must be one of {', '.join(map(repr, TOY_DYNAMICS))}; got {kind!r}."
+    )
+
+
+def run_toy_dynamic(kind: str, x: Tensor, cfg: Config, seed: int) -> dict[str, Any]:
+    """Run one toy dynamic for all runs at once: w ← w − η∇L(w) + ε, ε ~ N(0, S).
+
+    Args:
+        kind: One of :data:`TOY_DYNAMICS`.
+        x: Data ``(R, n, 2)`` (one data set per run).
+        cfg: The config.
+        seed: Seed of this dynamic's noise stream.
+
+    Returns:
+        Success rate, final iterates, the mean Tr(H_t S_t) per step (escape
+        efficiency, S_t the injected covariance), the mean loss per step, and the
+        first ``cfg.toy_traj_runs`` trajectories.
+    """
+    basins = toy_basins()
+    gen = torch.Generator().manual_seed(seed)
+    runs = x.shape[0]
+    w = torch.ones(runs, 2, dtype=torch.float64)
+    keep = min(cfg.toy_traj_runs, runs)
+    traj = [w[:keep].clone()]
+    tr_hs, mean_loss = [], []
+    for _ in range(cfg.toy_steps):
+        loss, grads, h = toy_terms(w, x, basins)
+        g = grads.mean(1)
+        dev = grads - g[:, None]
+        c = dev.transpose(1, 2) @ dev / grads.shape[1]
+        s = toy_noise_covariance(kind, c, h, cfg.toy_noise_var)
+        evals, evecs = torch.linalg.eigh(s)
+        z = torch.randn(runs, 2, 1, generator=gen, dtype=torch.float64)
+        eps = (evecs * evals.clamp_min(0).sqrt()[:, None, :]) @ z
+        tr_hs.append(float((h * s).sum((1, 2)).mean()))
+        mean_loss.append(float(loss.mean()))
+        w = w - cfg.toy_lr * g + eps[..., 0]
+        traj.append(w[:keep].clone())
+    success = (w[:, 0] < -0.5) & (w[:, 1] < -0.5)
+    return {
+        "success_rate": float(success.to(torch.float64).mean()),
+        "successes": int(success.sum()),
+        "final_w": w.tolist(),
+        "tr_hs": tr_hs,
+        "loss": mean_loss,
+        "trajectories": torch.stack(traj, 1).tolist(),  # (keep, T+1, 2)
+    }
+
+
+def toy_alignment_ratio(x: Tensor) -> float:
+    """Mean over runs of Tr(HC)/Tr(HC̄) at w = (1, 1), C̄ = Tr C/2·I (SPEC §2.4)."""
+    w = torch.ones(x.shape[0], 2, dtype=torch.float64)
+    _, grads, h = toy_terms(w, x, toy_basins())
+    dev = grads - grads.mean(1, keepdim=True)
+    c = dev.transpose(1, 2) @ dev / grads.shape[1]
+    ratio = (h * c).sum((1, 2)) / (_trace(h) * _trace(c) / 2)
+    return float(ratio.mean())
+
+
+# ======================================================================================
+# R3: escaping a GD minimum
+# ======================================================================================
+
+
+def load_net_data(cfg: Config, seed: int, device: torch.device) -> common.DataSplit:
+    """Load the training set with ``num_corrupt`` random labels, and the test set.
+
+    Z19 keeps 1,000 clean + 200 random-label FashionMNIST images [C-Z19]; here the
+    last ``num_corrupt`` of ``num_train`` seeded samples get uniform random labels.
+    Inputs are standardised (``_common.load_data``) rather than scaled to [-1, 1].
+    """
+    flat = common.model_wants_flat(cfg.model)
+    data = common.load_data(
+        cfg.dataset,
+        image_size=cfg.image_size,
+        flatten=flat,
+        num_train=cfg.num_train,
+        data_dir=cfg.data_dir,
+        download=cfg.download,
+        seed=seed,
+        dtype=torch.float64 if device.type == "cpu" else torch.float32,
+    )
+    g = torch.Generator().manual_seed(10_000 + seed)
+    y = data.y_train.clone()
+    if cfg.num_corrupt:
+        y[-cfg.num_corrupt :] = torch.randint(
+            0, data.num_classes, (cfg.num_corrupt,), generator=g
+        )
+    data.y_train = y
+    return data.to(device)
+
+
+def build_model(cfg: Config, data: common.DataSplit, seed: int) -> nn.Module:
+    """Build the model of the net part (seeded), in the data's dtype."""
+    return common.make_model(
+        cfg.model,
+        data.num_classes,
+        in_chans=data.in_chans,
+        input_dim=data.input_dim,
+        image_size=data.image_size,
+        width=cfg.width,
+        activation=cfg.activation,
+        seed=seed,
+        dtype=data.x_train.dtype,
+    ).to(data.x_train.device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: common.DataSplit, loss_fn: nn.Module) -> dict:
+    """Train loss and accuracy (on the corrupted labels) and test accuracy."""
+    model.eval()
+    out = model(data.x_train)
+    test = model(data.x_test)
+    return {
+        "train_loss": float(loss_fn(out, data.y_train)),
+        "train_acc": float((out.argmax(1) == data.y_train).double().mean()),
+        "test_acc": float((test.argmax(1) == data.y_test).double().mean()),
+    }
+
+
+def make_optimizer(
+    kind: str, model: nn.Module, loss_fn: nn.Module, data, cfg: Config, seed: int
+) -> torch.optim.Optimizer:
+    """Return the optimizer of one dynamic (SPEC §3): NoisyGD, or torch SGD for SGD."""
+    from geoopt_sgd import NoisyGD
+
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    noise = NOISE_KIND[kind]
+    kwargs: dict[str, Any] = {"noise": noise, "seed": seed}
+    if noise == "isotropic":
+        kwargs["noise_scale"] = cfg.const_noise
+    elif noise != "none":
+        kwargs.update(
+            batch_size=cfg.batch_size,
+            k=cfg.k,
+            refresh_every=cfg.refresh_every,
+            model=model,
+            loss_fn=loss_fn,
+            data=(data.x_train, data.y_train),
+        )
+    return NoisyGD(model.parameters(), lr=cfg.lr, **kwargs)
+
+
+def _expected_sharpness(model, loss_fn, data, cfg: Config, seed: int) -> float:
+    from geoopt_sgd import expected_sharpness
+
+    est = expected_sharpness(
+        model,
+        loss_fn,
+        (data.x_train, data.y_train),
+        sigma=cfg.sharpness_sigma,
+        num_samples=cfg.sharpness_samples,
+        seed=seed,
+    )
+    return float(getattr(est, "value", est))
+
+
+def _geometry(model, loss_fn, data, cfg: Config, seed: int, v0) -> tuple[dict, Any]:
+    from geoopt_sgd import noise_geometry
+
+    ng = noise_geometry(
+        model,
+        loss_fn,
+        (data.x_train, data.y_train),
+        metrics=["tr_h_sigma", "tr_h_sigma_iso", "projection_coefficient"],
+        k=cfg.geometry_k,
+        curvature="hessian",
+        v0=v0,
+        seed=seed,
+    )
+    vals = {k: float(v) for k, v in ng.values.items()}
+    iso = vals.get("tr_h_sigma_iso", math.nan)
+    vals["tr_ratio"] = vals.get("tr_h_sigma", math.nan) / iso if iso else math.nan
+    return vals, ng.eigenvectors
+
+
+def _top_spectrum(model, loss_fn, data, cfg: Config, seed: int) -> list[float]:
+    from geoopt_sgd import HessianOperator, top_eigenpairs
+
+    op = HessianOperator(model, loss_fn, (data.x_train, data.y_train))
+    res = top_eigenpairs(op, cfg.top_k, seed=seed)
+    return [float(v) for v in res.eigenvalues]
+
+
+def run_dynamic(
+    kind: str,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: common.DataSplit,
+    cfg: Config,
+    seed: int,
+    resume: dict | None,
+    save: Any,
+    stop_at: int | None,
+) -> dict[str, Any]:
+    """Continue from the model's current θ*_GD with one dynamic for ``cfg.steps``.
+
+    Saves a checkpoint (through ``save(current)``) after every evaluation block,
+    so an interrupted run resumes bit for bit.
+    """
+    opt = make_optimizer(kind, model, loss_fn, data, cfg, seed)
+    gen = torch.Generator().manual_seed(20_000 + seed)  # SGD batch sampling
+    rec: dict[str, list] = {
+        "step": [],
+        "train_loss": [],
+        "train_acc": [],
+        "test_acc": [],
+    }
+    rec["geometry"] = []
+    start, v0 = 0, None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        rec, start = resume["record"], resume["step"]
+    else:
+        rec_eval = evaluate(model, data, loss_fn)
+        for key, v in rec_eval.items():
+            rec[key].append(v)
+        rec["step"].append(0)
+    n = data.x_train.shape[0]
+    bar = common.progress(total=cfg.steps, initial=start, desc=f"{kind} s{seed}")
+    for t in range(start, cfg.steps):
+        common.maybe_interrupt(t, stop_at)
+        if (
+            kind == "sgd"
+            and cfg.geometry_every
+            and t % cfg.geometry_every == 0
+            and t > 0
+        ):
+            vals, v0 = _geometry(model, loss_fn, data, cfg, seed + t, v0)
+            rec["geometry"].append({"step": t, **vals})
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        if kind == "sgd":
+            idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
+            idx = idx.to(data.x_train.device)
+            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+        else:
+            loss = loss_fn(model(data.x_train), data.y_train)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
+            ev = evaluate(model, data, loss_fn)
+            for key, v in ev.items():
+                rec[key].append(v)
+            rec["step"].append(t + 1)
+            bar.set_postfix(loss=f"{ev['train_loss']:.3g}", lr=cfg.lr)
+            save(
+                {
+                    "kind": kind,
+                    "seed": seed,
+                    "step": t + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "record": rec,
+                }
+            )
+    bar.close()
+    last = rec["test_acc"][-3:]
+    out = dict(rec)
+    out["final_test_acc"] = sum(last) / len(last)
+    out["final_train_acc"] = rec["train_acc"][-1]
+    out["expected_sharpness"] = _expected_sharpness(model, loss_fn, data, cfg, seed)
+    if hasattr(opt, "stats"):
+        out["noise_stats"] = {k: float(v) for k, v in opt.stats.items()}
+    return out
+
+
+def pretrain_gd(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: common.DataSplit,
+    cfg: Config,
+    resume: dict | None,
+    save: Any,
+) -> dict[str, list]:
+    """Full-batch GD at ``cfg.lr`` for ``cfg.gd_steps`` steps: θ*_GD (checkpointed)."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    rec: dict[str, list] = {
+        "step": [],
+        "train_loss": [],
+        "train_acc": [],
+        "test_acc": [],
+    }
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        rec, start = resume["record"], resume["step"]
+    bar = common.progress(total=cfg.gd_steps, initial=start, desc="GD to theta*")
+    for t in range(start, cfg.gd_steps):
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(data.x_train), data.y_train).backward()
+        opt.step()
+        bar.update(1)
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.gd_steps:
+            ev = evaluate(model, data, loss_fn)
+            for key, v in ev.items():
+                rec[key].append(v)
+            rec["step"].append(t + 1)
+            bar.set_postfix(loss=f"{ev['train_loss']:.3g}", lr=cfg.lr)
+            save(
+                {
+                    "kind": "pretrain",
+                    "step": t + 1,
+                    "model": model.state_dict(),
+                    "record": rec,
+                }
+            )
+    bar.close()
+    return rec
+
+
+def run_net_seed(
+    cfg: Config, seed: int, device: torch.device, progress: dict, save: Any, stop_at
+) -> dict[str, Any]:
+    """Run the net part for one seed; ``progress`` holds what is already done."""
+    data = load_net_data(cfg, seed, device)
+    loss_fn = nn.CrossEntropyLoss()
+    model = build_model(cfg, data, seed)
+    done = progress.setdefault("done", {})
+    current = progress.get("current")
+
+    def save_current(cur):
+        progress["current"] = cur
+        save()
+
+    if "theta_gd" not in progress:
+        resume = current if current and current["kind"] == "pretrain" else None
+        progress["pretrain"] = pretrain_gd(
+            model, loss_fn, data, cfg, resume, save_current
+        )
+        progress["theta_gd"] = {k: v.clone() for k, v in model.state_dict().items()}
+        progress["current"] = current = None
+        model.eval()
+        progress["at_gd"] = {
+            "top_eigenvalues": _top_spectrum(model, loss_fn, data, cfg, seed),
+            "expected_sharpness": _expected_sharpness(model, loss_fn, data, cfg, seed),
+            **evaluate(model, data, loss_fn),
+        }
+        save()
+    for kind in cfg.dynamics:
+        if kind in done:
+            continue
+        model.load_state_dict(progress["theta_gd"])
+        resume = current if current and current["kind"] == kind else None
+        done[kind] = run_dynamic(
+            kind, model, loss_fn, data, cfg, seed, resume, save_current, stop_at
+        )
+        progress["current"] = current = None
+        save()
+    return progress
+
+
+def _group_mean(net: dict, group: tuple[str, ...], key: str) -> float:
+    vals = [
+        seed_res["done"][k][key]
+        for seed_res in net.values()
+        for k in group
+        if k in seed_res["done"]
+    ]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def summarise(cfg: Config, toy: dict, net: dict) -> tuple[dict, list[dict]]:
+    """Summary metrics and the verdict rows (SPEC R1, R3)."""
+    metrics: dict[str, Any] = {}
+    rows: list[dict] = []
+    if toy:
+        rates = {k: toy["dynamics"][k]["success_rate"] for k in toy["dynamics"]}
+        metrics["toy_success_rate"] = rates
+        metrics["toy_tr_hc_ratio_at_start"] = toy["tr_hc_ratio"]
+        src = "SPEC R1"
+        rows.append(
+            common.claim("toy: GD never escapes", rates["gd"], "<=", 0, source=src)
+        )
+        for k in ("const", "diag"):
+            rows.append(
+                common.claim(
+                    f"toy: GLD-{k} rarely escapes (success rate)",
+                    rates[k],
+                    "<=",
+                    0.05,
+                    source=src,
+                )
+            )
+        for k in ("lead", "hess", "1eig"):
+            rows.append(
+                common.claim(
+                    f"toy: GLD-{k} escapes often (success rate)",
+                    rates[k],
+                    ">=",
+                    0.20,
+                    source=src,
+                )
+            )
+        rows.append(
+            common.claim(
+                "toy: Tr(HC) > Tr(HC_iso) at (1,1) (ratio)",
+                toy["tr_hc_ratio"],
+                ">",
+                1.0,
+                source="SPEC R1/§2.4",
+                note="re-run of the released code: about 1.7",
+            )
+        )
+    if net:
+        iso, aniso = ISOTROPIC_GROUP, ANISOTROPIC_GROUP
+        acc_iso = _group_mean(net, iso, "final_test_acc")
+        acc_aniso = _group_mean(net, aniso, "final_test_acc")
+        sh_iso = _group_mean(net, iso, "expected_sharpness")
+        sh_aniso = _group_mean(net, aniso, "expected_sharpness")
+        geo = [
+            g
+            for s in net.values()
+            for g in s["done"].get("sgd", {}).get("geometry", [])
+        ]
+        ratio = _median([g["tr_ratio"] for g in geo])
+        a_hat = _median([g.get("projection_coefficient", math.nan) for g in geo])
+        metrics.update(
+            test_acc_isotropic_group=acc_iso,
+            test_acc_anisotropic_group=acc_aniso,
+            expected_sharpness_isotropic_group=sh_iso,
+            expected_sharpness_anisotropic_group=sh_aniso,
+            tr_ratio_median_along_sgd=ratio,
+            projection_coefficient_median_along_sgd=a_hat,
+        )
+        per_dyn = {}
+        for k in cfg.dynamics:
+            per_dyn[k] = {
+                key: _group_mean(net, (k,), key)
+                for key in ("final_test_acc", "final_train_acc", "expected_sharpness")
+            }
+        metrics["per_dynamic"] = per_dyn
+        src = "SPEC R3"
+        rows += [
+            common.claim(
+                "net: anisotropic group ends more accurate (test acc gain, pp)",
+                100 * (acc_aniso - acc_iso),
+                ">=",
+                1.0,
+                source=src,
+                note=f"groups {aniso} vs {iso}; mean of the last 3 evaluations",
+            ),
+            common.claim(
+                "net: anisotropic group ends flatter (exp. sharpness ratio)",
+                sh_aniso / sh_iso if sh_iso else math.nan,
+                "<",
+                1.0,
+                source=src,
+            ),
+            common.claim(
+                "net: Tr(H Sigma) >> Tr(H Sigma_iso) along SGD (median ratio)",
+                ratio,
+                ">=",
+                5.0,
+                source="SPEC R3/§2.4 (threshold of R2)",
+            ),
+            common.claim(
+                "net: projection coefficient a-hat > 1 along SGD (median)",
+                a_hat,
+                ">",
+                1.0,
+                source="SPEC §2.5",
+            ),
+        ]
+    return metrics, rows
+
+
+def _median(values: list[float]) -> float:
+    vals = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not vals:
+        return math.nan
+    m = len(vals) // 2
+    return vals[m] if len(vals) % 2 else 0.5 * (vals[m - 1] + vals[m])
+
+
+def validate(cfg: Config) -> None:
+    """Check the config before any work starts.
+
+    Raises:
+        ValueError: On an invalid field (unknown part, model, dataset or dynamic;
+            non-positive lr; k larger than the parameter count; missing data).
+        FileNotFoundError: If a torchvision dataset is missing without --download.
+    """
+    if cfg.part not in ("toy", "net", "both"):
+        raise ValueError(
+            f"`part` must be one of 'toy', 'net', 'both'; got {cfg.part!r}."
+        )
+    common.check_config_basics(cfg)
+    for name in ("toy_runs", "toy_points", "toy_steps", "num_seeds", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"`{name}` must be >= 1; got {getattr(cfg, name)}.")
+    for name in ("toy_noise_var", "const_noise"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"`{name}` must be >= 0; got {getattr(cfg, name)}.")
+    for name in ("k", "geometry_k", "top_k", "eval_every", "refresh_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"`{name}` must be >= 1; got {getattr(cfg, name)}.")
+    bad = [d for d in cfg.dynamics if d not in NET_DYNAMICS]
+    if bad or not cfg.dynamics:
+        raise ValueError(
+            "`dynamics` must be a non-empty subset of "
+            f"{', '.join(map(repr, NET_DYNAMICS))}; got {cfg.dynamics!r}."
+        )
+    if not 0 <= cfg.num_corrupt < cfg.num_train:
+        raise ValueError(
+            f"`num_corrupt` must be in [0, num_train) = [0, {cfg.num_train}); "
+            f"got {cfg.num_corrupt}."
+        )
+    if cfg.part != "toy":
+        device = common.resolve_device(cfg.device)
+        data = load_net_data(cfg, cfg.seed, torch.device("cpu"))
+        num_params = sum(
+            p.numel() for p in build_model(cfg, data, cfg.seed).parameters()
+        )
+        for name in ("k", "geometry_k", "top_k"):
+            if getattr(cfg, name) > num_params:
+                raise ValueError(
+                    f"`{name}` must be <= the parameter count {num_params}; "
+                    f"got {getattr(cfg, name)}."
+                )
+        if cfg.batch_size > cfg.num_train // 2:
+            raise ValueError(
+                f"`batch_size` must be <= num_train/2 = {cfg.num_train // 2} (the "
+                f"noise statistics need >= 2 batches); got {cfg.batch_size}."
+            )
+        del device
+
+
+def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
+    """Run the recipe and write ``config.json``, ``results.json`` and the figures.
+
+    Args:
+        cfg: The configuration.
+        _stop_at: Test hook: raise :class:`_common.Interrupted` at this step of the
+            first dynamic that reaches it (after its checkpoint is written).
+
+    Returns:
+        The results dict (also in ``results.json``).
+    """
+    validate(cfg)
+    t_start = time.perf_counter()
+    device = common.resolve_device(cfg.device)
+    out = common.recipe_dir(cfg.out_dir, RECIPE)
+    cfg_dict = common.config_to_dict(cfg)
+    common.write_json(out / "config.json", cfg_dict)
+    ckpt = out / "checkpoint.pt"
+    progress: dict[str, Any] = {"toy": {}, "net": {}}
+    if cfg.resume:
+        saved = common.load_checkpoint(ckpt, config=cfg_dict)
+        if saved is not None:
+            progress = saved["progress"]
+    else:
+        common.seed_everything(cfg.seed)
+
+    def save() -> None:
+        common.save_checkpoint(ckpt, {"config": cfg_dict, "progress": progress})
+
+    # --- R1 -----------------------------------------------------------------------
+    toy: dict[str, Any] = {}
+    if cfg.part in ("toy", "both"):
+        toy = progress["toy"]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x = toy_data(cfg.toy_runs, cfg.toy_points, gen)
+        toy["tr_hc_ratio"] = toy_alignment_ratio(x)
+        dyn = toy.setdefault("dynamics", {})
+        for i, kind in enumerate(progress_iter(TOY_DYNAMICS, "toy")):
+            if kind not in dyn:
+                dyn[kind] = run_toy_dynamic(kind, x, cfg, seed=1000 * cfg.seed + i + 1)
+                save()
+    # --- R3 -----------------------------------------------------------------------
+    net: dict[str, Any] = {}
+    if cfg.part in ("net", "both"):
+        for seed in range(cfg.seed, cfg.seed + cfg.num_seeds):
+            key = str(seed)
+            state = progress["net"].setdefault(key, {})
+            run_net_seed(cfg, seed, device, state, save, _stop_at)
+            net[key] = state
+    metrics, rows = summarise(cfg, toy, net)
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    arrays = {
+        "toy": toy,
+        "net": {
+            s: {
+                "pretrain": v["pretrain"],
+                "at_gd": v["at_gd"],
+                "dynamics": v["done"],
+            }
+            for s, v in net.items()
+        },
+    }
+    results = common.results_payload(
+        RECIPE,
+        cfg,
+        env=common.environment(device),
+        metrics=metrics,
+        arrays=arrays,
+        verdict=rows,
+    )
+    path = common.write_json(out / "results.json", results)
+    plot(path)
+    return results
+
+
+def progress_iter(items, desc):
+    return common.progress(items, desc=desc)
+
+
+# ======================================================================================
+# Figures (from results.json only)
+# ======================================================================================
+
+LABELS = {
+    "gd": "GD",
+    "const": "GLD const",
+    "dyn": "GLD dynamic",
+    "diag": "GLD diag",
+    "lead": "GLD leading",
+    "hess": "GLD Hessian",
+    "1eig": "GLD 1st eigvec",
+    "sgd": "SGD",
+}
+
+
+def plot(results_path: str | Path) -> list[Path]:
+    """Redraw the figures from ``results.json`` alone; return the PNG paths."""
+    plt = common.pyplot()
+    res = common.read_json(results_path)
+    out = Path(results_path).parent
+    paths = []
+    toy = res["arrays"]["toy"]
+    if toy:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        basins = toy_basins()
+        g = torch.linspace(-1.6, 1.6, 161, dtype=torch.float64)
+        ww = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+        loss, _, _ = toy_terms(
+            ww, torch.zeros(ww.shape[0], 1, 2, dtype=torch.float64), basins
+        )
+        ax = axes[0]
+        ax.contour(
+            g,
+            g,
+            loss.reshape(161, 161).log10(),
+            levels=20,
+            cmap="Greys",
+            linewidths=0.5,
+        )
+        for i, (kind, d) in enumerate(toy["dynamics"].items()):
+            for j, tr in enumerate(d["trajectories"]):
+                t = torch.tensor(tr)
+                ax.plot(
+                    t[:, 0],
+                    t[:, 1],
+                    lw=0.6,
+                    color=f"C{i}",
+                    label=LABELS[kind] if j == 0 else None,
+                )
+        ax.set(
+            title="trajectories over the loss contours (noise-free data)",
+            xlabel="w1",
+            ylabel="w2",
+        )
+        ax.legend(fontsize=7)
+        kinds = list(toy["dynamics"])
+        axes[1].bar(
+            [LABELS[k] for k in kinds],
+            [100 * toy["dynamics"][k]["success_rate"] for k in kinds],
+            color=[f"C{i}" for i in range(len(kinds))],
+        )
+        axes[1].axhline(20, ls="--", c="k", lw=0.8)
+        axes[1].axhline(5, ls=":", c="k", lw=0.8)
+        axes[1].set(title="escapes to the flat minimum (%)", ylabel="success rate (%)")
+        axes[1].tick_params(axis="x", rotation=45)
+        for i, k in enumerate(kinds):
+            axes[2].plot(
+                toy["dynamics"][k]["tr_hs"], color=f"C{i}", label=LABELS[k], lw=0.8
+            )
+        axes[2].set(
+            title="Tr(H_t S_t) (mean over runs)", xlabel="iteration", yscale="symlog"
+        )
+        axes[2].legend(fontsize=7)
+        p = out / "toy.png"
+        fig.savefig(p)
+        plt.close(fig)
+        paths.append(p)
+    net = res["arrays"]["net"]
+    if net:
+        fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+        seed0 = next(iter(net.values()))
+        for i, (kind, d) in enumerate(seed0["dynamics"].items()):
+            axes[0].plot(
+                d["step"],
+                [100 * a for a in d["test_acc"]],
+                color=f"C{i}",
+                label=LABELS[kind],
+            )
+            axes[1].plot(
+                d["step"],
+                [100 * a for a in d["train_acc"]],
+                color=f"C{i}",
+                label=LABELS[kind],
+            )
+        axes[0].set(title="test accuracy (%) from theta*_GD", xlabel="iteration")
+        axes[1].set(title="train accuracy (%) (corrupted labels)", xlabel="iteration")
+        axes[0].legend(fontsize=7)
+        per = res["metrics"]["per_dynamic"]
+        kinds = list(per)
+        axes[2].bar(
+            [LABELS[k] for k in kinds],
+            [per[k]["expected_sharpness"] for k in kinds],
+            color=["C0" if k in ISOTROPIC_GROUP else "C3" for k in kinds],
+        )
+        axes[2].set(title="expected sharpness at the end (blue: isotropic group)")
+        axes[2].tick_params(axis="x", rotation=45)
+        geo = seed0["dynamics"].get("sgd", {}).get("geometry", [])
+        if geo:
+            steps = [g["step"] for g in geo]
+            axes[3].plot(
+                steps, [g["tr_h_sigma"] for g in geo], "o-", label="Tr(H Sigma)"
+            )
+            axes[3].plot(
+                steps, [g["tr_h_sigma_iso"] for g in geo], "o:", label="Tr(H Sigma_iso)"
+            )
+            axes[3].set(yscale="log", title="along SGD", xlabel="iteration")
+            axes[3].legend(fontsize=7)
+        p = out / "net.png"
+        fig.savefig(p)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config, description=__doc__)
+    res = main(cfg)
+    print(common.verdict_table(res["verdict"]))
