@@ -1,9 +1,550 @@
-"""NoiseProbe (stub: being implemented)."""
+"""NoiseProbe: measure a run's noise geometry on a schedule, as a pure observer.
+
+A :class:`NoiseProbe` attaches to any :class:`torch.optim.Optimizer` through
+:meth:`~torch.optim.Optimizer.register_step_post_hook`. After every ``every``-th
+optimizer step it calls :func:`~geoopt_sgd.noise_geometry` on its own fixed probe
+batch, warm-starting the eigensolver from the previous probe's eigenvectors, and
+sends one record per probe to its sinks. The training trajectory is unchanged,
+bit for bit: see :class:`NoiseProbe` for how each piece of state is protected.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed
+from .._checks import check_choice, check_int
+from .._model import unwrap_model
+
 __all__ = ["NoiseProbe"]
+
+# noise_geometry's own arguments, set by NoiseProbe itself rather than forwarded
+_RESERVED = ("model", "loss_fn", "data", "metrics", "k", "v0", "seed")
+
+
+def _default_measure() -> Callable[..., Any]:
+    from .metrics import noise_geometry
+
+    return noise_geometry
+
+
+def _known_metrics() -> tuple[str, ...] | None:
+    from . import metrics
+
+    names = getattr(metrics, "METRICS", None)
+    return tuple(names) if names is not None else None
+
+
+def _to_json_value(x: Any) -> Any:
+    """Convert tensors and non-finite floats to plain, JSON-ready values."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        x = x.item() if x.numel() == 1 and x.dim() == 0 else x.tolist()
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else math.nan
+    if isinstance(x, dict):
+        return {str(k): _to_json_value(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_json_value(v) for v in x]
+    try:
+        return _to_json_value(float(x))
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+    """Yield ``(tag, value)`` for every number in ``record``, lists as ``tag/i``."""
+    for key, value in record.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, (int, float)):
+            yield tag, float(value)
+        elif isinstance(value, dict):
+            yield from _scalars(value, prefix=f"{tag}/")
+        elif isinstance(value, list):
+            yield from _scalars({str(i): v for i, v in enumerate(value)}, f"{tag}/")
+
+
+def _count_nonfinite(values: Any) -> int:
+    if isinstance(values, float):
+        return 0 if math.isfinite(values) else 1
+    if isinstance(values, dict):
+        return sum(_count_nonfinite(v) for v in values.values())
+    if isinstance(values, list):
+        return sum(_count_nonfinite(v) for v in values)
+    return 0
 
 
 class NoiseProbe:
-    """Attach noise-geometry measurements to any optimizer (stub)."""
+    """Measure the noise geometry of a training run every ``every`` optimizer steps.
+
+    Attach it to any optimizer (``probe.attach(optimizer)``, or pass it to
+    :class:`~geoopt_sgd.ProbedSGD` as ``probe=``). After step ``t`` with
+    ``t % every == 0`` it runs
+    ``noise_geometry(model, loss_fn, probe_data, metrics=metrics, k=k,
+    v0=<previous eigenvectors>, seed=seed + <probe index>, **options)``
+    and emits one record (a flat, JSON-ready dict):
+
+    * ``step``: the optimizer step count ``t`` (steps seen since attaching, plus
+      any restored by :meth:`load_state_dict`);
+    * ``lr``: the learning rate of param group 0, or a list when groups differ;
+    * every entry of :meth:`NoiseGeometry.as_dict` (metric values by name, arrays
+      such as ``eigenvalues`` as lists, ``cost_<counter>`` entries);
+    * ``probe_seconds``: wall time of the probe.
+
+    Sinks: the in-memory :attr:`history` (always); each item of ``sinks`` that is
+    a path (``str`` or ``os.PathLike``) gets one JSON line appended per probe
+    (non-finite values written as ``null``, so every line is strict JSON); each
+    item with an ``add_scalar(tag, value, step)`` method (a TensorBoard
+    ``SummaryWriter``, duck-typed) gets every number as ``<tag_prefix>/<name>``
+    (list entries as ``<name>/<i>``); ``callback(record)`` is called last. Under
+    ``torch.distributed`` every rank measures (the metrics reduce across ranks) and
+    keeps the history; only rank 0 writes to ``sinks`` and calls ``callback``.
+
+    The trajectory is never changed: the global CPU RNG (and every CUDA device's
+    RNG, if CUDA is initialised) is saved and restored around the probe; each
+    parameter's ``.grad`` is set aside (``None`` during the probe) and put back as
+    the same tensor object; every module's ``training`` flag and any buffer the
+    measurement changed (BatchNorm running statistics, ``num_batches_tracked``) are
+    restored; the optimizer's state is not read or written; the probe runs after
+    ``step()`` returns, outside the step's autograd graph.
+
+    Non-finite values never stop training: a metric that is NaN or infinite is
+    recorded as NaN, and a probe whose parameters are non-finite, or whose
+    measurement raises while the probe loss or the parameters are non-finite, is
+    recorded with every metric NaN. The first such probe issues a single
+    ``RuntimeWarning`` per probe object; :attr:`num_nonfinite` counts them. An
+    exception raised on finite inputs (a genuine bug) propagates.
+
+    Args:
+        model: The trained model (DDP/DataParallel wrappers are unwrapped).
+        loss_fn: The loss, as for :func:`~geoopt_sgd.noise_geometry`.
+        probe_data: The fixed probe batch ``(inputs, targets)`` or a re-iterable of
+            batches (under ``torch.distributed``: this rank's shard).
+        every: Probe after every ``every``-th optimizer step. Default: ``100``.
+        metrics: Metric names (from ``geoopt_sgd.probes.metrics.METRICS``);
+            ``None`` means the default, affordable set ``DEFAULT_METRICS``.
+        k: Number of top curvature eigenpairs. Default: ``10``.
+        sinks: Paths of JSON-lines files and/or writers with ``add_scalar``.
+        callback: Called with each record, after the other sinks.
+        seed: Base seed of the measurement's private generator; probe ``j`` (from
+            0) uses ``seed + j``. Default: ``0``.
+        warm_start: Pass the previous probe's eigenvectors as ``v0``.
+        tag_prefix: Prefix of the writers' tags. Default: ``"noise"``.
+        **options: Further keyword arguments of
+            :func:`~geoopt_sgd.noise_geometry` (``curvature``, ``cov``,
+            ``batch_size``, ``max_samples``, ``params``, ``mode``, ``route``,
+            ``num_probes``, ``tol``, ``chunk_size``, ...).
+
+    Attributes:
+        history: The records, oldest first.
+        step_count: Optimizer steps seen.
+        num_probes: Probes run.
+        num_nonfinite: Probes with at least one non-finite value.
+        last_result: The last :class:`~geoopt_sgd.NoiseGeometry`, or ``None``.
+
+    Raises:
+        ValueError: If ``every < 1`` or ``k < 1``, a metric name is unknown (the
+            message lists the valid ones), ``options`` names an argument that
+            :func:`~geoopt_sgd.noise_geometry` does not take or one set here, or a
+            sink is neither a path nor a writer.
+        TypeError: If ``every`` or ``k`` is not an integer, ``metrics`` is not a
+            sequence of names, or ``callback`` is not callable.
+
+    Example:
+        Three lines in an existing training loop::
+
+            probe = NoiseProbe(model, loss_fn, (x_probe, y_probe), every=400,
+                               sinks=["noise.jsonl"])
+            probe.attach(optimizer)
+            ...  # train as usual; probe.history fills up
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        probe_data: Any,
+        *,
+        every: int = 100,
+        metrics: Sequence[str] | None = None,
+        k: int = 10,
+        sinks: Sequence[Any] = (),
+        callback: Callable[[dict[str, Any]], Any] | None = None,
+        seed: int = 0,
+        warm_start: bool = True,
+        tag_prefix: str = "noise",
+        _measure: Callable[..., Any] | None = None,
+        **options: Any,
+    ) -> None:
+        check_int("every", every, ge=1)
+        check_int("k", k, ge=1)
+        check_int("seed", seed)
+        if metrics is not None:
+            if isinstance(metrics, str) or not isinstance(metrics, Iterable):
+                raise TypeError(
+                    "`metrics` must be a sequence of metric names or None; got "
+                    f"{type(metrics).__name__}."
+                )
+            metrics = tuple(metrics)
+            known = _known_metrics()
+            for name in metrics:
+                if known is not None:
+                    check_choice("metrics", name, known)
+                elif not isinstance(name, str):
+                    raise TypeError(
+                        f"`metrics` must hold metric names; got {type(name).__name__}."
+                    )
+        if callback is not None and not callable(callback):
+            raise TypeError(
+                f"`callback` must be callable or None; got {type(callback).__name__}."
+            )
+        self._measure = _measure if _measure is not None else _default_measure()
+        self._check_options(options)
+        self.model = unwrap_model(model)
+        self.loss_fn = loss_fn
+        self.probe_data = probe_data
+        self.every = every
+        self.metrics = metrics
+        self.k = k
+        self.seed = seed
+        self.warm_start = bool(warm_start)
+        self.tag_prefix = str(tag_prefix)
+        self.options = dict(options)
+        self.callback = callback
+        self._paths: list[str] = []
+        self._writers: list[Any] = []
+        for sink in sinks:
+            if isinstance(sink, (str, os.PathLike)):
+                self._paths.append(os.fspath(sink))
+            elif callable(getattr(sink, "add_scalar", None)):
+                self._writers.append(sink)
+            else:
+                raise ValueError(
+                    "each sink must be a path (str or os.PathLike) for a JSON-lines "
+                    "file or a writer with add_scalar(tag, value, step) such as a "
+                    f"TensorBoard SummaryWriter; got {type(sink).__name__}."
+                )
+        self.history: list[dict[str, Any]] = []
+        self.step_count = 0
+        self.num_probes = 0
+        self.num_nonfinite = 0
+        self.last_result: Any = None
+        self._v0: Tensor | None = None
+        self._warned = False
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._handle: Any = None
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        reserved = sorted(set(options) & set(_RESERVED))
+        if reserved:
+            raise ValueError(
+                f"`{reserved[0]}` is set by NoiseProbe itself and cannot be passed "
+                "as an option."
+            )
+        try:
+            sig = inspect.signature(self._measure)
+        except (TypeError, ValueError):  # builtins without a signature
+            return
+        if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            return
+        accepted = [n for n in sig.parameters if n not in _RESERVED]
+        for name in options:
+            check_choice("option", name, accepted)
+
+    # --- attaching ---------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> NoiseProbe:
+        """Register the probe as a step post-hook of ``optimizer``.
+
+        Args:
+            optimizer: Any :class:`torch.optim.Optimizer` (or an object with
+                ``register_step_post_hook`` and ``param_groups``, like a wrapper).
+
+        Returns:
+            The probe itself.
+
+        Raises:
+            RuntimeError: If the probe is already attached (call :meth:`detach`).
+            TypeError: If ``optimizer`` has no ``register_step_post_hook``.
+        """
+        if self._handle is not None:
+            raise RuntimeError(
+                "this NoiseProbe is already attached to an optimizer; call "
+                "probe.detach() first."
+            )
+        if not callable(getattr(optimizer, "register_step_post_hook", None)):
+            raise TypeError(
+                "`optimizer` must be a torch.optim.Optimizer (with "
+                f"register_step_post_hook); got {type(optimizer).__name__}."
+            )
+        self._handle = optimizer.register_step_post_hook(self._on_step)
+        self._optimizer = optimizer
+        return self
+
+    def detach(self) -> None:
+        """Remove the hook; the history and counters are kept."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+        self._optimizer = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether the probe is registered on an optimizer."""
+        return self._handle is not None
+
+    def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.step_count += 1
+        if self.step_count % self.every == 0:
+            self.measure(optimizer)
+
+    # --- state -------------------------------------------------------------------
+    def state_dict(self, include_eigenvectors: bool = True) -> dict[str, Any]:
+        """Return the probe's position: counters and (optionally) the warm start.
+
+        Args:
+            include_eigenvectors: Include the ``(P, k)`` warm-start eigenvectors
+                (``None`` before the first probe). :class:`~geoopt_sgd.ProbedSGD`
+                leaves them out of its own checkpoint.
+
+        Returns:
+            ``{"step_count": int, "num_probes": int, "num_nonfinite": int}``, plus
+            ``"eigenvectors"`` when asked; loadable with
+            ``torch.load(weights_only=True)``.
+        """
+        sd: dict[str, Any] = {
+            "step_count": self.step_count,
+            "num_probes": self.num_probes,
+            "num_nonfinite": self.num_nonfinite,
+        }
+        if include_eigenvectors:
+            sd["eigenvectors"] = None if self._v0 is None else self._v0.clone()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the counters (and the warm start, when present).
+
+        Args:
+            state_dict: As returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: If a counter is missing or negative.
+        """
+        for key in ("step_count", "num_probes"):
+            if key not in state_dict:
+                raise ValueError(
+                    f"`state_dict` has no {key!r} entry; pass a dict returned by "
+                    "NoiseProbe.state_dict()."
+                )
+            check_int(f"state_dict['{key}']", int(state_dict[key]), ge=0)
+        self.step_count = int(state_dict["step_count"])
+        self.num_probes = int(state_dict["num_probes"])
+        self.num_nonfinite = int(state_dict.get("num_nonfinite", 0))
+        if "eigenvectors" in state_dict:
+            v = state_dict["eigenvectors"]
+            self._v0 = None if v is None else v.detach().clone()
+
+    # --- measuring ---------------------------------------------------------------
+    def measure(self, optimizer: Any = None) -> dict[str, Any]:
+        """Run one probe now, record it and send it to the sinks.
+
+        Args:
+            optimizer: Where to read the learning rate (default: the attached
+                optimizer; ``lr`` is ``None`` without one).
+
+        Returns:
+            The record (also appended to :attr:`history`).
+        """
+        optimizer = optimizer if optimizer is not None else self._optimizer
+        t0 = time.perf_counter()
+        index = self.num_probes
+        with _Protected(self.model):
+            result = self._run(index)
+        seconds = time.perf_counter() - t0
+        self.num_probes += 1
+
+        record: dict[str, Any] = {"step": self.step_count, "lr": _lr(optimizer)}
+        if result is None:
+            values: dict[str, Any] = {name: math.nan for name in self._names()}
+            nonfinite = True
+        else:
+            values = _to_json_value(_as_dict(result))
+            nonfinite = _count_nonfinite(values) > 0 or _result_nonfinite(result)
+            vecs = getattr(result, "eigenvectors", None)
+            if (
+                self.warm_start
+                and isinstance(vecs, Tensor)
+                and bool(torch.isfinite(vecs).all())
+            ):
+                self._v0 = vecs.detach()
+        self.last_result = result
+        for key, value in values.items():
+            if key not in ("step", "lr"):
+                record[key] = value
+        record["probe_seconds"] = seconds
+        if nonfinite:
+            self.num_nonfinite += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"NoiseProbe: non-finite values at step {self.step_count} "
+                    "(NaN loss or infinite gradients on the probe batch, or "
+                    "non-finite parameters); recorded as NaN, training continues. "
+                    "Warned once; see probe.num_nonfinite.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        self.history.append(record)
+        self._emit(record)
+        return record
+
+    def _names(self) -> tuple[str, ...]:
+        if self.metrics is not None:
+            return self.metrics
+        from . import metrics
+
+        return tuple(getattr(metrics, "DEFAULT_METRICS", ("loss",)))
+
+    def _run(self, index: int) -> Any:
+        params = [p for p in self.model.parameters()]
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+            return None
+        kwargs = dict(self.options)
+        kwargs.update(metrics=self.metrics, k=self.k, seed=self.seed + index)
+        if self.warm_start and self._v0 is not None:
+            kwargs["v0"] = self._v0
+        try:
+            with torch.enable_grad():
+                return self._measure(
+                    self.model, self.loss_fn, self.probe_data, **kwargs
+                )
+        except Exception:
+            if self._probe_loss_finite():
+                raise
+            return None
+
+    def _probe_loss_finite(self) -> bool:
+        """Whether the plain loss on the probe batch is finite (eval mode)."""
+        from .._model import FunctionalModel, as_batches
+
+        fm = FunctionalModel(self.model, mode=self.options.get("mode", "eval"))
+        with torch.no_grad(), fm.policy():
+            for inputs, targets in as_batches(self.probe_data):
+                loss = self.loss_fn(fm(fm.params, inputs), targets)
+                if not bool(torch.isfinite(loss).all()):
+                    return False
+        return True
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if distributed.rank() != 0:
+            return
+        if self._paths:
+            line = json.dumps(_nan_to_none(record), allow_nan=False)
+            for path in self._paths:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+        if self._writers:
+            step = record["step"]
+            scalars = [
+                (tag, value)
+                for tag, value in _scalars(record)
+                if tag not in ("step", "probe_seconds")
+            ]
+            for writer in self._writers:
+                for tag, value in scalars:
+                    writer.add_scalar(f"{self.tag_prefix}/{tag}", value, step)
+        if self.callback is not None:
+            self.callback(record)
+
+    def __repr__(self) -> str:
+        return (
+            f"NoiseProbe(every={self.every}, k={self.k}, metrics={self.metrics!r}, "
+            f"step_count={self.step_count}, num_probes={self.num_probes}, "
+            f"attached={self.attached})"
+        )
+
+
+def _as_dict(result: Any) -> dict[str, Any]:
+    if hasattr(result, "as_dict"):
+        return dict(result.as_dict())
+    return dict(getattr(result, "values", {}))
+
+
+def _result_nonfinite(result: Any) -> bool:
+    values = getattr(result, "values", None)
+    if isinstance(values, dict):
+        if values.get("n_nonfinite", 0):
+            return True
+        return any(
+            isinstance(v, float) and not math.isfinite(v) for v in values.values()
+        )
+    return False
+
+
+def _lr(optimizer: Any) -> float | list[float] | None:
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        return None
+    lrs = []
+    for g in groups:
+        lr = g.get("lr")
+        lrs.append(float(lr) if lr is not None else math.nan)
+    return lrs[0] if all(x == lrs[0] for x in lrs) else lrs
+
+
+class _Protected:
+    """Save and restore everything a probe must not change (see NoiseProbe)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> _Protected:
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        )
+        self.params = list(self.model.parameters())
+        self.grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
+        for m, flag in self.flags:
+            m.training = flag
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
