@@ -1,14 +1,140 @@
-"""Generalised Gauss-Newton operator (stub: being implemented)."""
+"""The generalised Gauss-Newton matrix of the full-data loss as a linear operator."""
 
 from __future__ import annotations
 
-from .linop import LinearOperator
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .hvp import _BatchTerm, _DataOperator
 
 __all__ = ["GGNOperator"]
 
 
-class GGNOperator(LinearOperator):
-    """Generalised Gauss-Newton matrix as a linear operator (stub)."""
+class _GGNTerm(_BatchTerm):
+    """``J^T Lambda J`` for one batch, from graphs built once and reused.
 
-    def __init__(self, *args, **kwargs) -> None:
-        raise NotImplementedError
+    ``J v`` comes from the double-vjp trick: ``u -> J^T u`` is linear in ``u``,
+    so the vjp of that map along ``v`` is ``J v``. This needs no forward-mode AD,
+    and the graph serves every column of every product.
+    """
+
+    def __init__(self, op: GGNOperator, x: Any, y: Tensor) -> None:
+        self.leaves = [
+            p.detach().clone().requires_grad_(True) for p in op.fmodel.params
+        ]
+        out = op.fmodel(self.leaves, x)
+        self.out = out
+        o = out.detach().requires_grad_(True)
+        self.o = o
+        loss = op.loss_fn(o, y)
+        (self.dloss,) = torch.autograd.grad(loss, o, create_graph=True)
+        self.u = torch.zeros_like(out, requires_grad=True)
+        self.jtu: tuple[Tensor, ...] = ()
+        if out.requires_grad:
+            self.jtu = torch.autograd.grad(
+                out, self.leaves, self.u, create_graph=True, materialize_grads=True
+            )
+        self.live = [i for i, t in enumerate(self.jtu) if t.requires_grad]
+
+    def apply(self, vs: list[Tensor]) -> list[Tensor]:
+        if not self.live:  # the outputs do not depend on the selected parameters
+            return [torch.zeros_like(p) for p in self.leaves]
+        (Jv,) = torch.autograd.grad(
+            [self.jtu[i] for i in self.live],
+            self.u,
+            [vs[i] for i in self.live],
+            retain_graph=True,
+            materialize_grads=True,
+        )
+        if self.dloss.requires_grad:
+            (LJv,) = torch.autograd.grad(
+                self.dloss, self.o, Jv, retain_graph=True, materialize_grads=True
+            )
+        else:  # loss linear in the outputs: Lambda = 0
+            LJv = torch.zeros_like(Jv)
+        out = torch.autograd.grad(
+            self.out, self.leaves, LJv, retain_graph=True, materialize_grads=True
+        )
+        return [t.detach() for t in out]
+
+
+class GGNOperator(_DataOperator):
+    r"""Generalised Gauss-Newton matrix of the loss over all of ``data``.
+
+    .. math::
+        G = \sum_b w_b\, J_b^\top \Lambda_b J_b, \qquad
+        \Lambda_b = \nabla^2_f \ell_b(f), \quad
+        w_b = n_b / N \ (\text{mean}) \text{ or } 1 \ (\text{sum}),
+
+    where :math:`J_b` is the Jacobian of the model outputs of batch :math:`b`
+    w.r.t. the selected parameters and :math:`\Lambda_b` the Hessian of
+    ``loss_fn`` w.r.t. those outputs, exact for any loss (``MSELoss``: a multiple
+    of the identity; ``CrossEntropyLoss``: :math:`\mathrm{diag}(p) - pp^\top`
+    per sample, divided by :math:`n_b` for the mean). For a model linear in its
+    parameters with MSE, :math:`G = H`. Weights, data handling, caching,
+    distributed reduction and the mode policy are as in
+    :class:`~geoopt_sgd.curvature.HessianOperator`.
+
+    Each product costs, per batch, about two backward passes (``J v`` by the
+    double-vjp trick, then :math:`J^\top`); the first-order graph is built once
+    per batch and reused by all columns (and across products when cached).
+
+    Args:
+        model: The model (a DDP/DataParallel wrapper is unwrapped).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, mean or sum.
+        data: One ``(inputs, targets)`` batch or a re-iterable of batches.
+        params: Parameters to differentiate (tensors or names); default all with
+            ``requires_grad``.
+        mode: ``"eval"`` (default) or ``"train"``.
+        loss_reduction: ``"mean"`` or ``"sum"``; default read from ``loss_fn``.
+        max_cached_batches: Keep per-batch graphs across products when ``data`` is
+            one batch or a list of at most this many batches. Default: ``8``.
+
+    Attributes:
+        fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
+        num_samples: Total number of samples ``N`` (all ranks).
+        param_shapes: Shapes of the selected parameters.
+        n_matvec: Products applied so far.
+
+    Raises:
+        ValueError: If ``mode`` or ``loss_reduction`` is unknown, the data is
+            empty, the parameter selection is invalid, or ``max_cached_batches``
+            < 0.
+        TypeError: If ``loss_fn`` is not callable or ``data`` is not batches.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> G = GGNOperator(model, torch.nn.MSELoss(), (X, torch.zeros(2, 1)))
+        >>> G.to_dense()  # (2/N) X^T X, equal to the Hessian
+        tensor([[1., 0.],
+                [0., 4.]], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        data: Any,
+        *,
+        params: Iterable[Tensor] | Iterable[str] | None = None,
+        mode: Literal["eval", "train"] = "eval",
+        loss_reduction: Literal["mean", "sum"] | None = None,
+        max_cached_batches: int = 8,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            mode=mode,
+            loss_reduction=loss_reduction,
+            max_cached_batches=max_cached_batches,
+        )
+
+    def _make_term(self, x: Any, y: Tensor) -> _BatchTerm:
+        return _GGNTerm(self, x, y)

@@ -1,14 +1,147 @@
-"""Hessian operator (stub: being implemented)."""
+"""The Hessian of the full-data loss as a symmetric linear operator."""
 
 from __future__ import annotations
 
-from .linop import LinearOperator
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from .._checks import check_choice
+from .hvp import HVP_METHODS, _BatchTerm, _DataOperator, _is_forward_ad_error, make_hvp
 
 __all__ = ["HessianOperator"]
 
+Method = Literal["auto", "fwd_rev", "rev_rev", "double_backward"]
 
-class HessianOperator(LinearOperator):
-    """Hessian of the full-data loss as a symmetric linear operator (stub)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        raise NotImplementedError
+class _HessianTerm(_BatchTerm):
+    def __init__(self, op: HessianOperator, x: Any, y: Tensor, method: str) -> None:
+        params = [p.detach() for p in op.fmodel.params]
+
+        def f(ps: list[Tensor]) -> Tensor:
+            return op._batch_loss(ps, x, y)
+
+        self.apply = make_hvp(f, params, method=method)  # type: ignore[assignment]
+
+
+class HessianOperator(_DataOperator):
+    r"""Hessian of the loss over all of ``data`` w.r.t. the selected parameters.
+
+    .. math::
+        H = \nabla^2_\theta L(\theta), \qquad
+        L = \sum_b w_b\, \ell_b(\theta), \quad
+        w_b = n_b / N \ (\text{mean}) \text{ or } 1 \ (\text{sum}),
+
+    where :math:`\ell_b` is ``loss_fn`` on batch :math:`b` of :math:`n_b` samples
+    and :math:`N` is the total sample count (over all ranks under
+    ``torch.distributed``), so a smaller last batch does not bias the mean.
+    Products are sums of per-batch HVPs, all-reduced across ranks so every rank
+    gets the full-data product.
+
+    Mode policy (see :mod:`geoopt_sgd._model`): by default (``mode="eval"``)
+    BatchNorm uses its running statistics and dropout is off; ``mode="train"``
+    uses batch statistics, fixed per batch. The model is evaluated with
+    ``functional_call`` on cloned buffers: its buffers, modes, ``.grad`` fields
+    and the global RNG are untouched.
+
+    Args:
+        model: The model (a DDP/DataParallel wrapper is unwrapped).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, with mean or sum
+            reduction (e.g. ``nn.CrossEntropyLoss()``).
+        data: One ``(inputs, targets)`` batch or a re-iterable of batches (a list,
+            a ``DataLoader``). Under ``torch.distributed``, this rank's shard.
+        params: Parameters to differentiate (tensors of ``model`` or their names);
+            default all with ``requires_grad``. Frozen parameters may be selected;
+            unused ones give zero rows.
+        method: HVP route: ``"auto"``, ``"fwd_rev"`` (``jvp`` of ``grad``),
+            ``"rev_rev"`` (``vjp`` of ``grad``) or ``"double_backward"``
+            (``autograd.grad`` twice; first-order graphs kept across products).
+            ``"auto"`` uses ``"double_backward"`` when the data is cached (a list
+            of at most ``max_cached_batches`` batches); otherwise ``"rev_rev"`` in
+            train mode (forward-over-reverse through train-mode normalisation has
+            open silent bugs, pytorch#196699) and ``"fwd_rev"`` in eval mode,
+            falling back to ``"rev_rev"`` if an op has no forward-mode AD. The
+            route used is in :attr:`method_used` (``None`` until decided).
+        mode: ``"eval"`` (default) or ``"train"``.
+        loss_reduction: ``"mean"`` or ``"sum"``; default read from
+            ``loss_fn.reduction`` (``"mean"`` if absent).
+        max_cached_batches: Keep the per-batch graphs (``"double_backward"``,
+            ``"rev_rev"``) across products when ``data`` is one batch or a list of
+            at most this many batches; otherwise recompute per product. Memory is
+            that of as many gradient graphs; free it with :meth:`release`
+            (also on ``with``-exit and deletion). The cache is rebuilt if the
+            parameters or buffers change in place. Default: ``8``.
+
+    Attributes:
+        fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
+        num_samples: Total number of samples ``N`` (all ranks).
+        param_shapes: Shapes of the selected parameters.
+        method_used: The HVP route in use.
+        n_matvec: Products applied so far.
+
+    Raises:
+        ValueError: If ``method``, ``mode`` or ``loss_reduction`` is unknown, the
+            data is empty, the parameter selection is empty or invalid, or
+            ``max_cached_batches`` < 0.
+        TypeError: If ``loss_fn`` is not callable or ``data`` is not batches.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> H = HessianOperator(model, torch.nn.MSELoss(), (X, torch.zeros(2, 1)))
+        >>> H.to_dense()  # (2/N) X^T X with N = 2
+        tensor([[1., 0.],
+                [0., 4.]], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        data: Any,
+        *,
+        params: Iterable[Tensor] | Iterable[str] | None = None,
+        method: Method = "auto",
+        mode: Literal["eval", "train"] = "eval",
+        loss_reduction: Literal["mean", "sum"] | None = None,
+        max_cached_batches: int = 8,
+    ) -> None:
+        check_choice("method", method, ("auto", *HVP_METHODS))
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            mode=mode,
+            loss_reduction=loss_reduction,
+            max_cached_batches=max_cached_batches,
+        )
+        self.method = method
+        self.method_used: str | None = None
+        if method != "auto":
+            self.method_used = method
+        elif self.cacheable:
+            self.method_used = "double_backward"
+        elif mode == "train":
+            self.method_used = "rev_rev"
+        self._probe_pending = self.method_used is None
+
+    def _make_term(self, x: Any, y: Tensor) -> _BatchTerm:
+        if not self._probe_pending:
+            return _HessianTerm(self, x, y, self.method_used or "rev_rev")
+        # "auto" streaming in eval mode: try forward-over-reverse once.
+        term = _HessianTerm(self, x, y, "fwd_rev")
+        params = [p.detach() for p in self.fmodel.params]
+        try:
+            term.apply(params)
+        except (NotImplementedError, RuntimeError) as err:
+            if not _is_forward_ad_error(err):
+                raise
+            self.method_used = "rev_rev"
+            term = _HessianTerm(self, x, y, "rev_rev")
+        else:
+            self.method_used = "fwd_rev"
+        self._probe_pending = False
+        return term

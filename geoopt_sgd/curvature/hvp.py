@@ -1,0 +1,368 @@
+r"""Hessian-vector product routes and the data-averaging machinery of the operators.
+
+Three routes compute :math:`Hv = \partial_\varepsilon \nabla f(\theta +
+\varepsilon v)` for a scalar function ``f`` of a list (or dict) of tensors:
+
+* ``"fwd_rev"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``.
+  Each product recomputes the forward and the gradient.
+* ``"rev_rev"``: reverse-over-reverse, ``torch.func.vjp`` of ``torch.func.grad``;
+  the gradient's graph is built once per batch and reused by every column of a
+  block. Widest operator coverage (no forward-mode AD needed).
+* ``"double_backward"``: ``torch.autograd.grad(..., create_graph=True)`` once,
+  then ``torch.autograd.grad(g, params, v, retain_graph=True)`` per product. The
+  operators keep these first-order graphs across products when the data is a
+  small list of batches (see ``max_cached_batches``).
+
+Every route runs under the math backend of ``scaled_dot_product_attention``
+(selected locally with a context manager): the fused CPU/CUDA kernels have
+neither forward-mode AD nor a double backward. Gradients are taken with
+``torch.autograd.grad``/``torch.func``, never ``.backward()``, so no
+``create_graph`` reference cycle through ``.grad`` is ever created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed
+from .._checks import check_choice, check_int
+from .._model import (
+    Batch,
+    FunctionalModel,
+    as_batches,
+    batch_size,
+    detect_reduction,
+    to_device,
+)
+from .linop import LinearOperator
+
+__all__ = ["HVP_METHODS", "hessian_vector_product", "make_hvp"]
+
+HVPMethod = Literal["fwd_rev", "rev_rev", "double_backward"]
+HVP_METHODS: tuple[str, ...] = ("fwd_rev", "rev_rev", "double_backward")
+"""The explicit HVP routes; the operators also accept ``"auto"``."""
+
+# Messages of the errors that mean "this op has no forward-mode AD formula".
+_FWD_AD_HINTS = ("forward AD", "forward mode AD", "forward-mode", "jvp")
+
+
+@contextlib.contextmanager
+def math_sdpa() -> Iterator[None]:
+    """Select the math backend of scaled-dot-product attention inside the block.
+
+    The fused kernels (flash, memory-efficient, the CPU flash kernel) have no
+    forward-mode AD and no double backward; the math backend decomposes into
+    differentiable ops. The previous backend selection is restored on exit.
+
+    Yields:
+        Nothing; the backend is active for the duration of the block.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _is_forward_ad_error(err: BaseException) -> bool:
+    if isinstance(err, NotImplementedError):
+        return True
+    return isinstance(err, RuntimeError) and any(h in str(err) for h in _FWD_AD_HINTS)
+
+
+class _ListAdapter:
+    """Present a list or a dict of tensors to ``f`` as a list, and back."""
+
+    def __init__(self, params: Sequence[Tensor] | Mapping[str, Tensor]) -> None:
+        if isinstance(params, Mapping):
+            self.keys: list[str] | None = list(params.keys())
+            self.values = list(params.values())
+        else:
+            self.keys = None
+            self.values = list(params)
+
+    def to_list(self, x: Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
+        if self.keys is None:
+            return list(x)  # type: ignore[arg-type]
+        return [x[k] for k in self.keys]  # type: ignore[index]
+
+    def back(self, xs: Sequence[Tensor]) -> Any:
+        if self.keys is None:
+            return list(xs)
+        return dict(zip(self.keys, xs, strict=True))
+
+
+def make_hvp(
+    f: Callable[[Any], Tensor],
+    params: Sequence[Tensor] | Mapping[str, Tensor],
+    *,
+    method: HVPMethod = "rev_rev",
+) -> Callable[[Any], Any]:
+    """Build ``v -> H v`` for the Hessian of ``f`` at ``params``, reusable across ``v``.
+
+    The reverse routes build the gradient's graph here, once; every call of the
+    returned function is then one backward pass through it. Drop the returned
+    function to free that graph.
+
+    Args:
+        f: A scalar function of a list (or dict) of tensors shaped like ``params``.
+        params: The point, a list or a dict of tensors (not modified).
+        method: ``"fwd_rev"``, ``"rev_rev"`` or ``"double_backward"``.
+
+    Returns:
+        A function mapping tangents ``v`` (same structure as ``params``) to
+        ``H v`` (same structure), detached.
+
+    Raises:
+        ValueError: If ``method`` is unknown.
+
+    Example:
+        >>> import torch
+        >>> f = lambda p: (p[0] ** 2 * p[1]).sum()
+        >>> hvp = make_hvp(f, [torch.tensor([1.0]), torch.tensor([3.0])])
+        >>> hvp([torch.tensor([1.0]), torch.tensor([0.0])])
+        [tensor([6.]), tensor([2.])]
+    """
+    check_choice("method", method, HVP_METHODS)
+    ad = _ListAdapter(params)
+    primals = [p.detach() for p in ad.values]
+
+    def f_list(ps: Sequence[Tensor]) -> Tensor:
+        return f(ad.back(ps))
+
+    if method == "fwd_rev":
+
+        def hvp_fwd(v: Any) -> Any:
+            tangents = [t.detach() for t in ad.to_list(v)]
+            out = torch.func.jvp(torch.func.grad(f_list), (primals,), (tangents,))[1]
+            return ad.back([o.detach() for o in out])
+
+        return hvp_fwd
+
+    if method == "rev_rev":
+        _, vjp_fn = torch.func.vjp(torch.func.grad(f_list), primals)
+
+        def hvp_rev(v: Any) -> Any:
+            (out,) = vjp_fn([t.detach() for t in ad.to_list(v)])
+            return ad.back([o.detach() for o in out])
+
+        return hvp_rev
+
+    leaves = [p.clone().requires_grad_(True) for p in primals]
+    with torch.enable_grad():
+        g = torch.autograd.grad(
+            f_list(leaves), leaves, create_graph=True, materialize_grads=True
+        )
+    live = [i for i, gi in enumerate(g) if gi.requires_grad]
+
+    def hvp_db(v: Any) -> Any:
+        vs = ad.to_list(v)
+        if not live:  # f is at most linear in params: H = 0
+            return ad.back([torch.zeros_like(p) for p in primals])
+        out = torch.autograd.grad(
+            [g[i] for i in live],
+            leaves,
+            [vs[i].detach() for i in live],
+            retain_graph=True,
+            materialize_grads=True,
+        )
+        return ad.back([o.detach() for o in out])
+
+    return hvp_db
+
+
+def hessian_vector_product(
+    f: Callable[[Any], Tensor],
+    params: Sequence[Tensor] | Mapping[str, Tensor],
+    v: Sequence[Tensor] | Mapping[str, Tensor],
+    *,
+    method: HVPMethod = "fwd_rev",
+) -> Any:
+    """Return ``H v`` for the Hessian ``H`` of the scalar ``f`` at ``params``.
+
+    Args:
+        f: A scalar function of a list (or dict) of tensors shaped like ``params``.
+        params: The point, a list or a dict of tensors (not modified).
+        v: The tangent, same structure and shapes as ``params``.
+        method: ``"fwd_rev"`` (default), ``"rev_rev"`` or ``"double_backward"``.
+
+    Returns:
+        ``H v`` in the structure of ``params``, detached.
+
+    Raises:
+        ValueError: If ``method`` is unknown.
+
+    Example:
+        >>> import torch
+        >>> f = lambda p: (p["w"] ** 3).sum()
+        >>> hessian_vector_product(f, {"w": torch.tensor([2.0])}, {"w": torch.ones(1)})
+        {'w': tensor([12.])}
+    """
+    return make_hvp(f, params, method=method)(v)
+
+
+# --- data-averaged operators ---------------------------------------------------
+
+
+class _BatchTerm:
+    """One batch's contribution: ``apply(vs)`` is the batch matrix times ``vs``."""
+
+    def apply(self, vs: list[Tensor]) -> list[Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _DataOperator(LinearOperator):
+    """A matrix that is the sample-weighted sum of per-batch matrices.
+
+    Handles the data (one batch or an iterable of batches), the weights
+    ``n_b / N`` (mean) or ``1`` (sum), the all-reduce under
+    ``torch.distributed``, the mode policy, the per-batch cache and its
+    invalidation when parameters or buffers change in place, and the full-data
+    ``loss()``/``gradient()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        data: Any,
+        *,
+        params: Iterable[Tensor] | Iterable[str] | None,
+        mode: str,
+        loss_reduction: str | None,
+        max_cached_batches: int,
+    ) -> None:
+        check_int("max_cached_batches", max_cached_batches, ge=0)
+        if not callable(loss_fn):
+            raise TypeError(
+                f"`loss_fn` must be callable; got {type(loss_fn).__name__}."
+            )
+        self.fmodel = FunctionalModel(model, params, mode=mode)  # type: ignore[arg-type]
+        self.loss_fn = loss_fn
+        self.loss_reduction = detect_reduction(loss_fn, loss_reduction)
+        batches = as_batches(data)
+        self.cacheable = (
+            isinstance(batches, (list, tuple)) and len(batches) <= max_cached_batches
+        )
+        if isinstance(batches, (list, tuple)):
+            dev = self.fmodel.device
+            batches = [(to_device(x, dev), to_device(y, dev)) for x, y in batches]
+        self._data = batches
+        self.num_samples = self.fmodel.total_count(self._batches())
+        if self.num_samples == 0:
+            raise ValueError("`data` is empty: it yields no samples.")
+        super().__init__(
+            self.fmodel.numel,
+            self.fmodel.dtype,
+            self.fmodel.device,
+            self.fmodel.shapes,
+        )
+        self._cache: list[_BatchTerm] | None = None
+        self._cache_key: tuple[int, ...] | None = None
+
+    # --- data ------------------------------------------------------------------
+    def _batches(self) -> Iterator[Batch]:
+        dev = self.fmodel.device
+        for x, y in self._data:
+            yield to_device(x, dev), to_device(y, dev)
+
+    def _weight(self, targets: Tensor) -> float:
+        if self.loss_reduction == "sum":
+            return 1.0
+        return batch_size(targets) / self.num_samples
+
+    def _batch_loss(self, params: Sequence[Tensor], x: Any, y: Tensor) -> Tensor:
+        return self.loss_fn(self.fmodel(params, x), y)
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with self.fmodel.policy(), math_sdpa(), torch.enable_grad():
+            yield
+
+    # --- cache -----------------------------------------------------------------
+    def _state_key(self) -> tuple[int, ...]:
+        tensors = [*self.fmodel.params, *self.fmodel.buffers().values()]
+        return tuple(t._version for t in tensors)
+
+    def _make_term(self, x: Any, y: Tensor) -> _BatchTerm:  # pragma: no cover
+        raise NotImplementedError
+
+    def _terms(self) -> Iterator[tuple[_BatchTerm, float]]:
+        """Yield each batch's term and weight (from the cache when it is valid)."""
+        if self.cacheable:
+            key = self._state_key()
+            if self._cache is None or key != self._cache_key:
+                self.release()
+                self._cache = [self._make_term(x, y) for x, y in self._batches()]
+                self._cache_key = key
+            weights = [self._weight(y) for _, y in self._data]
+            yield from zip(self._cache, weights, strict=True)
+            return
+        for x, y in self._batches():
+            yield self._make_term(x, y), self._weight(y)
+
+    def release(self) -> None:
+        """Free the cached per-batch graphs (rebuilt on the next product if needed)."""
+        self._cache = None
+        self._cache_key = None
+
+    close = release
+
+    def __enter__(self) -> _DataOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+    # --- products ----------------------------------------------------------------
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        with self._context():
+            for term, w in self._terms():
+                for j in range(V.shape[1]):
+                    hv = term.apply(self.unflatten(V[:, j]))
+                    out[:, j].add_(torch.cat([h.reshape(-1) for h in hv]), alpha=w)
+        return distributed.all_reduce_sum(out)
+
+    # --- full-data loss and gradient --------------------------------------------
+    def _loss_and_grad(self) -> tuple[Tensor, Tensor]:
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self._size, dtype=self.dtype, device=self.device)
+        params = [p.detach() for p in self.fmodel.params]
+        with self._context():
+            for x, y in self._batches():
+                g, val = torch.func.grad_and_value(
+                    lambda ps, x=x, y=y: self._batch_loss(ps, x, y)
+                )(params)
+                w = self._weight(y)
+                loss += w * val.detach()
+                grad += w * torch.cat([t.detach().reshape(-1) for t in g])
+        both = distributed.all_reduce_sum(torch.cat([loss.reshape(1), grad]))
+        return both[0], both[1:]
+
+    def loss(self) -> float:
+        """Return the full-data loss (mean or sum over all samples, all ranks).
+
+        Returns:
+            The loss as a Python float.
+        """
+        return float(self._loss_and_grad()[0])
+
+    def gradient(self) -> Tensor:
+        """Return the full-data gradient, flat.
+
+        Returns:
+            The gradient, shape ``(P,)``, in the operator's dtype and device.
+        """
+        return self._loss_and_grad()[1]
