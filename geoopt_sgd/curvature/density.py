@@ -180,8 +180,8 @@ def spectral_density(
     done = 0
     while done < num_probes:
         c = min(chunk_size, num_probes - done)
-        Z = torch.randint(0, 2, (P, c), generator=gen, device=operator.device)
-        V0 = (2 * Z - 1).to(operator.dtype) / math.sqrt(P)
+        Z = torch.randint(0, 2, (c, P), generator=gen, device=operator.device)
+        V0 = ((2 * Z - 1).to(operator.dtype) / math.sqrt(P)).T.contiguous()
         distributed.broadcast(V0)
         alpha, beta, steps = _block_lanczos_tridiag(operator, V0, m)
         for i in range(c):

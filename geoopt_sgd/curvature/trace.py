@@ -93,8 +93,9 @@ def _generator(operator: LinearOperator, seed: int | None) -> torch.Generator:
 
 
 def _rademacher(P: int, n: int, gen: torch.Generator, operator: LinearOperator):
-    Z = torch.randint(0, 2, (P, n), generator=gen, device=operator.device)
-    return (2 * Z - 1).to(operator.dtype)
+    # drawn probe by probe, so the probes do not depend on ``chunk_size``
+    Z = torch.randint(0, 2, (n, P), generator=gen, device=operator.device)
+    return (2 * Z - 1).to(operator.dtype).T.contiguous()
 
 
 def _coldot64(X: Tensor, Y: Tensor) -> Tensor:

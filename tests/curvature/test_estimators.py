@@ -1,0 +1,264 @@
+"""Trace, diagonal, Frobenius and spectral-density estimators vs exact values."""
+
+import math
+
+import pytest
+import torch
+
+from geoopt_sgd import (
+    DenseOperator,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    squared_frobenius,
+)
+
+
+def sym(lams, seed=0):
+    lams = torch.as_tensor(lams, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(
+        torch.randn(len(lams), len(lams), generator=g, dtype=torch.float64)
+    )
+    return (Q * lams) @ Q.T
+
+
+def spectrum(P=60, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat(
+        [
+            torch.linspace(20, 5, 5, dtype=torch.float64),
+            torch.rand(P - 5, generator=g, dtype=torch.float64) * 2 - 0.5,
+        ]
+    )
+
+
+# --- exact cases: Rademacher probes make these estimators exact ---------------
+
+
+def test_trace_exact_for_diagonal():
+    # z_i^2 = 1, so z^T D z = tr D for every probe: zero variance
+    D = DenseOperator(
+        torch.diag(torch.tensor([1.0, -2.0, 3.5, 4.0], dtype=torch.float64))
+    )
+    est = hutchinson_trace(D, num_probes=5)
+    assert est.value == 6.5 and est.stderr == 0.0
+    assert est.n_matvec == 5 and est.num_probes == 5
+
+
+def test_diagonal_exact_for_diagonal():
+    d = torch.tensor([1.0, -2.0, 3.5, 4.0], dtype=torch.float64)
+    est = hutchinson_diagonal(DenseOperator(torch.diag(d)), num_probes=3)
+    assert torch.equal(est.value, d) and torch.equal(
+        est.stderr, torch.zeros(4, dtype=torch.float64)
+    )
+
+
+def test_frobenius_exact_for_scaled_orthogonal():
+    # A = 3 Q diag(+-1) Q^T: ||A z||^2 = 9 ||z||^2 = 9 P for Rademacher z
+    P = 30
+    A = 3 * sym([1.0, -1.0] * (P // 2))
+    est = squared_frobenius(DenseOperator(A), num_probes=4)
+    assert est.value == pytest.approx(9 * P, rel=1e-12)
+    assert est.stderr == pytest.approx(0.0, abs=1e-9)
+
+
+def test_hutchpp_exact_for_low_rank():
+    # rank 4 <= sketch size 10: Q spans range(A), the deflated remainder is 0
+    A = sym([7.0, 3.0, -2.0, 1.0] + [0.0] * 46)
+    est = hutchpp_trace(DenseOperator(A), num_matvecs=30)
+    assert est.value == pytest.approx(9.0, abs=1e-10)
+    assert est.n_matvec == 30
+
+
+# --- statistical: seeded, within a budget, tolerance from the known variance ---
+
+
+def test_hutchinson_trace_converges_with_correct_stderr():
+    A = sym(spectrum())
+    est = hutchinson_trace(DenseOperator(A), num_probes=2000, chunk_size=100)
+    # Var(z^T A z) = 2 sum_{i != j} A_ij^2 for Rademacher z
+    var = 2 * (A.square().sum() - A.diagonal().square().sum())
+    exact_se = math.sqrt(var / 2000)
+    assert est.stderr == pytest.approx(exact_se, rel=0.1)  # sample sd of 2000 draws
+    assert abs(est.value - float(A.trace())) < 4 * exact_se
+
+
+def test_rtol_stops_early_and_max_matvecs_caps():
+    A = DenseOperator(sym(spectrum()))
+    est = hutchinson_trace(A, num_probes=5000, rtol=0.05)
+    assert est.n_matvec < 5000 and est.stderr <= 0.05 * abs(est.value)
+    capped = hutchinson_trace(A, num_probes=5000, max_matvecs=37)
+    assert capped.n_matvec == 37 and capped.num_probes == 37
+    assert A.n_matvec == est.n_matvec + 37
+
+
+def test_chunk_size_does_not_change_probes():
+    A = DenseOperator(sym(spectrum()))
+    a = hutchinson_trace(A, num_probes=23, chunk_size=5, seed=3)
+    b = hutchinson_trace(A, num_probes=23, chunk_size=23, seed=3)
+    assert a.value == pytest.approx(b.value, rel=1e-13)
+    c = hutchinson_trace(A, num_probes=23, seed=4)
+    assert c.value != a.value
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
+    A = DenseOperator(sym(spectrum()))
+    exact = float(spectrum().sum())
+    hpp = hutchpp_trace(A, num_matvecs=45)
+    # the top 5 outliers are deflated; what remains has small variance
+    assert abs(hpp.value - exact) < 4 * hpp.stderr
+    assert hpp.stderr < hutchinson_trace(A, num_probes=45).stderr
+
+
+def test_squared_frobenius_converges():
+    lams = spectrum()
+    est = squared_frobenius(DenseOperator(sym(lams)), num_probes=1000)
+    assert abs(est.value - float(lams.square().sum())) < 4 * est.stderr
+    assert est.stderr < 0.05 * est.value
+
+
+def test_hutchinson_diagonal_converges():
+    A = sym(spectrum())
+    est = hutchinson_diagonal(DenseOperator(A), num_probes=400, chunk_size=50)
+    assert est.value.shape == (60,) and est.value.dtype == torch.float64
+    # 60 entries, each within 5 standard errors (seeded; a 5-sigma excursion has
+    # probability ~6e-7 per entry)
+    assert torch.all((est.value - A.diagonal()).abs() < 5 * est.stderr)
+    early = hutchinson_diagonal(DenseOperator(A), num_probes=10000, rtol=0.2)
+    assert early.n_matvec < 10000
+    assert early.stderr.norm() <= 0.2 * early.value.norm()
+
+
+def test_float32_operator_accumulates_in_float64():
+    A = sym(spectrum())
+    a = hutchinson_trace(DenseOperator(A.float()), num_probes=50)
+    b = hutchinson_trace(DenseOperator(A), num_probes=50)
+    # same probes; float32 matrix rounding only (~1e-7 relative)
+    assert a.value == pytest.approx(b.value, rel=1e-5)
+
+
+# --- spectral density --------------------------------------------------------
+
+
+def test_density_integrates_to_one_and_matches_histogram():
+    # two clusters: 40 eigenvalues near 1, 20 near 6
+    g = torch.Generator().manual_seed(2)
+    lams = torch.cat(
+        [
+            1 + 0.2 * torch.rand(40, generator=g, dtype=torch.float64),
+            6 + 0.2 * torch.rand(20, generator=g, dtype=torch.float64),
+        ]
+    )
+    sd = spectral_density(
+        DenseOperator(sym(lams)), num_probes=20, num_steps=60, sigma=0.1
+    )
+    dx = float(sd.grid[1] - sd.grid[0])
+    assert float(sd.density.sum()) * dx == pytest.approx(1.0, abs=1e-3)
+    assert torch.allclose(sd.weights.sum(1), torch.ones(20, dtype=torch.float64))
+    low = float(sd.density[sd.grid < 3.5].sum()) * dx
+    # exact mass 2/3; the probes' weights (v^T u_j)^2 have relative sd ~sqrt(2/P)
+    # per eigenvalue, averaged over 40 eigenvalues and 20 probes
+    assert low == pytest.approx(2 / 3, abs=0.03)
+    # with num_steps = P the quadrature nodes are the eigenvalues themselves
+    nodes = sd.nodes[0][sd.weights[0] > 1e-10]
+    assert torch.allclose(nodes.sort().values, lams.sort().values, atol=1e-8)
+    assert sd.n_matvec == 20 * 60
+
+
+def test_density_fewer_steps_and_explicit_grid():
+    A = DenseOperator(sym(spectrum()))
+    grid = torch.linspace(-5, 25, 301, dtype=torch.float64)
+    sd = spectral_density(A, num_probes=4, num_steps=12, grid=grid, chunk_size=3)
+    assert torch.equal(sd.grid, grid) and sd.nodes.shape == (4, 12)
+    # the extreme node converges to lambda_max fast (outlier with a large gap)
+    assert float(sd.nodes.max()) == pytest.approx(20.0, rel=1e-6)
+    dx = 0.1
+    assert float(sd.density.sum()) * dx == pytest.approx(1.0, abs=1e-2)
+
+
+def test_density_zero_operator():
+    sd = spectral_density(
+        DenseOperator(torch.zeros(10, 10, dtype=torch.float64)), num_probes=2
+    )
+    assert sd.sigma == 1.0 and torch.all(torch.isfinite(sd.density))
+
+
+def test_global_rng_untouched():
+    A = DenseOperator(sym(spectrum()))
+    state = torch.get_rng_state()
+    hutchinson_trace(A, num_probes=5)
+    hutchpp_trace(A, num_matvecs=9)
+    hutchinson_diagonal(A, num_probes=5)
+    squared_frobenius(A, num_probes=5)
+    spectral_density(A, num_probes=2, num_steps=5)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# --- errors -------------------------------------------------------------------
+
+SCALAR = [hutchinson_trace, squared_frobenius, hutchinson_diagonal]
+
+
+@pytest.mark.parametrize("fn", SCALAR, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"num_probes": 0}, ValueError, r"`num_probes` must be >= 1; got 0"),
+        ({"num_probes": 2.0}, TypeError, r"`num_probes` must be an integer; got float"),
+        ({"seed": -3}, ValueError, r"`seed` must be >= 0; got -3"),
+        ({"rtol": 0.0}, ValueError, r"`rtol` must be > 0; got 0.0"),
+        ({"max_matvecs": 0}, ValueError, r"`max_matvecs` must be >= 1; got 0"),
+        ({"chunk_size": 0}, ValueError, r"`chunk_size` must be >= 1; got 0"),
+    ],
+    ids=lambda x: ",".join(x) if isinstance(x, dict) else str(x),
+)
+def test_invalid_arguments(fn, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        fn(DenseOperator(torch.eye(3)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "fn", [*SCALAR, hutchpp_trace, spectral_density], ids=lambda f: f.__name__
+)
+def test_operator_type_checked(fn):
+    with pytest.raises(
+        TypeError, match="`operator` must be a LinearOperator; got Tensor"
+    ):
+        fn(torch.eye(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"num_matvecs": 2}, ValueError, r"`num_matvecs` must be >= 3; got 2"),
+        ({"seed": -1}, ValueError, r"`seed` must be >= 0"),
+        ({"chunk_size": 0}, ValueError, r"`chunk_size` must be >= 1"),
+    ],
+)
+def test_hutchpp_invalid(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        hutchpp_trace(DenseOperator(torch.eye(3)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"num_probes": 0}, ValueError, r"`num_probes` must be >= 1; got 0"),
+        ({"num_steps": 0}, ValueError, r"`num_steps` must be >= 1; got 0"),
+        ({"num_points": 1}, ValueError, r"`num_points` must be >= 2; got 1"),
+        ({"sigma": -0.1}, ValueError, r"`sigma` must be > 0; got -0.1"),
+        ({"seed": -1}, ValueError, r"`seed` must be >= 0"),
+        ({"chunk_size": 0}, ValueError, r"`chunk_size` must be >= 1"),
+        ({"grid": [0.0, 1.0]}, TypeError, r"`grid` must be a torch.Tensor; got list"),
+        (
+            {"grid": torch.zeros(2, 2)},
+            ValueError,
+            r"`grid` must be one-dimensional \(G,\); got shape \(2, 2\)",
+        ),
+    ],
+)
+def test_density_invalid(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        spectral_density(DenseOperator(torch.eye(3)), **kwargs)
