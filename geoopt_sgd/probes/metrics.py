@@ -28,8 +28,9 @@ Routes (``route=``):
   ``2s`` backward and ``2s`` jvp passes of the probe batch (plus ``s`` HVPs
   each for ``Tr(Sigma H)``, ``Tr(Sigma_1 H)`` and ``||H||_F`` with the Hessian).
   Relative standard errors are about ``sqrt(2 / s)``.
-* ``"auto"`` (default): ``"exact"`` when ``n (K + 1) P <= 2e7`` (160 MB of float64)
-  and not distributed, else ``"sketch"``.
+* ``"auto"`` (default): ``"exact"`` when ``n (K + 1) P <= 2e7`` (160 MB of float64),
+  the Gram products cost ``(n K)^2 P <= 2e10`` flops, and not distributed; else
+  ``"sketch"``.
 
 The eigenbasis metrics are exact on either route: the top-``k`` eigenpairs of
 ``H`` by Lanczos (``top_eigenpairs``; ``3k`` to ``10k`` products), then one ``jvp``
@@ -132,6 +133,8 @@ _ARRAYS = (
     "loss_shares",
 )
 _EXACT_MAX = 2e7
+_EXACT_GRAM_FLOPS = 2e10
+_GRAM_CHUNK = 4e6
 _DENSE_HESSIAN_MAX = 4096
 _NUM_ROTATIONS = 8
 
@@ -449,7 +452,8 @@ def noise_geometry(
             ``directional_alignment_random``.
         tol: Relative residual tolerance of the eigensolver.
         chunk_size: Samples per vmapped chunk when materialising per-sample rows
-            (``None``: a batch at once); vectors are pushed 8 at a time.
+            (``None``: a batch at once); vectors are pushed 8 at a time
+            (up to 256 for small models).
 
     Returns:
         The :class:`NoiseGeometry`.
@@ -526,7 +530,8 @@ def noise_geometry(
         """``(n_local, q)`` per-sample values -> ``(M, q)`` batch means, all ranks."""
         return distributed.all_reduce_sum(W @ A.to(dtype))
 
-    vec_chunk = 8
+    # vectors pushed per vmapped pass: 8 for large models, more for small ones
+    vec_chunk = int(min(256, max(8, 1e7 // (P + 8 * probe.n_local))))
     with torch.enable_grad():
         losses = probe.losses()
     L = float(distributed.all_reduce_sum(losses.sum().reshape(1))) / n
@@ -551,7 +556,11 @@ def noise_geometry(
 
     K = int(probe.output_hessians()[0][0].shape[-1]) if probe.batches else 1
     if route == "auto":
-        exact = (not distributed.is_distributed()) and n * (K + 1) * P <= _EXACT_MAX
+        exact = (
+            not distributed.is_distributed()
+            and n * (K + 1) * P <= _EXACT_MAX
+            and (n * K) ** 2 * P <= _EXACT_GRAM_FLOPS
+        )
         route = "exact" if exact else "sketch"
 
     need_stats = bool(wanted & (_STATS | {"tr_sigma"}))
@@ -593,20 +602,34 @@ def noise_geometry(
             rbar = R.mean(0)
             Rt = R - rbar
             tr_sigma = float((Rt * Rt).sum()) / M
-            fro2_sigma = float(_fro(Rt @ Rt.T) ** 2) / M**2
+            fro2_sigma = 0.0
+            for sl in _chunks(M, max(1, int(_GRAM_CHUNK // M))):
+                Gs = Rt[sl] @ Rt.T
+                fro2_sigma += float((Gs * Gs).sum())
+            fro2_sigma /= M**2
             if need_ggn:
                 Mf = probe.jacobian_rows()  # (n, K, P)
                 Kk = Mf.shape[1]
                 Mf = Mf.reshape(n * Kk, P)
                 st = _Stats()
-                Gram = Mf @ Mf.T
-                st.fro2_c = float((Gram * Gram).sum()) / n**2
+                # Gram blocks Theta = M M^T (nK x nK) in row chunks of ~4e6 entries
+                rows = max(1, int(_GRAM_CHUNK // (Kk * Kk * n)))
+                fro2, chi = 0.0, torch.zeros(n, dtype=dtype, device=device)
+                for sl in _chunks(n, rows):
+                    Gc = Mf[sl.start * Kk : sl.stop * Kk] @ Mf.T
+                    Gc = (Gc * Gc).reshape(-1, Kk, n * Kk).sum((1, 2))
+                    chi[sl] = Gc / n
+                    fro2 += float(Gc.sum())
+                st.fro2_c = fro2 / n**2
+                st.chi = chi
                 st.tr_c = float((Mf * Mf).sum()) / n
-                RM = R @ Mf.T
-                st.tr_s1c = float((RM * RM).sum()) / (M * n)
+                t1 = 0.0
+                for sl in _chunks(M, max(1, int(_GRAM_CHUNK // (n * Kk)))):
+                    RM = R[sl] @ Mf.T
+                    t1 += float((RM * RM).sum())
+                st.tr_s1c = t1 / (M * n)
                 Mr = Mf @ rbar
                 st.tr_s2c = float(Mr @ Mr) / n
-                st.chi = (Gram.reshape(n, Kk, n, Kk) ** 2).sum((1, 2, 3)) / n
                 stats["ggn"] = st
             if need_hess:
                 st = _Stats()

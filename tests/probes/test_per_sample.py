@@ -1,0 +1,100 @@
+import cases
+import pytest
+import torch
+from torch import nn
+
+from geoopt_sgd import per_sample_gradients
+from geoopt_sgd.testing import per_sample_gradients_loop
+
+# float64 throughout: vmap(grad) and the loop run the same arithmetic in a
+# different order, so they agree to a few ulps of the gradient's magnitude.
+ATOL = 1e-12
+
+
+def _case(name):
+    if name == "mlp-ce":
+        return cases.mlp(), nn.CrossEntropyLoss(), *cases.make_data()
+    if name == "mlp-mse":
+        X, y = cases.make_data(classification=False)
+        return cases.mlp(), nn.MSELoss(), X, y
+    if name == "linear-mse":
+        X, y = cases.make_data(k=1, classification=False)
+        return cases.linear(), nn.MSELoss(), X, y
+    if name == "cnn-ce":
+        return cases.tiny_cnn(), nn.CrossEntropyLoss(), *cases.image_data()
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("name", ["mlp-ce", "mlp-mse", "linear-mse", "cnn-ce"])
+def test_matches_loop_eval(name, chunk_size):
+    model, loss_fn, X, y = _case(name)
+    before = cases.model_state(model)
+    got = per_sample_gradients(model, loss_fn, X, y, chunk_size=chunk_size)
+    cases.assert_same_state(before, cases.model_state(model))
+    ref = per_sample_gradients_loop(model, loss_fn, X, y)
+    P = sum(p.numel() for p in model.parameters())
+    assert got.shape == (y.shape[0], P)
+    torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_matches_loop_train_mode_batchnorm(chunk_size):
+    # train mode: BatchNorm batch statistics couple the samples; row i is the
+    # gradient of sample i's loss in the batch forward pass.
+    model, loss_fn, X, y = _case("cnn-ce")
+    before = cases.model_state(model)
+    got = per_sample_gradients(
+        model, loss_fn, X, y, mode="train", chunk_size=chunk_size
+    )
+    cases.assert_same_state(before, cases.model_state(model))
+    ref = per_sample_gradients_loop(model, loss_fn, X, y, mode="train")
+    torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
+    # and it differs from eval mode (non-trivial running statistics)
+    ev = per_sample_gradients(model, loss_fn, X, y)
+    assert (got - ev).abs().max() > 1e-3
+
+
+def test_rows_sum_to_batch_gradient():
+    # mean reduction: the batch gradient is the mean of the per-sample rows
+    model, loss_fn, X, y = _case("mlp-ce")
+    G = per_sample_gradients(model, loss_fn, X, y)
+    loss_fn(model(X), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(G.mean(0), g, rtol=0, atol=ATOL)
+
+
+def test_params_subset_by_name_and_tensor():
+    model, loss_fn, X, y = _case("mlp-ce")
+    full = per_sample_gradients(model, loss_fn, X, y)
+    last = per_sample_gradients(model, loss_fn, X, y, params=["2.weight", "2.bias"])
+    n_last = model[2].weight.numel() + model[2].bias.numel()
+    torch.testing.assert_close(last, full[:, -n_last:], rtol=0, atol=ATOL)
+    by_tensor = per_sample_gradients(model, loss_fn, X, y, params=[model[0].weight])
+    torch.testing.assert_close(
+        by_tensor, full[:, : model[0].weight.numel()], rtol=0, atol=ATOL
+    )
+
+
+def test_closed_form_linear_square_loss():
+    # nn.MSELoss on a batch of one with K outputs: grad = (2/K) r_i x_i^T
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 2, bias=False).double()
+    X = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    r = lin(X).detach() - y
+    expected = (2 / 2) * torch.einsum("ik,id->ikd", r, X).reshape(5, -1)
+    got = per_sample_gradients(lin, nn.MSELoss(), X, y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+
+
+def test_errors():
+    model, loss_fn, X, y = _case("mlp-ce")
+    with pytest.raises(ValueError, match="`chunk_size` must be >= 1; got 0"):
+        per_sample_gradients(model, loss_fn, X, y, chunk_size=0)
+    with pytest.raises(TypeError, match="`chunk_size` must be an integer; got float"):
+        per_sample_gradients(model, loss_fn, X, y, chunk_size=2.0)
+    with pytest.raises(ValueError, match="`mode` must be one of 'eval', 'train'"):
+        per_sample_gradients(model, loss_fn, X, y, mode="test")
+    with pytest.raises(ValueError, match="`targets` is empty"):
+        per_sample_gradients(model, loss_fn, X[:0], y[:0])
