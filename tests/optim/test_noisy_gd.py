@@ -1,0 +1,609 @@
+"""NoisyGD: drop-in contract, exact coupling, covariance of every noise kind, resume."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from cases import assert_same_state, image_data, make_data, mlp, model_state, tiny_cnn
+from torch import nn
+
+from geoopt_sgd import NoisyGD
+
+# ------------------------------------------------------------------ helpers
+
+
+def _design(n=8, seed=0):
+    # Columns of a Sylvester-Hadamard matrix: orthogonal to each other and to the
+    # all-ones (bias) column, scaled 1, 2, 3. For MSE the Hessian of the linear
+    # model is then diagonal, diag(2, 2, 8, 18) in (w1, w2, w3, b) order... up
+    # to the ordering below, so Hutchinson with Rademacher probes is exact and
+    # the top-2 eigenpairs are well separated (18, 8 vs 2).
+    H2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    H8 = torch.kron(torch.kron(H2, H2), H2)
+    X = H8[:, 1:4] * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    return X, y
+
+
+def _linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(3, 1).to(torch.float64)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _per_sample_grads(model, loss_fn, X, y):
+    rows = []
+    for i in range(X.shape[0]):
+        loss = loss_fn(model(X[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def _dense_hessian(model, loss_fn, X, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [s.numel() for s in shapes]
+
+    def f(flat):
+        parts = torch.split(flat, sizes)
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return loss_fn(torch.func.functional_call(model, params, (X,)), y)
+
+    return torch.func.hessian(f)(_flat(model))
+
+
+def _draw(opt, model, num):
+    """Noise vectors xi of `num` steps at a fixed theta (zero grads, lr = 1)."""
+    params = list(model.parameters())
+    theta0 = [p.detach().clone() for p in params]
+    out = []
+    for _ in range(num):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        out.append(
+            torch.cat(
+                [
+                    (t0 - p.detach()).reshape(-1)
+                    for p, t0 in zip(params, theta0, strict=True)
+                ]
+            )
+        )
+        with torch.no_grad():
+            for p, t0 in zip(params, theta0, strict=True):
+                p.copy_(t0)
+    return torch.stack(out)
+
+
+def _moment_tolerance(S, num):
+    # Each entry of the empirical second moment of num Gaussian samples with
+    # covariance S has variance (S_aa S_bb + S_ab^2)/num <= 2 max(S_aa)^2/num;
+    # 5 standard deviations bound all 16 entries except with probability ~1e-5.
+    return 5 * math.sqrt(2 / num) * float(S.diagonal().max())
+
+
+def _top(M, k):
+    e, V = torch.linalg.eigh(M)
+    return e.flip(0)[:k], V.flip(1)[:, :k]
+
+
+# -------------------------------------------------- drop-in contract
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=lambda f: f"foreach={f}")
+@pytest.mark.parametrize("maximize", [False, True], ids=lambda m: f"maximize={m}")
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=lambda w: f"wd={w}")
+def test_noise_none_equals_torch_sgd_bit_for_bit(foreach, maximize, weight_decay):
+    X, y = make_data(n=10)
+    loss_fn = nn.CrossEntropyLoss()
+    m1, m2 = mlp(), mlp()
+    o1 = torch.optim.SGD(
+        m1.parameters(),
+        lr=0.1,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        foreach=foreach,
+    )
+    o2 = NoisyGD(
+        m2.parameters(),
+        lr=0.1,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        foreach=foreach,
+    )
+    for _ in range(4):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            loss_fn(m(X), y).backward()
+            o.step()
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("units", ["grad", "param"])
+@pytest.mark.parametrize("maximize", [False, True], ids=lambda m: f"maximize={m}")
+def test_foreach_matches_forloop_float64(units, maximize):
+    X, y = make_data(n=10)
+    loss_fn = nn.CrossEntropyLoss()
+    models = [mlp(), mlp()]
+    opts = [
+        NoisyGD(
+            [
+                {"params": list(m.parameters())[:2], "lr": 0.05},
+                {"params": list(m.parameters())[2:]},
+            ],
+            lr=0.1,
+            noise="isotropic",
+            noise_scale=0.01,
+            noise_units=units,
+            weight_decay=0.01,
+            maximize=maximize,
+            foreach=fe,
+            seed=3,
+        )
+        for m, fe in zip(models, (False, True), strict=True)
+    ]
+    for _ in range(3):
+        for m, o in zip(models, opts, strict=True):
+            o.zero_grad()
+            loss_fn(m(X), y).backward()
+            o.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_step_with_closure_returns_its_loss_and_hooks_fire():
+    X, y = make_data(n=10)
+    model = mlp()
+    opt = NoisyGD(model.parameters(), lr=0.1, noise="isotropic", noise_scale=0.01)
+    calls = []
+    opt.register_step_post_hook(lambda o, a, k: calls.append(o.stats["step"]))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.requires_grad
+    assert calls == [1]
+    assert opt.step() is None
+
+
+def test_params_without_grad_are_skipped_and_global_rng_untouched():
+    X, y = make_data(n=10)
+    model = mlp()
+    model[2].weight.requires_grad_(False)
+    frozen = model[2].weight.detach().clone()
+    opt = NoisyGD(model.parameters(), lr=0.1, noise="isotropic", noise_scale=0.1)
+    rng = torch.get_rng_state()
+    nn.functional.cross_entropy(model(X), y).backward()
+    opt.step()
+    assert torch.equal(model[2].weight, frozen)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_sparse_gradient_raises():
+    emb = nn.Embedding(5, 2, sparse=True)
+    opt = NoisyGD(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def test_repr_and_deepcopy_keep_the_noise_settings():
+    model = mlp()
+    opt = NoisyGD(
+        model.parameters(), lr=0.1, noise="isotropic", noise_scale=0.5, seed=4
+    )
+    assert "NoisyGD" in repr(opt)
+    clone = copy.deepcopy(opt)
+    assert (clone.noise, clone.noise_scale, clone.seed) == ("isotropic", 0.5, 4)
+
+
+def test_lr_is_read_every_step_so_schedulers_work():
+    model = mlp()
+    opt = NoisyGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = _flat(model)
+    opt.step()
+    sched.step()
+    mid = _flat(model)
+    opt.step()
+    torch.testing.assert_close(
+        before - mid, 2 * (mid - _flat(model)), rtol=0, atol=1e-15
+    )
+
+
+# ------------------------------------------------------------ coupling
+
+
+@pytest.mark.parametrize("units", ["grad", "param"])
+def test_isotropic_coupling_two_scales_differ_exactly_by_the_scale(units):
+    # theta = 0, grad = 0, lr = 1: the step writes -s z (grad) or +s z (param)
+    # exactly, and the same seed at 2s writes exactly twice that.
+    outs = []
+    for s in (0.25, 0.5):
+        p = torch.zeros(50, dtype=torch.float64, requires_grad=True)
+        opt = NoisyGD(
+            [p], lr=1.0, noise="isotropic", noise_scale=s, seed=9, noise_units=units
+        )
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        outs.append(p.detach().clone())
+    assert torch.equal(2 * outs[0], outs[1])
+    assert outs[0].abs().sum() > 0
+
+
+def test_noise_schedule_multiplies_the_scale():
+    # theta reset to 0 and zero grads with lr = 1: each step writes -s(t) z_t
+    # exactly, and a multiplier of 2 is exact in floating point
+    outs = []
+    for sched in (None, lambda t: 2.0 if t == 1 else 1.0):
+        p = torch.zeros(20, dtype=torch.float64, requires_grad=True)
+        opt = NoisyGD(
+            [p],
+            lr=1.0,
+            noise="isotropic",
+            noise_scale=0.5,
+            seed=1,
+            noise_schedule=sched,
+        )
+        steps = []
+        for _ in range(2):
+            with torch.no_grad():
+                p.zero_()
+            p.grad = torch.zeros_like(p)
+            opt.step()
+            steps.append(p.detach().clone())
+        outs.append(steps)
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(2 * outs[0][1], outs[1][1])
+    assert not torch.equal(outs[0][0], outs[0][1])
+
+
+def test_different_seeds_and_steps_give_different_noise():
+    p = torch.zeros(10, dtype=torch.float64, requires_grad=True)
+    opt = NoisyGD([p], lr=1.0, noise="isotropic", seed=0)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    a = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach() - a, a)
+
+
+# ------------------------------------------------- covariance of each kind
+
+
+def _source(batch_size, **kw):
+    X, y = _design()
+    model = _linear()
+    loss_fn = nn.MSELoss()
+    opt = NoisyGD(
+        model.parameters(),
+        lr=1.0,
+        batch_size=batch_size,
+        model=model,
+        loss_fn=loss_fn,
+        data=(X, y),
+        refresh_every=10**6,
+        seed=5,
+        **kw,
+    )
+    return opt, model, loss_fn, X, y
+
+
+def _expected_covariance(kind, model, loss_fn, X, y, B, k):
+    n = X.shape[0]
+    Gs = _per_sample_grads(model, loss_fn, X, y)
+    centred = Gs - Gs.mean(0)
+    Sigma = centred.T @ centred / n
+    # with B = 1 every disjoint mini-batch is one sample, so C = Sigma exactly
+    C = Sigma / B if B == 1 else None
+    H = _dense_hessian(model, loss_fn, X, y)
+    P = H.shape[0]
+    L = float(loss_fn(model(X), y).detach())
+    if kind == "isotropic_matched":
+        return C.trace() / P * torch.eye(P, dtype=torch.float64)
+    if kind == "diagonal":
+        return torch.diag(C.diagonal())
+    if kind == "sgd_leading":
+        e, V = _top(C, k)
+        return C.trace() / e.sum() * (V * e) @ V.T
+    if kind == "hessian":
+        lam, U = _top(H, k)
+        return C.trace() / lam.sum() * (U * lam) @ U.T
+    if kind == "top_eigvec":
+        lam, U = _top(H, 1)
+        return C.trace() * U @ U.T
+    if kind == "sgd_matched":
+        return Sigma / B
+    if kind == "geometry_aware":
+        lam, U = _top(H, k)
+        return 2 * L / B * (U * lam) @ U.T
+    if kind == "geometry_aware_isotropic":
+        return 2 * L * H.trace() / (B * P) * torch.eye(P, dtype=torch.float64)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, B",
+    [
+        ("isotropic_matched", 1),
+        ("diagonal", 1),
+        ("sgd_leading", 1),
+        ("hessian", 1),
+        ("top_eigvec", 1),
+        ("sgd_matched", 2),
+        ("geometry_aware", 2),
+        ("geometry_aware_isotropic", 2),
+    ],
+    ids=lambda v: f"noise={v}" if isinstance(v, str) else f"B={v}",
+)
+def test_empirical_covariance_matches_definition(kind, B):
+    k, num = 2, 3000
+    opt, model, loss_fn, X, y = _source(B, noise=kind, k=k, noise_scale=1.5)
+    S = 1.5**2 * _expected_covariance(kind, model, loss_fn, X, y, B, k)
+    samples = _draw(opt, model, num)
+    emp = samples.T @ samples / num
+    assert (emp - S).abs().max() < _moment_tolerance(S, num), (emp, S)
+    if kind != "sgd_matched":
+        # the recorded target is the trace of the covariance; Lanczos tol 1e-3
+        # and exact Hutchinson (diagonal H) leave ~1e-6 relative error
+        assert opt.stats["target_sq_norm"] == pytest.approx(float(S.trace()), rel=1e-5)
+    assert opt.stats["realised_sq_norm_mean"] == pytest.approx(
+        float(S.trace()), rel=10 * math.sqrt(2 / num)
+    )
+
+
+def test_magnitude_unit_and_raw():
+    opt, model, loss_fn, X, y = _source(1, noise="hessian", k=2, magnitude="unit")
+    _draw(opt, model, 1)
+    assert opt.stats["target_sq_norm"] == pytest.approx(1.0, rel=1e-12)
+    opt, model, loss_fn, X, y = _source(None, noise="hessian", k=2, magnitude="raw")
+    _draw(opt, model, 1)
+    # top-2 of diag(2, 2, 8, 18): 8 + 18 (Lanczos tol 1e-3 on exact eigenvalues)
+    assert opt.stats["target_sq_norm"] == pytest.approx(26.0, rel=1e-5)
+
+
+def test_negative_curvature_is_clamped_and_counted_never_nan():
+    X, y = _design()
+    model = _linear()
+
+    def loss_fn(out, target):  # concave: every Hessian eigenvalue is negative
+        return -((out - target) ** 2).mean()
+
+    opt = NoisyGD(
+        model.parameters(),
+        lr=1.0,
+        noise="hessian",
+        k=2,
+        batch_size=1,
+        model=model,
+        loss_fn=loss_fn,
+        data=(X, y),
+        loss_reduction="mean",
+    )
+    samples = _draw(opt, model, 2)
+    assert opt.stats["clamped_negative"] == 2
+    assert opt.stats["clamped_negative_total"] == 2
+    assert torch.equal(samples, torch.zeros_like(samples))
+    assert opt.stats["target_sq_norm"] == 0.0
+
+
+def test_refresh_cadence_and_hvp_accounting():
+    opt, model, *_ = _source(1, noise="hessian", k=2, noise_scale=1.0)
+    opt.refresh_every = 3
+    _draw(opt, model, 7)  # refreshes at steps 0, 3, 6
+    assert opt.stats["n_refresh"] == 3
+    assert opt.stats["n_hvp"] > 0
+    assert opt.stats["hvp_per_step"] == pytest.approx(opt.stats["n_hvp"] / 7)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_curvature_source_is_side_effect_free(mode):
+    # lr = 0: the step leaves theta unchanged, so everything must be as before:
+    # params, grads, BatchNorm buffers, module modes and the global RNG
+    X, y = image_data(n=12)
+    model = tiny_cnn()
+    nn.functional.cross_entropy(model(X), y).backward()
+    opt = NoisyGD(
+        model.parameters(),
+        lr=0.0,
+        noise="sgd_leading",
+        batch_size=3,
+        k=2,
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        data=(X, y),
+        mode=mode,
+    )
+    before = model_state(model)
+    opt.step()
+    assert opt.stats["n_refresh"] == 1
+    assert_same_state(before, model_state(model))
+
+
+# -------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["isotropic", "diagonal", "hessian", "sgd_matched"],
+    ids=lambda k: f"noise={k}",
+)
+def test_resume_from_state_dict_is_bit_exact(kind):
+    X, y = make_data(n=12)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make(model):
+        return NoisyGD(
+            model.parameters(),
+            lr=0.1,
+            noise=kind,
+            noise_scale=0.05,
+            batch_size=3,
+            k=2,
+            refresh_every=2,
+            model=model,
+            loss_fn=loss_fn,
+            data=(X, y),
+            seed=7,
+        )
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
+
+    ref = mlp()
+    ref_opt = make(ref)
+    run(ref, ref_opt, 5)
+
+    model = mlp()
+    opt = make(model)
+    run(model, opt, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = mlp(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = make(resumed)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    run(resumed, resumed_opt, 2)
+    for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed_opt.stats["step"] == 5
+
+
+def test_plain_sgd_state_dict_loads():
+    model = mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.3)
+    opt = NoisyGD(model.parameters(), lr=0.1)
+    opt.load_state_dict(sgd.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.3
+
+
+# -------------------------------------------------------------- errors
+
+
+def _err_kwargs(**kw):
+    X, y = make_data(n=12)
+    model = mlp()
+    base = dict(model=model, loss_fn=nn.CrossEntropyLoss(), data=(X, y), batch_size=3)
+    base.update(kw)
+    return model, base
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (
+            dict(noise="gauss"),
+            ValueError,
+            r"`noise` must be one of 'none', 'isotropic',"
+            r" .*'geometry_aware_isotropic'; got 'gauss'",
+        ),
+        (dict(lr=-1.0), ValueError, r"`lr` must be >= 0; got -1.0"),
+        (dict(noise_scale=-0.1), ValueError, r"`noise_scale` must be >= 0; got -0.1"),
+        (dict(refresh_every=0), ValueError, r"`refresh_every` must be >= 1; got 0"),
+        (dict(refresh_every=1.5), TypeError, r"`refresh_every` must be an integer"),
+        (dict(k=0), ValueError, r"`k` must be >= 1; got 0"),
+        (dict(batch_size=0), ValueError, r"`batch_size` must be >= 1; got 0"),
+        (
+            dict(curvature="fisher"),
+            ValueError,
+            r"`curvature` must be one of 'hessian', 'ggn'; got 'fisher'",
+        ),
+        (
+            dict(noise_units="lr"),
+            ValueError,
+            r"`noise_units` must be one of 'grad', 'param'; got 'lr'",
+        ),
+        (dict(seed=-1), ValueError, r"`seed` must be >= 0; got -1"),
+        (dict(weight_decay=-1.0), ValueError, r"`weight_decay` must be >= 0; got -1.0"),
+        (
+            dict(magnitude="big"),
+            ValueError,
+            r"`magnitude` must be one of 'sgd', 'unit', 'raw'; got 'big'",
+        ),
+        (dict(num_batches=1), ValueError, r"`num_batches` must be >= 2; got 1"),
+        (dict(mode="test"), ValueError, r"`mode` must be one of 'eval', 'train'"),
+        (
+            dict(loss_reduction="none"),
+            ValueError,
+            r"`loss_reduction` must be one of 'mean', 'sum', None; got 'none'",
+        ),
+        (dict(tol=0.0), ValueError, r"`tol` must be > 0; got 0.0"),
+        (dict(noise_schedule=2.0), TypeError, r"`noise_schedule` must be a callable"),
+        (
+            dict(noise="hessian", model=None),
+            ValueError,
+            r"noise='hessian' needs a curvature source: pass `model`, `loss_fn` and "
+            r"`data` \(missing: `model`\)",
+        ),
+        (
+            dict(noise="diagonal", loss_fn=None, data=None),
+            ValueError,
+            r"\(missing: `loss_fn`, `data`\)",
+        ),
+        (
+            dict(noise="sgd_matched", batch_size=None),
+            ValueError,
+            r"noise='sgd_matched' needs `batch_size`, the SGD batch size B",
+        ),
+    ],
+    ids=lambda v: None,
+)
+def test_invalid_arguments(kw, exc, match):
+    model, base = _err_kwargs(**kw)
+    with pytest.raises(exc, match=match):
+        NoisyGD(model.parameters(), **base)
+
+
+def test_too_few_minibatches_raises_with_the_fix():
+    X, y = make_data(n=5)
+    model = mlp()
+    opt = NoisyGD(
+        model.parameters(),
+        noise="diagonal",
+        batch_size=3,
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        data=(X, y),
+    )
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(
+        ValueError,
+        match=r"holds only 1 of them; pass more data or a "
+        r"smaller batch_size",
+    ):
+        opt.step()
+
+
+def test_params_outside_the_model_raise():
+    X, y = make_data(n=12)
+    opt = NoisyGD(
+        [torch.zeros(3, requires_grad=True)],
+        noise="diagonal",
+        batch_size=3,
+        model=mlp(),
+        loss_fn=nn.CrossEntropyLoss(),
+        data=(X, y),
+    )
+    opt.param_groups[0]["params"][0].grad = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"`params` must hold parameters of `model`"):
+        opt.step()
