@@ -3,5 +3,12 @@
 from .cyclic import CyclicLRWrapper, cyclic_lr
 from .noisy_gd import NoisyGD
 from .probed_sgd import ProbedSGD
+from .registry import register_timm_optimizers
 
-__all__ = ["CyclicLRWrapper", "NoisyGD", "ProbedSGD", "cyclic_lr"]
+__all__ = [
+    "CyclicLRWrapper",
+    "NoisyGD",
+    "ProbedSGD",
+    "cyclic_lr",
+    "register_timm_optimizers",
+]
