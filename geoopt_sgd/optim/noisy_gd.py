@@ -23,7 +23,6 @@ from .. import distributed
 from .._checks import check_choice, check_int, check_number
 from .._model import FunctionalModel, as_batches, detect_reduction, to_device
 from .._model import batch_size as _batch_len
-from ..curvature.linop import LinearOperator
 from . import noise as _noise
 from ._functional import noisy_gd_update
 
@@ -472,19 +471,14 @@ class NoisyGD(torch.optim.Optimizer):
         from ..curvature import GGNOperator, HessianOperator
 
         cls = HessianOperator if self.curvature == "hessian" else GGNOperator
-        try:
-            return cls(
-                self.model,
-                self.loss_fn,
-                self.data,
-                params=self._params(),
-                mode=self.mode,
-                loss_reduction=self.loss_reduction,
-            )
-        except NotImplementedError:
-            # the package operators are not available (stub): use the private one
-            self._source()
-            return _CurvatureFallback(self, ggn=self.curvature == "ggn")
+        return cls(
+            self.model,
+            self.loss_fn,
+            self.data,
+            params=self._params(),
+            mode=self.mode,
+            loss_reduction=self.loss_reduction,
+        )
 
     # ----------------------------------------------------------------- refresh
     def _refresh(self, t: int) -> None:
@@ -533,6 +527,9 @@ class NoisyGD(torch.optim.Optimizer):
                 )
                 cache["trace_h"] = torch.tensor(float(est.value), dtype=fm.dtype)
             self.stats["n_hvp"] += int(op.n_matvec)
+            release = getattr(op, "release", None)
+            if release is not None:  # free the cached per-batch graphs now
+                release()
         self._cache = cache
         self.stats["n_refresh"] += 1
         self.stats["refresh_seconds"] += time.perf_counter() - start
@@ -752,96 +749,3 @@ class NoisyGD(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("weight_decay", 0.0)
-
-
-class _CurvatureFallback(LinearOperator):
-    """Hessian or GGN of the curvature source's full-data loss (private fallback).
-
-    Used only while :class:`~geoopt_sgd.HessianOperator` / ``GGNOperator`` are
-    unavailable. Products by double backward (Hessian) or jvp -> output Hessian
-    -> vjp (GGN), summed over batches with the exact batch weights.
-    """
-
-    def __init__(self, opt: NoisyGD, *, ggn: bool) -> None:
-        fm = opt._fm
-        assert fm is not None
-        super().__init__(fm.numel, fm.dtype, fm.device, fm.shapes)
-        self._opt, self._ggn, self._fm = opt, ggn, fm
-
-    def _batches(self) -> Iterable[tuple[Any, Tensor, float]]:
-        opt, fm = self._opt, self._fm
-        for inputs, targets in opt._batches:
-            inputs = to_device(inputs, fm.device)
-            targets = to_device(targets, fm.device)
-            b = _batch_len(targets)
-            weight = b / opt._n_total if opt._reduction == "mean" else 1.0
-            yield inputs, targets, weight
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        fm, loss_fn = self._fm, self._opt.loss_fn
-        out = torch.zeros_like(V)
-        for inputs, targets, weight in self._batches():
-            with torch.enable_grad(), fm.policy():
-                params = [p.detach().requires_grad_(True) for p in fm.params]
-                outputs = fm(params, inputs)
-                if self._ggn:
-                    f = outputs.detach().requires_grad_(True)
-                    g_out = torch.autograd.grad(
-                        loss_fn(f, targets), f, create_graph=True
-                    )
-                for j in range(V.shape[1]):
-                    vs = self.unflatten(V[:, j])
-                    if self._ggn:
-                        # J v by the double-vjp trick, then H_out (J v), then J^T
-                        u = torch.zeros_like(outputs, requires_grad=True)
-                        jt_u = torch.autograd.grad(
-                            outputs, params, u, create_graph=True, allow_unused=True
-                        )
-                        pairs = [
-                            (a, b)
-                            for a, b in zip(jt_u, vs, strict=True)
-                            if a is not None
-                        ]
-                        jv = torch.autograd.grad(
-                            [a for a, _ in pairs],
-                            u,
-                            [b for _, b in pairs],
-                            retain_graph=True,
-                        )[0]
-                        hjv = torch.autograd.grad(g_out[0], f, jv, retain_graph=True)[0]
-                        res = torch.autograd.grad(
-                            outputs, params, hjv, retain_graph=True, allow_unused=True
-                        )
-                    else:
-                        if j == 0:
-                            loss = loss_fn(outputs, targets)
-                            grads = torch.autograd.grad(
-                                loss, params, create_graph=True, allow_unused=True
-                            )
-                        pairs = [
-                            (a, b)
-                            for a, b in zip(grads, vs, strict=True)
-                            if a is not None
-                        ]
-                        res = torch.autograd.grad(
-                            [a for a, _ in pairs],
-                            params,
-                            [b for _, b in pairs],
-                            retain_graph=True,
-                            allow_unused=True,
-                        )
-                    flat = [
-                        torch.zeros_like(p).reshape(-1) if r is None else r.reshape(-1)
-                        for r, p in zip(res, params, strict=True)
-                    ]
-                    out[:, j] += weight * torch.cat(flat)
-        return distributed.all_reduce_sum(out)
-
-    def loss(self) -> float:
-        """Full-data loss at the current parameters."""
-        fm, loss_fn = self._fm, self._opt.loss_fn
-        total = torch.zeros((), dtype=fm.dtype, device=fm.device)
-        with torch.no_grad(), fm.policy():
-            for inputs, targets, weight in self._batches():
-                total += weight * loss_fn(fm(fm.params, inputs), targets)
-        return float(distributed.all_reduce_sum(total.reshape(1))[0])

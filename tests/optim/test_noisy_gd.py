@@ -366,6 +366,19 @@ def test_empirical_covariance_matches_definition(kind, B):
     )
 
 
+def test_ggn_curvature_equals_hessian_on_a_linear_model():
+    # linear model + MSE: GGN = Hessian exactly, so both give the same top-2 mass
+    stats = []
+    for curvature in ("hessian", "ggn"):
+        opt, model, *_ = _source(
+            None, noise="hessian", k=2, magnitude="raw", curvature=curvature
+        )
+        _draw(opt, model, 1)
+        stats.append(opt.stats["target_sq_norm"])
+    # Lanczos tol 1e-3 on the exact eigenvalues 18 and 8
+    assert stats[0] == pytest.approx(stats[1], rel=1e-6)
+
+
 def test_magnitude_unit_and_raw():
     opt, model, loss_fn, X, y = _source(1, noise="hessian", k=2, magnitude="unit")
     _draw(opt, model, 1)
