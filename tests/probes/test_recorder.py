@@ -1,0 +1,393 @@
+"""NoiseProbe: schedule, sinks, warm start, non-finite handling, and no side effects."""
+
+import io
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from cases import image_data, make_data, mlp, tiny_cnn
+from torch import nn
+
+from geoopt_sgd import NoiseProbe, ProbedSGD
+from geoopt_sgd.probes import metrics as metrics_module
+
+HAS_METRICS = hasattr(metrics_module, "METRICS")
+
+
+class FakeResult:
+    def __init__(self, values, eigenvectors=None):
+        self.values = values
+        self.eigenvectors = eigenvectors
+
+    def as_dict(self):
+        out = dict(self.values)
+        out["eigenvalues"] = [2.0, 1.0]
+        out["cost_n_hvp"] = 3.0
+        return out
+
+
+class Vandal:
+    """A measurement that does everything a probe must not leave behind.
+
+    It consumes the global RNG, runs a train-mode forward (updating BatchNorm
+    running statistics and using dropout), back-propagates into ``.grad``, flips
+    module modes, and returns eigenvectors built from the parameters.
+    """
+
+    def __init__(self, values=None):
+        self.calls = []
+        self.values = values
+
+    def __call__(self, model, loss_fn, data, *, metrics=None, k=10, v0=None, seed=None):
+        self.calls.append(dict(metrics=metrics, k=k, v0=v0, seed=seed))
+        torch.rand(3)
+        if torch.cuda.is_initialized():
+            torch.cuda.manual_seed(123)
+        inputs, targets = data
+        model.train()
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        model.eval()
+        P = sum(p.numel() for p in model.parameters())
+        V = torch.ones(P, k, dtype=torch.float64) * (len(self.calls))
+        values = self.values if self.values is not None else {"loss": loss.item()}
+        return FakeResult(dict(values), V)
+
+
+def _snapshot(model, opt):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [
+            None if p.grad is None else p.grad.clone() for p in model.parameters()
+        ],
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "modes": [m.training for m in model.modules()],
+        "state": [
+            {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()
+        ],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_equal_snapshots(a, b):
+    # torch.equal everywhere: the probe must not change a single bit
+    for x, y in zip(a["params"] + a["grads"], b["params"] + b["grads"], strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.equal(x, y)
+    assert a["buffers"].keys() == b["buffers"].keys()
+    for n in a["buffers"]:
+        assert torch.equal(a["buffers"][n], b["buffers"][n]), n
+    assert a["modes"] == b["modes"]
+    for sa, sb in zip(a["state"], b["state"], strict=True):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k])
+    assert torch.equal(a["rng"], b["rng"])
+
+
+class DropoutCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_cnn()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.drop(self.body(x))
+
+
+def _train(model_fn, *, probe_factory=None, optimizer="sgd", steps=12):
+    model = model_fn()
+    model.train()
+    X, y = image_data(n=16, seed=1)
+    probe_X, probe_y = image_data(n=8, seed=2)
+    loss_fn = nn.CrossEntropyLoss()
+    probe = None
+    if probe_factory is not None:
+        probe = probe_factory(model, loss_fn, (probe_X, probe_y))
+    if optimizer == "probed":
+        opt = ProbedSGD(model.parameters(), lr=0.05, momentum=0.9, probe=probe)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if probe is not None:
+            probe.attach(opt)
+    torch.manual_seed(7)
+    for _ in range(steps):
+        i = torch.randint(0, 16, (8,))  # consumes the global RNG
+        opt.zero_grad()
+        loss_fn(model(X[i]), y[i]).backward()
+        opt.step()
+    return _snapshot(model, opt), probe
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "probed"])
+@pytest.mark.parametrize("model_fn", [tiny_cnn, DropoutCNN], ids=["bn", "bn+dropout"])
+def test_probe_never_changes_trajectory_vandal(model_fn, optimizer):
+    ref, _ = _train(model_fn, optimizer=optimizer)
+
+    def factory(model, loss_fn, data):
+        return NoiseProbe(model, loss_fn, data, every=3, k=2, _measure=Vandal())
+
+    got, probe = _train(model_fn, probe_factory=factory, optimizer=optimizer)
+    assert probe.num_probes == 4
+    _assert_equal_snapshots(ref, got)
+
+
+@pytest.mark.skipif(not HAS_METRICS, reason="noise_geometry not available yet")
+def test_probe_never_changes_trajectory_real_metrics():
+    # BatchNorm in train mode and dropout (consumes the RNG) with noise_geometry
+    ref, _ = _train(DropoutCNN, optimizer="probed")
+
+    def factory(model, loss_fn, data):
+        return NoiseProbe(model, loss_fn, data, every=6, k=2, metrics=["loss", "mu"])
+
+    got, probe = _train(DropoutCNN, probe_factory=factory, optimizer="probed")
+    assert [r["step"] for r in probe.history] == [6, 12]
+    assert all(math.isfinite(r["mu"]) for r in probe.history)
+    _assert_equal_snapshots(ref, got)
+
+
+def _loop(model, opt, steps, X, y, loss_fn=None):
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+
+
+def test_schedule_records_and_warm_start():
+    model = mlp()
+    X, y = make_data()
+    vandal = Vandal()
+    probe = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), every=2, k=3, seed=5, _measure=vandal
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert probe.attach(opt) is probe
+    _loop(model, opt, 7, X, y)
+    assert [r["step"] for r in probe.history] == [2, 4, 6]
+    assert [c["seed"] for c in vandal.calls] == [5, 6, 7]
+    assert all(c["k"] == 3 and c["metrics"] is None for c in vandal.calls)
+    # the first probe starts cold, each later one from the previous eigenvectors
+    assert vandal.calls[0]["v0"] is None
+    assert torch.equal(vandal.calls[1]["v0"], torch.full_like(vandal.calls[1]["v0"], 1))
+    assert torch.equal(vandal.calls[2]["v0"], torch.full_like(vandal.calls[2]["v0"], 2))
+    rec = probe.history[0]
+    assert rec["lr"] == 0.1 and rec["eigenvalues"] == [2.0, 1.0]
+    assert rec["cost_n_hvp"] == 3.0 and rec["probe_seconds"] >= 0
+    assert probe.step_count == 7 and probe.num_probes == 3
+    probe.detach()
+    _loop(model, opt, 2, X, y)
+    assert probe.step_count == 7 and len(probe.history) == 3 and not probe.attached
+
+
+def test_warm_start_off_and_lr_of_groups():
+    model = mlp()
+    X, y = make_data()
+    vandal = Vandal()
+    probe = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), every=1, warm_start=False, _measure=vandal
+    )
+    params = list(model.parameters())
+    opt = torch.optim.Adam(  # any optimizer
+        [{"params": params[:2]}, {"params": params[2:], "lr": torch.tensor(0.5)}],
+        lr=0.25,
+    )
+    probe.attach(opt)
+    _loop(model, opt, 2, X, y)
+    assert [c["v0"] for c in vandal.calls] == [None, None]
+    assert probe.history[0]["lr"] == [0.25, 0.5]
+    assert probe.measure()["lr"] == [0.25, 0.5]  # manual probe, attached optimizer
+
+
+def test_sinks_jsonl_writer_callback(tmp_path):
+    model = mlp()
+    X, y = make_data()
+
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+    writer, seen = Writer(), []
+    path = tmp_path / "noise.jsonl"
+    values = {"loss": 0.5, "mu": float("nan"), "alpha": float("inf")}
+    probe = NoiseProbe(
+        model,
+        nn.CrossEntropyLoss(),
+        (X, y),
+        every=1,
+        sinks=[path, str(tmp_path / "b.jsonl"), writer],
+        callback=seen.append,
+        _measure=Vandal(values),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        _loop(model, opt, 2, X, y)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and (tmp_path / "b.jsonl").read_text().splitlines() == lines
+    first = json.loads(lines[0])  # strict JSON: NaN and inf written as null
+    assert "NaN" not in lines[0] and "Infinity" not in lines[0]
+    assert first["step"] == 1 and first["loss"] == 0.5
+    assert first["mu"] is None and first["alpha"] is None
+    assert first["eigenvalues"] == [2.0, 1.0]
+    # in memory, non-finite values are NaN floats (inf too)
+    assert math.isnan(probe.history[0]["mu"]) and math.isnan(probe.history[0]["alpha"])
+    assert seen == probe.history
+    tags = {t for t, _, s in writer.calls if s == 1}
+    assert {"noise/loss", "noise/mu", "noise/lr", "noise/eigenvalues/0"} <= tags
+    assert ("noise/loss", 0.5, 2) in writer.calls
+    assert "noise/step" not in tags
+
+
+def test_nonfinite_metrics_warn_once_and_training_continues():
+    model = mlp()
+    X, y = make_data()
+    probe = NoiseProbe(
+        model,
+        nn.CrossEntropyLoss(),
+        (X, y),
+        every=1,
+        _measure=Vandal({"loss": float("nan"), "mu": 1.0}),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _loop(model, opt, 3, X, y)
+    runtime = [x for x in w if issubclass(x.category, RuntimeWarning)]
+    assert len(runtime) == 1 and "NoiseProbe" in str(runtime[0].message)
+    assert probe.num_nonfinite == 3 and len(probe.history) == 3
+    assert math.isnan(probe.history[2]["loss"]) and probe.history[2]["mu"] == 1.0
+
+
+def test_nonfinite_parameters_skip_measurement():
+    model = mlp()
+    X, y = make_data()
+    vandal = Vandal()
+    probe = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), every=1, metrics=["loss"], _measure=vandal
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="recorded as NaN"):
+        opt.step()  # no grads: the step is a no-op, the probe still runs
+    assert vandal.calls == []
+    assert math.isnan(probe.history[0]["loss"]) and probe.num_nonfinite == 1
+
+
+def _raiser(model, loss_fn, data, **kwargs):
+    raise RuntimeError("eigensolver broke down")
+
+
+def test_exception_on_nonfinite_probe_loss_recorded_as_nan():
+    model = mlp()
+    X, y = make_data()
+    X = X.clone()
+    X[0, 0] = float("nan")  # the probe loss is NaN
+    probe = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), every=1, metrics=["mu"], _measure=_raiser
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    rng = torch.get_rng_state()
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert math.isnan(probe.history[0]["mu"])
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_exception_on_finite_inputs_propagates():
+    model = mlp()
+    X, y = make_data()
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, _measure=_raiser)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    grads_before = [p.grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="eigensolver broke down"):
+        opt.step()
+    assert [p.grad for p in model.parameters()] == grads_before
+
+
+def test_state_dict_round_trip_weights_only():
+    model = mlp()
+    X, y = make_data()
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=2, _measure=Vandal())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    _loop(model, opt, 4, X, y)
+    buf = io.BytesIO()
+    torch.save(probe.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd["step_count"] == 4 and sd["num_probes"] == 2
+    vandal = Vandal()
+    probe2 = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=2, _measure=vandal)
+    probe2.load_state_dict(sd)
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe2.attach(opt2)
+    _loop(model, opt2, 2, X, y)
+    assert probe2.history[0]["step"] == 6
+    assert vandal.calls[0]["seed"] == 2  # probe index continues
+    assert torch.equal(vandal.calls[0]["v0"], sd["eigenvectors"])
+    assert "eigenvectors" not in probe.state_dict(include_eigenvectors=False)
+    with pytest.raises(ValueError, match="has no 'num_probes' entry"):
+        probe2.load_state_dict({"step_count": 1})
+    with pytest.raises(ValueError, match=r"`state_dict\['step_count'\]` must be >= 0"):
+        probe2.load_state_dict({"step_count": -1, "num_probes": 0})
+
+
+def _probe(**kwargs):
+    model = mlp()
+    return NoiseProbe(model, nn.CrossEntropyLoss(), make_data(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(every=0), ValueError, "`every` must be >= 1; got 0."),
+        (dict(every=2.5), TypeError, "`every` must be an integer; got float."),
+        (dict(k=0), ValueError, "`k` must be >= 1; got 0."),
+        (dict(seed="a"), TypeError, "`seed` must be an integer; got str."),
+        (dict(metrics="mu"), TypeError, "`metrics` must be a sequence"),
+        (dict(sinks=[3]), ValueError, "each sink must be a path"),
+        (dict(callback=3), TypeError, "`callback` must be callable or None"),
+        (dict(v0=None), ValueError, "`v0` is set by NoiseProbe itself"),
+    ],
+    ids=["every=0", "every=float", "k=0", "seed", "metrics=str", "sink", "cb", "v0"],
+)
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _probe(_measure=Vandal(), **kwargs)
+
+
+@pytest.mark.skipif(not HAS_METRICS, reason="noise_geometry not available yet")
+def test_unknown_metric_and_option_listed():
+    with pytest.raises(
+        ValueError, match="`metrics` must be one of 'loss', .*got 'mew'"
+    ):
+        _probe(metrics=["loss", "mew"])
+    with pytest.raises(ValueError, match="`option` must be one of .*'curvature'"):
+        _probe(curvatur="ggn")
+    probe = _probe(curvature="hessian", max_samples=8)  # forwarded options are fine
+    assert probe.options == {"curvature": "hessian", "max_samples": 8}
+
+
+def test_attach_errors():
+    probe = _probe(_measure=Vandal())
+    with pytest.raises(TypeError, match="`optimizer` must be a torch.optim.Optimizer"):
+        probe.attach(object())
+    opt = torch.optim.SGD(probe.model.parameters(), lr=0.1)
+    probe.attach(opt)
+    with pytest.raises(RuntimeError, match="already attached"):
+        probe.attach(opt)
+    assert "attached=True" in repr(probe)
+    probe.detach()
+    probe.attach(opt)  # re-attaching after detach is fine
