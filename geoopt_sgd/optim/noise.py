@@ -107,6 +107,7 @@ def standard_normal(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Draw ``z ~ N(0, I)`` of shape ``(numel,)``.
 
@@ -115,10 +116,14 @@ def standard_normal(
         generator: The source of randomness; its device must match ``device``.
         dtype: A floating dtype.
         device: Defaults to the generator's device.
+        out: Optional flat workspace ``(numel,)`` to fill in place (same values
+            as a fresh draw, without allocating; ``dtype``/``device`` ignored).
 
     Returns:
-        A flat tensor ``(numel,)``.
+        A flat tensor ``(numel,)`` (``out`` when given).
     """
+    if out is not None:
+        return out.normal_(generator=generator)
     device = generator.device if device is None else device
     return torch.randn(numel, generator=generator, dtype=dtype, device=device)
 
