@@ -1,0 +1,234 @@
+"""sharpness() and expected_sharpness() vs dense float64 Hessians."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from cases import (
+    assert_same_state,
+    image_data,
+    linear,
+    make_data,
+    mlp,
+    model_state,
+    tiny_cnn,
+)
+from torch import nn
+
+from geoopt_sgd import HessianOperator, expected_sharpness, sharpness, top_eigenpairs
+from geoopt_sgd.testing import dense_hessian
+
+
+def mlp_case():
+    model = mlp(d=5, h=8, k=3)
+    X, y = make_data(n=20, d=5, k=3)
+    return model, nn.CrossEntropyLoss(), (X, y)
+
+
+def test_sharpness_matches_dense_hessian():
+    model, loss_fn, data = mlp_case()
+    H = dense_hessian(model, loss_fn, data)
+    lam = torch.linalg.eigvalsh(H)
+    before = model_state(model)
+    rep = sharpness(model, loss_fn, data, k=3, lr=0.1, tol=1e-8, trace_probes=150)
+    assert_same_state(before, model_state(model))
+    assert rep.converged
+    # residual tol 1e-8 bounds the relative eigenvalue error by 1e-8
+    torch.testing.assert_close(rep.top_eigenvalues, lam.flip(0)[:3], rtol=1e-8, atol=0)
+    assert rep.lambda_max == pytest.approx(float(lam[-1]), rel=1e-8)
+    # lambda_min is accurate to tol * |lambda_max| in absolute terms
+    assert rep.lambda_min == pytest.approx(float(lam[0]), abs=1e-8 * float(lam[-1]))
+    assert rep.stability_ratio == pytest.approx(0.1 * float(lam[-1]) / 2, rel=1e-12)
+    # Hutchinson with 150 probes: within 4 standard errors of the exact values
+    assert abs(rep.trace - float(H.trace())) < 4 * rep.trace_stderr
+    fro = float(H.square().sum().sqrt())
+    assert abs(rep.frobenius - fro) < 4 * rep.frobenius_stderr
+    assert rep.n_hvp > 150 and rep.seconds > 0
+    assert rep.eigenvectors.shape == (H.shape[0], 3)
+    d = rep.as_dict()
+    json.dumps(d)
+    assert (
+        "eigenvectors" not in d and d["top_eigenvalues"] == rep.top_eigenvalues.tolist()
+    )
+
+
+def test_sharpness_indefinite_hessian_lambda_min_negative():
+    # far from a minimum the MLP Hessian is indefinite; lambda_max stays the
+    # largest algebraic eigenvalue
+    model = mlp(d=5, h=8, k=2, seed=3)
+    X, y = make_data(n=16, d=5, k=2, classification=False, seed=3)
+    loss_fn = nn.MSELoss()
+    lam = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, (X, y)))
+    assert lam[0] < 0
+    rep = sharpness(model, loss_fn, (X, y), k=2, tol=1e-8, trace_probes=0)
+    assert rep.trace is None and rep.frobenius is None and rep.stability_ratio is None
+    assert rep.lambda_max == pytest.approx(float(lam[-1]), rel=1e-8)
+    assert rep.lambda_min == pytest.approx(float(lam[0]), abs=1e-8 * float(lam[-1]))
+
+
+def test_sharpness_batchnorm_list_of_batches_and_warm_start():
+    model = tiny_cnn()
+    X, y = image_data(n=10)
+    data = [(X[:6], y[:6]), (X[6:], y[6:])]
+    loss_fn = nn.CrossEntropyLoss()
+    lam = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, data))
+    before = model_state(model)
+    rep = sharpness(model, loss_fn, data, k=2, tol=1e-6, trace_probes=2)
+    assert_same_state(before, model_state(model))
+    torch.testing.assert_close(rep.top_eigenvalues, lam.flip(0)[:2], rtol=1e-6, atol=0)
+    warm = sharpness(
+        model, loss_fn, data, k=2, tol=1e-6, trace_probes=0, v0=rep.eigenvectors
+    )
+    torch.testing.assert_close(
+        warm.top_eigenvalues, rep.top_eigenvalues, rtol=1e-6, atol=0
+    )
+
+
+def test_sharpness_tiny_model_dense_path():
+    # P = 3 parameters, k + 1 >= P: exact dense eigh
+    model = linear(d=2, k=1)
+    X, y = make_data(n=8, d=2, k=1, classification=False)
+    lam = torch.linalg.eigvalsh(dense_hessian(model, nn.MSELoss(), (X, y)))
+    rep = sharpness(model, nn.MSELoss(), (X, y), k=2, trace_probes=0)
+    torch.testing.assert_close(rep.top_eigenvalues, lam.flip(0)[:2], rtol=1e-12, atol=0)
+    assert rep.lambda_min == pytest.approx(float(lam[0]), rel=1e-10)
+    assert rep.n_hvp == 3
+
+
+def test_sharpness_budget_warning():
+    model, loss_fn, data = mlp_case()
+    with pytest.warns(RuntimeWarning, match="did not reach tol=1e-12"):
+        rep = sharpness(
+            model, loss_fn, data, k=3, tol=1e-12, trace_probes=0, max_matvecs=4
+        )
+    assert not rep.converged
+
+
+def test_hessian_operator_eigenpairs_vs_eigh():
+    model, loss_fn, data = mlp_case()
+    H = dense_hessian(model, loss_fn, data)
+    lam, U = torch.linalg.eigh(H)
+    res = top_eigenpairs(HessianOperator(model, loss_fn, data), 4, tol=1e-9)
+    torch.testing.assert_close(res.eigenvalues, lam.flip(0)[:4], rtol=1e-9, atol=0)
+    # vectors up to sign; gaps >= ~1e-2 * lambda_max make them well determined
+    overlap = (res.eigenvectors.T @ U.flip(1)[:, :4]).diagonal().abs()
+    assert torch.all((overlap - 1).abs() < 1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"k": 0}, ValueError, r"`k` must be >= 1; got 0"),
+        ({"k": 10_000}, ValueError, r"`k` must be <= P = \d+ .*; got 10000"),
+        ({"lr": 0.0}, ValueError, r"`lr` must be > 0; got 0.0"),
+        ({"tol": -1.0}, ValueError, r"`tol` must be > 0; got -1.0"),
+        ({"trace_probes": -1}, ValueError, r"`trace_probes` must be >= 0; got -1"),
+        ({"seed": -1}, ValueError, r"`seed` must be >= 0; got -1"),
+        ({"max_matvecs": 0}, ValueError, r"`max_matvecs` must be >= 1; got 0"),
+        (
+            {"v0": torch.ones(3)},
+            ValueError,
+            r"`v0`: expected shape \(\d+,\) or \(\d+, m\)",
+        ),
+        ({"v0": "warm"}, TypeError, r"`v0` must be a torch.Tensor; got str"),
+        ({"method": "magic"}, ValueError, r"`method` must be one of"),
+    ],
+)
+def test_sharpness_invalid_arguments(kwargs, err, match):
+    model, loss_fn, data = mlp_case()
+    with pytest.raises(err, match=match):
+        sharpness(model, loss_fn, data, **kwargs)
+
+
+# --- expected sharpness ------------------------------------------------------
+
+
+def test_expected_sharpness_exact_for_quadratic_loss():
+    # linear model + MSE: L is quadratic, so each antithetic sample is exactly
+    # nu^T H nu / 2 and E = sigma^2 / 2 tr H
+    model = linear(d=4, k=2)
+    X, y = make_data(n=30, d=4, k=2, classification=False)
+    loss_fn = nn.MSELoss()
+    H = dense_hessian(model, loss_fn, (X, y))
+    sigma = 0.1
+    before = model_state(model)
+    est = expected_sharpness(model, loss_fn, (X, y), sigma=sigma, num_samples=800)
+    assert_same_state(before, model_state(model))
+    exact = sigma**2 / 2 * float(H.trace())
+    # Var(nu^T H nu / 2) = sigma^4 ||H||_F^2 / 2 for Gaussian nu
+    exact_se = sigma**2 * math.sqrt(float(H.square().sum()) / 2 / 800)
+    assert est.stderr == pytest.approx(exact_se, rel=0.15)
+    assert abs(est.value - exact) < 4 * exact_se
+    assert est.num_probes == 800 and est.n_matvec == 0
+
+
+def test_expected_sharpness_second_order_on_mlp():
+    model, loss_fn, data = mlp_case()
+    H = dense_hessian(model, loss_fn, data)
+    sigma = 0.01
+    est = expected_sharpness(model, loss_fn, data, sigma=sigma, num_samples=200, seed=1)
+    # SPEC 2.9: S ~ sigma^2/2 tr H; the O(sigma^4) remainder is ~1e-4 relative here
+    exact = sigma**2 / 2 * float(H.trace())
+    assert abs(est.value - exact) < 4 * est.stderr + 1e-3 * abs(exact)
+    # absolute form is never below the signed one
+    ab = expected_sharpness(
+        model, loss_fn, data, sigma=sigma, num_samples=50, absolute=True
+    )
+    signed = expected_sharpness(model, loss_fn, data, sigma=sigma, num_samples=50)
+    assert ab.value >= signed.value and ab.value > 0
+    one_sided = expected_sharpness(
+        model, loss_fn, data, sigma=sigma, num_samples=50, antithetic=False
+    )
+    # without antithetic pairs the first-order term adds variance
+    assert one_sided.stderr > signed.stderr
+
+
+def test_expected_sharpness_seeded_and_rng_untouched():
+    model, loss_fn, data = mlp_case()
+    state = torch.get_rng_state()
+    a = expected_sharpness(model, loss_fn, data, num_samples=5)
+    b = expected_sharpness(model, loss_fn, data, num_samples=5)
+    c = expected_sharpness(model, loss_fn, data, num_samples=5, seed=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == b and a.value != c.value
+
+
+def test_expected_sharpness_sum_reduction_and_params_subset():
+    model = linear(d=4, k=1)
+    X, y = make_data(n=10, d=4, k=1, classification=False)
+    loss_fn = nn.MSELoss(reduction="sum")
+    H = dense_hessian(model, loss_fn, (X, y), params=[model.weight])
+    est = expected_sharpness(
+        model,
+        loss_fn,
+        [(X[:7], y[:7]), (X[7:], y[7:])],
+        sigma=0.1,
+        num_samples=400,
+        params=[model.weight],
+    )
+    exact = 0.01 / 2 * float(H.trace())
+    assert abs(est.value - exact) < 4 * est.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"sigma": 0.0}, ValueError, r"`sigma` must be > 0; got 0.0"),
+        ({"sigma": "big"}, TypeError, r"`sigma` must be a real number; got str"),
+        ({"num_samples": 0}, ValueError, r"`num_samples` must be >= 1; got 0"),
+        ({"seed": -5}, ValueError, r"`seed` must be >= 0; got -5"),
+        (
+            {"mode": "test"},
+            ValueError,
+            r"`mode` must be one of 'eval', 'train'; got 'test'",
+        ),
+    ],
+)
+def test_expected_sharpness_invalid(kwargs, err, match):
+    model, loss_fn, data = mlp_case()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(err, match=match):
+            expected_sharpness(model, loss_fn, data, **kwargs)
