@@ -42,6 +42,16 @@ class ProbedSGD(torch.optim.SGD):
         multiplies the whole step (Sutskever et al. put :math:`\eta` inside the
         velocity). The two agree for a constant learning rate.
 
+    Checkpoints: ``state_dict()`` is ``torch.optim.SGD``'s, plus, when a probe
+    is attached, a ``"probe"`` entry holding the probe's integer counters (its
+    step count and number of probes), so a resumed run keeps the probe schedule.
+    ``torch.optim.SGD.load_state_dict`` ignores that entry, and a plain SGD
+    checkpoint loads here unchanged. The probe's warm-start eigenvectors (``k``
+    times the model's size) are not part of the optimizer checkpoint; save
+    :meth:`NoiseProbe.state_dict` separately to keep them. Copies
+    (``copy.deepcopy``, pickling) carry no probe. Validation errors are torch's
+    own messages, unchanged, so code that matches on them keeps working.
+
     Args:
         params: Iterable of parameters, of ``(name, parameter)`` pairs, or of
             param-group dicts, as for any torch optimizer.
@@ -77,15 +87,6 @@ class ProbedSGD(torch.optim.SGD):
         >>> w.data
         tensor([ 0.5000, -2.5000])
 
-    State:
-        ``state_dict()`` is ``torch.optim.SGD``'s, plus, when a probe is attached,
-        a ``"probe"`` entry holding the probe's integer counters (its step count
-        and number of probes), so a resumed run keeps the probe schedule.
-        ``torch.optim.SGD.load_state_dict`` ignores that entry, and a plain SGD
-        checkpoint loads here unchanged. The probe's warm-start eigenvectors
-        (``k`` times the model's size) are not part of the optimizer checkpoint;
-        save :meth:`NoiseProbe.state_dict` separately to keep them. Copies
-        (``copy.deepcopy``, pickling) carry no probe.
     """
 
     def __init__(
