@@ -1,0 +1,398 @@
+"""Probe benchmark: per-sample gradients, metric costs, probe overhead, ProbedSGD.
+
+Four measurements (issue #3), written to ``benchmarks/results/probes.json``:
+
+1. ``per_sample``: per-sample gradient throughput of
+   :func:`geoopt_sgd.per_sample_gradients` (chunked ``vmap(grad)``) against
+   BackPACK ``BatchGrad`` (``extend(..., use_converter=True)``, needed for timm's
+   in-place residual adds) and a plain loop of single-sample backward passes, in
+   samples/s and in batch-gradient equivalents (time / time of one gradient of the
+   mean loss over the same batch).
+2. ``metric_costs``: the cost of each metric of :func:`geoopt_sgd.noise_geometry`
+   computed alone (``metrics=[name]``, ``k``, cold start), and of the default set,
+   in gradient equivalents of the probe batch, with the operation counters.
+3. ``overhead``: a resnet18 training run (SGD, momentum 0.9, batch 128, 32x32
+   random images, 10 classes) with and without a :class:`geoopt_sgd.NoiseProbe`
+   (default metrics, ``k``, warm-started, probe batch 128). The run is short on a
+   CPU, so it reports the measured ratio of the short run (probes every
+   ``--run-every`` steps) and the ratio projected to one probe every ``--every``
+   (400: one CIFAR-10 epoch at batch 128) steps from the measured mean step time
+   and the mean *warm* probe time: ``1 + t_probe / (every * t_step)``.
+   Target: <= 1.10.
+4. ``step_time``: :class:`geoopt_sgd.ProbedSGD` without a probe against
+   ``torch.optim.SGD`` (momentum 0.9, foreach and for-loop kernels) on resnet18's
+   parameters with fixed random gradients; the two are interleaved to cancel drift
+   in a shared machine's load. Target: <= 1.02.
+
+Commands (from the repository root)::
+
+    OMP_NUM_THREADS=1 python benchmarks/probes.py --quick   # ~10 min, 1 core
+    OMP_NUM_THREADS=2 python benchmarks/probes.py           # full settings
+
+All models are built with ``pretrained=False`` (no downloads); data are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import geoopt_sgd  # noqa: E402
+from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry  # noqa: E402
+from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS  # noqa: E402
+
+ESCAPE = ("sharp_fraction", "loss_energy_fraction")
+
+
+# --- helpers -------------------------------------------------------------------------
+def make_model(name, num_classes=10):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def make_batch(n, size, num_classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return x, y
+
+
+def timeit(fn, reps=3, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def grad_time(model, loss_fn, x, y, reps=3):
+    """Median time of one gradient of the mean loss (eval mode, as the probes)."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        torch.autograd.grad(loss_fn(model(x), y), params)
+
+    return timeit(run, reps=reps)
+
+
+def environment():
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+    except OSError:
+        sha = None
+    import timm
+
+    return {
+        "geoopt_sgd": geoopt_sgd.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+        "load_average": list(os.getloadavg()),
+        "git_sha": sha,
+    }
+
+
+# --- 1. per-sample gradients ---------------------------------------------------------
+def bench_per_sample(model_name, n, size, chunk_size, reps):
+    from geoopt_sgd import per_sample_gradients
+
+    model = make_model(model_name)
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = make_batch(n, size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    P = sum(p.numel() for p in params)
+    t_grad = grad_time(model, loss_fn, x, y, reps=reps)
+    out = {"model": model_name, "P": P, "n": n, "t_grad": t_grad}
+
+    def vmap_route():
+        per_sample_gradients(model, loss_fn, x, y, chunk_size=chunk_size)
+
+    def loop_route():
+        rows = []
+        for i in range(n):
+            g = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+        return torch.stack(rows)
+
+    out["vmap"] = {"seconds": timeit(vmap_route, reps=reps), "chunk_size": chunk_size}
+    out["loop"] = {"seconds": timeit(loop_route, reps=reps)}
+    try:
+        out["backpack"] = {"seconds": _backpack_time(model_name, x, y, reps)}
+    except Exception as e:  # BackPACK does not support every layer
+        out["backpack"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    for key in ("vmap", "loop", "backpack"):
+        s = out[key].get("seconds")
+        if s is not None:
+            out[key]["samples_per_s"] = n / s
+            out[key]["grad_equivalents"] = s / t_grad
+    return out
+
+
+def _backpack_time(model_name, x, y, reps):
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    model = extend(make_model(model_name), use_converter=True)
+    model.eval()
+    loss_fn = extend(nn.CrossEntropyLoss())
+
+    def run():
+        model.zero_grad()
+        loss = loss_fn(model(x), y)
+        with backpack(BatchGrad()):
+            loss.backward()
+
+    return timeit(run, reps=reps)
+
+
+# --- 2. metric costs -----------------------------------------------------------------
+def bench_metric_costs(model_name, n, size, k, names, reps):
+    model = make_model(model_name)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = make_batch(n, size, seed=1)
+    t_grad = grad_time(model, loss_fn, x, y, reps=reps)
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    g = torch.Generator().manual_seed(3)
+    displacement = 1e-2 * torch.randn(P, generator=g)
+    noise_geometry(model, loss_fn, (x, y), metrics=["loss"], k=1)  # warm up
+    rows = {}
+    for name in names:
+        metrics = list(DEFAULT_METRICS) if name == "default" else [name]
+        kwargs = {"displacement": displacement} if name in ESCAPE else {}
+        t0 = time.perf_counter()
+        res = noise_geometry(model, loss_fn, (x, y), metrics=metrics, k=k, **kwargs)
+        seconds = time.perf_counter() - t0
+        rows[name] = {
+            "seconds": seconds,
+            "grad_equivalents": seconds / t_grad,
+            "route": res.route,
+            "value": res.values.get(name) if name != "default" else None,
+            "cost": {c: float(v) for c, v in res.cost.items()},
+        }
+    return {"model": model_name, "P": P, "n": n, "k": k, "t_grad": t_grad, "rows": rows}
+
+
+# --- 3. probe overhead ---------------------------------------------------------------
+def _train(model, loss_fn, batches, opt, steps):
+    """Train ``steps`` steps; return each step's wall time."""
+    model.train()
+    times = []
+    for t in range(steps):
+        x, y = batches[t % len(batches)]
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_overhead(model_name, batch, size, probe_batch, k, steps, run_every, every):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [make_batch(batch, size, seed=10 + i) for i in range(4)]
+    probe_data = make_batch(probe_batch, size, seed=99)
+
+    model = make_model(model_name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    _train(model, loss_fn, batches, opt, 2)  # warm up allocator and kernels
+    base = _train(model, loss_fn, batches, opt, steps)
+
+    model = make_model(model_name)
+    probe = NoiseProbe(model, loss_fn, probe_data, every=run_every, k=k)
+    opt = ProbedSGD(model.parameters(), lr=0.01, momentum=0.9)
+    _train(model, loss_fn, batches, opt, 2)
+    probe.attach(opt)
+    probed = _train(model, loss_fn, batches, opt, steps)
+
+    probe_times = [r["probe_seconds"] for r in probe.history]
+    plain_steps = [
+        t for i, t in enumerate(probed, start=1) if i % run_every != 0
+    ]  # steps of the probed run whose hook did not measure
+    t_step = statistics.mean(base)
+    warm = probe_times[1:] or probe_times
+    t_probe = statistics.mean(warm)
+    return {
+        "model": model_name,
+        "batch": batch,
+        "image_size": size,
+        "probe_batch": probe_batch,
+        "k": k,
+        "metrics": list(DEFAULT_METRICS),
+        "steps": steps,
+        "run_every": run_every,
+        "t_step_mean": t_step,
+        "t_step_probed_run_mean": statistics.mean(plain_steps),
+        "probe_seconds": probe_times,
+        "probe_seconds_cold": probe_times[0] if probe_times else None,
+        "probe_seconds_warm_mean": t_probe,
+        "probe_grad_equivalents": t_probe
+        / grad_time(model, loss_fn, *probe_data, reps=2),
+        "measured_ratio": sum(probed) / sum(base),
+        "every": every,
+        "projected_ratio": 1.0 + t_probe / (every * t_step),
+        "routes": sorted({r.get("route", "?") for r in probe.history}),
+        "values_last": {
+            k_: v for k_, v in probe.history[-1].items() if isinstance(v, float)
+        },
+    }
+
+
+# --- 4. ProbedSGD step time ----------------------------------------------------------
+def bench_step_time(model_name, reps, steps_per_rep):
+    out = {}
+    for foreach in (True, False):
+        model = make_model(model_name)
+        params_a = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        params_b = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        g = torch.Generator().manual_seed(0)
+        for pa, pb in zip(params_a, params_b, strict=True):
+            pa.grad = 1e-3 * torch.randn(pa.shape, generator=g)
+            pb.grad = pa.grad.clone()
+        sgd = torch.optim.SGD(params_a, lr=1e-3, momentum=0.9, foreach=foreach)
+        probed = ProbedSGD(params_b, lr=1e-3, momentum=0.9, foreach=foreach)
+        ta, tb = [], []
+        for r in range(reps + 1):
+            for opt, acc in (
+                ((sgd, ta), (probed, tb))
+                if r % 2
+                else (
+                    (probed, tb),
+                    (sgd, ta),
+                )
+            ):
+                t0 = time.perf_counter()
+                for _ in range(steps_per_rep):
+                    opt.step()
+                if r > 0:  # first rep is warm-up
+                    acc.append((time.perf_counter() - t0) / steps_per_rep)
+        out["foreach" if foreach else "for-loop"] = {
+            "sgd_seconds": statistics.median(ta),
+            "probed_sgd_seconds": statistics.median(tb),
+            "ratio": statistics.median(tb) / statistics.median(ta),
+            # the minimum is the least disturbed by other processes' load
+            "ratio_of_minima": min(tb) / min(ta),
+            "equal_params": all(
+                torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True)
+            ),
+        }
+    return {"model": model_name, "reps": reps, "steps_per_rep": steps_per_rep, **out}
+
+
+# --- main ----------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small settings (~10 min)")
+    ap.add_argument("--models", default="test_resnet,resnet18")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--per-sample-n", type=int, default=None)
+    ap.add_argument("--probe-batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="overhead run length")
+    ap.add_argument("--run-every", type=int, default=None)
+    ap.add_argument("--every", type=int, default=400)
+    ap.add_argument("--sections", default="per_sample,metric_costs,overhead,step_time")
+    ap.add_argument("--out", default="benchmarks/results/probes.json")
+    args = ap.parse_args(argv)
+
+    q = args.quick
+    per_sample_n = args.per_sample_n or (16 if q else 64)
+    probe_batch = args.probe_batch or (32 if q else 128)
+    steps = args.steps or (12 if q else 40)
+    run_every = args.run_every or (6 if q else 20)
+    models = args.models.split(",")
+    sections = args.sections.split(",")
+    reps = 2 if q else 3
+    torch.manual_seed(0)
+
+    results = {
+        "schema_version": 1,
+        "benchmark": "probes",
+        "quick": q,
+        "settings": vars(args)
+        | {
+            "per_sample_n": per_sample_n,
+            "probe_batch": probe_batch,
+            "steps": steps,
+            "run_every": run_every,
+        },
+        "env": environment(),
+    }
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        results["env"]["load_average_end"] = list(os.getloadavg())
+        out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    if "per_sample" in sections:
+        results["per_sample"] = []
+        for name in models:
+            results["per_sample"].append(
+                bench_per_sample(name, per_sample_n, args.image_size, 8, reps)
+            )
+            save()
+    if "metric_costs" in sections:
+        results["metric_costs"] = []
+        for name in models:
+            small = sum(p.numel() for p in make_model(name).parameters()) < 1e6
+            names = list(METRICS) if small else ["loss", "mu", "spearman"]
+            names = ["default"] + [m for m in names if m != "n_nonfinite"]
+            results["metric_costs"].append(
+                bench_metric_costs(
+                    name, probe_batch, args.image_size, args.k, names, reps
+                )
+            )
+            save()
+    if "overhead" in sections:
+        results["overhead"] = bench_overhead(
+            "resnet18" if "resnet18" in models else models[-1],
+            128 if not q else 32,
+            args.image_size,
+            probe_batch,
+            args.k,
+            steps,
+            run_every,
+            args.every,
+        )
+        save()
+    if "step_time" in sections:
+        results["step_time"] = bench_step_time(
+            "resnet18" if "resnet18" in models else models[-1],
+            reps=20 if q else 40,
+            steps_per_rep=10,
+        )
+        save()
+    save()
+    return results
+
+
+if __name__ == "__main__":
+    res = main()
+    print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1)[:4000])
