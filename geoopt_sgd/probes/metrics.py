@@ -501,7 +501,7 @@ def noise_geometry(
         )
     fm = FunctionalModel(model, params, mode=mode)
     P = fm.numel
-    if k > P:
+    if wanted & _EIGEN and k > P:
         raise ValueError(f"`k` must be <= P = {P}; got {k}.")
     delta = None if displacement is None else _flatten_displacement(displacement, fm)
     gen = torch.Generator().manual_seed(0 if seed is None else seed)

@@ -170,7 +170,8 @@ def dense_curvature(
         return out
 
     def outputs(v: Tensor) -> Tensor:
-        return functional_call(model, ({**split(v), **bufs},), (inputs,))
+        fresh = {k: b.clone() for k, b in bufs.items()}  # train-mode BN writes them
+        return functional_call(model, ({**split(v), **fresh},), (inputs,))
 
     with _Policy(model, mode):
         if kind == "hessian":
@@ -181,7 +182,10 @@ def dense_curvature(
                     [ell(out[i], targets[i]) for i in range(len(out))]
                 ).mean()
 
-            return hessian(mean_loss)(flat0).detach()
+            # plain autograd double backward: torch.func's nested transforms
+            # (jacfwd(jacrev) and jacrev(jacrev)) return a non-symmetric, wrong
+            # Hessian through train-mode batch_norm here (cf. pytorch#196699)
+            return torch.autograd.functional.hessian(mean_loss, flat0).detach()
         out = outputs(flat0).detach()
         N = out.shape[0]
         J = jacrev(lambda v: outputs(v).reshape(N, -1))(flat0).detach()  # (N, K, P)
@@ -293,7 +297,8 @@ def dense_metrics(
         for n, s in zip(names, shapes, strict=True):
             d[n] = vv[i : i + s.numel()].reshape(s)
             i += s.numel()
-        return functional_call(model, ({**d, **bufs},), (inputs,))
+        fresh = {k: b.clone() for k, b in bufs.items()}
+        return functional_call(model, ({**d, **fresh},), (inputs,))
 
     with _Policy(model, mode):
         N = out.shape[0]

@@ -1,0 +1,443 @@
+import json
+import math
+
+import cases
+import pytest
+import torch
+from torch import nn
+
+from geoopt_sgd import noise_geometry
+from geoopt_sgd.probes.metrics import (
+    DEFAULT_METRICS,
+    METRICS,
+    _haar,
+    _linregress,
+    _random_directions,
+    _spearman,
+)
+from geoopt_sgd.testing import dense_curvature, dense_metrics
+
+# Exact route vs explicit float64 matrices: the same quantities summed in a different
+# order (Gram identities vs P x P products), so agreement to ~1e-12 relative;
+# 1e-9 leaves room for the conditioning of ratios such as alpha and mu.
+RTOL = 1e-9
+ALL = [m for m in METRICS]
+K = 3
+SEED = 7
+
+
+def _case(name):
+    if name == "linear-mse":
+        X, y = cases.make_data(n=10, k=1, classification=False)
+        return cases.linear(), nn.MSELoss(), X, y
+    if name == "mlp-mse":
+        X, y = cases.make_data(classification=False)
+        return cases.mlp(), nn.MSELoss(), X, y
+    if name == "mlp-ce":
+        return cases.mlp(), nn.CrossEntropyLoss(), *cases.make_data()
+    if name == "cnn-ce":
+        return cases.tiny_cnn(), nn.CrossEntropyLoss(), *cases.image_data()
+    raise KeyError(name)
+
+
+def _numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _compare(res, ref, keys):
+    for key in keys:
+        got, want = res.values[key], ref[key]
+        assert math.isclose(got, want, rel_tol=RTOL, abs_tol=1e-12), (key, got, want)
+
+
+CONFIGS = [
+    ("linear-mse", {}),
+    ("mlp-mse", {}),
+    ("mlp-ce", {}),
+    ("cnn-ce", {}),
+    ("cnn-ce", {"mode": "train"}),
+    ("mlp-ce", {"curvature": "hessian"}),
+    ("mlp-mse", {"curvature": "hessian"}),
+    ("mlp-mse", {"cov": "minibatch", "batch_size": 3}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    CONFIGS,
+    ids=[
+        f"{n}-{'-'.join(f'{a}={b}' for a, b in kw.items()) or 'default'}"
+        for n, kw in CONFIGS
+    ],
+)
+def test_exact_route_matches_dense(name, kw):
+    model, loss_fn, X, y = _case(name)
+    P = _numel(model)
+    delta = torch.linspace(-1, 1, P, dtype=torch.float64)
+    before = cases.model_state(model)
+    res = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        metrics=ALL,
+        k=K,
+        seed=SEED,
+        route="exact",
+        displacement=delta,
+        **kw,
+    )
+    cases.assert_same_state(before, cases.model_state(model))
+    assert res.route == "exact"
+    gen = torch.Generator().manual_seed(SEED)
+    R = _random_directions(P, 8, gen)
+    rots = _haar(K, 8, gen)
+    ref = dense_metrics(
+        model,
+        loss_fn,
+        X,
+        y,
+        k=K,
+        curvature=kw.get("curvature", "ggn"),
+        batch_size=kw.get("batch_size"),
+        mode=kw.get("mode", "eval"),
+        eigenvalues=res.eigenvalues,
+        eigenvectors=res.eigenvectors,
+        random_directions=R,
+        rotations=rots,
+        displacement=delta,
+    )
+    _compare(
+        res,
+        ref,
+        [m for m in ALL if m not in ("noise_energies", "directional_alignment")],
+    )
+    for arr in (
+        "noise_energies",
+        "directional_alignment",
+        "direction_shares",
+        "loss_shares",
+    ):
+        torch.testing.assert_close(getattr(res, arr), ref[arr], rtol=RTOL, atol=1e-12)
+    assert res.values["n_nonfinite"] == 0
+    assert res.num_samples == y.shape[0]
+    # the eigenpairs are the dense curvature's top-k (up to the solver's tolerance)
+    C = dense_curvature(
+        model,
+        loss_fn,
+        X,
+        y,
+        kind=kw.get("curvature", "ggn"),
+        mode=kw.get("mode", "eval"),
+    )
+    lam = torch.linalg.eigvalsh(C).flip(0)[:K]
+    torch.testing.assert_close(res.eigenvalues, lam, rtol=1e-6, atol=1e-9)
+
+
+def test_default_metrics_and_json():
+    model, loss_fn, X, y = _case("mlp-ce")
+    res = noise_geometry(model, loss_fn, (X, y), k=2)
+    assert set(res.values) == set(DEFAULT_METRICS) - {
+        "noise_energies",
+        "directional_alignment",
+    } | {"n_nonfinite"}
+    d = res.as_dict()
+    text = json.dumps(d)
+    assert "NaN" not in text
+    P = _numel(model)
+    for key, val in d.items():
+        assert not isinstance(val, list) or len(val) < P, key
+    assert len(d["eigenvalues"]) == 2 and len(d["noise_energies"]) == 2
+    assert d["num_samples"] == 12 and d["route"] == "exact"
+    assert d["cost_n_per_sample_grad"] == 12 and d["cost_seconds"] > 0
+
+
+def test_escape_metrics_added_with_displacement_and_list_form():
+    model, loss_fn, X, y = _case("mlp-mse")
+    P = _numel(model)
+    delta = torch.randn(
+        P, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    a = noise_geometry(model, loss_fn, (X, y), k=2, displacement=delta)
+    parts = [
+        t.clone() for t in torch.split(delta, [p.numel() for p in model.parameters()])
+    ]
+    parts = [t.reshape(p.shape) for t, p in zip(parts, model.parameters(), strict=True)]
+    b = noise_geometry(model, loss_fn, (X, y), k=2, displacement=parts)
+    for key in ("sharp_fraction", "loss_energy_fraction"):
+        assert 0 < a.values[key] < 1
+        assert a.values[key] == b.values[key]
+    torch.testing.assert_close(
+        a.direction_shares.sum(),
+        torch.tensor(a.values["sharp_fraction"], dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        a.loss_shares.sum(), torch.tensor(1.0, dtype=torch.float64)
+    )
+
+
+def test_gd_escape_direction_is_sharpest():
+    # delta along u_1 exactly: all of its energy is in the top-1 direction
+    model, loss_fn, X, y = _case("mlp-mse")
+    res = noise_geometry(model, loss_fn, (X, y), k=3, metrics=["noise_energies"])
+    delta = 0.3 * res.eigenvectors[:, 0]
+    esc = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        k=3,
+        displacement=delta,
+        metrics=["sharp_fraction", "loss_energy_fraction"],
+        v0=res.eigenvectors,
+    )
+    assert esc.values["sharp_fraction"] == pytest.approx(1.0, rel=1e-9)
+    assert esc.values["loss_energy_fraction"] == pytest.approx(1.0, rel=1e-9)
+    assert esc.direction_shares[0] == pytest.approx(1.0, rel=1e-9)
+
+
+def test_sketch_route_statistical():
+    # Each sketch quantity is a mean of s = 600 Gaussian-probe quadratic forms
+    # w^T A w (w ~ N(0, G)) or xi^T A xi (xi ~ (0, Sigma)); for PSD A their
+    # relative standard deviation is sqrt(2 Tr((AG)^2)) / Tr(AG) <= sqrt(2 / s)
+    # = 0.058. Ratios of up to three such estimates (mu, alpha, beta) get
+    # <= 0.1; a tolerance of 0.25 is > 2.5 sigma of that worst case, and the
+    # seed is fixed, so the test is deterministic.
+    X, y = cases.make_data(n=16, classification=False)
+    model, loss_fn = cases.mlp(), nn.MSELoss()
+    ms = [
+        "loss",
+        "alpha",
+        "beta",
+        "mu",
+        "mu1",
+        "mu2",
+        "tr_sigma",
+        "tr_h_sigma",
+        "tr_h_sigma_iso",
+        "gradient_uniformity",
+    ]
+    ex = noise_geometry(model, loss_fn, (X, y), metrics=ms, route="exact")
+    sk = noise_geometry(
+        model, loss_fn, (X, y), metrics=ms, route="sketch", num_probes=600, seed=0
+    )
+    assert sk.route == "sketch" and sk.cost["n_per_sample_grad"] == 0
+    for key in ms:
+        assert sk.values[key] == pytest.approx(ex.values[key], rel=0.25), key
+    # mu2 uses the exact Tr(Sigma_2 G) but the estimated ||G||_F; loss is exact
+    assert sk.values["loss"] == pytest.approx(ex.values["loss"], rel=1e-12)
+
+
+def test_sketch_route_minibatch_ce_statistical():
+    # same derivation as above, with the mini-batch covariance (B = 2, M = 8)
+    X, y = cases.make_data(n=16)
+    model, loss_fn = cases.mlp(), nn.CrossEntropyLoss()
+    ms = ["mu", "mu1", "tr_sigma", "tr_h_sigma"]
+    kw = {"metrics": ms, "cov": "minibatch", "batch_size": 2}
+    ex = noise_geometry(model, loss_fn, (X, y), route="exact", **kw)
+    sk = noise_geometry(
+        model, loss_fn, (X, y), route="sketch", num_probes=600, seed=1, **kw
+    )
+    for key in ms:
+        assert sk.values[key] == pytest.approx(ex.values[key], rel=0.25), key
+
+
+def test_eigen_metrics_same_on_both_routes():
+    # the eigenbasis metrics are exact on either route (one jvp per direction)
+    model, loss_fn, X, y = _case("mlp-ce")
+    ms = [
+        "noise_energies",
+        "directional_alignment",
+        "power_law_exponent",
+        "commutativity_error",
+    ]
+    ex = noise_geometry(model, loss_fn, (X, y), metrics=ms, route="exact", k=3)
+    sk = noise_geometry(model, loss_fn, (X, y), metrics=ms, route="sketch", k=3)
+    torch.testing.assert_close(sk.noise_energies, ex.noise_energies, rtol=1e-10, atol=0)
+    assert sk.values["commutativity_error"] == pytest.approx(
+        ex.values["commutativity_error"], rel=1e-9
+    )
+
+
+def test_online_linear_model_mu_at_least_one():
+    # WWS22 Prop. 2.3 / SPEC §2.1: for f = theta^T x, x ~ N(0, S), noiseless
+    # teacher, e = theta - theta*: Sigma = 2L G + S e e^T S with G = S, so
+    # mu = 1 + e^T S^3 e / (e^T S e ||S||_F^2) = 1.348 here. The finite-sample mu
+    # fluctuates around it through the empirical fourth moments: over seeds we
+    # measured a spread of about 3% at n = 4000, so 10% is > 3 sigma, and
+    # mu > 1 is > 10 sigma away.
+    g = torch.Generator().manual_seed(0)
+    d, n = 3, 4000
+    S_half = torch.diag(torch.tensor([1.5, 1.0, 0.5], dtype=torch.float64))
+    S = S_half @ S_half
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) @ S_half
+    teacher = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    y = (X @ teacher).unsqueeze(1)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64))
+    e = model.weight.detach().reshape(-1) - teacher
+    mu_pop = 1 + float(e @ S @ S @ S @ e) / (float(e @ S @ e) * float((S * S).sum()))
+    res = noise_geometry(
+        model,
+        nn.MSELoss(),
+        (X, y),
+        metrics=["mu", "mu1", "alpha"],
+        route="exact",
+        max_samples=n,
+    )
+    assert res.values["mu"] == pytest.approx(mu_pop, rel=0.1)
+    assert res.values["mu"] > 1.0
+    assert res.values["mu1"] >= res.values["mu"]
+
+
+def test_linregress_and_spearman_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(20, generator=g, dtype=torch.float64)
+    y = 2 * x + 0.3 * torch.randn(20, generator=g, dtype=torch.float64)
+    ref = stats.linregress(x.numpy(), y.numpy())
+    slope, r2 = _linregress(x, y)
+    assert slope == pytest.approx(ref.slope, rel=1e-12)
+    assert r2 == pytest.approx(ref.rvalue**2, rel=1e-12)
+    y[3] = y[5]  # a tie: average ranks, as scipy
+    assert _spearman(x, y) == pytest.approx(
+        stats.spearmanr(x.numpy(), y.numpy())[0], rel=1e-12
+    )
+    assert math.isnan(_linregress(x[:1], y[:1])[0])
+    assert math.isnan(_spearman(x[:1], y[:1]))
+
+
+def test_commutativity_baseline_near_sqrt2_for_commuting_case():
+    # C~ diagonal (commutes with Lambda): error 0; random rotations of Lambda
+    # give the ZYT baseline, which is clearly positive.
+    model, loss_fn, X, y = _case("mlp-mse")
+    res = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        k=4,
+        metrics=["commutativity_error", "commutativity_baseline"],
+    )
+    assert 0 <= res.values["commutativity_error"] < res.values["commutativity_baseline"]
+
+
+def test_warm_start_and_max_samples():
+    model, loss_fn, X, y = _case("mlp-ce")
+    a = noise_geometry(model, loss_fn, (X, y), k=2, metrics=["noise_energies"])
+    b = noise_geometry(
+        model, loss_fn, (X, y), k=2, metrics=["noise_energies"], v0=a.eigenvectors
+    )
+    torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-6, atol=1e-9)
+    sub = noise_geometry(
+        model,
+        loss_fn,
+        [(X[:5], y[:5]), (X[5:], y[5:])],
+        max_samples=8,
+        metrics=["mu", "loss"],
+    )
+    first = noise_geometry(model, loss_fn, (X[:8], y[:8]), metrics=["mu", "loss"])
+    assert sub.num_samples == 8
+    assert sub.values["mu"] == pytest.approx(first.values["mu"], rel=1e-12)
+
+
+def test_nonfinite_gives_nan_not_error():
+    model, loss_fn, X, y = _case("mlp-ce")
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    res = noise_geometry(model, loss_fn, (X, y), k=2)
+    for p, q in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(math.isnan(v) for k, v in res.values.items() if k != "n_nonfinite")
+    assert res.values["n_nonfinite"] == len(res.values) - 1 > 0
+    json.dumps(res.as_dict())  # NaN is still serialisable by json (as NaN)
+
+
+def test_loss_uses_square_convention_for_mse():
+    model, _, X, y = _case("mlp-mse")
+    res = noise_geometry(model, nn.MSELoss(), (X, y), metrics=["loss"])
+    expected = 0.5 * ((model(X).detach() - y) ** 2).sum(1).mean()
+    assert res.values["loss"] == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        (
+            {"metrics": ["mu", "nope"]},
+            ValueError,
+            "`metrics` must be one of 'loss', .*; got 'nope'",
+        ),
+        ({"k": 0}, ValueError, "`k` must be >= 1; got 0"),
+        ({"k": 1000}, ValueError, r"`k` must be <= P = 57; got 1000"),
+        ({"k": 2.5}, TypeError, "`k` must be an integer; got float"),
+        (
+            {"curvature": "fisher"},
+            ValueError,
+            "`curvature` must be one of 'ggn', 'hessian'; got 'fisher'",
+        ),
+        (
+            {"cov": "full"},
+            ValueError,
+            "`cov` must be one of 'per_sample', 'minibatch'; got 'full'",
+        ),
+        (
+            {"route": "dense"},
+            ValueError,
+            "`route` must be one of 'auto', 'exact', 'sketch'; got 'dense'",
+        ),
+        (
+            {"mode": "test"},
+            ValueError,
+            "`mode` must be one of 'eval', 'train'; got 'test'",
+        ),
+        (
+            {"cov": "minibatch"},
+            ValueError,
+            "`batch_size` must be given with cov='minibatch'",
+        ),
+        (
+            {"cov": "minibatch", "batch_size": 0},
+            ValueError,
+            "`batch_size` must be >= 1; got 0",
+        ),
+        (
+            {"cov": "minibatch", "batch_size": 7},
+            ValueError,
+            "at least 2 batches of 7 for a covariance; got 12 samples",
+        ),
+        ({"max_samples": 1}, ValueError, "`max_samples` must be >= 2; got 1"),
+        ({"num_probes": 0}, ValueError, "`num_probes` must be >= 1; got 0"),
+        ({"tol": 0.0}, ValueError, "`tol` must be > 0; got 0.0"),
+        ({"metrics": ["sharp_fraction"]}, ValueError, "`displacement` must be given"),
+        (
+            {"displacement": torch.zeros(3)},
+            ValueError,
+            r"`displacement`: expected shape \(57,\), got \(3,\)",
+        ),
+        (
+            {"displacement": [torch.zeros(3)]},
+            ValueError,
+            "`displacement` as a list must hold one tensor",
+        ),
+        ({"displacement": 1.0}, TypeError, "`displacement` must be a \\(P,\\) tensor"),
+        (
+            {"v0": torch.zeros(4)},
+            ValueError,
+            r"`v0`: expected shape \(57,\) or \(57, m\); got \(4,\)",
+        ),
+    ],
+)
+def test_errors(kw, exc, match):
+    model, loss_fn, X, y = _case("mlp-ce")
+    with pytest.raises(exc, match=match):
+        noise_geometry(model, loss_fn, (X, y), **kw)
+
+
+def test_error_single_sample():
+    model, loss_fn, X, y = _case("mlp-ce")
+    with pytest.raises(
+        ValueError, match="at least 2 samples for a covariance; got 1 samples"
+    ):
+        noise_geometry(model, loss_fn, (X[:1], y[:1]))
