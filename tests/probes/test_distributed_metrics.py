@@ -1,0 +1,109 @@
+import math
+import os
+import socket
+
+import cases
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from geoopt_sgd import noise_geometry
+
+# spawning two interpreters and warming up torch.func dominates (> 10 s on a
+# loaded 2-core machine), hence also `slow`
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+CONFIGS = {
+    "per_sample": {"cov": "per_sample"},
+    "minibatch": {"cov": "minibatch", "batch_size": 2},
+}
+
+METRICS = [
+    "loss",
+    "alpha",
+    "beta",
+    "mu",
+    "mu1",
+    "mu2",
+    "gradient_uniformity",
+    "tr_sigma",
+    "tr_h_sigma",
+    "tr_h_sigma_iso",
+    "projection_coefficient",
+    "directional_alignment_random",
+    "noise_energies",
+    "power_law_exponent",
+    "spearman",
+    "eigen_alignment",
+    "commutativity_error",
+    "commutativity_baseline",
+]
+KW = {"metrics": METRICS, "k": 3, "seed": 5, "num_probes": 16}
+
+
+def _problem():
+    model = cases.mlp()
+    X, y = cases.make_data(n=12)
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, loss_fn, X, y = _problem()
+        half = X.shape[0] // world
+        shard = (X[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
+        for name, extra in CONFIGS.items():
+            res = noise_geometry(model, loss_fn, shard, **KW, **extra)
+            torch.save(
+                {
+                    "values": res.values,
+                    "eigenvalues": res.eigenvalues,
+                    "noise_energies": res.noise_energies,
+                    "route": res.route,
+                    "num_samples": res.num_samples,
+                },
+                os.path.join(out_dir, f"{name}-rank{rank}.pt"),
+            )
+        if rank == 0:
+            try:
+                noise_geometry(model, loss_fn, shard, **KW, route="exact")
+            except ValueError as e:
+                torch.save(str(e), os.path.join(out_dir, "error.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    # each rank holds half of the 12 probe samples; only (n, q) projections,
+    # aggregated probe vectors, operator products and scalars are reduced
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model, loss_fn, X, y = _problem()
+    for name, extra in CONFIGS.items():
+        ref = noise_geometry(model, loss_fn, (X, y), route="sketch", **KW, **extra)
+        for rank in range(2):
+            got = torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=False)
+            assert got["route"] == "sketch" and got["num_samples"] == 12
+            # same seeded probes, same per-sample values, summed in a different
+            # order across ranks: equal up to float64 rounding
+            for key in ref.values:
+                a, b = got["values"][key], ref.values[key]
+                assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (name, key)
+            torch.testing.assert_close(
+                got["eigenvalues"], ref.eigenvalues, rtol=1e-9, atol=0
+            )
+            torch.testing.assert_close(
+                got["noise_energies"], ref.noise_energies, rtol=1e-9, atol=0
+            )
+    err = torch.load(tmp_path / "error.pt", weights_only=False)
+    assert "`route` must be 'sketch' or 'auto' under torch.distributed" in err
