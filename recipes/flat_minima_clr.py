@@ -205,7 +205,7 @@ def pretrain(model: nn.Module, task: dict, cfg: Config) -> list[float]:
         loss = task["loss_fn"](model(d.x_train), task["y_train"])
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -343,6 +343,11 @@ def run_seed(
 
     if "theta0" not in state:
         state["pretrain_loss"] = pretrain(model, task, cfg)
+        if not all(math.isfinite(v) for v in state["pretrain_loss"][-1:]):
+            raise RuntimeError(
+                f"GD pretraining diverged at pretrain_lr={cfg.pretrain_lr}; pass a "
+                "smaller --pretrain-lr."
+            )
         rep, u1 = measure_sharpness(model, task, cfg, seed)
         state["theta0"] = {k: v.clone() for k, v in model.state_dict().items()}
         state["start"] = {
@@ -551,7 +556,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
     )
     path = common.write_json(out / "results.json", results)
     plot(path)
-    return results
+    return common.read_json(path)  # as written: NaN became null
 
 
 def plot(results_path: str | Path) -> list[Path]:

@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import _common as C
+import anisotropic_escape as R
+import pytest
+import torch
+from torch.func import hessian
+
+TOP_KEYS = {
+    "schema_version",
+    "recipe",
+    "config",
+    "seed",
+    "env",
+    "metrics",
+    "arrays",
+    "verdict",
+    "passed",
+}
+VERDICT_KEYS = {"claim", "value", "op", "threshold", "passed", "source", "note"}
+
+
+def tiny_net(tmp_path, **kw):
+    """A net-part config small enough for a unit test (a few seconds)."""
+    base = dict(
+        part="net",
+        out_dir=str(tmp_path),
+        num_seeds=1,
+        num_train=200,
+        num_corrupt=20,
+        width=8,
+        gd_steps=20,
+        steps=20,
+        eval_every=5,
+        batch_size=10,
+        dynamics=("gd", "const", "hess", "sgd"),
+        k=3,
+        refresh_every=5,
+        sharpness_samples=10,
+        geometry_every=10,
+        geometry_k=2,
+        top_k=3,
+    )
+    base.update(kw)
+    return R.Config(**base)
+
+
+def tiny_toy(tmp_path, **kw):
+    base = dict(part="toy", out_dir=str(tmp_path), toy_runs=8, toy_steps=30)
+    base.update(kw)
+    return R.Config(**base)
+
+
+# ------------------------------------------------------------------ the 2-D toy
+
+
+def _point_loss(w, x):
+    c = s = math.cos(math.pi / 4)
+    a, b = w[0] - x[0] - 1, w[1] - x[1] - 1
+    sharp = 10 * (c * a - s * b) ** 2 + 100 * (c * a + s * b) ** 2
+    flat = (w[0] - x[0] + 1) ** 2 + (w[1] - x[1] + 1) ** 2
+    return torch.minimum(sharp, flat)
+
+
+@pytest.mark.parametrize("where", ["sharp", "flat", "between"])
+def test_toy_terms_match_autograd(where):
+    gen = torch.Generator().manual_seed(0)
+    x = R.toy_data(1, 7, gen)
+    start = {"sharp": [1.02, 0.97], "flat": [-0.9, -1.1], "between": [0.1, 0.3]}
+    w = torch.tensor([start[where]], dtype=torch.float64)
+    loss, grads, h = R.toy_terms(w, x, R.toy_basins())
+    for i in range(7):
+        wi = w[0].clone().requires_grad_(True)
+        li = _point_loss(wi, x[0, i])
+        (gi,) = torch.autograd.grad(li, wi)
+        # float64 closed forms of quadratics: agreement to rounding
+        torch.testing.assert_close(loss[0, i], li.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[0, i], gi, rtol=1e-12, atol=1e-12)
+    # the mean loss is piecewise quadratic: its exact Hessian is the mean of the
+    # active pieces' Hessians
+    h_ref = hessian(lambda v: torch.stack([_point_loss(v, xi) for xi in x[0]]).mean())(
+        w[0]
+    )
+    torch.testing.assert_close(h[0], h_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_toy_basins_geometry():
+    b = R.toy_basins()
+    ev, U = torch.linalg.eigh(b["h_sharp"])
+    torch.testing.assert_close(ev, torch.tensor([20.0, 200.0], dtype=torch.float64))
+    # the stiff axis points from (1, 1) toward (-1, -1)
+    assert abs(abs(float(U[:, 1] @ torch.tensor([1.0, 1.0]).double())) - 2**0.5) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["const", "diag", "lead", "hess", "1eig"])
+def test_toy_noise_has_the_target_variance(kind):
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(5, 2, 2, generator=gen, dtype=torch.float64)
+    c = A @ A.transpose(1, 2)
+    h = A.transpose(1, 2) @ A + torch.eye(2, dtype=torch.float64)
+    s = R.toy_noise_covariance(kind, c, h, 0.01)
+    # every non-GD dynamic injects E||eps||^2 = 0.01 exactly (SPEC R1)
+    torch.testing.assert_close(
+        s.diagonal(dim1=1, dim2=2).sum(-1), torch.full((5,), 0.01, dtype=torch.float64)
+    )
+    if kind == "lead":
+        torch.testing.assert_close(
+            s / 0.01, c / c.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+        )
+    if kind == "1eig":
+        u1 = torch.linalg.eigh(h)[1][..., -1]
+        torch.testing.assert_close(s, 0.01 * u1[:, :, None] * u1[:, None, :])
+    assert torch.equal(R.toy_noise_covariance("gd", c, h, 0.01), torch.zeros_like(c))
+
+
+def test_toy_noise_covariance_unknown_kind():
+    c = torch.eye(2, dtype=torch.float64)[None]
+    with pytest.raises(ValueError, match="`kind` must be one of 'gd'.*got 'iso'"):
+        R.toy_noise_covariance("iso", c, c, 0.01)
+
+
+def test_toy_alignment_ratio_against_dense_loop():
+    gen = torch.Generator().manual_seed(3)
+    x = R.toy_data(3, 20, gen)
+    ratios = []
+    for r in range(3):
+        w = torch.ones(2, dtype=torch.float64)
+        g = torch.stack([torch.func.grad(_point_loss)(w, xi) for xi in x[r]])  # (n, 2)
+        c = torch.cov(g.T, correction=0)
+        xr = x[r]
+        h = hessian(
+            lambda v, xr=xr: torch.stack([_point_loss(v, xi) for xi in xr]).mean()
+        )(w)
+        ratios.append(float(torch.trace(h @ c) / (torch.trace(h) * torch.trace(c) / 2)))
+    # same float64 quantities by two routes
+    assert math.isclose(R.toy_alignment_ratio(x), sum(ratios) / 3, rel_tol=1e-10)
+
+
+def test_toy_smoke_schema_and_png(tmp_path):
+    res = R.main(tiny_toy(tmp_path))
+    out = tmp_path / "anisotropic_escape"
+    assert set(res) >= TOP_KEYS
+    assert C.read_json(out / "results.json")["config"] == C.read_json(
+        out / "config.json"
+    )
+    assert (out / "toy.png").stat().st_size > 0
+    assert len(res["verdict"]) == 7
+    for row in res["verdict"]:
+        assert set(row) == VERDICT_KEYS
+    dyn = res["arrays"]["toy"]["dynamics"]
+    assert set(dyn) == set(R.TOY_DYNAMICS)
+    assert len(dyn["lead"]["tr_hs"]) == 30
+    assert dyn["gd"]["success_rate"] == 0.0  # GD from the sharp minimum stays
+    # plot() redraws from the JSON alone
+    (out / "toy.png").unlink()
+    assert R.plot(out / "results.json") == [out / "toy.png"]
+
+
+@pytest.mark.slow
+def test_toy_verdict_full_runs(tmp_path):
+    # the quick config keeps the paper's 100 runs x 500 steps for the toy
+    res = R.main(
+        dataclasses.replace(R.Config.quick(), part="toy", out_dir=str(tmp_path))
+    )
+    assert res["passed"], C.verdict_table(res["verdict"])
+
+
+# --------------------------------------------------------------------- net part
+
+
+def test_net_smoke_schema_png_and_resume(tmp_path):
+    cfg = tiny_net(tmp_path / "a")
+    res = R.main(cfg)
+    out = tmp_path / "a" / "anisotropic_escape"
+    assert (out / "net.png").stat().st_size > 0
+    assert set(res) >= TOP_KEYS
+    net = res["arrays"]["net"]["0"]
+    assert set(net["dynamics"]) == set(cfg.dynamics)
+    assert len(net["at_gd"]["top_eigenvalues"]) == 3
+    assert net["dynamics"]["sgd"]["geometry"][0]["step"] == 10
+    assert len(net["dynamics"]["gd"]["test_acc"]) == 1 + 20 // 5
+    assert len(res["verdict"]) == 4
+    # interrupt in the middle of the first dynamic, then resume
+    cfg_b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"))
+    with pytest.raises(C.Interrupted):
+        R.main(cfg_b, _stop_at=12)
+    res_b = R.main(dataclasses.replace(cfg_b, resume=True))
+    assert res_b["arrays"] == res["arrays"]
+    assert res_b["verdict"] == res["verdict"]
+
+
+@pytest.mark.slow
+def test_quick_passes_verdict(tmp_path):
+    res = R.main(dataclasses.replace(R.Config.quick(), out_dir=str(tmp_path)))
+    out = tmp_path / "anisotropic_escape"
+    assert (out / "toy.png").exists() and (out / "net.png").exists()
+    assert res["passed"], C.verdict_table(res["verdict"])
+
+
+# ------------------------------------------------------------------- bad config
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (
+            dict(model="no_such_model"),
+            ValueError,
+            "`model` must be one of .*no_such_model",
+        ),
+        (dict(dataset="imagenet"), ValueError, "`dataset` must be one of .*'imagenet'"),
+        (dict(lr=0.0), ValueError, "`lr` must be > 0; got 0.0"),
+        (dict(toy_lr=-1.0), ValueError, "`toy_lr` must be > 0; got -1.0"),
+        (dict(k=10**6), ValueError, "`k` must be <= the parameter count"),
+        (dict(part="all"), ValueError, "`part` must be one of 'toy', 'net', 'both'"),
+        (dict(dynamics=("sgd", "adam")), ValueError, "`dynamics` must be a non-empty"),
+        (dict(num_corrupt=500, num_train=200), ValueError, "`num_corrupt` must be in"),
+        (dict(batch_size=150), ValueError, "`batch_size` must be <= num_train/2"),
+        (dict(dataset="mnist"), ValueError, "pass --data-dir DIR"),
+    ],
+)
+def test_bad_config_stops_before_training(tmp_path, kw, error, match):
+    cfg = tiny_net(tmp_path, **kw)
+    with pytest.raises(error, match=match):
+        R.main(cfg)
+    assert not (tmp_path / "anisotropic_escape").exists()
+
+
+def test_missing_dataset_names_download_flag(tmp_path):
+    cfg = tiny_net(tmp_path, dataset="fashion_mnist", data_dir=str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="--download"):
+        R.main(cfg)
+    assert not (tmp_path / "anisotropic_escape").exists()
