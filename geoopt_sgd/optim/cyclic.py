@@ -185,19 +185,17 @@ def _per_group(
     name: str, value: Any, n_groups: int, *, lt: float | None = None
 ) -> list[float]:
     """Expand a scalar or a per-group list into a list of validated floats."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n_groups:
-            raise ValueError(
-                f"`{name}` must be a number or a list with one number per param "
-                f"group ({n_groups}); got a list of {len(value)}."
-            )
-        values = list(value)
-    else:
-        values = [value] * n_groups
-    for i, v in enumerate(values):
-        check_number(f"{name}[{i}]" if isinstance(value, (list, tuple)) else name, v,
-                     ge=0, lt=lt)  # fmt: skip
-    return [float(v) for v in values]
+    if not isinstance(value, (list, tuple)):
+        check_number(name, value, ge=0, lt=lt)
+        return [float(value)] * n_groups
+    if len(value) != n_groups:
+        raise ValueError(
+            f"`{name}` must be a number or a list with one number per param "
+            f"group ({n_groups}); got a list of {len(value)}."
+        )
+    for i, v in enumerate(value):
+        check_number(f"{name}[{i}]", v, ge=0, lt=lt)
+    return [float(v) for v in value]
 
 
 def _write_value(group: dict[str, Any], key: str, value: float) -> None:
