@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int
-from .._model import unwrap_model
+from .._model import FunctionalModel, as_batches, unwrap_model
 
 __all__ = ["NoiseProbe"]
 
@@ -169,12 +169,15 @@ class NoiseProbe:
         last_result: The last :class:`~geoopt_sgd.NoiseGeometry`, or ``None``.
 
     Raises:
-        ValueError: If ``every < 1`` or ``k < 1``, a metric name is unknown (the
-            message lists the valid ones), ``options`` names an argument that
+        ValueError: If ``every < 1`` or ``k < 1``, ``probe_data`` is empty, a
+            metric name is unknown (the message lists the valid ones),
+            ``options`` names an argument that
             :func:`~geoopt_sgd.noise_geometry` does not take or one set here, or a
             sink is neither a path nor a writer.
         TypeError: If ``every`` or ``k`` is not an integer, ``metrics`` is not a
-            sequence of names, or ``callback`` is not callable.
+            sequence of names, ``callback`` is not callable, or ``probe_data`` is
+            neither a batch nor a re-iterable of batches (one-shot iterators are
+            refused: the first probe would exhaust them).
 
     Example:
         Three lines in an existing training loop::
@@ -224,6 +227,13 @@ class NoiseProbe:
             raise TypeError(
                 f"`callback` must be callable or None; got {type(callback).__name__}."
             )
+        if isinstance(probe_data, Iterator):
+            raise TypeError(
+                "`probe_data` must be a batch or a re-iterable of batches (a list, a "
+                "DataLoader); got a one-shot iterator, which the first probe would "
+                "exhaust. Pass list(...) of it."
+            )
+        as_batches(probe_data)
         self._measure = _measure if _measure is not None else _default_measure()
         self._check_options(options)
         self.model = unwrap_model(model)
@@ -450,8 +460,6 @@ class NoiseProbe:
 
     def _probe_loss_finite(self) -> bool:
         """Whether the plain loss on the probe batch is finite (eval mode)."""
-        from .._model import FunctionalModel, as_batches
-
         fm = FunctionalModel(self.model, mode=self.options.get("mode", "eval"))
         with torch.no_grad(), fm.policy():
             for inputs, targets in as_batches(self.probe_data):

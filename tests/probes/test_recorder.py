@@ -368,6 +368,16 @@ def test_bad_arguments(kwargs, exc, match):
         _probe(_measure=Vandal(), **kwargs)
 
 
+def test_bad_probe_data():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    with pytest.raises(TypeError, match="got a one-shot iterator"):
+        NoiseProbe(model, loss_fn, iter([make_data()]), _measure=Vandal())
+    with pytest.raises(TypeError, match="`data` must be an"):
+        NoiseProbe(model, loss_fn, 3, _measure=Vandal())
+    with pytest.raises(ValueError, match="`data` is empty"):
+        NoiseProbe(model, loss_fn, [], _measure=Vandal())
+
+
 @pytest.mark.skipif(not HAS_METRICS, reason="noise_geometry not available yet")
 def test_unknown_metric_and_option_listed():
     with pytest.raises(
