@@ -407,6 +407,7 @@ def test_loss_uses_square_convention_for_mse():
             ValueError,
             "at least 2 batches of 7 for a covariance; got 12 samples",
         ),
+        ({"seed": -1}, ValueError, "`seed` must be >= 0; got -1"),
         ({"max_samples": 1}, ValueError, "`max_samples` must be >= 2; got 1"),
         ({"num_probes": 0}, ValueError, "`num_probes` must be >= 1; got 0"),
         ({"tol": 0.0}, ValueError, "`tol` must be > 0; got 0.0"),
