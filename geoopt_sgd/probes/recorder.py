@@ -207,7 +207,7 @@ class NoiseProbe:
     ) -> None:
         check_int("every", every, ge=1)
         check_int("k", k, ge=1)
-        check_int("seed", seed)
+        check_int("seed", seed, ge=0)
         if metrics is not None:
             if isinstance(metrics, str) or not isinstance(metrics, Iterable):
                 raise TypeError(

@@ -356,12 +356,14 @@ def _probe(**kwargs):
         (dict(every=2.5), TypeError, "`every` must be an integer; got float."),
         (dict(k=0), ValueError, "`k` must be >= 1; got 0."),
         (dict(seed="a"), TypeError, "`seed` must be an integer; got str."),
+        (dict(seed=-1), ValueError, "`seed` must be >= 0; got -1."),
         (dict(metrics="mu"), TypeError, "`metrics` must be a sequence"),
         (dict(sinks=[3]), ValueError, "each sink must be a path"),
         (dict(callback=3), TypeError, "`callback` must be callable or None"),
         (dict(v0=None), ValueError, "`v0` is set by NoiseProbe itself"),
     ],
-    ids=["every=0", "every=float", "k=0", "seed", "metrics=str", "sink", "cb", "v0"],
+    ids=["every=0", "every=float", "k=0", "seed", "seed<0", "metrics=str", "sink", "cb"]
+    + ["v0"],
 )
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
