@@ -144,7 +144,8 @@ def bench_per_sample(model_name, n, size, chunk_size, reps):
     out["vmap"] = {"seconds": timeit(vmap_route, reps=reps), "chunk_size": chunk_size}
     out["loop"] = {"seconds": timeit(loop_route, reps=reps)}
     try:
-        out["backpack"] = {"seconds": _backpack_time(model_name, x, y, reps)}
+        seconds, complete = _backpack_time(model_name, x, y, reps)
+        out["backpack"] = {"seconds": seconds, "all_params_have_grad_batch": complete}
     except Exception as e:  # BackPACK does not support every layer
         out["backpack"] = {"error": f"{type(e).__name__}: {e}"[:200]}
     for key in ("vmap", "loop", "backpack"):
@@ -169,7 +170,12 @@ def _backpack_time(model_name, x, y, reps):
         with backpack(BatchGrad()):
             loss.backward()
 
-    return timeit(run, reps=reps)
+    seconds = timeit(run, reps=reps)
+    complete = all(
+        getattr(p, "grad_batch", None) is not None and p.grad_batch.shape[0] == len(y)
+        for p in model.parameters()
+    )
+    return seconds, complete
 
 
 # --- 2. metric costs -----------------------------------------------------------------
@@ -214,7 +220,9 @@ def _train(model, loss_fn, batches, opt, steps):
     return times
 
 
-def bench_overhead(model_name, batch, size, probe_batch, k, steps, run_every, every):
+def bench_overhead(
+    model_name, batch, size, probe_batch, k, steps, run_every, every, metrics, options
+):
     loss_fn = nn.CrossEntropyLoss()
     batches = [make_batch(batch, size, seed=10 + i) for i in range(4)]
     probe_data = make_batch(probe_batch, size, seed=99)
@@ -225,7 +233,9 @@ def bench_overhead(model_name, batch, size, probe_batch, k, steps, run_every, ev
     base = _train(model, loss_fn, batches, opt, steps)
 
     model = make_model(model_name)
-    probe = NoiseProbe(model, loss_fn, probe_data, every=run_every, k=k)
+    probe = NoiseProbe(
+        model, loss_fn, probe_data, every=run_every, k=k, metrics=metrics, **options
+    )
     opt = ProbedSGD(model.parameters(), lr=0.01, momentum=0.9)
     _train(model, loss_fn, batches, opt, 2)
     probe.attach(opt)
@@ -244,7 +254,8 @@ def bench_overhead(model_name, batch, size, probe_batch, k, steps, run_every, ev
         "image_size": size,
         "probe_batch": probe_batch,
         "k": k,
-        "metrics": list(DEFAULT_METRICS),
+        "metrics": list(metrics or DEFAULT_METRICS),
+        "options": options,
         "steps": steps,
         "run_every": run_every,
         "t_step_mean": t_step,
@@ -317,6 +328,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="overhead run length")
     ap.add_argument("--run-every", type=int, default=None)
     ap.add_argument("--every", type=int, default=400)
+    ap.add_argument(
+        "--lean-metrics",
+        default="loss,alpha,beta,mu,mu1,mu2,tr_sigma,tr_h_sigma,tr_h_sigma_iso",
+        help="metrics of the 'overhead_lean' probe (no eigenbasis metrics)",
+    )
+    ap.add_argument("--lean-num-probes", type=int, default=8)
     ap.add_argument("--sections", default="per_sample,metric_costs,overhead,step_time")
     ap.add_argument("--out", default="benchmarks/results/probes.json")
     args = ap.parse_args(argv)
@@ -370,18 +387,29 @@ def main(argv=None):
                 )
             )
             save()
-    if "overhead" in sections:
-        results["overhead"] = bench_overhead(
-            "resnet18" if "resnet18" in models else models[-1],
-            128 if not q else 32,
-            args.image_size,
-            probe_batch,
-            args.k,
-            steps,
-            run_every,
-            args.every,
-        )
-        save()
+    overhead_model = "resnet18" if "resnet18" in models else models[-1]
+    lean = (
+        args.lean_metrics.split(","),
+        {"num_probes": args.lean_num_probes},
+    )
+    for key, (metrics, options) in (
+        ("overhead", (None, {})),
+        ("overhead_lean", lean),
+    ):
+        if key in sections:
+            results[key] = bench_overhead(
+                overhead_model,
+                128 if not q else 32,
+                args.image_size,
+                probe_batch,
+                args.k,
+                steps,
+                run_every,
+                args.every,
+                metrics,
+                options,
+            )
+            save()
     if "step_time" in sections:
         results["step_time"] = bench_step_time(
             "resnet18" if "resnet18" in models else models[-1],
