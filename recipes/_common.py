@@ -87,6 +87,7 @@ __all__ = [
     "make_model",
     "make_targets",
     "maybe_interrupt",
+    "model_wants_flat",
     "parse_config",
     "progress",
     "pyplot",
