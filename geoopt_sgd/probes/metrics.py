@@ -236,10 +236,15 @@ def _haar(k: int, draws: int, gen: torch.Generator) -> list[Tensor]:
     return out
 
 
-def _random_directions(P: int, r: int, gen: torch.Generator) -> Tensor:
-    """``r`` unit Gaussian directions ``(P, r)`` (float64, CPU)."""
-    R = torch.randn(P, r, generator=gen, dtype=torch.float64)
-    return R / R.norm(dim=0, keepdim=True)
+def _random_directions(
+    P: int, r: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """``r`` unit Gaussian directions ``(P, r)`` on the CPU, drawn column by column."""
+    R = torch.empty(P, r, dtype=dtype)
+    for j in range(r):
+        v = torch.randn(P, generator=gen, dtype=torch.float64)
+        R[:, j] = (v / v.norm()).to(dtype)
+    return R
 
 
 # --- eigenpairs -----------------------------------------------------------------
@@ -584,10 +589,16 @@ def noise_geometry(
         return torch.cat([a for a, _ in parts], 1), torch.cat([q for _, q in parts], 1)
 
     def hutchinson_hessian(st: _Stats) -> None:
-        Z = torch.randint(0, 2, (P, num_probes), generator=gen).to(dtype) * 2 - 1
-        HZ = matmat("hessian", Z.to(device))
-        st.tr_c = float((Z.to(device) * HZ).sum(0).mean())
-        st.fro2_c = float((HZ * HZ).sum(0).mean())
+        # Rademacher probes, drawn a chunk of columns at a time (int8: P-sized)
+        tr = fro2 = 0.0
+        for sl in _chunks(num_probes, vec_chunk):
+            shape = (P, sl.stop - sl.start)
+            Z = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
+            Z = (Z.to(dtype) * 2 - 1).to(device)
+            HZ = matmat("hessian", Z)
+            tr += float((Z * HZ).sum())
+            fro2 += float((HZ * HZ).sum())
+        st.tr_c, st.fro2_c = tr / num_probes, fro2 / num_probes
 
     with torch.enable_grad():
         if wanted - {"loss"}:
@@ -752,7 +763,7 @@ def noise_geometry(
             lam, U = lam.to(device, dtype), U.to(device, dtype)
             kk = lam.numel()
             r = num_random_directions
-            Rnd = _random_directions(P, r, gen).to(device, dtype)
+            Rnd = _random_directions(P, r, gen, dtype).to(device)
             V = torch.cat([U, Rnd], 1)
             A, Qd = directional(V)
             if curvature == "ggn":
