@@ -344,6 +344,17 @@ class NoisyGD(torch.optim.Optimizer):
             "refresh_seconds": 0.0,
         }
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; the noise vector and its statistics then grow.
+
+        Args:
+            param_group: As for :meth:`torch.optim.Optimizer.add_param_group`.
+        """
+        super().add_param_group(param_group)
+        # the curvature source and cached statistics refer to the old P
+        self._fm = None
+        self._cache = {}
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Return the optimizer state, with the noise step count and cache.

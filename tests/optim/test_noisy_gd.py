@@ -313,6 +313,8 @@ def _expected_covariance(kind, model, loss_fn, X, y, B, k):
     H = _dense_hessian(model, loss_fn, X, y)
     P = H.shape[0]
     L = float(loss_fn(model(X), y).detach())
+    if kind == "isotropic":
+        return torch.eye(P, dtype=torch.float64)
     if kind == "isotropic_matched":
         return C.trace() / P * torch.eye(P, dtype=torch.float64)
     if kind == "diagonal":
@@ -339,6 +341,7 @@ def _expected_covariance(kind, model, loss_fn, X, y, B, k):
 @pytest.mark.parametrize(
     "kind, B",
     [
+        ("isotropic", 1),
         ("isotropic_matched", 1),
         ("diagonal", 1),
         ("sgd_leading", 1),
@@ -377,6 +380,42 @@ def test_ggn_curvature_equals_hessian_on_a_linear_model():
         stats.append(opt.stats["target_sq_norm"])
     # Lanczos tol 1e-3 on the exact eigenvalues 18 and 8
     assert stats[0] == pytest.approx(stats[1], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind", ["sgd_matched", "diagonal"], ids=lambda k: f"noise={k}"
+)
+def test_sum_reduction_scales_the_sgd_noise_by_n(kind):
+    # L_sum = n L_mean, so the SGD estimator (n/B) sum_b grad L_i has n times the
+    # noise of the mean convention; the same streams give xi_sum = n xi_mean up
+    # to float64 round-off of the extra multiplication
+    X, y = _design()
+    out = []
+    for reduction in ("mean", "sum"):
+        model = _linear()
+        opt = NoisyGD(
+            model.parameters(),
+            lr=1.0,
+            noise=kind,
+            batch_size=2,
+            model=model,
+            loss_fn=nn.MSELoss(reduction=reduction),
+            data=(X, y),
+            seed=2,
+        )
+        out.append(_draw(opt, model, 2))
+    torch.testing.assert_close(out[1], X.shape[0] * out[0], rtol=1e-12, atol=1e-13)
+
+
+def test_isotropic_noise_over_mixed_dtypes():
+    p32 = torch.zeros(4, requires_grad=True)
+    p64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = NoisyGD([p32, p64], lr=1.0, noise="isotropic", noise_scale=1.0)
+    p32.grad, p64.grad = torch.zeros_like(p32), torch.zeros_like(p64)
+    opt.step()
+    assert p32.dtype == torch.float32 and p64.dtype == torch.float64
+    assert (p32 != 0).all() and (p64 != 0).all()
+    assert opt.stats["target_sq_norm"] == 7.0
 
 
 def test_magnitude_unit_and_raw():

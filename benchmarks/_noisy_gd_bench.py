@@ -1,0 +1,182 @@
+"""NoisyGD benchmark section (imported and printed by benchmarks/optimizers.py).
+
+Three measurements, all on CPU unless ``device="cuda"``:
+
+1. **Optimizer step alone** on a timm CNN's parameters (resnet18, 11.7M), with
+   fixed random gradients: ``torch.optim.SGD(foreach=True)`` vs ``NoisyGD``
+   with ``noise="none"`` and ``noise="isotropic"`` (foreach). Median over
+   ``repeats`` timed steps.
+2. **Training iteration** (forward + backward + step) of the same model on a
+   small batch: the noise's share of a real step.
+3. **Hessian-aligned noise** (``noise="hessian"``) on a small timm CNN with a
+   fixed data set: HVPs per step and wall time per step, amortised over
+   ``refresh_every`` (warm-started Lanczos), against plain SGD's step.
+
+Run alone: ``python benchmarks/_noisy_gd_bench.py`` (prints JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from geoopt_sgd import NoisyGD
+
+
+def _median_ms(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _step_times(model: nn.Module, repeats: int, warmup: int) -> dict[str, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
+    opts = {
+        "sgd_foreach": torch.optim.SGD(params, lr=1e-6, foreach=True),
+        "noisy_none": NoisyGD(params, lr=1e-6, foreach=True),
+        "noisy_isotropic": NoisyGD(
+            params, lr=1e-6, noise="isotropic", noise_scale=1e-6, foreach=True
+        ),
+    }
+    out = {name: _median_ms(opt.step, repeats, warmup) for name, opt in opts.items()}
+    return out
+
+
+def bench_noisy_gd(
+    *,
+    model_name: str = "resnet18",
+    image_size: int = 64,
+    batch: int = 4,
+    repeats: int = 10,
+    warmup: int = 2,
+    small_model_name: str = "test_resnet",
+    small_samples: int = 16,
+    k: int = 5,
+    refresh_every: int = 10,
+    hessian_steps: int = 20,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure NoisyGD's step cost against torch SGD; see the module docstring.
+
+    Returns:
+        A JSON-ready dict: per-measurement times in ms, ratios to SGD, the
+        HVP accounting of the Hessian-aligned noise, and the settings.
+    """
+    import timm
+
+    torch.manual_seed(seed)
+    result: dict[str, Any] = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+    # 1. step alone on a timm CNN's parameters
+    model = timm.create_model(model_name, pretrained=False, num_classes=10).to(device)
+    numel = sum(p.numel() for p in model.parameters())
+    steps = _step_times(model, repeats, warmup)
+    result["step_alone"] = {
+        "model": model_name,
+        "params": numel,
+        "ms": steps,
+        "ratio_none_vs_sgd": steps["noisy_none"] / steps["sgd_foreach"],
+        "ratio_isotropic_vs_sgd": steps["noisy_isotropic"] / steps["sgd_foreach"],
+    }
+
+    # 2. full training iteration (forward + backward + step)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    iters = {}
+    for name, make in (
+        ("sgd_foreach", lambda ps: torch.optim.SGD(ps, lr=1e-6, foreach=True)),
+        (
+            "noisy_isotropic",
+            lambda ps: NoisyGD(
+                ps, lr=1e-6, noise="isotropic", noise_scale=1e-6, foreach=True
+            ),
+        ),
+    ):
+        opt = make(list(model.parameters()))
+
+        def iteration(opt=opt, model=model):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+        iters[name] = _median_ms(iteration, max(3, repeats // 2), 1)
+    result["train_iteration"] = {
+        "batch": batch,
+        "image_size": image_size,
+        "ms": iters,
+        "ratio_isotropic_vs_sgd": iters["noisy_isotropic"] / iters["sgd_foreach"],
+    }
+    del model
+
+    # 3. Hessian-aligned noise on a small CNN: HVPs per step, amortised
+    small = timm.create_model(small_model_name, pretrained=False, num_classes=10)
+    small = small.to(device)
+    xs = torch.randn(small_samples, 3, 32, 32, device=device)
+    ys = torch.randint(0, 10, (small_samples,), device=device)
+    timings = {}
+    stats: dict[str, Any] = {}
+    for name in ("sgd", "hessian"):
+        if name == "sgd":
+            opt = torch.optim.SGD(small.parameters(), lr=1e-4)
+        else:
+            opt = NoisyGD(
+                small.parameters(),
+                lr=1e-4,
+                noise="hessian",
+                noise_scale=1.0,
+                batch_size=8,
+                k=k,
+                refresh_every=refresh_every,
+                model=small,
+                loss_fn=loss_fn,
+                data=(xs, ys),
+                seed=seed,
+            )
+        start = time.perf_counter()
+        for _ in range(hessian_steps):
+            opt.zero_grad()
+            loss_fn(small(xs), ys).backward()
+            opt.step()
+        timings[name] = 1e3 * (time.perf_counter() - start) / hessian_steps
+        if name == "hessian":
+            stats = dict(opt.stats)
+    result["hessian_noise"] = {
+        "model": small_model_name,
+        "params": sum(p.numel() for p in small.parameters()),
+        "samples": small_samples,
+        "k": k,
+        "refresh_every": refresh_every,
+        "steps": hessian_steps,
+        "ms_per_step": timings,
+        "ratio_vs_sgd": timings["hessian"] / timings["sgd"],
+        "n_hvp": stats["n_hvp"],
+        "n_backward": stats["n_backward"],
+        "n_refresh": stats["n_refresh"],
+        "hvp_per_step": stats["hvp_per_step"],
+        "hvp_per_refresh": stats["n_hvp"] / max(1, stats["n_refresh"]),
+        "refresh_seconds": stats["refresh_seconds"],
+    }
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench_noisy_gd(), indent=2))
