@@ -51,8 +51,18 @@ def _step_times(model: nn.Module, repeats: int, warmup: int) -> dict[str, float]
             params, lr=1e-6, noise="isotropic", noise_scale=1e-6, foreach=True
         ),
     }
-    out = {name: _median_ms(opt.step, repeats, warmup) for name, opt in opts.items()}
-    return out
+    # interleaved: each repetition times one step of every optimizer, so a
+    # change in machine load hits all of them alike
+    for _ in range(warmup):
+        for opt in opts.values():
+            opt.step()
+    samples: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            start = time.perf_counter()
+            opt.step()
+            samples[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in samples.items()}
 
 
 def bench_noisy_gd(

@@ -147,6 +147,16 @@ class NoisyGD(torch.optim.Optimizer):
           Parameters whose ``.grad`` is ``None`` are skipped (no update and no
           noise), as in torch SGD. Noise options are optimizer-wide; ``lr`` and
           ``weight_decay`` may differ per group and are read at every step.
+        * Cost: ``"isotropic"`` adds one Gaussian draw of ``P`` numbers per
+          step. On CPU, torch's generator fills about 0.1 G numbers per second
+          on one thread, several times the cost of the SGD update itself, so
+          the step alone is several times slower than ``torch.optim.SGD``
+          (see ``benchmarks/_noisy_gd_bench.py``); against a forward and
+          backward pass it is small. Curvature kinds cost the eigensolver's
+          HVPs once per refresh (``stats["hvp_per_step"]``), and the
+          ``C``-based kinds ``M`` mini-batch backward passes per refresh.
+        * ``stats["target_sq_norm"]`` is NaN for ``"sgd_matched"``: its
+          ``E‖ξ‖² = Tr(Σ)/B`` needs per-sample gradients, which it avoids.
         * With ``loss_reduction="sum"`` the SGD noise scales with ``n``
           (``(n/B) Σ_{i∈b} ∇L_i`` estimates ``∇L``); ``C`` and ``"sgd_matched"``
           follow that convention.
