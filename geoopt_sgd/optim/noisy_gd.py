@@ -128,7 +128,7 @@ class NoisyGD(torch.optim.Optimizer):
           the top-``k`` mass to the target. For ``"geometry_aware"`` the lost
           mass is not restored (SPEC §3, GEO): its total variance is
           ``2L Σ_{j≤k} λ_j / B``, below the ``2L Tr H / B`` of its isotropic
-          twin; both are recorded in :attr:`stats`.
+          twin (``stats["target_sq_norm"]`` holds the top-``k`` value).
         * Negative Ritz values (indefinite Hessian) are clamped to 0, the count
           is recorded in ``stats["clamped_negative"]``, and a spectrum with no
           positive value gives zero noise, never NaN.

@@ -407,6 +407,27 @@ def test_sum_reduction_scales_the_sgd_noise_by_n(kind):
     torch.testing.assert_close(out[1], X.shape[0] * out[0], rtol=1e-12, atol=1e-13)
 
 
+def test_sgd_matched_is_the_same_for_one_batch_or_a_list_of_batches():
+    # the weights are drawn for all n samples up front, so splitting the data
+    # into batches only changes the summation order (float64 round-off)
+    X, y = _design()
+    out = []
+    for data in ((X, y), [(X[:3], y[:3]), (X[3:], y[3:])]):
+        model = _linear()
+        opt = NoisyGD(
+            model.parameters(),
+            lr=1.0,
+            noise="sgd_matched",
+            batch_size=2,
+            model=model,
+            loss_fn=nn.MSELoss(),
+            data=data,
+            seed=4,
+        )
+        out.append(_draw(opt, model, 3))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-14)
+
+
 def test_isotropic_noise_over_mixed_dtypes():
     p32 = torch.zeros(4, requires_grad=True)
     p64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
