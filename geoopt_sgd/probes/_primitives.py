@@ -24,7 +24,8 @@ materialised).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from .. import distributed
 from .._model import FunctionalModel
+from ..curvature.hvp import math_sdpa
 from ..curvature.linop import LinearOperator
 
 __all__ = ["CurvatureOperator", "ProbeSet", "sample_loss_fn"]
@@ -135,6 +137,13 @@ class ProbeSet:
         self._lam: list[Tensor] | None = None
         self._lam_sqrt: list[Tensor] | None = None
 
+    @contextlib.contextmanager
+    def _policy(self) -> Iterator[None]:
+        # the mode policy, and SDPA's math backend: the fused attention kernels
+        # have no forward-mode AD (jvp) and no double backward (timm ViTs)
+        with self.fm.policy(), math_sdpa():
+            yield
+
     # --- flat <-> per-parameter ------------------------------------------------
     def unflat(self, v: Tensor) -> list[Tensor]:
         """Split a flat ``(P,)`` (or ``(q, P)``) tensor into per-parameter tensors."""
@@ -168,7 +177,7 @@ class ProbeSet:
     # --- primitives ---------------------------------------------------------------
     def losses(self) -> Tensor:
         """Per-sample losses of this process, ``(n_local,)`` (one forward per batch)."""
-        with torch.no_grad(), self.fm.policy():
+        with torch.no_grad(), self._policy():
             out = [self.loss_and_out(self.params, x, y)[0] for x, y in self.batches]
         self.cost["n_forward"] += len(self.batches)
         return torch.cat(out)
@@ -181,7 +190,7 @@ class ProbeSet:
         """
         if self._lam is None:
             lam, lam_sqrt = [], []
-            with torch.no_grad(), self.fm.policy():
+            with torch.no_grad(), self._policy():
                 for x, y in self.batches:
                     out = self.fm(self.params, x)
                     b = out.shape[0]
@@ -220,7 +229,7 @@ class ProbeSet:
         lam, _ = self.output_hessians()
         tangents = self.unflat(V.T.to(self.dtype))
         A, Q = [], []
-        with self.fm.policy():
+        with self._policy():
             for (x, y), L in zip(self.batches, lam, strict=True):
 
                 def push(t: list[Tensor], x: Any = x, y: Tensor = y) -> Any:
@@ -248,7 +257,7 @@ class ProbeSet:
         C = c.reshape(c.shape[0], -1).to(self.dtype)
         out = torch.zeros(C.shape[1], self.P, dtype=self.dtype, device=self.device)
         i = 0
-        with self.fm.policy():
+        with self._policy():
             for x, y in self.batches:
                 b = int(y.shape[0])
                 _, f_vjp = vjp(
@@ -275,7 +284,7 @@ class ProbeSet:
         _, lam_sqrt = self.output_hessians()
         out = torch.zeros(Z.shape[0], self.P, dtype=self.dtype, device=self.device)
         i = 0
-        with self.fm.policy():
+        with self._policy():
             for (x, y), S in zip(self.batches, lam_sqrt, strict=True):
                 b = int(y.shape[0])
                 _, f_vjp = vjp(
@@ -294,7 +303,7 @@ class ProbeSet:
         lam, _ = self.output_hessians()
         tangents = self.unflat(V.T.to(self.dtype))
         out = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
-        with self.fm.policy():
+        with self._policy():
             for (x, y), L in zip(self.batches, lam, strict=True):
 
                 def outs(p: list[Tensor], x: Any = x, y: Tensor = y) -> Tensor:
@@ -316,7 +325,7 @@ class ProbeSet:
         """``H V`` for ``V`` ``(P, q)``, reverse-over-reverse (2-3 backwards each)."""
         tangents = self.unflat(V.T.to(self.dtype))
         out = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
-        with self.fm.policy():
+        with self._policy():
             for x, y in self.batches:
 
                 def total(p: list[Tensor], x: Any = x, y: Tensor = y) -> Tensor:
@@ -344,7 +353,7 @@ class ProbeSet:
         """``M_i = Lambda_i^{1/2} J_i`` for local samples, ``(n_local, K, P)``."""
         _, lam_sqrt = self.output_hessians()
         rows = []
-        with self.fm.policy():
+        with self._policy():
             for (x, y), S in zip(self.batches, lam_sqrt, strict=True):
                 if self.fm.mode == "train":
                     b = int(y.shape[0])
@@ -421,7 +430,7 @@ def per_sample_loss_gradients(
     def flat(g: Sequence[Tensor], lead: int) -> Tensor:
         return torch.cat([t.reshape(*t.shape[:lead], -1) for t in g], dim=-1)
 
-    with fm.policy():
+    with fm.policy(), math_sdpa():
         if fm.mode == "train":
 
             def lv(p: list[Tensor]) -> Tensor:
