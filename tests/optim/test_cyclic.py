@@ -542,3 +542,18 @@ def test_compiled_step_tensor_lr_no_recompile():
     assert graphs[-1] == graphs[1], graphs
     _, float_graphs = run(True, 0.1)
     assert float_graphs[-1] > graphs[-1], (float_graphs, graphs)
+
+
+def test_pickle_drops_hooks_keeps_schedule():
+    import pickle
+
+    model = _model()
+    opt = CyclicLRWrapper(torch.optim.SGD(model.parameters(), lr=1.0), 0.1, 0.5, 2)
+    opt.register_step_post_hook(lambda o, a, k: None)  # a lambda does not pickle
+    opt.step()
+    copy_ = pickle.loads(pickle.dumps(opt))
+    assert copy_.last_step == 1 and copy_.mode == "triangular"
+    assert copy_.param_groups is copy_.optimizer.param_groups
+    assert len(copy_._optimizer_step_post_hooks) == 0
+    copy_.step()
+    assert copy_.last_step == 2
