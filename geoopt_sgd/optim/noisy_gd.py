@@ -524,7 +524,7 @@ class NoisyGD(torch.optim.Optimizer):
             from ..curvature import hutchinson_trace, top_eigenpairs
 
             op = self._curvature_operator()
-            k = 1 if kind == "top_eigvec" else self.k
+            k = 1 if kind == "top_eigvec" else min(self.k, fm.numel)
             v0 = self._cache.get("eigenvectors")
             if v0 is not None and v0.shape[1] > k:
                 v0 = v0[:, :k]

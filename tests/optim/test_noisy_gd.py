@@ -449,6 +449,13 @@ def test_magnitude_unit_and_raw():
     assert opt.stats["target_sq_norm"] == pytest.approx(26.0, rel=1e-5)
 
 
+def test_k_larger_than_p_uses_the_whole_spectrum():
+    opt, model, *_ = _source(None, noise="hessian", k=20, magnitude="raw")
+    _draw(opt, model, 1)
+    # all of diag(2, 2, 8, 18); a full Krylov space is exact up to round-off
+    assert opt.stats["target_sq_norm"] == pytest.approx(30.0, rel=1e-9)
+
+
 def test_negative_curvature_is_clamped_and_counted_never_nan():
     X, y = _design()
     model = _linear()
