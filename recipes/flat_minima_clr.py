@@ -195,7 +195,11 @@ def measure_sharpness(model, task, cfg: Config, seed: int, v0=None):
 
 
 def pretrain(model: nn.Module, task: dict, cfg: Config) -> list[float]:
-    """Full-batch GD at ``pretrain_lr`` for ``pretrain_steps`` steps (to θ_0)."""
+    """Full-batch GD at ``pretrain_lr`` for ``pretrain_steps`` steps (to θ_0).
+
+    Raises:
+        RuntimeError: If the loss becomes non-finite.
+    """
     opt = torch.optim.SGD(model.parameters(), lr=cfg.pretrain_lr)
     d = task["data"]
     losses = []
@@ -206,6 +210,11 @@ def pretrain(model: nn.Module, task: dict, cfg: Config) -> list[float]:
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(
+                f"GD pretraining diverged at pretrain_lr={cfg.pretrain_lr}; pass a "
+                "smaller --pretrain-lr."
+            )
     return losses
 
 
@@ -275,7 +284,7 @@ def run_arm(
             loss.backward()
             rec["lr"].append(float(base.param_groups[0]["lr"]))
             opt.step()
-            rec["step_loss"].append(float(loss))
+            rec["step_loss"].append(float(loss.detach()))
             bar.update(1)
             if t % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3g}", lr=f"{rec['lr'][-1]:.3g}")
@@ -343,11 +352,6 @@ def run_seed(
 
     if "theta0" not in state:
         state["pretrain_loss"] = pretrain(model, task, cfg)
-        if not all(math.isfinite(v) for v in state["pretrain_loss"][-1:]):
-            raise RuntimeError(
-                f"GD pretraining diverged at pretrain_lr={cfg.pretrain_lr}; pass a "
-                "smaller --pretrain-lr."
-            )
         rep, u1 = measure_sharpness(model, task, cfg, seed)
         state["theta0"] = {k: v.clone() for k, v in model.state_dict().items()}
         state["start"] = {
@@ -559,6 +563,11 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
     return common.read_json(path)  # as written: NaN became null
 
 
+def _finite(values: list) -> list[float]:
+    # JSON null (NaN/inf) and overflowing losses of a diverged arm are not drawn
+    return [v if v is not None and abs(v) < 1e100 else math.nan for v in values]
+
+
 def plot(results_path: str | Path) -> list[Path]:
     """Redraw ``clr.png`` from ``results.json`` alone; return the PNG paths."""
     plt = common.pyplot()
@@ -569,10 +578,11 @@ def plot(results_path: str | Path) -> list[Path]:
             a = s["arms"][arm]
             kw = dict(color=f"C{i}", alpha=1.0 if j == 0 else 0.4)
             label = f"{arm.upper()}+CLR" if j == 0 else None
-            axes[0].plot(a["step_loss"], lw=0.5, label=label, **kw)
-            axes[1].plot(a["cycle"], a["lambda_max"], "o-", label=label, **kw)
-            axes[2].plot(a["cycle"], a["trace"], "o-", label=label, **kw)
-            axes[3].plot(a["cycle"][1:], a["cos2_cycle"][1:], "o-", label=label, **kw)
+            axes[0].plot(_finite(a["step_loss"]), lw=0.5, label=label, **kw)
+            c = a["cycle"]
+            axes[1].plot(c, _finite(a["lambda_max"]), "o-", label=label, **kw)
+            axes[2].plot(c, _finite(a["trace"]), "o-", label=label, **kw)
+            axes[3].plot(c[1:], _finite(a["cos2_cycle"][1:]), "o-", label=label, **kw)
         if j == 0:
             lr = s["arms"]["gd"]["lr"]
             ax = axes[0].twinx()
