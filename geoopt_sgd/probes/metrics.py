@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from .. import distributed
 from .._checks import check_choice, check_int, check_number
 from .._model import FunctionalModel, as_batches, batch_size, to_device
+from ..curvature.lanczos import top_eigenpairs
 from ._primitives import CurvatureOperator, ProbeSet
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "NoiseGeometry", "noise_geometry"]
@@ -248,65 +249,11 @@ def _random_directions(
 
 
 # --- eigenpairs -----------------------------------------------------------------
-def _lanczos_top(
-    op: CurvatureOperator, k: int, v0: Tensor | None, gen: torch.Generator, tol: float
-) -> tuple[Tensor, Tensor]:
-    """Plain Lanczos with full reorthogonalisation (fallback; float64 Ritz pairs)."""
-    P = op.shape[0]
-    m_max = min(P, max(10 * k, k + 40))
-    q = (
-        v0[:, 0]
-        if v0 is not None
-        else torch.randn(P, generator=gen, dtype=torch.float64)
-    )
-    q = q.to(torch.float64)
-    Qb = [q / q.norm()]
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    theta = Y = None
-    for j in range(m_max):
-        w = op.matvec(Qb[j].to(op.dtype)).to(torch.float64)
-        alphas.append(w @ Qb[j])
-        Qm = torch.stack(Qb, 1)
-        for _ in range(2):
-            w = w - Qm @ (Qm.T @ w)
-        b = w.norm()
-        T = torch.diag(torch.stack(alphas))
-        if betas:
-            off = torch.stack(betas)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, Y = torch.linalg.eigh(T)
-        if j + 1 >= k:
-            res = (b * Y[-1, -k:]).abs()
-            scale = theta.abs().max().clamp_min(1e-300)
-            if bool((res <= tol * scale).all()) or j + 1 == m_max or float(b) == 0.0:
-                break
-        if float(b) <= 1e-14 * float(theta.abs().max().clamp_min(1e-300)):
-            break
-        betas.append(b)
-        Qb.append(w / b)
-    assert theta is not None and Y is not None
-    Qm = torch.stack(Qb[: Y.shape[0]], 1)
-    idx = torch.argsort(theta, descending=True)[:k]
-    return theta[idx], Qm @ Y[:, idx]
-
-
 def _top_eigenpairs(
     op: CurvatureOperator, k: int, v0: Tensor | None, seed: int, tol: float
 ) -> tuple[Tensor, Tensor]:
-    try:
-        from ..curvature.lanczos import top_eigenpairs
-
-        res = top_eigenpairs(op, k, tol=tol, seed=seed, v0=v0)
-        return res.eigenvalues.to(torch.float64), res.eigenvectors.to(torch.float64)
-    except NotImplementedError:
-        pass
-    gen = torch.Generator().manual_seed(seed)
-    if op.shape[0] <= 1024:
-        e, Q = torch.linalg.eigh(op.to_dense().to(torch.float64).cpu())
-        return e.flip(0)[:k].to(op.device), Q.flip(1)[:, :k].to(op.device)
-    lam, U = _lanczos_top(op, k, None if v0 is None else v0.cpu(), gen, tol)
-    return lam.to(op.device), U.to(op.device)
+    res = top_eigenpairs(op, k, tol=tol, seed=seed, v0=v0)
+    return res.eigenvalues, res.eigenvectors
 
 
 # --- helpers ----------------------------------------------------------------------
