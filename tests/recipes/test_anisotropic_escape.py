@@ -171,6 +171,7 @@ def test_toy_verdict_full_runs(tmp_path):
 # --------------------------------------------------------------------- net part
 
 
+@pytest.mark.slow  # three recipe runs: ~30 s alone, minutes on shared cores
 def test_net_smoke_schema_png_and_resume(tmp_path):
     cfg = tiny_net(tmp_path / "a")
     res = R.main(cfg)

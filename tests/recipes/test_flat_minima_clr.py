@@ -67,6 +67,7 @@ def test_schedule_follows_the_square_wave_around_2_over_lambda0(tmp_path):
     assert s["arms"]["sgd"]["lr"] == lr  # the same schedule drives both arms
 
 
+@pytest.mark.slow  # three recipe runs: ~30 s alone, minutes on shared cores
 def test_smoke_schema_png_and_resume(tmp_path):
     cfg = tiny(tmp_path / "a")
     res = R.main(cfg)
