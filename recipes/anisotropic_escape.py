@@ -12,8 +12,11 @@ Two experiments from Z19 ("The Anisotropic Noise in SGD", ICML 2019):
   over the 100 runs (the library's NoisyGD needs a model, loss and data set and
   would run the 600 trajectories one by one).
 * **R3, escaping a GD minimum (Figs. 3, 5).** Z19's FashionMNIST setting on the
-  offline ``digits`` (1,000 clean + 200 random-label training images): GD to a
-  minimum θ*_GD, then every dynamic of SPEC §3 continues from it with the same lr
+  offline ``digits`` (1,000 clean + 200 random-label training images, standardised;
+  an MLP 64→32→32→10 with ReLU, softmax CE): GD to a minimum θ*_GD, then every
+  dynamic of SPEC §3 continues from it with the same lr (0.2 here: Z19's 0.07 left
+  GD far from a minimum on digits within the CPU budget; with 0.2 GD fits 99.7% of
+  the corrupted training set in 2k steps)
   (GD, GLD-const, GLD-dyn, GLD-diag, GLD-lead, GLD-Hess, GLD-1eig through
   :class:`geoopt_sgd.NoisyGD`, and mini-batch SGD). Measured: train/test accuracy,
   expected sharpness (:func:`geoopt_sgd.expected_sharpness`), and along SGD
@@ -43,6 +46,7 @@ Outputs go to ``<out-dir>/anisotropic_escape/``: ``config.json``,
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -972,3 +976,5 @@ if __name__ == "__main__":
     cfg = common.parse_config(Config, description=__doc__)
     res = main(cfg)
     print(common.verdict_table(res["verdict"]))
+    print(f"results: {Path(cfg.out_dir) / RECIPE / 'results.json'}")
+    sys.exit(0 if res["passed"] else 1)

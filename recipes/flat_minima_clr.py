@@ -32,6 +32,7 @@ the measured numbers: see ``recipes/README.md``.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -607,3 +608,5 @@ if __name__ == "__main__":
     cfg = common.parse_config(Config, description=__doc__)
     res = main(cfg)
     print(common.verdict_table(res["verdict"]))
+    print(f"results: {Path(cfg.out_dir) / RECIPE / 'results.json'}")
+    sys.exit(0 if res["passed"] else 1)
