@@ -8,7 +8,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from .._checks import check_choice
-from .hvp import HVP_METHODS, _BatchTerm, _DataOperator, _is_forward_ad_error, make_hvp
+from .hvp import HVP_METHODS, _BatchTerm, _DataOperator, make_hvp
 
 __all__ = ["HessianOperator"]
 
@@ -17,12 +17,17 @@ Method = Literal["auto", "fwd_rev", "rev_rev", "double_backward"]
 
 class _HessianTerm(_BatchTerm):
     def __init__(self, op: HessianOperator, x: Any, y: Tensor, method: str) -> None:
-        params = [p.detach() for p in op.fmodel.params]
+        # Capture the model and loss, not ``op``: the operator caches this term,
+        # and a reference back to it would make a cycle only the GC can free.
+        fmodel, loss_fn = op.fmodel, op.loss_fn
+        params = [p.detach() for p in fmodel.params]
 
-        def f(ps: list[Tensor]) -> Tensor:
-            return op._batch_loss(ps, x, y)
+        def f(ps: list[Tensor], target: Tensor) -> Tensor:
+            return loss_fn(fmodel(ps, x), target)
 
-        self.apply = make_hvp(f, params, method=method)  # type: ignore[assignment]
+        self.apply = make_hvp(  # type: ignore[assignment]
+            f, params, method=method, constants=(y,)
+        )
 
 
 class HessianOperator(_DataOperator):
@@ -61,7 +66,8 @@ class HessianOperator(_DataOperator):
             of at most ``max_cached_batches`` batches); otherwise ``"rev_rev"`` in
             train mode (forward-over-reverse through train-mode normalisation has
             open silent bugs, pytorch#196699) and ``"fwd_rev"`` in eval mode,
-            falling back to ``"rev_rev"`` if an op has no forward-mode AD. The
+            falling back to ``"rev_rev"`` if the first forward-over-reverse product
+            fails (an op without forward-mode AD, e.g. a custom Function). The
             route used is in :attr:`method_used` (``None`` until decided).
         mode: ``"eval"`` (default) or ``"train"``.
         loss_reduction: ``"mean"`` or ``"sum"``; default read from
@@ -136,9 +142,9 @@ class HessianOperator(_DataOperator):
         params = [p.detach() for p in self.fmodel.params]
         try:
             term.apply(params)
-        except (NotImplementedError, RuntimeError) as err:
-            if not _is_forward_ad_error(err):
-                raise
+        except (NotImplementedError, RuntimeError):
+            # missing forward-mode formulas (fused attention, custom Functions,
+            # huber_loss) or forward-AD bugs: reverse-over-reverse covers them
             self.method_used = "rev_rev"
             term = _HessianTerm(self, x, y, "rev_rev")
         else:

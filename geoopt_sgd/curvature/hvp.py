@@ -47,9 +47,6 @@ HVPMethod = Literal["fwd_rev", "rev_rev", "double_backward"]
 HVP_METHODS: tuple[str, ...] = ("fwd_rev", "rev_rev", "double_backward")
 """The explicit HVP routes; the operators also accept ``"auto"``."""
 
-# Messages of the errors that mean "this op has no forward-mode AD formula".
-_FWD_AD_HINTS = ("forward AD", "forward mode AD", "forward-mode", "jvp")
-
 
 @contextlib.contextmanager
 def math_sdpa() -> Iterator[None]:
@@ -69,12 +66,6 @@ def math_sdpa() -> Iterator[None]:
         return
     with sdpa_kernel(SDPBackend.MATH):
         yield
-
-
-def _is_forward_ad_error(err: BaseException) -> bool:
-    if isinstance(err, NotImplementedError):
-        return True
-    return isinstance(err, RuntimeError) and any(h in str(err) for h in _FWD_AD_HINTS)
 
 
 class _ListAdapter:
@@ -100,10 +91,11 @@ class _ListAdapter:
 
 
 def make_hvp(
-    f: Callable[[Any], Tensor],
+    f: Callable[..., Tensor],
     params: Sequence[Tensor] | Mapping[str, Tensor],
     *,
     method: HVPMethod = "rev_rev",
+    constants: Sequence[Tensor] = (),
 ) -> Callable[[Any], Any]:
     """Build ``v -> H v`` for the Hessian of ``f`` at ``params``, reusable across ``v``.
 
@@ -112,9 +104,15 @@ def make_hvp(
     function to free that graph.
 
     Args:
-        f: A scalar function of a list (or dict) of tensors shaped like ``params``.
+        f: A scalar function ``f(params, *constants)`` of a list (or dict) of
+            tensors shaped like ``params``.
         params: The point, a list or a dict of tensors (not modified).
         method: ``"fwd_rev"``, ``"rev_rev"`` or ``"double_backward"``.
+        constants: Extra tensors passed to ``f`` and not differentiated (e.g.
+            regression targets). Under ``"fwd_rev"`` the floating-point ones get
+            an explicit zero tangent: torch 2.14's ``mse_loss`` backward fails
+            under forward AD ("ZeroTensors are immutable") when its target has
+            none.
 
     Returns:
         A function mapping tangents ``v`` (same structure as ``params``) to
@@ -133,21 +131,34 @@ def make_hvp(
     check_choice("method", method, HVP_METHODS)
     ad = _ListAdapter(params)
     primals = [p.detach() for p in ad.values]
+    consts = list(constants)
 
-    def f_list(ps: Sequence[Tensor]) -> Tensor:
-        return f(ad.back(ps))
+    def f_list(ps: Sequence[Tensor], *cs: Tensor) -> Tensor:
+        return f(ad.back(ps), *cs)
 
     if method == "fwd_rev":
+        dual = [i for i, c in enumerate(consts) if c.is_floating_point()]
+        zeros = [torch.zeros_like(consts[i]) for i in dual]
+
+        def f_fwd(ps: Sequence[Tensor], ds: Sequence[Tensor]) -> list[Tensor]:
+            cs = list(consts)
+            for i, d in zip(dual, ds, strict=True):
+                cs[i] = d
+            return torch.func.grad(f_list)(ps, *cs)
 
         def hvp_fwd(v: Any) -> Any:
             tangents = [t.detach() for t in ad.to_list(v)]
-            out = torch.func.jvp(torch.func.grad(f_list), (primals,), (tangents,))[1]
+            out = torch.func.jvp(
+                f_fwd, (primals, [consts[i] for i in dual]), (tangents, zeros)
+            )[1]
             return ad.back([o.detach() for o in out])
 
         return hvp_fwd
 
     if method == "rev_rev":
-        _, vjp_fn = torch.func.vjp(torch.func.grad(f_list), primals)
+        _, vjp_fn = torch.func.vjp(
+            lambda ps: torch.func.grad(f_list)(ps, *consts), primals
+        )
 
         def hvp_rev(v: Any) -> Any:
             (out,) = vjp_fn([t.detach() for t in ad.to_list(v)])
@@ -158,7 +169,7 @@ def make_hvp(
     leaves = [p.clone().requires_grad_(True) for p in primals]
     with torch.enable_grad():
         g = torch.autograd.grad(
-            f_list(leaves), leaves, create_graph=True, materialize_grads=True
+            f_list(leaves, *consts), leaves, create_graph=True, materialize_grads=True
         )
     live = [i for i, gi in enumerate(g) if gi.requires_grad]
 

@@ -1,0 +1,396 @@
+"""HessianOperator and the HVP routes against dense float64 references.
+
+Tolerance: every product is a sum of a few hundred float64 terms of size O(1), so
+routes and references agree to ~1e-15 relative; rtol=1e-10 (the issue's bar) leaves
+a wide margin while catching any wrong term (errors of an omitted or misweighted
+batch are O(1e-2) here).
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from cases import (
+    assert_same_state,
+    image_data,
+    linear,
+    make_data,
+    mlp,
+    model_state,
+    tiny_cnn,
+)
+from torch import nn
+
+from geoopt_sgd.curvature import HessianOperator
+from geoopt_sgd.curvature.hvp import hessian_vector_product, make_hvp
+from geoopt_sgd.testing.curvature import (
+    assert_close_report,
+    dense_hessian,
+    flat_params,
+)
+
+METHODS = ["auto", "fwd_rev", "rev_rev", "double_backward"]
+RTOL, ATOL = 1e-10, 1e-12
+CE = nn.CrossEntropyLoss()
+MSE = nn.MSELoss()
+
+
+def _cases():
+    X, y = make_data(12)
+    Xr, yr = make_data(12, classification=False)
+    Xi, yi = image_data(10)
+    return {
+        "mlp-ce": (mlp(), CE, (X, y)),
+        "mlp-mse": (mlp(), MSE, (Xr, yr)),
+        "cnn-bn": (tiny_cnn(), CE, [(Xi[:6], yi[:6]), (Xi[6:], yi[6:])]),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
+@pytest.mark.parametrize("case", list(CASES), ids=lambda c: f"case={c}")
+def test_matches_dense_hessian(case, method):
+    model, loss_fn, data = CASES[case]
+    H_ref = dense_hessian(model, loss_fn, data)
+    H = HessianOperator(model, loss_fn, data, method=method)
+    assert_close_report(H.to_dense(), H_ref, RTOL, ATOL)
+    assert H.n_matvec == H.shape[0]
+    assert H.method_used in ("fwd_rev", "rev_rev", "double_backward")
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
+def test_train_mode_batchnorm(method):
+    # Batch statistics, fixed per batch. Forward-over-reverse through train-mode
+    # BatchNorm has open silent bugs (pytorch#196699): compare every route.
+    model, Xi, yi = tiny_cnn(), *image_data(10)
+    data = [(Xi[:6], yi[:6]), (Xi[6:], yi[6:])]
+    H_ref = dense_hessian(model, CE, data, mode="train")
+    H_eval = dense_hessian(model, CE, data, mode="eval")
+    assert (H_ref - H_eval).abs().max() > 1e-3  # the two modes really differ
+    H = HessianOperator(model, CE, data, method=method, mode="train")
+    dense = H.to_dense()
+    assert_close_report(dense, H_ref, RTOL, ATOL)
+    # the conv bias is cancelled by train-mode BatchNorm: exactly zero rows
+    # (up to rounding), which a wrong mixed derivative would break
+    assert_close_report(dense[18:20], torch.zeros_like(dense[18:20]), 0, 1e-14)
+
+
+def test_dense_reference_matches_torch_func_hessian_in_eval_mode():
+    model, X, y = mlp(), *make_data(12)
+    theta = flat_params(model)
+    shapes = [p.shape for p in model.parameters()]
+
+    def f(t):
+        ps, i = {}, 0
+        for (n, _), s in zip(model.named_parameters(), shapes, strict=True):
+            ps[n] = t[i : i + s.numel()].view(s)
+            i += s.numel()
+        return CE(torch.func.functional_call(model, ps, (X,)), y)
+
+    # two independent dense implementations: rounding-level agreement
+    assert_close_report(
+        dense_hessian(model, CE, (X, y)), torch.func.hessian(f)(theta), 1e-12, 1e-14
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ragged_batches_weighted_by_counts(reduction):
+    X, y = make_data(12)
+    model = mlp()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    full = dense_hessian(model, loss_fn, (X, y))
+    batches = [(X[:5], y[:5]), (X[5:10], y[5:10]), (X[10:], y[10:])]
+    for method in METHODS:
+        H = HessianOperator(model, loss_fn, batches, method=method)
+        assert H.num_samples == 12
+        assert_close_report(H.to_dense(), full, RTOL, ATOL)
+    # the mean of batch means would be biased by the small last batch
+    biased = sum(dense_hessian(model, loss_fn, b) for b in batches) / 3
+    if reduction == "mean":
+        assert (biased - full).abs().max() > 1e-3
+
+
+def test_dataloader_streams_and_auto_uses_forward_over_reverse():
+    X, y = make_data(12)
+    model = mlp()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, y), batch_size=5
+    )
+    H = HessianOperator(model, CE, loader)
+    assert not H.cacheable and H.method_used is None
+    assert_close_report(H.to_dense(), dense_hessian(model, CE, (X, y)), RTOL, ATOL)
+    assert H.method_used == "fwd_rev"
+    H_train = HessianOperator(model, CE, loader, mode="train")
+    assert H_train.method_used == "rev_rev"  # never fwd_rev in train mode
+    # a list of more batches than max_cached_batches streams too
+    H_list = HessianOperator(
+        model, CE, [(X[:6], y[:6]), (X[6:], y[6:])], max_cached_batches=1
+    )
+    assert not H_list.cacheable
+    assert_close_report(H_list.to_dense(), H.to_dense(), RTOL, ATOL)
+
+
+class _NoJvpSin(torch.autograd.Function):
+    """sin with a backward but no forward-mode (jvp) formula."""
+
+    @staticmethod
+    def forward(x):
+        return x.sin()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * x.cos()
+
+
+class _NoJvpModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 4).double()
+        self.fc2 = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.fc2(_NoJvpSin.apply(self.fc1(x)))
+
+
+def test_auto_falls_back_without_forward_ad():
+    torch.manual_seed(0)
+    model = _NoJvpModel()
+    X, y = make_data(12)
+    data = [(X[:6], y[:6]), (X[6:], y[6:])]
+    with pytest.raises(NotImplementedError, match="jvp"):
+        HessianOperator(model, CE, data, method="fwd_rev").matvec(
+            torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+        )
+    H = HessianOperator(model, CE, data, max_cached_batches=0)
+    dense = H.to_dense()
+    assert H.method_used == "rev_rev"
+    assert_close_report(dense, dense_hessian(model, CE, data), RTOL, ATOL)
+
+
+def test_layer_subset_and_names():
+    model, X, y = mlp(), *make_data(12)
+    last = [model[2].weight, model[2].bias]
+    H_ref = dense_hessian(model, CE, (X, y), params=last)
+    H = HessianOperator(model, CE, (X, y), params=last)
+    assert H.shape == (21, 21) and H.param_shapes == [p.shape for p in last]
+    assert_close_report(H.to_dense(), H_ref, RTOL, ATOL)
+    H_named = HessianOperator(model, CE, (X, y), params=["2.weight", "2.bias"])
+    assert_close_report(H_named.to_dense(), H_ref, RTOL, ATOL)
+    # the subset block of the full Hessian
+    full = dense_hessian(model, CE, (X, y))
+    assert_close_report(H_ref, full[-21:, -21:], 1e-12, 1e-14)
+
+
+def test_frozen_and_unused_parameters():
+    model, X, y = mlp(), *make_data(12)
+    model[0].bias.requires_grad_(False)
+    H_default = HessianOperator(model, CE, (X, y))
+    assert H_default.shape[0] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    # explicitly selected frozen parameter: still differentiated
+    everything = list(model.parameters())
+    H_all = HessianOperator(model, CE, (X, y), params=everything)
+    ref = dense_hessian(model, CE, (X, y), params=everything)
+    assert_close_report(H_all.to_dense(), ref, RTOL, ATOL)
+    assert ref[30:36].abs().max() > 1e-3  # first-layer bias rows are not trivial
+    assert not model[0].bias.requires_grad
+    # a parameter the forward never uses gives zero rows and columns
+    model.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    for method in METHODS:
+        H = HessianOperator(model, CE, (X, y), method=method)
+        assert H.fmodel.names[0] == "unused"  # the Sequential's own parameter
+        D = H.to_dense()
+        assert torch.equal(D[:3], torch.zeros_like(D[:3]))
+        assert torch.equal(D[:, :3], torch.zeros_like(D[:, :3]))
+        assert D[3:].abs().max() > 1e-3
+
+
+def test_linear_in_params_gives_zero_hessian():
+    # loss linear in the parameters: the gradient has no graph; H = 0
+    model = linear(5, 1)
+    X = torch.randn(4, 5, dtype=torch.float64)
+
+    def loss_fn(out, target):
+        return (out * target).mean()
+
+    for method in METHODS:
+        target = torch.ones(4, 1, dtype=torch.float64)
+        H = HessianOperator(model, loss_fn, (X, target), method=method)
+        assert torch.equal(H.to_dense(), torch.zeros(6, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
+def test_no_side_effects(method):
+    model, (Xi, yi) = tiny_cnn(), image_data(10)
+    # give the model .grad fields and a mixed mode to preserve
+    CE(model(Xi), yi).backward()
+    model.train()
+    model.bn.eval()
+    V = torch.randn(51, 2, generator=torch.Generator().manual_seed(0)).double()
+    before = model_state(model)
+    for mode in ("eval", "train"):
+        H = HessianOperator(model, CE, (Xi, yi), method=method, mode=mode)
+        H.matmat(V)
+        H.loss()
+        H.gradient()
+        H.release()
+    assert_same_state(before, model_state(model))
+
+
+def test_matvec_forms_and_counting():
+    model, X, y = mlp(), *make_data(12)
+    H = HessianOperator(model, CE, (X, y))
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(H.shape[0], 3, generator=g, dtype=torch.float64)
+    HV = H.matmat(V)
+    assert H.n_matvec == 3
+    for j in range(3):
+        assert_close_report(H.matvec(V[:, j]), HV[:, j], 1e-13, 1e-15)
+    as_list = H.matvec(H.unflatten(V[:, 0]))
+    assert isinstance(as_list, list) and len(as_list) == 4
+    assert_close_report(H.flatten(as_list), HV[:, 0], 1e-13, 1e-15)
+    assert H.n_matvec == 7
+    # float32 inputs are cast to the operator's dtype
+    assert H.matvec(V[:, 0].float()).dtype == torch.float64
+
+
+def test_loss_and_gradient_full_data():
+    model, X, y = mlp(), *make_data(12)
+    batches = [(X[:5], y[:5]), (X[5:10], y[5:10]), (X[10:], y[10:])]
+    H = HessianOperator(model, CE, batches)
+    loss = CE(model(X), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    # identical sums in a different order: rounding-level agreement
+    assert H.loss() == pytest.approx(loss.item(), rel=1e-12)
+    assert_close_report(
+        H.gradient(), torch.cat([t.reshape(-1) for t in grads]), 1e-11, 1e-14
+    )
+    # `loss_reduction` declares what loss_fn does; a sum-reduced loss gives the sum
+    Hs = HessianOperator(model, nn.CrossEntropyLoss(reduction="sum"), batches)
+    assert Hs.loss() == pytest.approx(12 * loss.item(), rel=1e-12)
+
+
+def test_cache_follows_in_place_parameter_changes():
+    model, X, y = mlp(), *make_data(12)
+    H = HessianOperator(model, CE, (X, y))
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    before = H.matvec(v)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    after = H.matvec(v)
+    ref = dense_hessian(model, CE, (X, y)) @ v
+    assert (after - before).abs().max() > 1e-3
+    assert_close_report(after, ref, RTOL, ATOL)
+
+
+def test_release_and_no_reference_cycle():
+    model, X, y = mlp(), *make_data(12)
+    with HessianOperator(model, CE, (X, y)) as H:
+        H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
+        assert H._cache is not None
+    assert H._cache is None
+    H.matvec(torch.ones(H.shape[0], dtype=torch.float64))  # rebuilt on demand
+    ref = weakref.ref(H)
+    gc.disable()
+    try:
+        del H
+        # freed by reference counting alone: no cycle through the cached graphs
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_hvp_functions_on_lists_and_dicts():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    A = A + A.T
+    w = torch.randn(4, generator=g, dtype=torch.float64)
+    v = torch.randn(4, generator=g, dtype=torch.float64)
+
+    def f_dict(p):
+        return 0.5 * p["w"] @ A @ p["w"] + p["w"].sin().sum()
+
+    exact = A @ v - w.sin() * v  # Hessian of the quadratic plus sin term
+    for method in ("fwd_rev", "rev_rev", "double_backward"):
+        out = hessian_vector_product(f_dict, {"w": w}, {"w": v}, method=method)
+        assert_close_report(out["w"], exact, 1e-13, 1e-15)
+        hvp = make_hvp(lambda p: f_dict({"w": p[0]}), [w], method=method)
+        assert_close_report(hvp([v])[0], exact, 1e-13, 1e-15)
+        assert_close_report(hvp([2 * v])[0], 2 * exact, 1e-13, 1e-15)  # reusable
+
+
+# --- timm models (ViT: attention under the math SDPA backend) ------------------
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
+def test_timm_models_routes_agree_and_match_dense_on_a_subset(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3).double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    before = model_state(model)
+    P = sum(p.numel() for p in model.parameters())
+    v = torch.randn(P, generator=g, dtype=torch.float64)
+    ref = HessianOperator(model, CE, (X, y), method="rev_rev").matvec(v)
+    for method in ("fwd_rev", "double_backward"):
+        H = HessianOperator(model, CE, (X, y), method=method)
+        # different evaluation orders of the same float64 sums: ~1e-15 relative
+        assert_close_report(H.matvec(v), ref, 1e-9, 1e-10 * float(ref.abs().max()))
+    names = dict(model.named_parameters())
+    # a block inside the network (attention qkv for the ViT) plus the head bias
+    inner = "blocks.0.attn.qkv.bias" if name == "test_vit" else "layer1.0.bn1.weight"
+    subset = [names[inner], names["head.bias" if name == "test_vit" else "fc.bias"]]
+    H_ref = dense_hessian(model, CE, (X, y), params=subset)
+    assert H_ref.abs().max() > 1e-6
+    for method in METHODS:
+        H = HessianOperator(model, CE, (X, y), params=subset, method=method)
+        assert_close_report(H.to_dense(), H_ref, RTOL, 1e-12 * float(H_ref.abs().max()))
+    assert_same_state(before, model_state(model))
+
+
+# --- errors ----------------------------------------------------------------------
+
+
+def test_errors():
+    model, X, y = mlp(), *make_data(12)
+    with pytest.raises(ValueError, match="`method` must be one of 'auto', 'fwd_rev'"):
+        HessianOperator(model, CE, (X, y), method="exact")
+    with pytest.raises(ValueError, match="`data` is empty"):
+        HessianOperator(model, CE, [])
+    with pytest.raises(ValueError, match="`data` is empty"):
+        HessianOperator(model, CE, (X[:0], y[:0]))
+    empty_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X[:0], y[:0]), batch_size=4
+    )
+    with pytest.raises(ValueError, match="`data` is empty: it yields no samples"):
+        HessianOperator(model, CE, empty_loader)
+    with pytest.raises(ValueError, match="`max_cached_batches` must be >= 0; got -1"):
+        HessianOperator(model, CE, (X, y), max_cached_batches=-1)
+    with pytest.raises(TypeError, match="`loss_fn` must be callable; got int"):
+        HessianOperator(model, 3, (X, y))
+    with pytest.raises(ValueError, match="`mode` must be one of 'eval', 'train'"):
+        HessianOperator(model, CE, (X, y), mode="test")
+    with pytest.raises(ValueError, match="reduction='none'"):
+        HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), (X, y))
+    with pytest.raises(TypeError, match="`data` must be an"):
+        HessianOperator(model, CE, 5)
+    H = HessianOperator(model, CE, (X, y))
+    with pytest.raises(ValueError, match=r"`v`: expected leading dimension P = 57"):
+        H.matvec(torch.ones(56, dtype=torch.float64))
+    bad = torch.zeros(57, dtype=torch.float64)
+    bad[3] = float("inf")
+    with pytest.raises(ValueError, match="`v` must be finite; it has 1 non-finite"):
+        H.matvec(bad)
+    with pytest.raises(ValueError, match="`method` must be one of 'fwd_rev'"):
+        make_hvp(lambda p: p[0].sum(), [X], method="auto")
