@@ -405,7 +405,8 @@ def escape_run(
         escaped = L >= cfg.escape_factor * L_star or math.sqrt(d2) >= (
             cfg.escape_distance * norm_star
         )
-        if escape_step is None and (escaped or t == cfg.max_steps - 1):
+        stop = not math.isfinite(L) or L >= cfg.stop_loss
+        if escape_step is None and (escaped or stop or t == cfg.max_steps - 1):
             shares = (c2 / max(d2, 1e-300)).tolist()
             loss_shares = (
                 lam.clamp_min(0) * c2 / (lam.clamp_min(0) * c2).sum()
@@ -413,7 +414,7 @@ def escape_run(
             if escaped:
                 escape_step = t + 1
             rho_at = {k: rho[k][-1] for k in ks}
-        if not math.isfinite(L) or L >= cfg.stop_loss:
+        if stop:
             break
     return {
         "loss": losses,
@@ -794,10 +795,10 @@ def plot(results_path: str | Path) -> list[Path]:
     for ax, (name, a), col in zip(axes, arms.items(), colors * 3, strict=False):
         for run in a["loss"]:
             ax.semilogy(range(1, len(run) + 1), run, color=col, alpha=0.25, lw=0.7)
-        ax.semilogy(
-            range(1, len(a["mean_loss"]) + 1), a["mean_loss"], color="k", lw=1.8
-        )
-        t = range(0, len(a["mean_loss"]) + 1)
+        # the mean only while every run is still going (stopped runs hold no data)
+        alive = min(len(run) for run in a["loss"])
+        ax.semilogy(range(1, alive + 1), a["mean_loss"][:alive], color="k", lw=1.8)
+        t = range(0, alive + 1)
         if a.get("gamma0"):
             g0 = a["gamma0"]
             ax.semilogy(

@@ -1,0 +1,417 @@
+"""Hessian sharpness report of a timm model on a small dataset (issue #2 §5; SPEC §2.8).
+
+Builds ``timm.create_model(name, pretrained=False, num_classes=...)`` (default the
+small ``test_byobnet``), optionally trains it for a few epochs with SGD, then measures
+on a fixed subset of the training data, with the model in eval mode:
+
+* the top-k Hessian eigenvalues and ``λ_min`` (one thick-restart Lanczos run),
+* ``Tr H`` and ``‖H‖_F`` (Hutchinson, with standard errors),
+* the stability ratio ``lr·λ_max/2`` of the training learning rate (SPEC §2.8),
+* the expected sharpness ``E L(θ+ν) − L(θ)``, ``ν ~ N(0, σ²I)`` (SPEC §2.9),
+* the spectral density (stochastic Lanczos quadrature).
+
+Data: ``digits`` (offline, scikit-learn) resized to ``--image-size``, or
+``--dataset cifar10|fashion_mnist|mnist --data-dir DIR [--download]``. The test
+models' native input is 160 px; ``--image-size 160`` uses it (≈100× the cost).
+
+Commands (outputs under ``<out-dir>/sharpness_report/``)::
+
+    python recipes/sharpness_report.py --quick   # ~1 min on 2 CPU cores
+    python recipes/sharpness_report.py           # 3 epochs, k = 10, finer density
+    python recipes/sharpness_report.py --model resnet18 --dataset cifar10 \\
+        --data-dir data --download --image-size 32 --device cuda
+
+Writes ``config.json``, ``results.json`` (environment, per-step training loss, the
+measures, density, and a verdict of internal consistency checks) and
+``sharpness.png`` (top eigenvalues and spectral density), and prints the table.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _common as common
+import torch
+from torch import nn
+
+from geoopt_sgd import (
+    HessianOperator,
+    expected_sharpness,
+    sharpness,
+    spectral_density,
+)
+
+RECIPE = "sharpness_report"
+NATIVE_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+
+
+@dataclass(frozen=True)
+class Config:
+    # model and data
+    model: str = "test_byobnet"  # any timm name, or 'mlp' / 'cnn' / 'linear'
+    width: int = 128  # hidden width of 'mlp' / channels of 'cnn'
+    dataset: str = "digits"  # 'digits' (offline), 'mnist', 'fashion_mnist', 'cifar10'
+    data_dir: str | None = None  # where torchvision datasets live
+    download: bool = False  # download a missing torchvision dataset
+    image_size: int = 16  # input side (digits are 8x8; test_* models' native: 160)
+    num_train: int | None = None  # training subset (None: all)
+    dtype: str = "float32"  # 'float32' or 'float64'
+    # optional training
+    epochs: int = 3  # SGD epochs before measuring (0: measure at initialisation)
+    lr: float = 0.05  # SGD learning rate (also used for the stability ratio)
+    momentum: float = 0.9  # SGD momentum
+    batch_size: int = 64  # SGD batch size
+    # measures
+    curvature_samples: int = 512  # training samples the Hessian refers to
+    k: int = 10  # top eigenvalues
+    tol: float = 1e-3  # relative tolerance of the eigenvalues
+    trace_probes: int = 30  # Hutchinson probes for Tr H and ||H||_F
+    density_probes: int = 5  # probes of the spectral density
+    density_steps: int = 40  # Lanczos steps per density probe
+    sharpness_sigma: float = 0.01  # sigma of the expected sharpness (Z19: 0.01)
+    sharpness_samples: int = 20  # draws of the expected sharpness (antithetic)
+    # run
+    seed: int = 0  # seed of the split, the initialisation, the batches, the probes
+    device: str = "cpu"  # 'cpu' or 'cuda'
+    out_dir: str = "runs"  # outputs go to <out_dir>/sharpness_report/
+    resume: bool = False  # continue from <out_dir>/sharpness_report/checkpoint.pt
+
+    @classmethod
+    def quick(cls) -> Config:
+        """The CI setting: one epoch, k = 5, a coarse density."""
+        return cls(
+            epochs=1,
+            curvature_samples=256,
+            k=5,
+            trace_probes=10,
+            density_probes=2,
+            density_steps=20,
+            sharpness_samples=5,
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Check the config before anything is built or trained.
+
+    Raises:
+        ValueError: On the first invalid field.
+    """
+    common.check_config_basics(cfg)
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(
+            f"`dtype` must be one of 'float32', 'float64'; got {cfg.dtype!r}."
+        )
+    for name in ("k", "width", "batch_size", "curvature_samples", "density_probes"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"`{name}` must be >= 1; got {getattr(cfg, name)!r}.")
+    if cfg.density_steps < 2:
+        raise ValueError(f"`density_steps` must be >= 2; got {cfg.density_steps!r}.")
+    for name in ("epochs", "trace_probes"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"`{name}` must be >= 0; got {getattr(cfg, name)!r}.")
+    if cfg.trace_probes == 1:
+        raise ValueError(
+            "`trace_probes` must be 0 or >= 2 (for a standard error); got 1."
+        )
+    if cfg.sharpness_samples < 1:
+        raise ValueError(
+            f"`sharpness_samples` must be >= 1; got {cfg.sharpness_samples!r}."
+        )
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"`momentum` must be in [0, 1); got {cfg.momentum!r}.")
+    if not cfg.tol > 0 or not cfg.sharpness_sigma > 0:
+        raise ValueError("`tol` and `sharpness_sigma` must be > 0.")
+
+
+def build(cfg: Config, device: torch.device) -> tuple[nn.Module, common.DataSplit]:
+    """Load the data and build the seeded model.
+
+    Raises:
+        ValueError: If ``k`` exceeds the parameter count.
+    """
+    dtype = getattr(torch, cfg.dtype)
+    flat = common.model_wants_flat(cfg.model)
+    data = common.load_data(
+        cfg.dataset,
+        image_size=cfg.image_size,
+        in_chans=NATIVE_CHANNELS[cfg.dataset],
+        flatten=flat,
+        num_train=cfg.num_train,
+        data_dir=cfg.data_dir,
+        download=cfg.download,
+        seed=cfg.seed,
+        dtype=dtype,
+    )
+    model = common.make_model(
+        cfg.model,
+        data.num_classes,
+        in_chans=data.in_chans,
+        input_dim=data.input_dim,
+        image_size=data.image_size,
+        width=cfg.width,
+        seed=cfg.seed,
+        dtype=dtype,
+    ).to(device)
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.k > P:
+        raise ValueError(f"`k` must be <= the parameter count P = {P}; got {cfg.k}.")
+    return model, data.to(device)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy and accuracy in eval mode, in chunks of 512."""
+    was = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(y), 512):
+            out = model(x[i : i + 512])
+            loss += float(
+                nn.functional.cross_entropy(out, y[i : i + 512], reduction="sum")
+            )
+            correct += int((out.argmax(1) == y[i : i + 512]).sum())
+    model.train(was)
+    return {"loss": loss / len(y), "accuracy": correct / len(y)}
+
+
+def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
+    """Train (optionally), measure, write ``results.json`` and ``sharpness.png``.
+
+    Args:
+        cfg: The configuration.
+        _stop_at: Test hook: raise :class:`_common.Interrupted` at this training
+            step, after the checkpoint of the previous epoch.
+
+    Returns:
+        The results dict (also in ``results.json``).
+    """
+    validate(cfg)
+    t_start = time.perf_counter()
+    device = common.resolve_device(cfg.device)
+    out = common.recipe_dir(cfg.out_dir, RECIPE)
+    cfg_d = common.config_to_dict(cfg)
+    common.write_json(out / "config.json", cfg_d)
+    ckpt_path = out / "checkpoint.pt"
+    common.seed_everything(cfg.seed)
+    model, data = build(cfg, device)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    state = common.load_checkpoint(ckpt_path, config=cfg_d) if cfg.resume else None
+    state = state or {"config": cfg_d, "epoch": 0, "train_loss": []}
+    if "model" in state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+
+    # ---- optional training (batches drawn from a per-epoch generator: resumable)
+    n = len(data.y_train)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    bar = common.progress(
+        total=cfg.epochs * per_epoch, initial=state["epoch"] * per_epoch, desc="train"
+    )
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=gen).to(device)
+        for b in range(per_epoch):
+            common.maybe_interrupt(epoch * per_epoch + b, _stop_at)
+            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+            loss.backward()
+            opt.step()
+            state["train_loss"].append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=cfg.lr)
+        state.update(
+            epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict()
+        )
+        common.save_checkpoint(ckpt_path, state)
+    bar.close()
+    model.eval()
+
+    # ---- measures on a fixed subset of the training data
+    m = min(cfg.curvature_samples, n)
+    batch = (data.x_train[:m], data.y_train[:m])
+    bar = common.progress(total=3, desc="curvature")
+    bar.set_postfix(step="eigenvalues + trace")
+    rep = sharpness(
+        model,
+        loss_fn,
+        batch,
+        k=cfg.k,
+        lr=cfg.lr,
+        tol=cfg.tol,
+        trace_probes=cfg.trace_probes,
+        seed=cfg.seed,
+    )
+    bar.update(1)
+    bar.set_postfix(step="spectral density")
+    op = HessianOperator(model, loss_fn, batch)
+    sd = spectral_density(
+        op,
+        num_probes=cfg.density_probes,
+        num_steps=cfg.density_steps,
+        num_points=400,
+        seed=cfg.seed,
+    )
+    bar.update(1)
+    bar.set_postfix(step="expected sharpness")
+    es = expected_sharpness(
+        model,
+        loss_fn,
+        batch,
+        sigma=cfg.sharpness_sigma,
+        num_samples=cfg.sharpness_samples,
+        seed=cfg.seed,
+    )
+    bar.update(1)
+    bar.close()
+
+    report = rep.as_dict()
+    top = report["top_eigenvalues"]
+    dx = float(sd.grid[1] - sd.grid[0])
+    mass = float(sd.density.sum()) * dx
+    metrics = {
+        **report,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "curvature_samples": m,
+        "expected_sharpness": float(es.value),
+        "expected_sharpness_stderr": float(es.stderr),
+        "expected_sharpness_quadratic": (
+            None if rep.trace is None else cfg.sharpness_sigma**2 / 2 * rep.trace
+        ),
+        "density_mass": mass,
+        "density_n_hvp": int(sd.n_matvec),
+        "train": evaluate(model, data.x_train, data.y_train),
+        "test": evaluate(model, data.x_test, data.y_test),
+        "seconds": time.perf_counter() - t_start,
+    }
+    C = common.claim
+    verdict = [
+        C(
+            "Lanczos converged to tol",
+            float(rep.converged),
+            ">=",
+            1.0,
+            source="lanczos",
+        ),
+        C(
+            "lambda_min <= lambda_max",
+            rep.lambda_max - rep.lambda_min,
+            ">=",
+            0.0,
+            source="consistency",
+        ),
+        C(
+            "spectral density integrates to 1 (|mass - 1|)",
+            abs(mass - 1),
+            "<=",
+            0.05,
+            source="SLQ",
+        ),
+    ]
+    if rep.frobenius is not None:
+        # ||H||_F^2 >= sum of the top-k lambda_i^2 exactly; the estimate may fall
+        # short by its noise, so allow three standard errors of ||H||_F^2
+        fro2 = rep.frobenius**2
+        fro2_se = 2 * rep.frobenius * (rep.frobenius_stderr or 0.0)
+        verdict.append(
+            C(
+                "||H||_F^2 (+3 s.e.) >= sum of top-k lambda^2 (ratio)",
+                (fro2 + 3 * fro2_se) / max(sum(x * x for x in top), 1e-300),
+                ">=",
+                1.0,
+                source="consistency",
+            )
+        )
+    arrays = {
+        "train_loss": state["train_loss"],
+        "top_eigenvalues": top,
+        "density_grid": sd.grid.tolist(),
+        "density": sd.density.tolist(),
+    }
+    results = common.results_payload(
+        RECIPE,
+        cfg,
+        env=common.environment(device),
+        metrics=metrics,
+        arrays=arrays,
+        verdict=verdict,
+    )
+    path = common.write_json(out / "results.json", results)
+    plot(path)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The measures as a Markdown table (printed by ``__main__``)."""
+    m = results["metrics"]
+
+    def pm(v, s):
+        if v is None:
+            return "n/a"
+        return f"{v:.4g}" + ("" if s is None else f" ± {s:.2g}")
+
+    rows = [("λ_max", f"{m['lambda_max']:.4g}")]
+    rows += [
+        (f"λ_{i + 1}", f"{v:.4g}") for i, v in enumerate(m["top_eigenvalues"][1:], 1)
+    ]
+    rows += [
+        ("λ_min", f"{m['lambda_min']:.4g}"),
+        ("Tr H", pm(m["trace"], m["trace_stderr"])),
+        ("‖H‖_F", pm(m["frobenius"], m["frobenius_stderr"])),
+        ("lr·λ_max/2", pm(m["stability_ratio"], None)),
+        (
+            "expected sharpness",
+            pm(m["expected_sharpness"], m["expected_sharpness_stderr"]),
+        ),
+        (
+            "train / test accuracy",
+            f"{m['train']['accuracy']:.3f} / {m['test']['accuracy']:.3f}",
+        ),
+        ("HVPs (eig + trace, density)", f"{m['n_hvp']}, {m['density_n_hvp']}"),
+    ]
+    lines = ["| measure | value |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def plot(results_path: str | Path) -> Path:
+    """Draw ``sharpness.png`` (top eigenvalues, spectral density) from the JSON."""
+    plt = common.pyplot()
+    res = common.read_json(results_path)
+    a, m = res["arrays"], res["metrics"]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    top = a["top_eigenvalues"]
+    ax[0].plot(range(1, len(top) + 1), top, "o-", ms=4)
+    ax[0].axhline(
+        m["lambda_min"], color="grey", ls=":", label=f"λ_min = {m['lambda_min']:.3g}"
+    )
+    ax[0].set(
+        xlabel="index i", ylabel="Hessian eigenvalue λ_i", title="top eigenvalues"
+    )
+    ax[0].legend(fontsize=7)
+    ax[1].semilogy(a["density_grid"], [max(d, 1e-12) for d in a["density"]])
+    for v in top:
+        ax[1].axvline(v, color="C1", lw=0.5, alpha=0.6)
+    ax[1].set(xlabel="eigenvalue", ylabel="density (SLQ)", title="spectral density")
+    ax[1].set_ylim(bottom=1e-6)
+    fig.suptitle(f"{res['config']['model']} on {res['config']['dataset']}", fontsize=9)
+    path = Path(results_path).parent / "sharpness.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    config = common.parse_config(Config, description=__doc__)
+    result = main(config)
+    print(table(result))
+    print(common.verdict_table(result["verdict"]))
+    print(f"results: {Path(config.out_dir) / RECIPE / 'results.json'}")
+    sys.exit(0 if result["passed"] else 1)
