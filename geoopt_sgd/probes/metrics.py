@@ -243,8 +243,8 @@ def _random_directions(
     """``r`` unit Gaussian directions ``(P, r)`` on the CPU, drawn column by column."""
     R = torch.empty(P, r, dtype=dtype)
     for j in range(r):
-        v = torch.randn(P, generator=gen, dtype=torch.float64)
-        R[:, j] = (v / v.norm()).to(dtype)
+        v = torch.randn(P, generator=gen, dtype=dtype)
+        R[:, j] = v / v.double().norm().to(dtype)
     return R
 
 
