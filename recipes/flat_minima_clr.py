@@ -573,30 +573,31 @@ def plot(results_path: str | Path) -> list[Path]:
     """Redraw ``clr.png`` from ``results.json`` alone; return the PNG paths."""
     plt = common.pyplot()
     res = common.read_json(results_path)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 4))
     for j, s in enumerate(res["arrays"].values()):
         for i, arm in enumerate(ARMS):
             a = s["arms"][arm]
             kw = dict(color=f"C{i}", alpha=1.0 if j == 0 else 0.4)
             label = f"{arm.upper()}+CLR" if j == 0 else None
-            axes[0].plot(_finite(a["step_loss"]), lw=0.5, label=label, **kw)
+            if j == 0:  # one seed's per-step loss (GD drawn on top of SGD)
+                axes[0].plot(
+                    _finite(a["step_loss"]), lw=0.5, label=label, zorder=3 - i, **kw
+                )
             c = a["cycle"]
             axes[1].plot(c, _finite(a["lambda_max"]), "o-", label=label, **kw)
             axes[2].plot(c, _finite(a["trace"]), "o-", label=label, **kw)
             axes[3].plot(c[1:], _finite(a["cos2_cycle"][1:]), "o-", label=label, **kw)
         if j == 0:
-            lr = s["arms"]["gd"]["lr"]
-            ax = axes[0].twinx()
-            ax.plot(lr, color="k", lw=0.5)
-            ax.set_ylabel("lr")
-            ax.grid(False)
+            axes[4].plot(s["arms"]["gd"]["lr"], color="k", lw=0.8)
             axes[1].axhline(2 / s["lrs"][1], ls=":", c="k", lw=0.8, label="2/eta_max")
             axes[1].axhline(2 / s["lrs"][0], ls="--", c="k", lw=0.8, label="2/eta_min")
-    axes[0].set(yscale="log", title="training loss (per step)", xlabel="step")
+    axes[0].set(yscale="log", title="training loss (per step, first seed)")
+    axes[0].set_xlabel("step")
     axes[1].set(title="lambda_max at the end of each cycle", xlabel="cycle")
     axes[2].set(title="Tr H at the end of each cycle", xlabel="cycle")
     axes[3].set(title="cos^2(cycle displacement, u_1)", xlabel="cycle", ylim=(0, 1))
-    for ax in axes:
+    axes[4].set(title="learning rate (both arms)", xlabel="step")
+    for ax in axes[:4]:
         ax.legend(fontsize=7)
     out = Path(results_path).parent / "clr.png"
     fig.savefig(out)
