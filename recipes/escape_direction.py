@@ -814,7 +814,8 @@ def plot(results_path: str | Path) -> list[Path]:
     fig.savefig(p1)
     plt.close(fig)
 
-    fig, ax = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig.subplots_adjust(wspace=0.35)
     for name, col in zip(("sgd", "gd_unstable", "sgd_unstable"), colors, strict=False):
         if name not in arms:
             continue
