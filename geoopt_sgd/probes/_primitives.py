@@ -37,7 +37,7 @@ from .._model import FunctionalModel
 from ..curvature.hvp import math_sdpa
 from ..curvature.linop import LinearOperator
 
-__all__ = ["CurvatureOperator", "ProbeSet", "sample_loss_fn"]
+__all__ = ["CurvatureOperator", "OutputCurvature", "ProbeSet", "sample_loss_fn"]
 
 SampleLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -134,8 +134,10 @@ class ProbeSet:
             "n_ggnvp": 0,
             "n_per_sample_grad": 0,
         }
-        self._lam: list[Tensor] | None = None
-        self._lam_sqrt: list[Tensor] | None = None
+        self._lam: list[OutputCurvature] | None = None
+        self.is_softmax_ce = isinstance(loss_fn, nn.CrossEntropyLoss) and (
+            loss_fn.weight is None or loss_fn.reduction == "mean"
+        )
 
     @contextlib.contextmanager
     def _policy(self) -> Iterator[None]:
@@ -182,35 +184,30 @@ class ProbeSet:
         self.cost["n_forward"] += len(self.batches)
         return torch.cat(out)
 
-    def output_hessians(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-batch ``Lambda_i`` ``(b, K, K)`` and a PSD square root of each.
+    def output_hessians(self) -> list[OutputCurvature]:
+        """Per-batch output curvature ``Lambda_i`` (see :class:`OutputCurvature`).
 
-        Negative eigenvalues of ``Lambda_i`` (non-convex losses) are clipped to 0 in
-        the square root.
+        Square loss: the identity. Softmax cross-entropy with ``K``-vector
+        outputs: the closed form ``diag(p) - p p^T``, never stored. Other losses:
+        ``torch.func.hessian`` of the per-sample loss with respect to the outputs,
+        stored ``(b, K, K)`` with a PSD square root (negative eigenvalues clipped).
         """
         if self._lam is None:
-            lam, lam_sqrt = [], []
+            lam = []
             with torch.no_grad(), self._policy():
                 for x, y in self.batches:
                     out = self.fm(self.params, x)
-                    b = out.shape[0]
-                    K = out[0].numel()
+                    b, K = out.shape[0], out[0].numel()
                     if self.is_square:
-                        L = torch.eye(K, dtype=out.dtype, device=out.device)
-                        L = L.expand(b, K, K)
-                        lam.append(L)
-                        lam_sqrt.append(L)
-                        continue
-                    L = vmap(hessian(self.sample_loss))(out, y).reshape(b, K, K)
-                    L = 0.5 * (L + L.transpose(1, 2))
-                    e, Q = torch.linalg.eigh(L)
-                    S = (Q * e.clamp_min(0).sqrt().unsqueeze(1)) @ Q.transpose(1, 2)
-                    lam.append(L)
-                    lam_sqrt.append(S)
+                        lam.append(OutputCurvature("identity", K))
+                    elif self.is_softmax_ce and out.dim() == 2:
+                        lam.append(OutputCurvature("softmax", K, out.softmax(-1)))
+                    else:
+                        L = vmap(hessian(self.sample_loss))(out, y).reshape(b, K, K)
+                        lam.append(OutputCurvature("dense", K, L))
             self.cost["n_forward"] += len(self.batches)
-            self._lam, self._lam_sqrt = lam, lam_sqrt
-        assert self._lam_sqrt is not None
-        return self._lam, self._lam_sqrt
+            self._lam = lam
+        return self._lam
 
     def directional(self, V: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample directional derivatives and GGN quadratic forms (primitive 2).
@@ -226,7 +223,7 @@ class ProbeSet:
             ``Q[i, j] = (J_i v_j)^T Lambda_i (J_i v_j)``, so that
             ``v_j^T G v_j = (1/n) sum_i Q[i, j]`` (summed over all processes).
         """
-        lam, _ = self.output_hessians()
+        lam = self.output_hessians()
         tangents = self.unflat(V.T.to(self.dtype))
         A, Q = [], []
         with self._policy():
@@ -239,7 +236,7 @@ class ProbeSet:
 
                 da, dout = vmap(push)(tangents)  # (q, b), (q, b, K)
                 A.append(da.T.detach())
-                Q.append(torch.einsum("qbk,bkl,qbl->bq", dout, L, dout).detach())
+                Q.append((dout * L.apply(dout)).sum(-1).T.detach())
         self.cost["n_jvp"] += V.shape[1]
         return torch.cat(A), torch.cat(Q)
 
@@ -281,16 +278,16 @@ class ProbeSet:
         Returns:
             ``(s, P)``, summed over processes.
         """
-        _, lam_sqrt = self.output_hessians()
+        lam = self.output_hessians()
         out = torch.zeros(Z.shape[0], self.P, dtype=self.dtype, device=self.device)
         i = 0
         with self._policy():
-            for (x, y), S in zip(self.batches, lam_sqrt, strict=True):
+            for (x, y), S in zip(self.batches, lam, strict=True):
                 b = int(y.shape[0])
                 _, f_vjp = vjp(
                     lambda p, x=x, y=y: self.loss_and_out(p, x, y)[1], self.params
                 )
-                ct = torch.einsum("bkl,sbl->sbk", S, Z[:, i : i + b].to(self.dtype))
+                ct = S.factor_t(Z[:, i : i + b].to(self.dtype))
                 g = vmap(f_vjp)(ct.contiguous())[0]
                 out += self.flat(g, lead=1).detach()
                 i += b
@@ -300,7 +297,7 @@ class ProbeSet:
 
     def ggn_matmat(self, V: Tensor) -> Tensor:
         """``G V`` for ``V`` ``(P, q)``: one jvp and one vjp per column."""
-        lam, _ = self.output_hessians()
+        lam = self.output_hessians()
         tangents = self.unflat(V.T.to(self.dtype))
         out = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
         with self._policy():
@@ -315,7 +312,7 @@ class ProbeSet:
                     return jvp(outs, (self.params,), (t,))[1]
 
                 du = vmap(push)(tangents)  # (q, b, K)
-                ct = torch.einsum("bkl,qbl->qbk", L, du)
+                ct = L.apply(du)
                 out += self.flat(vmap(f_vjp)(ct.contiguous())[0], lead=1).detach()
         self.cost["n_ggnvp"] += V.shape[1]
         distributed.all_reduce_sum(out)
@@ -351,10 +348,10 @@ class ProbeSet:
 
     def jacobian_rows(self) -> Tensor:
         """``M_i = Lambda_i^{1/2} J_i`` for local samples, ``(n_local, K, P)``."""
-        _, lam_sqrt = self.output_hessians()
+        lam = self.output_hessians()
         rows = []
         with self._policy():
-            for (x, y), S in zip(self.batches, lam_sqrt, strict=True):
+            for (x, y), S in zip(self.batches, lam, strict=True):
                 if self.fm.mode == "train":
                     b = int(y.shape[0])
                     J = jacrev(
@@ -379,7 +376,7 @@ class ProbeSet:
                         lambda g: self.flat(g, lead=2),
                     )
                     b = J.shape[0]
-                rows.append(torch.einsum("bkl,blp->bkp", S, J.detach()))
+                rows.append(S.factor(J.detach()))
                 del b
         self.cost["n_backward"] += self.n_local
         return torch.cat(rows)
@@ -464,3 +461,60 @@ class CurvatureOperator(LinearOperator):
         if self.kind == "hessian":
             return self.probe.hess_matmat(V)
         return self.probe.ggn_matmat(V)
+
+
+class OutputCurvature:
+    """The Hessians ``Lambda_i`` of the per-sample losses w.r.t. the outputs, one batch.
+
+    Applied, never inverted; ``factor`` is any ``A_i`` with ``A_i^T A_i =
+    Lambda_i``, enough for ``G = (1/n) sum J_i^T A_i^T A_i J_i`` and its Gram
+    blocks. Memory: nothing (identity), ``(b, K)`` (softmax) or ``(b, K, K)``
+    (dense).
+
+    Args:
+        kind: ``"identity"``, ``"softmax"`` (``Lambda = diag(p) - p p^T``, ``A =
+            diag(sqrt p) - sqrt(p) p^T``) or ``"dense"`` (symmetric PSD root).
+        K: Outputs per sample.
+        data: ``None``, the probabilities ``(b, K)``, or ``Lambda`` ``(b, K, K)``.
+    """
+
+    def __init__(self, kind: str, K: int, data: Tensor | None = None) -> None:
+        self.kind, self.K, self.data = kind, K, data
+        if kind == "dense":
+            assert data is not None
+            L = 0.5 * (data + data.transpose(1, 2))
+            e, Q = torch.linalg.eigh(L)
+            self.data = L
+            self.root = (Q * e.clamp_min(0).sqrt().unsqueeze(1)) @ Q.transpose(1, 2)
+        elif kind == "softmax":
+            assert data is not None
+            self.sqrt_p = data.sqrt()
+
+    def apply(self, U: Tensor) -> Tensor:
+        """``Lambda_i u`` for ``U`` ``(..., b, K)``."""
+        if self.kind == "identity":
+            return U
+        if self.kind == "softmax":
+            p = self.data
+            return p * U - p * (U * p).sum(-1, keepdim=True)
+        return torch.einsum("bkl,...bl->...bk", self.data, U)
+
+    def factor_t(self, Z: Tensor) -> Tensor:
+        """``A_i^T z`` for ``Z`` ``(..., b, K)``."""
+        if self.kind == "identity":
+            return Z
+        if self.kind == "softmax":
+            p, s = self.data, self.sqrt_p
+            return s * Z - p * (Z * s).sum(-1, keepdim=True)
+        return torch.einsum("blk,...bl->...bk", self.root, Z)
+
+    def factor(self, J: Tensor) -> Tensor:
+        """``A_i J_i`` for ``J`` ``(b, K, P)``."""
+        if self.kind == "identity":
+            return J
+        if self.kind == "softmax":
+            p, s = self.data, self.sqrt_p
+            return s.unsqueeze(-1) * J - s.unsqueeze(-1) * (p.unsqueeze(-1) * J).sum(
+                1, keepdim=True
+            )
+        return torch.einsum("bkl,blp->bkp", self.root, J)

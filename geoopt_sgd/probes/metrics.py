@@ -506,7 +506,7 @@ def noise_geometry(
     if not math.isfinite(L):
         return nan_result()
 
-    K = int(probe.output_hessians()[0][0].shape[-1]) if probe.batches else 1
+    K = probe.output_hessians()[0].K if probe.batches else 1
     if route == "auto":
         exact = (
             not distributed.is_distributed()

@@ -37,6 +37,11 @@ def _case(name):
         return cases.mlp(), nn.CrossEntropyLoss(), *cases.make_data()
     if name == "cnn-ce":
         return cases.tiny_cnn(), nn.CrossEntropyLoss(), *cases.image_data()
+    if name == "mlp-bce":
+        # a generic loss: Lambda_i from torch.func.hessian, stored densely
+        X, _ = cases.make_data()
+        y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(2)) > 0
+        return cases.mlp(), nn.BCEWithLogitsLoss(), X, y.double()
     raise KeyError(name)
 
 
@@ -54,6 +59,7 @@ CONFIGS = [
     ("linear-mse", {}),
     ("mlp-mse", {}),
     ("mlp-ce", {}),
+    ("mlp-bce", {}),
     ("cnn-ce", {}),
     ("cnn-ce", {"mode": "train"}),
     ("mlp-ce", {"curvature": "hessian"}),
@@ -232,11 +238,12 @@ def test_sketch_route_statistical(curvature):
     assert sk.values["loss"] == pytest.approx(ex.values["loss"], rel=1e-12)
 
 
-def test_sketch_route_minibatch_ce_statistical():
-    # same derivation as above, with the mini-batch covariance (B = 2, M = 8)
-    X, y = cases.make_data(n=16)
-    model, loss_fn = cases.mlp(), nn.CrossEntropyLoss()
-    ms = ["mu", "mu1", "tr_sigma", "tr_h_sigma"]
+@pytest.mark.parametrize("name", ["mlp-ce", "mlp-bce"])
+def test_sketch_route_minibatch_statistical(name):
+    # same derivation as above, with the mini-batch covariance (B = 2, M = 6);
+    # cross-entropy uses the closed-form Lambda, BCE the stored dense one
+    model, loss_fn, X, y = _case(name)
+    ms = ["mu", "mu1", "tr_sigma", "tr_h_sigma", "gradient_uniformity"]
     kw = {"metrics": ms, "cov": "minibatch", "batch_size": 2}
     ex = noise_geometry(model, loss_fn, (X, y), route="exact", **kw)
     sk = noise_geometry(
