@@ -91,7 +91,7 @@ class GGNOperator(_DataOperator):
         mode: ``"eval"`` (default) or ``"train"``.
         loss_reduction: ``"mean"`` or ``"sum"``; default read from ``loss_fn``.
         max_cached_batches: Keep per-batch graphs across products when ``data`` is
-            one batch or a list of at most this many batches. Default: ``8``.
+            one batch or a list of at most this many batches. Default: ``4``.
 
     Attributes:
         fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
@@ -124,7 +124,7 @@ class GGNOperator(_DataOperator):
         params: Iterable[Tensor] | Iterable[str] | None = None,
         mode: Literal["eval", "train"] = "eval",
         loss_reduction: Literal["mean", "sum"] | None = None,
-        max_cached_batches: int = 8,
+        max_cached_batches: int = 4,
     ) -> None:
         super().__init__(
             model,

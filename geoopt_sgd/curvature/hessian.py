@@ -77,7 +77,7 @@ class HessianOperator(_DataOperator):
             at most this many batches; otherwise recompute per product. Memory is
             that of as many gradient graphs; free it with :meth:`release`
             (also on ``with``-exit and deletion). The cache is rebuilt if the
-            parameters or buffers change in place. Default: ``8``.
+            parameters or buffers change in place. Default: ``4``.
 
     Attributes:
         fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
@@ -112,7 +112,7 @@ class HessianOperator(_DataOperator):
         method: Method = "auto",
         mode: Literal["eval", "train"] = "eval",
         loss_reduction: Literal["mean", "sum"] | None = None,
-        max_cached_batches: int = 8,
+        max_cached_batches: int = 4,
     ) -> None:
         check_choice("method", method, ("auto", *HVP_METHODS))
         super().__init__(

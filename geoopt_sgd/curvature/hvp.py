@@ -299,7 +299,8 @@ class _DataOperator(LinearOperator):
 
     # --- cache -----------------------------------------------------------------
     def _state_key(self) -> tuple[int, ...]:
-        tensors = [*self.fmodel.params, *self.fmodel.buffers().values()]
+        model = self.fmodel.model
+        tensors = [*model.parameters(), *model.buffers()]
         return tuple(t._version for t in tensors)
 
     def _make_term(self, x: Any, y: Tensor) -> _BatchTerm:  # pragma: no cover

@@ -290,6 +290,15 @@ def test_cache_follows_in_place_parameter_changes():
     ref = dense_hessian(model, CE, (X, y)) @ v
     assert (after - before).abs().max() > 1e-3
     assert_close_report(after, ref, RTOL, ATOL)
+    # a change of a parameter outside the selection invalidates the cache too
+    last = [model[2].weight]
+    H_sub = HessianOperator(model, CE, (X, y), params=last)
+    u = torch.ones(H_sub.shape[0], dtype=torch.float64)
+    H_sub.matvec(u)
+    with torch.no_grad():
+        model[0].bias.add_(0.5)
+    ref = dense_hessian(model, CE, (X, y), params=last) @ u
+    assert_close_report(H_sub.matvec(u), ref, RTOL, ATOL)
 
 
 def test_release_and_no_reference_cycle():
