@@ -927,7 +927,7 @@ def plot(results_path: str | Path) -> list[Path]:
         paths.append(p)
     net = res["arrays"]["net"]
     if net:
-        fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+        fig, axes = plt.subplots(1, 5, figsize=(22, 4))
         seed0 = next(iter(net.values()))
         for i, (kind, d) in enumerate(seed0["dynamics"].items()):
             axes[0].plot(
@@ -942,8 +942,8 @@ def plot(results_path: str | Path) -> list[Path]:
                 color=f"C{i}",
                 label=LABELS[kind],
             )
-        axes[0].set(title="test accuracy (%) from theta*_GD", xlabel="iteration")
-        axes[1].set(title="train accuracy (%) (corrupted labels)", xlabel="iteration")
+        axes[0].set(title="test accuracy (%), from theta*_GD", xlabel="iteration")
+        axes[1].set(title="train accuracy (%), noisy labels", xlabel="iteration")
         axes[0].legend(fontsize=7)
         per = res["metrics"]["per_dynamic"]
         kinds = list(per)
@@ -952,8 +952,8 @@ def plot(results_path: str | Path) -> list[Path]:
             [per[k]["expected_sharpness"] for k in kinds],
             color=["C0" if k in ISOTROPIC_GROUP else "C3" for k in kinds],
         )
-        axes[2].set(title="expected sharpness at the end (blue: isotropic group)")
-        axes[2].tick_params(axis="x", rotation=45)
+        axes[2].set(title="final expected sharpness (blue: isotropic)")
+        plt.setp(axes[2].get_xticklabels(), rotation=45, ha="right")
         geo = seed0["dynamics"].get("sgd", {}).get("geometry", [])
         if geo:
             steps = [g["step"] for g in geo]
@@ -963,8 +963,11 @@ def plot(results_path: str | Path) -> list[Path]:
             axes[3].plot(
                 steps, [g["tr_h_sigma_iso"] for g in geo], "o:", label="Tr(H Sigma_iso)"
             )
-            axes[3].set(yscale="log", title="along SGD", xlabel="iteration")
+            axes[3].set(yscale="log", title="Tr(H Sigma) along SGD", xlabel="iteration")
             axes[3].legend(fontsize=7)
+        top = seed0["at_gd"]["top_eigenvalues"]
+        axes[4].plot(range(1, len(top) + 1), top, "o-", ms=3)
+        axes[4].set(title="top Hessian eigenvalues at theta*_GD", xlabel="index")
         p = out / "net.png"
         fig.savefig(p)
         plt.close(fig)
