@@ -416,6 +416,21 @@ def noise_geometry(
             ``cov="minibatch"`` without ``batch_size``; ``route="exact"`` under
             ``torch.distributed``; a displacement of the wrong shape.
         TypeError: On non-integer counts or a displacement of the wrong type.
+
+    Example:
+        One weight, ``f = w x`` with ``w = 1``, inputs 1 and 2, targets 0: the
+        per-sample gradients are ``r_i x_i = 1, 4``, so ``Sigma = 2.25``,
+        ``G = mean x^2 = 2.5``, ``2L = 2.5`` and ``mu = 2.25 / 2.5^2 = 0.36``.
+
+        >>> import torch
+        >>> lin = torch.nn.Linear(1, 1, bias=False).double()
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.fill_(1.0)
+        >>> X = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+        >>> y = torch.zeros(2, 1, dtype=torch.float64)
+        >>> res = noise_geometry(lin, torch.nn.MSELoss(), (X, y), metrics=["mu"])
+        >>> round(res.values["mu"], 12)
+        0.36
     """
     t0 = time.perf_counter()
     if metrics is None:
