@@ -509,3 +509,21 @@ def test_timm_vit_forward_mode_through_attention():
     torch.testing.assert_close(
         res.noise_energies, torch.diagonal(U.T @ S @ U), rtol=1e-9, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("model_name", ["linear", "mlp"])
+def test_wws22_lemmas_scalar_output(model_name):
+    # WWS22 Lemma 2.2 and SPEC §2.1: with square loss and scalar outputs,
+    # mu_1 = sum r_i^2 chi_i / (sum r_i^2 mean chi) >= min chi / mean chi = gamma,
+    # and mu_2 <= tau(G) = lambda_1(G)^2 / ||G||_F^2 (||grad L||^2 <= 2 L lambda_1).
+    X, y = cases.make_data(n=15, k=1, classification=False, seed=4)
+    model = cases.linear() if model_name == "linear" else cases.mlp(k=1)
+    res = noise_geometry(
+        model, nn.MSELoss(), (X, y), metrics=["mu1", "mu2", "gradient_uniformity"]
+    )
+    G = dense_curvature(model, nn.MSELoss(), X, y)
+    tau = float(torch.linalg.eigvalsh(G)[-1] ** 2 / (G * G).sum())
+    gamma = res.values["gradient_uniformity"]
+    assert 0 < gamma <= 1
+    assert res.values["mu1"] >= gamma
+    assert 0 <= res.values["mu2"] <= tau
