@@ -618,59 +618,54 @@ def noise_geometry(
                     hutchinson_hessian(st)
                 stats["hessian"] = st
         elif need_stats or need_ggn or need_hess:
+            # probes are streamed vec_chunk at a time: memory vec_chunk x P
             s = num_probes
-            # xi probes, Cov = Sigma (centred): Tr Sigma, ||Sigma||_F, Tr(Sigma H)
+            # xi probes, Cov = Sigma (centred): Tr Sigma and ||Sigma||_F
             z = torch.randn(s, M, generator=gen, dtype=torch.float64).to(device, dtype)
             zc = z - z.mean(1, keepdim=True)
             c = (W.T @ zc.T) / M**0.5  # (n_local, s)
-            xi = torch.cat(
-                [
-                    probe.weighted_gradient(c[:, sl]).reshape(-1, P)
-                    for sl in _chunks(s, vec_chunk)
-                ]
-            )  # (s, P)
-            tr_sigma = float((xi * xi).sum(1).mean())
-            A_xi, _ = directional(xi.T)
-            Bx = batch_proj(A_xi)
-            fro2_sigma = float(Bx.var(0, unbiased=False).mean())
+            tr_sigma = fro2_sigma = 0.0
+            for sl in _chunks(s, vec_chunk):
+                xi = probe.weighted_gradient(c[:, sl]).reshape(-1, P)
+                tr_sigma += float((xi * xi).sum())
+                Bx = batch_proj(directional(xi.T)[0])
+                fro2_sigma += float(Bx.var(0, unbiased=False).sum())
+            tr_sigma, fro2_sigma = tr_sigma / s, fro2_sigma / s
+            rbar = probe.weighted_gradient(
+                W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
+            )  # mean of the batch means (= grad L per sample)
             if need_ggn:
+                # w probes, Cov = G: ||G||_F^2, Tr G, chi_i, Tr(Sigma_1 G)
                 st = _Stats()
                 Z = torch.randn(s, n, K, generator=gen, dtype=torch.float64)
                 Z = Z[:, probe.offset : probe.offset + probe.n_local].to(device, dtype)
-                w = torch.cat(
-                    [probe.ggn_sample(Z[sl]) for sl in _chunks(s, vec_chunk)]
-                )  # (s, P)
-                A_w, Q_w = directional(w.T)  # (n_local, s)
-                Bw = batch_proj(A_w)
-                st.tr_c = float((w * w).sum(1).mean())
-                chi_local = Q_w.mean(1)
+                tr_c = t1 = 0.0
+                chi_local = torch.zeros(probe.n_local, dtype=dtype, device=device)
+                for sl in _chunks(s, vec_chunk):
+                    w = probe.ggn_sample(Z[sl])  # (c, P)
+                    A_w, Q_w = directional(w.T)  # (n_local, c)
+                    Bw = batch_proj(A_w)
+                    tr_c += float((w * w).sum())
+                    chi_local += Q_w.sum(1)
+                    t1 += float((Bw * Bw).mean(0).sum())
                 chi = torch.zeros(n, dtype=dtype, device=device)
-                chi[probe.offset : probe.offset + probe.n_local] = chi_local
+                chi[probe.offset : probe.offset + probe.n_local] = chi_local / s
                 st.chi = distributed.all_reduce_sum(chi)
                 st.fro2_c = float(st.chi.mean())
-                st.tr_s1c = float((Bw * Bw).mean(0).mean())
-                rbar_dir = Bw.mean(0)
-                # Tr(Sigma_2 G) exactly: rbar^T G rbar (rbar = mean of the batch means)
-                rbar = probe.weighted_gradient(
-                    W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
-                )
+                st.tr_c, st.tr_s1c = tr_c / s, t1 / s
+                # Tr(Sigma_2 G) = rbar^T G rbar exactly, one jvp
                 _, Q_r = directional(rbar.reshape(P, 1))
                 st.tr_s2c = float(distributed.all_reduce_sum(Q_r.sum(0))) / n
-                del rbar_dir
                 stats["ggn"] = st
             if need_hess:
+                # uncentred xi_1 probes, Cov = Sigma_1: Tr(Sigma_1 H); Hutchinson
                 st = _Stats()
                 c1 = (W.T @ z.T) / M**0.5
-                xi1 = torch.cat(
-                    [
-                        probe.weighted_gradient(c1[:, sl]).reshape(-1, P)
-                        for sl in _chunks(s, vec_chunk)
-                    ]
-                )
-                st.tr_s1c = float((xi1.T * matmat("hessian", xi1.T)).sum(0).mean())
-                rbar = probe.weighted_gradient(
-                    W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
-                )
+                t1 = 0.0
+                for sl in _chunks(s, vec_chunk):
+                    xi1 = probe.weighted_gradient(c1[:, sl]).reshape(-1, P).T
+                    t1 += float((xi1 * matmat("hessian", xi1)).sum())
+                st.tr_s1c = t1 / s
                 st.tr_s2c = float(rbar @ matmat("hessian", rbar.reshape(P, 1))[:, 0])
                 hutchinson_hessian(st)
                 stats["hessian"] = st
