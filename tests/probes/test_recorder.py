@@ -403,3 +403,51 @@ def test_attach_errors():
     assert "attached=True" in repr(probe)
     probe.detach()
     probe.attach(opt)  # re-attaching after detach is fine
+
+
+def test_only_rank0_writes_sinks(tmp_path, monkeypatch):
+    # under torch.distributed every rank measures and keeps the history, but only
+    # rank 0 writes files / writers / callback
+    from geoopt_sgd import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    seen = []
+    path = tmp_path / "noise.jsonl"
+    probe = _probe(every=1, sinks=[path], callback=seen.append, _measure=Vandal())
+    opt = torch.optim.SGD(probe.model.parameters(), lr=0.1)
+    probe.attach(opt)
+    opt.step()
+    assert len(probe.history) == 1 and seen == [] and not path.exists()
+
+
+def test_skipped_amp_steps_are_not_counted():
+    # GradScaler skips optimizer.step() on inf gradients: no hook, no count
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    vandal = Vandal()
+    probe = _probe(every=1, _measure=vandal)
+    opt = torch.optim.SGD(probe.model.parameters(), lr=0.1)
+    probe.attach(opt)
+    scaler.scale(torch.tensor(1.0))  # initialises the scaler's state
+    for p in probe.model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    assert probe.step_count == 0 and vandal.calls == []
+    for p in probe.model.parameters():
+        p.grad = torch.ones_like(p)
+    scaler.step(opt)
+    assert probe.step_count == 1 and len(vandal.calls) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_rng_restored():
+    model = mlp().cuda()
+    X, y = make_data()
+    probe = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X.cuda(), y.cuda()), every=1, _measure=Vandal()
+    )
+    torch.rand(1, device="cuda")  # initialise CUDA's generator
+    before = torch.cuda.get_rng_state_all()
+    probe.measure()
+    after = torch.cuda.get_rng_state_all()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
