@@ -111,7 +111,8 @@ class NoiseProbe:
     and emits one record (a flat, JSON-ready dict):
 
     * ``step``: the optimizer step count ``t`` (steps seen since attaching, plus
-      any restored by :meth:`load_state_dict`);
+      any restored by :meth:`load_state_dict`; steps that ``GradScaler`` skips
+      never call the hook, so they are not counted);
     * ``lr``: the learning rate of param group 0, or a list when groups differ;
     * every entry of :meth:`NoiseGeometry.as_dict` (metric values by name, arrays
       such as ``eigenvalues`` as lists, ``cost_<counter>`` entries);
