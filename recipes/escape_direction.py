@@ -528,6 +528,9 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
 
     Returns:
         The results dict (also in ``results.json``).
+
+    Raises:
+        RuntimeError: If the GD training phase diverges.
     """
     validate(cfg)
     t_start = time.perf_counter()
@@ -569,6 +572,11 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
     unit = cfg.train_steps
     theta_star = flat_params(model).clone()
     L_star = full_loss(model, loss_fn, X, Y)
+    if not math.isfinite(L_star) or not bool(torch.isfinite(theta_star).all()):
+        raise RuntimeError(
+            f"GD training diverged (L(theta*) = {L_star}): lower --train-lr "
+            f"(got {cfg.train_lr}) and rerun without --resume."
+        )
 
     # ---- phase 2: curvature and noise geometry at theta*
     if "lam" not in state:

@@ -178,7 +178,8 @@ def test_cli_generated_from_config():
 def test_perron_single_direction_closed_form():
     # one direction, no bulk: 1 = (eta^2/B) g lam^2 / (r - c)
     # =>  r = c + eta^2 g lam^2 / B
-    lam, g, eta, B = torch.tensor([3.0]), torch.tensor([0.7]), 0.5, 2.0
+    lam = torch.tensor([3.0], dtype=torch.float64)
+    g, eta, B = torch.tensor([0.7], dtype=torch.float64), 0.5, 2.0
     r, m = ed.perron_profile(lam, g, eta, B, bulk=0.0, mu=1.0)
     c = (1 - eta * 3.0) ** 2
     # bisection to 200 halvings: exact to float64 rounding
@@ -206,3 +207,8 @@ def test_quick_passes_verdict(tmp_path):
     res = ed.main(dataclasses.replace(ed.Config.quick(), out_dir=str(tmp_path)))
     failed = [r["claim"] for r in res["verdict"] if not r["passed"]]
     assert res["passed"], failed
+
+
+def test_diverging_training_stops_with_message(tmp_path):
+    with pytest.raises(RuntimeError, match=r"GD training diverged .*lower --train-lr"):
+        ed.main(tiny(tmp_path, train_lr=1e6, train_steps=40))
