@@ -55,7 +55,10 @@ class HessianOperator(_DataOperator):
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, with mean or sum
             reduction (e.g. ``nn.CrossEntropyLoss()``).
         data: One ``(inputs, targets)`` batch or a re-iterable of batches (a list,
-            a ``DataLoader``). Under ``torch.distributed``, this rank's shard.
+            a ``DataLoader``). Under ``torch.distributed``, this rank's shard. A
+            loader is iterated once here (to count samples) and once per product,
+            with the global RNG restored afterwards, so a shuffling loader yields
+            the same batches on every pass.
         params: Parameters to differentiate (tensors of ``model`` or their names);
             default all with ``requires_grad``. Frozen parameters may be selected;
             unused ones give zero rows.

@@ -281,8 +281,15 @@ class _DataOperator(LinearOperator):
     # --- data ------------------------------------------------------------------
     def _batches(self) -> Iterator[Batch]:
         dev = self.fmodel.device
-        for x, y in self._data:
-            yield to_device(x, dev), to_device(y, dev)
+        if isinstance(self._data, list):
+            yield from self._data
+            return
+        # A shuffling DataLoader draws its order from the global CPU RNG: restore
+        # it afterwards, so the caller's RNG is untouched and every pass sees the
+        # same batches (a fixed operator, also in train mode).
+        with torch.random.fork_rng(devices=[]):
+            for x, y in self._data:
+                yield to_device(x, dev), to_device(y, dev)
 
     def _weight(self, targets: Tensor) -> float:
         if self.loss_reduction == "sum":

@@ -119,6 +119,20 @@ def test_ragged_batches_weighted_by_counts(reduction):
         assert (biased - full).abs().max() > 1e-3
 
 
+def test_shuffling_loader_leaves_global_rng_and_gives_a_fixed_operator():
+    model, (Xi, yi) = tiny_cnn(), image_data(10)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(Xi, yi), batch_size=4, shuffle=True
+    )
+    state = torch.get_rng_state()
+    H = HessianOperator(model, CE, loader, mode="train")
+    v = torch.linspace(-1, 1, 51, dtype=torch.float64)
+    first = H.matvec(v)
+    # same batches on every pass: train-mode batch statistics give the same matrix
+    assert torch.equal(H.matvec(v), first)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_dataloader_streams_and_auto_uses_forward_over_reverse():
     X, y = make_data(12)
     model = mlp()
