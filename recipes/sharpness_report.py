@@ -6,7 +6,9 @@ on a fixed subset of the training data, with the model in eval mode:
 
 * the top-k Hessian eigenvalues and ``λ_min`` (one thick-restart Lanczos run),
 * ``Tr H`` and ``‖H‖_F`` (Hutchinson, with standard errors),
-* the stability ratio ``lr·λ_max/2`` of the training learning rate (SPEC §2.8),
+* the stability ratio ``lr·λ_max/2`` of the training learning rate (SPEC §2.8; the
+  plain-GD threshold: with heavy-ball momentum β, GD on a quadratic is stable up to
+  ``λ < (2 + 2β)/lr``),
 * the expected sharpness ``E L(θ+ν) − L(θ)``, ``ν ~ N(0, σ²I)`` (SPEC §2.9),
 * the spectral density (stochastic Lanczos quadrature).
 
@@ -63,7 +65,7 @@ class Config:
     dtype: str = "float32"  # 'float32' or 'float64'
     # optional training
     epochs: int = 3  # SGD epochs before measuring (0: measure at initialisation)
-    lr: float = 0.05  # SGD learning rate (also used for the stability ratio)
+    lr: float = 0.002  # SGD learning rate (also used for the stability ratio)
     momentum: float = 0.9  # SGD momentum
     batch_size: int = 64  # SGD batch size
     # measures
