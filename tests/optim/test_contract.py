@@ -453,17 +453,11 @@ def test_table_covers_every_noise_kind():
 
 # -- torch.compile -------------------------------------------------------------------
 
-_NOISE_UNDER_COMPILE = pytest.mark.xfail(
-    strict=True,
-    reason="NoisyGD's noise under torch.compile differs from eager (max |dθ| ~3e-2 "
-    "after 2 steps; noise='none' matches to 6e-17): the seeded torch.Generator "
-    "sampling is traced, not run eagerly. Reported to T5.",
-)
 _COMPILE_IDS = {
     "torch_sgd-momentum": (),
     "probed_sgd-momentum": (),
     "noisy_gd[none]-noise=none": (),
-    "noisy_gd[isotropic]-noise=isotropic": (_NOISE_UNDER_COMPILE,),
+    "noisy_gd[isotropic]-noise=isotropic": (),
     "cyclic[sgd]-square,momentum": (),
 }
 COMPILE_CASES = [
