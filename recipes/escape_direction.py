@@ -42,7 +42,7 @@ setting of WWS22/WW23), inputs **ZCA-whitened**. Two measured reasons:
   the CPU budget (``test_efficientnet_gn`` stalls at the constant predictor), so
   the default is the paper model; ``--model test_efficientnet_gn --image-size 16``
   runs the same protocol on a timm model (slow on CPU; the verdict is not tuned).
-* ``B = 16`` gives ``γ_0 ≈ 3``, a fast escape with ``ρ_20 ≈ 0.35``; the control
+* ``B = 16`` gives ``γ_0 ≈ 3``, a fast escape with ``ρ_20 ≈ 0.41``; the control
   ``B = 128`` gives ``γ_0 ≈ 0.2``.
 * Escape is read at ``L ≥ 10⁴·L(θ*)``, not the SPEC's proposed 100×: θ* is not an
   exact fixed point, and GD at η' first keeps descending along the flat directions
