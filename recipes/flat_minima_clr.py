@@ -15,7 +15,10 @@ Setting (SPEC R11 [PROPOSED]): the R5 FCN (64 → 32 → 32 → 1, tanh) on the 
 
 Verdict (the issue's thresholds): after the last cycle, SGD+CLR is flatter
 (Tr H ≤ 0.8 × GD+CLR's and λ_max below GD+CLR's); GD+CLR's cycle displacement
-aligns with u_1 (median cos² ≥ 0.7) and SGD+CLR's does not (≤ 0.3).
+aligns with u_1 (median cos² ≥ 0.7) and SGD+CLR's does not (≤ 0.3). Measured: the
+flatness rows and SGD's row pass; GD's alignment row fails (cos² ~ 1e-6): after the
+first cycle GD+CLR is stable in the high phases and does not oscillate (see
+``recipes/README.md``).
 
 Commands (from the repository root)::
 
