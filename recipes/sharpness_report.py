@@ -398,11 +398,12 @@ def plot(results_path: str | Path) -> Path:
         xlabel="index i", ylabel="Hessian eigenvalue λ_i", title="top eigenvalues"
     )
     ax[0].legend(fontsize=7)
-    ax[1].semilogy(a["density_grid"], [max(d, 1e-12) for d in a["density"]])
+    ax[1].semilogy(a["density_grid"], [max(d, 1e-14) for d in a["density"]])
     for v in top:
         ax[1].axvline(v, color="C1", lw=0.5, alpha=0.6)
     ax[1].set(xlabel="eigenvalue", ylabel="density (SLQ)", title="spectral density")
-    ax[1].set_ylim(bottom=1e-6)
+    # outliers carry weight ~1/P each: keep the axis low enough to show them
+    ax[1].set_ylim(bottom=1e-10)
     fig.suptitle(f"{res['config']['model']} on {res['config']['dataset']}", fontsize=9)
     path = Path(results_path).parent / "sharpness.png"
     fig.savefig(path)
