@@ -94,7 +94,7 @@ def make_hvp(
     f: Callable[..., Tensor],
     params: Sequence[Tensor] | Mapping[str, Tensor],
     *,
-    method: HVPMethod = "rev_rev",
+    method: HVPMethod = "double_backward",
     constants: Sequence[Tensor] = (),
 ) -> Callable[[Any], Any]:
     """Build ``v -> H v`` for the Hessian of ``f`` at ``params``, reusable across ``v``.
@@ -107,7 +107,7 @@ def make_hvp(
         f: A scalar function ``f(params, *constants)`` of a list (or dict) of
             tensors shaped like ``params``.
         params: The point, a list or a dict of tensors (not modified).
-        method: ``"fwd_rev"``, ``"rev_rev"`` or ``"double_backward"``.
+        method: ``"double_backward"`` (default), ``"rev_rev"`` or ``"fwd_rev"``.
         constants: Extra tensors passed to ``f`` and not differentiated (e.g.
             regression targets). Under ``"fwd_rev"`` the floating-point ones get
             an explicit zero tangent: torch 2.14's ``mse_loss`` backward fails
@@ -194,7 +194,7 @@ def hessian_vector_product(
     params: Sequence[Tensor] | Mapping[str, Tensor],
     v: Sequence[Tensor] | Mapping[str, Tensor],
     *,
-    method: HVPMethod = "fwd_rev",
+    method: HVPMethod = "double_backward",
 ) -> Any:
     """Return ``H v`` for the Hessian ``H`` of the scalar ``f`` at ``params``.
 
@@ -202,7 +202,7 @@ def hessian_vector_product(
         f: A scalar function of a list (or dict) of tensors shaped like ``params``.
         params: The point, a list or a dict of tensors (not modified).
         v: The tangent, same structure and shapes as ``params``.
-        method: ``"fwd_rev"`` (default), ``"rev_rev"`` or ``"double_backward"``.
+        method: ``"double_backward"`` (default), ``"rev_rev"`` or ``"fwd_rev"``.
 
     Returns:
         ``H v`` in the structure of ``params``, detached.

@@ -424,3 +424,21 @@ def test_errors():
         H.matvec(bad)
     with pytest.raises(ValueError, match="`method` must be one of 'fwd_rev'"):
         make_hvp(lambda p: p[0].sum(), [X], method="auto")
+
+
+def test_dense_reference_helpers():
+    model, X, y = mlp(), *make_data(12)
+    theta = flat_params(model)
+    assert theta.shape == (57,)
+    assert torch.equal(theta[:30], model[0].weight.detach().reshape(-1))
+    empty = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X[:0], y[:0]), batch_size=4
+    )
+    with pytest.raises(ValueError, match="`data` is empty: it yields no samples"):
+        dense_hessian(model, CE, empty)
+    a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert_close_report(a, a + 1e-12, 1e-10, 0)
+    with pytest.raises(AssertionError, match=r"1 of 3 entries out of tolerance"):
+        assert_close_report(a + torch.tensor([0, 0, 1e-3]), a, 1e-10, 0)
+    with pytest.raises(AssertionError, match=r"shape mismatch: actual \(3,\)"):
+        assert_close_report(a, a[:2], 1e-10, 0)
