@@ -10,7 +10,8 @@ Two experiments from Z19 ("The Anisotropic Noise in SGD", ICML 2019):
   per-point loss is a min of two quadratics, so H and the per-sample gradient
   covariance C are exact 2×2 matrices; the dynamics are written out here, vectorised
   over the 100 runs (the library's NoisyGD needs a model, loss and data set and
-  would run the 600 trajectories one by one).
+  would run the 600 trajectories one by one; the tests check that
+  ``NoisyGD(noise_units="param", magnitude="unit")`` realises the same noise).
 * **R3, escaping a GD minimum (Figs. 3, 5).** Z19's FashionMNIST setting on the
   offline ``digits`` (1,000 clean + 200 random-label training images, standardised;
   an MLP 64→32→32→10 with ReLU, softmax CE): GD to a minimum θ*_GD, then every
