@@ -28,7 +28,7 @@ Four measurements (issue #3), written to ``benchmarks/results/probes.json``:
 
 Commands (from the repository root)::
 
-    OMP_NUM_THREADS=1 python benchmarks/probes.py --quick   # ~10 min, 1 core
+    OMP_NUM_THREADS=1 python benchmarks/probes.py --quick   # ~30 min on 1 busy core
     OMP_NUM_THREADS=2 python benchmarks/probes.py           # full settings
 
 All models are built with ``pretrained=False`` (no downloads); data are random.
@@ -328,7 +328,9 @@ def bench_step_time(model_name, reps, steps_per_rep):
 # --- main ----------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small settings (~10 min)")
+    ap.add_argument(
+        "--quick", action="store_true", help="small settings (~30 min on 1 busy core)"
+    )
     ap.add_argument("--models", default="test_resnet,resnet18")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--k", type=int, default=10)
