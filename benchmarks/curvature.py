@@ -1,0 +1,395 @@
+"""Curvature benchmark: top-k Hessian eigenvalues, geoopt_sgd vs peer tools.
+
+Runs the same work (the k largest algebraic Hessian eigenvalues of a fixed batch,
+tolerance 1e-3) with
+
+* ``geoopt_sgd``: :class:`~geoopt_sgd.HessianOperator` (graph reuse) +
+  :func:`~geoopt_sgd.top_eigenpairs` (thick-restart Lanczos),
+* ``pyhessian``: ``hessian(...).eigenvalues(top_n=k, tol=tol)`` (power iteration
+  with deflation, graph reuse),
+* ``hessian_eigenthings``: ``HessianOperator`` + ``lanczos(k=k, tol=tol,
+  which="LA")`` (its defaults otherwise: ``2k`` steps, no restart),
+* ``curvlinops``: ``HessianLinearOperator(...).to_scipy()`` + scipy ``eigsh``
+  (implicitly restarted Lanczos, ARPACK),
+
+on an MLP and a timm CNN on CPU, and prints per tool: HVPs used, wall time,
+max relative eigenvalue error vs a high-accuracy reference, and missed
+eigenvalues (reference eigenvalues with no returned value within 1e-3). It also
+measures one HVP of our operator in gradient-equivalents. HVPs of peer tools are
+counted by wrapping their HVP function or operator.
+
+Commands::
+
+    python benchmarks/curvature.py --quick  # minutes on 2 cores: MLP + test_resnet
+    python benchmarks/curvature.py          # MLP + resnet18 (batch 64): hours
+
+Results: a table on stdout and ``benchmarks/results/curvature.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from geoopt_sgd import HessianOperator, top_eigenpairs  # noqa: E402
+
+MATCH_RTOL = 1e-3  # a reference eigenvalue is "found" if a value is within this
+
+
+# --- problems ----------------------------------------------------------------
+
+
+def make_mlp(quick):
+    torch.manual_seed(0)
+    d, h, c, n = (32, 64, 10, 128) if quick else (64, 256, 10, 512)
+    model = nn.Sequential(
+        nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, c)
+    )
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, d, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    return model, (X, y)
+
+
+def make_cnn(quick):
+    import timm
+
+    torch.manual_seed(0)
+    name = "test_resnet" if quick else "resnet18"
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    g = torch.Generator().manual_seed(1)
+    n, s = (16, 32) if quick else (64, 32)
+    X = torch.randn(n, 3, s, s, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return model.eval(), (X, y), name
+
+
+# --- reference and scoring ---------------------------------------------------
+
+
+def reference(model, data, kmax, quick):
+    """High-accuracy top eigenvalues: float64 for the MLP, tight tol otherwise."""
+    loss = nn.CrossEntropyLoss()
+    P = sum(p.numel() for p in model.parameters())
+    if P <= 6000:
+        m64 = copy.deepcopy(model).double()
+        X, y = data
+        op = HessianOperator(m64, loss, (X.double(), y))
+        lam = torch.linalg.eigvalsh(op.to_dense()).flip(0)[: kmax + 10]
+        return lam.tolist(), "dense float64 eigh"
+    if model_is_small(model):
+        m64 = copy.deepcopy(model).double()
+        X, y = data
+        op = HessianOperator(m64, loss, (X.double(), y))
+        res = top_eigenpairs(op, kmax + 10, tol=1e-9)
+        return res.eigenvalues.tolist(), "geoopt_sgd float64 Lanczos tol 1e-9, k+10"
+    op = HessianOperator(model, loss, data)
+    res = top_eigenpairs(op, kmax + 5, tol=1e-5)
+    return res.eigenvalues.tolist(), "geoopt_sgd float32 Lanczos tol 1e-5, k+5"
+
+
+def model_is_small(model):
+    return sum(p.numel() for p in model.parameters()) <= 2_000_000
+
+
+def score(values, ref, k):
+    ref = np.asarray(ref[:k], dtype=np.float64)
+    vals = np.sort(np.asarray(values, dtype=np.float64))[::-1][:k]
+    if len(vals) < k:
+        vals = np.concatenate([vals, np.full(k - len(vals), np.nan)])
+    err = np.abs(vals - ref) / np.abs(ref)
+    missed, used = 0, set()
+    for r in ref:
+        hit = [
+            i
+            for i, v in enumerate(vals)
+            if i not in used and abs(v - r) <= MATCH_RTOL * abs(r)
+        ]
+        if hit:
+            used.add(hit[0])
+        else:
+            missed += 1
+    return float(np.nanmax(err)) if np.isfinite(err).any() else float("nan"), missed
+
+
+# --- tools -------------------------------------------------------------------
+
+
+def run_ours(model, data, k, tol):
+    t0 = time.perf_counter()
+    op = HessianOperator(model, nn.CrossEntropyLoss(), data)
+    res = top_eigenpairs(op, k, tol=tol)
+    secs = time.perf_counter() - t0
+    op.release()
+    return res.eigenvalues.tolist(), res.n_matvec, secs
+
+
+def run_pyhessian(model, data, k, tol):
+    import pyhessian.hessian  # noqa: F401  (the package re-exports the class)
+
+    ph = sys.modules["pyhessian.hessian"]
+
+    counter = [0]
+    orig = ph.hessian_vector_product
+
+    def counted(gradsH, params, v):
+        counter[0] += 1
+        return orig(gradsH, params, v)
+
+    ph.hessian_vector_product = counted
+    try:
+        m = copy.deepcopy(model)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        H = ph.hessian(m, nn.CrossEntropyLoss(), data=data, cuda=False)
+        vals, _ = H.eigenvalues(maxIter=100, tol=tol, top_n=k)
+        secs = time.perf_counter() - t0
+    finally:
+        ph.hessian_vector_product = orig
+    return vals, counter[0], secs
+
+
+def run_eigenthings(model, data, k, tol):
+    import hessian_eigenthings as he
+
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    op = he.HessianOperator(m, [data], he.supervised_loss(nn.CrossEntropyLoss()))
+    counter = [0]
+    orig = op.matvec
+
+    def counted(v):
+        counter[0] += 1
+        return orig(v)
+
+    op.matvec = counted
+    res = he.lanczos(op, k=k, tol=tol, which="LA", seed=0)
+    secs = time.perf_counter() - t0
+    return res.eigenvalues.tolist(), counter[0], secs
+
+
+def run_curvlinops(model, data, k, tol):
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    params = [p for p in m.parameters() if p.requires_grad]
+    H = HessianLinearOperator(
+        m, nn.CrossEntropyLoss(), params, [data], check_deterministic=False
+    ).to_scipy()
+    counter = [0]
+
+    def mv(x):
+        x = np.asarray(x)
+        counter[0] += 1 if x.ndim == 1 else x.shape[1]
+        return H @ x
+
+    L = LinearOperator(H.shape, matvec=mv, matmat=mv, dtype=np.float32)
+    v0 = np.random.default_rng(0).standard_normal(H.shape[0]).astype(np.float32)
+    vals = eigsh(L, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    secs = time.perf_counter() - t0
+    return sorted(vals.tolist(), reverse=True), counter[0], secs
+
+
+TOOLS = {
+    "geoopt_sgd": run_ours,
+    "pyhessian": run_pyhessian,
+    "hessian_eigenthings": run_eigenthings,
+    "curvlinops_eigsh": run_curvlinops,
+}
+
+
+# --- HVP cost in gradient-equivalents -----------------------------------------
+
+
+def hvp_cost(model, data, reps):
+    loss_fn = nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    X, y = data
+
+    def grad_once():
+        return torch.autograd.grad(loss_fn(model(X), y), params)
+
+    grad_once()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        grad_once()
+    t_grad = (time.perf_counter() - t0) / reps
+    op = HessianOperator(model, loss_fn, data)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    op.matvec(v)  # builds and caches the first-order graph
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        op.matvec(v)
+    t_hvp = (time.perf_counter() - t0) / reps
+    method = op.method_used
+    op.release()
+    return {
+        "grad_seconds": t_grad,
+        "hvp_seconds_reused_graph": t_hvp,
+        "hvp_seconds_first": t_first,
+        "hvp_in_gradients": t_hvp / t_grad,
+        "method": method,
+    }
+
+
+# --- main --------------------------------------------------------------------
+
+
+def environment():
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "git_sha": sha,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small MLP + timm test_resnet (seconds-minutes)",
+    )
+    ap.add_argument(
+        "--ks", type=int, nargs="+", default=[5, 20], help="numbers of eigenvalues"
+    )
+    ap.add_argument(
+        "--tol", type=float, default=1e-3, help="tolerance passed to every tool"
+    )
+    ap.add_argument(
+        "--models", nargs="+", default=["mlp", "cnn"], help="'mlp' and/or 'cnn'"
+    )
+    ap.add_argument(
+        "--tools", nargs="+", default=list(TOOLS), help=f"subset of {list(TOOLS)}"
+    )
+    ap.add_argument(
+        "--hvp-reps", type=int, default=5, help="repetitions for the HVP cost"
+    )
+    ap.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "curvature.json"),
+    )
+    args = ap.parse_args(argv)
+
+    results = {"config": vars(args), "env": environment(), "problems": []}
+    for which in args.models:
+        if which == "mlp":
+            model, data = make_mlp(args.quick)
+            name = "mlp"
+        else:
+            model, data, name = make_cnn(args.quick)
+        P = sum(p.numel() for p in model.parameters())
+        print(f"\n== {name}: P = {P:,}, batch {data[1].shape[0]} ==", flush=True)
+        t0 = time.perf_counter()
+        ref, ref_how = reference(model, data, max(args.ks), args.quick)
+        print(
+            f"reference ({ref_how}) in {time.perf_counter() - t0:.1f}s: "
+            f"top {ref[:3]} ...",
+            flush=True,
+        )
+        prob = {
+            "model": name,
+            "P": P,
+            "batch": int(data[1].shape[0]),
+            "reference": ref,
+            "reference_how": ref_how,
+        }
+        prob["hvp_cost"] = cost = hvp_cost(model, data, args.hvp_reps)
+        print(
+            f"HVP cost: {prob['hvp_cost']['hvp_in_gradients']:.2f} gradients "
+            f"(reused graph, {prob['hvp_cost']['method']}); first HVP "
+            f"{cost['hvp_seconds_first'] / cost['grad_seconds']:.2f}",
+            flush=True,
+        )
+        prob["runs"] = []
+        for k in args.ks:
+            print(
+                f"{'tool':22s} {'k':>3s} {'HVPs':>6s} {'seconds':>9s} "
+                f"{'max rel err':>12s} {'missed':>6s}"
+            )
+            for tool in args.tools:
+                row = {"tool": tool, "k": k}
+                try:
+                    vals, n_hvp, secs = TOOLS[tool](model, data, k, args.tol)
+                    err, missed = score(vals, ref, k)
+                    row.update(
+                        n_hvp=n_hvp,
+                        seconds=secs,
+                        max_rel_err=err,
+                        missed=missed,
+                        values=vals,
+                    )
+                    print(
+                        f"{tool:22s} {k:3d} {n_hvp:6d} {secs:9.2f} "
+                        f"{err:12.2e} {missed:6d}",
+                        flush=True,
+                    )
+                except Exception as e:  # a peer tool crashing is a result
+                    row.update(
+                        crashed=f"{type(e).__name__}: {e}",
+                        trace=traceback.format_exc(limit=3),
+                    )
+                    print(
+                        f"{tool:22s} {k:3d} crashed: {type(e).__name__}: {e}",
+                        flush=True,
+                    )
+                prob["runs"].append(row)
+            ours = next(
+                (
+                    r
+                    for r in prob["runs"]
+                    if r["tool"] == "geoopt_sgd" and r["k"] == k and "n_hvp" in r
+                ),
+                None,
+            )
+            if ours:
+                for r in prob["runs"]:
+                    if r["k"] == k and r["tool"] != "geoopt_sgd" and "n_hvp" in r:
+                        r["hvp_ratio_vs_ours"] = r["n_hvp"] / ours["n_hvp"]
+                        r["time_ratio_vs_ours"] = r["seconds"] / ours["seconds"]
+                        print(
+                            f"  {r['tool']}/ours: HVPs x{r['hvp_ratio_vs_ours']:.2f}, "
+                            f"time x{r['time_ratio_vs_ours']:.2f}",
+                            flush=True,
+                        )
+        results["problems"].append(prob)
+    results["env"]["loadavg_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
