@@ -868,7 +868,10 @@ def plot(results_path: str | Path) -> list[Path]:
 
 if __name__ == "__main__":
     config = common.parse_config(Config, description=__doc__)
-    result = main(config)
+    try:
+        result = main(config)
+    except (ValueError, FileNotFoundError) as err:  # bad configuration: no traceback
+        sys.exit(f"error: {err}")
     print(common.verdict_table(result["verdict"]))
     print(f"results: {Path(config.out_dir) / RECIPE / 'results.json'}")
     sys.exit(0 if result["passed"] else 1)
