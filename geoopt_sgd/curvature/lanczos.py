@@ -225,10 +225,9 @@ def _lanczos(
             break
         if breakdown:
             # invariant subspace: continue with a fresh direction, decoupled
+            # (also when the basis is full: the restart carries it over)
             H[j, j - 1] = 0.0
-            if j < m:
-                Vt[j] = _random_unit(P, gen, Vt[:j], Vt)
-                continue
+            Vt[j] = _random_unit(P, gen, Vt[:j], Vt)
         else:
             Vt[j] = w / beta
         if j < m:

@@ -272,3 +272,22 @@ def test_operator_type_checked():
         top_eigenpairs(torch.eye(3), 1)
     with pytest.raises(ValueError, match="`k` must be >= 1"):
         bottom_eigenpairs(DenseOperator(torch.eye(3)), 0)
+
+
+@pytest.mark.parametrize("max_basis", [4, 7])
+def test_low_rank_breakdown_with_small_basis(max_basis):
+    # rank 3: the Krylov space is invariant after 3 products; the solver must
+    # continue from fresh directions (also when the basis is full) and return the
+    # zero eigenvalues exactly
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(200, 3, generator=g, dtype=torch.float64))
+    A = (U * torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64)) @ U.T
+    k = max_basis - 2
+    res = top_eigenpairs(DenseOperator(A), k, max_basis=max_basis, tol=1e-8)
+    expect = torch.tensor([5.0, 3.0, 1.0, 0.0, 0.0][:k], dtype=torch.float64)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, expect, rtol=0, atol=1e-12)
+    Y = res.eigenvectors
+    torch.testing.assert_close(
+        Y.T @ Y, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0
+    )
