@@ -2,7 +2,7 @@
 
 The solver keeps an orthonormal Krylov basis of at most ``max_basis`` vectors on
 the operator's device and in its dtype, fully reorthogonalised (classical
-Gram-Schmidt applied twice, inner products accumulated in float64), and a
+Gram-Schmidt with a DGKS second pass, inner products accumulated in float64), and a
 projected matrix and its Ritz values in float64. When the basis is full it
 restarts by keeping the wanted Ritz vectors (thick restart, Wu & Simon 2000),
 so memory is bounded by ``max_basis``, not by the number of iterations.
@@ -91,19 +91,28 @@ def _dot64(Vt: Tensor, w: Tensor) -> Tensor:
 
 
 def _orthogonalize(Vt: Tensor, w: Tensor) -> tuple[Tensor, float]:
-    """Orthogonalise ``w`` against the rows of ``Vt`` in place (CGS2).
+    """Orthogonalise ``w`` against the rows of ``Vt`` in place.
+
+    Classical Gram-Schmidt, repeated once when the norm dropped by more than
+    ``1/sqrt(2)`` (the DGKS criterion ARPACK uses): a second pass over the basis
+    costs as much memory traffic as an HVP on large models, and is only needed
+    after cancellation.
 
     Returns:
         The float64 coefficients ``Vt @ w`` (before projection) and ``||w||`` after.
     """
     h = torch.zeros(Vt.shape[0], dtype=torch.float64, device=w.device)
+    nrm = math.sqrt(max(float(_dot64(w.unsqueeze(0), w)[0]), 0.0))
     for _ in range(2):
         if Vt.shape[0] == 0:
             break
         c = _dot64(Vt, w)
         w -= c.to(w.dtype) @ Vt
         h += c
-    return h, math.sqrt(max(float(_dot64(w.unsqueeze(0), w)[0]), 0.0))
+        before, nrm = nrm, math.sqrt(max(float(_dot64(w.unsqueeze(0), w)[0]), 0.0))
+        if nrm > 0.7071 * before:
+            break
+    return h, nrm
 
 
 def _select(theta: Tensor, n_top: int, n_bottom: int, magnitude: bool) -> Tensor:
