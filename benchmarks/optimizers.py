@@ -15,7 +15,7 @@ them alike); the per-step time is the median over repetitions. Targets from the
 issue: isotropic noise <= 1.2x SGD, the wrapper <= 1.02x.
 
 The Hessian-aligned noise (``noise="hessian"``), whose cost is HVPs at each
-refresh amortised over ``refresh_every`` steps, is measured by T5's
+refresh amortised over ``refresh_every`` steps, is measured by
 ``benchmarks/_noisy_gd_bench.py`` (``bench_noisy_gd``) and reported here in HVPs
 per step.
 
@@ -158,10 +158,10 @@ def bench_steps(
 
 
 def bench_hessian(quick: bool, device: str) -> dict[str, Any]:
-    """Hessian-aligned noise: HVPs per step (T5's ``bench_noisy_gd``).
+    """Hessian-aligned noise: HVPs per step (``_noisy_gd_bench.bench_noisy_gd``).
 
     Returns:
-        T5's result dict, or a dict with ``"error"`` if it is unavailable.
+        The bench result dict, or a dict with ``"error"`` if it is unavailable.
     """
     try:
         from _noisy_gd_bench import bench_noisy_gd
