@@ -319,9 +319,13 @@ def test_linregress_and_spearman_match_scipy():
     assert math.isnan(_spearman(x[:1], y[:1]))
 
 
-def test_commutativity_baseline_near_sqrt2_for_commuting_case():
-    # C~ diagonal (commutes with Lambda): error 0; random rotations of Lambda
-    # give the ZYT baseline, which is clearly positive.
+def test_commutativity_error_and_baseline_bounds():
+    # Both are ||C~ A - A C~||_F / ||C~ A||_F for symmetric C~, A; since
+    # ||A C~||_F = ||(C~ A)^T||_F = ||C~ A||_F the triangle inequality bounds them
+    # by 2, and a Haar rotation of Lambda almost surely does not commute with C~,
+    # so the baseline is strictly positive. (Whether the measured error lies below
+    # the baseline is an empirical property of a trained network, not of this tiny
+    # random MLP; the values themselves are checked against dense_metrics above.)
     model, loss_fn, X, y = _case("mlp-mse")
     res = noise_geometry(
         model,
@@ -330,7 +334,8 @@ def test_commutativity_baseline_near_sqrt2_for_commuting_case():
         k=4,
         metrics=["commutativity_error", "commutativity_baseline"],
     )
-    assert 0 <= res.values["commutativity_error"] < res.values["commutativity_baseline"]
+    assert 0 <= res.values["commutativity_error"] <= 2
+    assert 1e-3 < res.values["commutativity_baseline"] <= 2
 
 
 def test_warm_start_and_max_samples():
