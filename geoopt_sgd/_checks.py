@@ -169,6 +169,12 @@ def check_finite_tensor(name: str, v: torch.Tensor) -> None:
     Raises:
         ValueError: If ``v`` holds NaN or infinite entries.
     """
+    # Fast path: one reduction instead of a P-sized boolean mask (the mask cost
+    # ~28 ms on an 11M-entry vector on CPU, a tenth of a resnet18 HVP). A NaN or
+    # Inf entry always makes the sum non-finite; a finite sum that overflows only
+    # sends us to the exact check below.
+    if v.is_floating_point() and bool(torch.isfinite(v.sum())):
+        return
     if not bool(torch.isfinite(v).all()):
         n_bad = int((~torch.isfinite(v)).sum())
         raise ValueError(f"`{name}` must be finite; it has {n_bad} non-finite entries.")

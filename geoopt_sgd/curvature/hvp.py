@@ -346,12 +346,24 @@ class _DataOperator(LinearOperator):
 
     # --- products ----------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
-        out = torch.zeros_like(V)
+        out = torch.empty_like(V, memory_format=torch.contiguous_format)
+        first = True
         with self._context():
             for term, w in self._terms():
                 for j in range(V.shape[1]):
                     hv = term.apply(self.unflatten(V[:, j]))
-                    out[:, j].add_(torch.cat([h.reshape(-1) for h in hv]), alpha=w)
+                    col = out[:, j]
+                    if first:
+                        # one copy per parameter straight into the output column
+                        # (no zero fill, no intermediate concatenation)
+                        for dst, h in zip(self.unflatten(col), hv, strict=True):
+                            dst.copy_(h)
+                        if w != 1.0:
+                            col.mul_(w)
+                    else:
+                        for dst, h in zip(self.unflatten(col), hv, strict=True):
+                            dst.add_(h, alpha=w)
+                first = False
         return distributed.all_reduce_sum(out)
 
     # --- full-data loss and gradient --------------------------------------------
