@@ -21,6 +21,8 @@ class _GGNTerm(_BatchTerm):
     and the graph serves every column of every product.
     """
 
+    needs_context = False  # products are backward passes through kept graphs
+
     def __init__(self, op: GGNOperator, x: Any, y: Tensor) -> None:
         self.leaves = [
             p.detach().clone().requires_grad_(True) for p in op.fmodel.params

@@ -28,6 +28,8 @@ class _HessianTerm(_BatchTerm):
         self.apply = make_hvp(  # type: ignore[assignment]
             f, params, method=method, constants=(y,)
         )
+        # the reverse routes apply a kept graph; forward-over-reverse reruns f
+        self.needs_context = method == "fwd_rev"
 
 
 class HessianOperator(_DataOperator):

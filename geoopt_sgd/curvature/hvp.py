@@ -222,8 +222,19 @@ def hessian_vector_product(
 # --- data-averaged operators ---------------------------------------------------
 
 
+@contextlib.contextmanager
+def _no_context() -> Iterator[None]:
+    yield
+
+
 class _BatchTerm:
-    """One batch's contribution: ``apply(vs)`` is the batch matrix times ``vs``."""
+    """One batch's contribution: ``apply(vs)`` is the batch matrix times ``vs``.
+
+    ``needs_context``: whether ``apply`` evaluates the model (and so must run
+    under the mode policy and the math SDPA backend), not just a kept graph.
+    """
+
+    needs_context = True
 
     def apply(self, vs: list[Tensor]) -> list[Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -314,18 +325,28 @@ class _DataOperator(LinearOperator):
         raise NotImplementedError
 
     def _terms(self) -> Iterator[tuple[_BatchTerm, float]]:
-        """Yield each batch's term and weight (from the cache when it is valid)."""
+        """Yield each batch's term and weight (from the cache when it is valid).
+
+        Terms are built under the mode policy; cached reverse-mode terms are then
+        applied without it (a backward through a kept graph runs no module code),
+        which on small models halves the cost of a product. Terms that rerun the
+        model per product (``needs_context``) are applied under it.
+        """
         if self.cacheable:
             key = self._state_key()
             if self._cache is None or key != self._cache_key:
                 self.release()
-                self._cache = [self._make_term(x, y) for x, y in self._batches()]
+                with self._context():
+                    self._cache = [self._make_term(x, y) for x, y in self._batches()]
                 self._cache_key = key
             weights = [self._weight(y) for _, y in self._data]
-            yield from zip(self._cache, weights, strict=True)
+            for term, w in zip(self._cache, weights, strict=True):
+                with self._context() if term.needs_context else _no_context():
+                    yield term, w
             return
-        for x, y in self._batches():
-            yield self._make_term(x, y), self._weight(y)
+        with self._context():
+            for x, y in self._batches():
+                yield self._make_term(x, y), self._weight(y)
 
     def release(self) -> None:
         """Free the cached per-batch graphs (rebuilt on the next product if needed)."""
@@ -348,22 +369,21 @@ class _DataOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         out = torch.empty_like(V, memory_format=torch.contiguous_format)
         first = True
-        with self._context():
-            for term, w in self._terms():
-                for j in range(V.shape[1]):
-                    hv = term.apply(self.unflatten(V[:, j]))
-                    col = out[:, j]
-                    if first:
-                        # one copy per parameter straight into the output column
-                        # (no zero fill, no intermediate concatenation)
-                        for dst, h in zip(self.unflatten(col), hv, strict=True):
-                            dst.copy_(h)
-                        if w != 1.0:
-                            col.mul_(w)
-                    else:
-                        for dst, h in zip(self.unflatten(col), hv, strict=True):
-                            dst.add_(h, alpha=w)
-                first = False
+        for term, w in self._terms():
+            for j in range(V.shape[1]):
+                hv = term.apply(self.unflatten(V[:, j]))
+                col = out[:, j]
+                if first:
+                    # one copy per parameter straight into the output column
+                    # (no zero fill, no intermediate concatenation)
+                    for dst, h in zip(self.unflatten(col), hv, strict=True):
+                        dst.copy_(h)
+                    if w != 1.0:
+                        col.mul_(w)
+                else:
+                    for dst, h in zip(self.unflatten(col), hv, strict=True):
+                        dst.add_(h, alpha=w)
+            first = False
         return distributed.all_reduce_sum(out)
 
     # --- full-data loss and gradient --------------------------------------------
