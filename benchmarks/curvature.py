@@ -194,6 +194,8 @@ def run_pyhessian_acc(model, data, k, tol, seed, ref):
         err, missed = score(vals, ref, k)
         if err <= MATCH_RTOL and missed == 0:
             break
+    else:
+        return vals, n, secs, f"tol={ptol:g}, maxIter={max_iter}: bar not reached"
     return vals, n, secs, f"tol={ptol:g}, maxIter={max_iter}"
 
 
@@ -230,6 +232,8 @@ def run_eigenthings_acc(model, data, k, tol, seed, ref):
         err, missed = score(vals, ref, k)
         if err <= MATCH_RTOL and missed == 0:
             break
+    else:
+        return vals, n, secs, f"max_iter={max_iter}: bar not reached"
     return vals, n, secs, f"max_iter={max_iter}, reorthogonalize"
 
 
