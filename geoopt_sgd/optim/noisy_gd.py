@@ -61,6 +61,9 @@ _MAGNITUDE_KINDS = (
 
 # sub-stream indices for make_generator (per step); ranks offset the last one
 _STREAM_NOISE, _STREAM_PARTITION, _STREAM_EIG, _STREAM_TRACE, _STREAM_WEIGHTS = range(5)
+# steps whose realised ||xi||^2 may wait unconverted (one GPU sync per this many
+# steps when `stats` is never read)
+_MAX_PENDING = 256
 
 _STATE_KEY = "noisy_gd"
 
@@ -339,7 +342,10 @@ class NoisyGD(torch.optim.Optimizer):
         self._cache: dict[str, Tensor] = {}
         self._fm: FunctionalModel | None = None
         self._workspace: dict[tuple, Tensor] = {}
-        self.stats: dict[str, float | int] = {
+        # realised ||xi||^2 of recent steps as device scalars, converted when
+        # `stats` is read: a float() per step would synchronise a GPU every step
+        self._pending: list[tuple[int, Any]] = []
+        self._stats: dict[str, float | int] = {
             "step": 0,
             "target_sq_norm": 0.0,
             "realised_sq_norm": 0.0,
@@ -379,7 +385,7 @@ class NoisyGD(torch.optim.Optimizer):
             "step": self._step_count,
             "seed": self.seed,
             "cache": {k: v.clone() for k, v in self._cache.items()},
-            "stats": dict(self.stats),
+            "stats": dict(self.stats),  # reading `stats` converts pending values
         }
         return sd
 
@@ -402,6 +408,34 @@ class NoisyGD(torch.optim.Optimizer):
             self.seed = int(extra["seed"])
             self._cache = {k: v.clone() for k, v in extra["cache"].items()}
             self.stats = dict(extra["stats"])
+
+    @property
+    def stats(self) -> dict[str, float | int]:
+        """Costs and magnitudes so far, as plain floats and ints (see the class)."""
+        if self._pending:
+            self._flush_stats()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, float | int]) -> None:
+        self._pending = []
+        self._stats = value
+
+    def _flush_stats(self) -> None:
+        """Convert the pending realised ``‖ξ‖²`` values, in step order."""
+        st = self._stats
+        for t, realised in self._pending:
+            if isinstance(realised, tuple):
+                factor, parts = realised
+                sq = 0.0
+                for part in parts:
+                    sq += float(part)
+                realised = factor * sq
+            st["realised_sq_norm"] = realised
+            st["realised_sq_norm_mean"] += (realised - st["realised_sq_norm_mean"]) / (
+                t + 1
+            )
+        self._pending = []
 
     # ----------------------------------------------------------------- helpers
     def _params(self) -> list[Tensor]:
@@ -639,7 +673,11 @@ class NoisyGD(torch.optim.Optimizer):
     def _noise_for_step(
         self, t: int, params: list[Tensor]
     ) -> tuple[list[Tensor] | None, float, float, float]:
-        """Per-parameter noise views, their multiplier, target and realised E‖ξ‖²."""
+        """Per-parameter noise views, their multiplier, target and realised ‖ξ‖².
+
+        The realised value is ``(factor, [device scalars])``: ``factor`` times the
+        sum of the scalars, converted lazily (see :attr:`stats`).
+        """
         if self.noise == "none":
             return None, 0.0, 0.0, 0.0
         if self.noise == "isotropic":
@@ -648,7 +686,7 @@ class NoisyGD(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 buckets.setdefault((p.device, p.dtype), []).append(i)
             views: list[Tensor | None] = [None] * len(params)
-            sq = 0.0
+            parts = []
             for b, ((device, dtype), idx) in enumerate(buckets.items()):
                 gen = _noise.make_generator(self.seed, t, device, stream=b)
                 n = sum(params[i].numel() for i in idx)
@@ -661,7 +699,7 @@ class NoisyGD(torch.optim.Optimizer):
                         n, dtype=dtype, device=device
                     )
                 z = _noise.standard_normal(n, generator=gen, out=ws)
-                sq += float(torch.dot(z, z))
+                parts.append(torch.dot(z, z))
                 off = 0
                 for i in idx:
                     m = params[i].numel()
@@ -669,11 +707,11 @@ class NoisyGD(torch.optim.Optimizer):
                     off += m
             s = self._scale(t)
             numel = sum(p.numel() for p in params)
-            return views, s, s * s * numel, s * s * sq  # type: ignore[return-value]
+            return views, s, s * s * numel, (s * s, parts)  # type: ignore[return-value]
         numel = sum(p.numel() for p in params)
         flat, alpha, target = self._flat_noise(t, numel)
         assert flat is not None
-        sq = alpha * alpha * float(torch.dot(flat, flat))
+        sq = (alpha * alpha, [torch.dot(flat, flat)])
         out, off = [], 0
         for p in params:
             m = p.numel()
@@ -739,14 +777,13 @@ class NoisyGD(torch.optim.Optimizer):
                 foreach=foreach,
             )
         self._step_count = t + 1
-        st = self.stats
+        st = self._stats
         st["step"] = t + 1
         st["target_sq_norm"] = target
-        st["realised_sq_norm"] = realised
-        st["realised_sq_norm_mean"] += (realised - st["realised_sq_norm_mean"]) / (
-            t + 1
-        )
         st["hvp_per_step"] = st["n_hvp"] / (t + 1)
+        self._pending.append((t, realised))
+        if len(self._pending) >= _MAX_PENDING:
+            self._flush_stats()
         return loss
 
     _PICKLED = (
@@ -778,9 +815,14 @@ class NoisyGD(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        stats = state.pop("stats", None)
         self._fm = None
         self._workspace = {}
+        self._pending = []
         super().__setstate__(state)
+        if stats is not None:
+            self._stats = stats
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)

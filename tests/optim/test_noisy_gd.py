@@ -369,6 +369,38 @@ def test_empirical_covariance_matches_definition(kind, B):
     )
 
 
+@pytest.mark.parametrize("noise", ["isotropic", "isotropic_matched"])
+def test_realised_norm_is_exact_however_often_stats_are_read(noise):
+    # stats convert the per-step ||xi||^2 lazily (no device sync per step); the
+    # values must be those of an eager float() per step, read at any cadence
+    runs = []
+    for read_every in (1, 7, None):
+        opt, model, *_ = _source(2, noise=noise, noise_scale=0.5)
+        seen = []
+        for t in range(300):  # beyond the bound on pending steps
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            if read_every and t % read_every == 0:
+                seen.append(opt.stats["realised_sq_norm"])
+        runs.append((dict(opt.stats), seen))
+        assert not opt._pending
+    (eager, eager_seen), (sparse, sparse_seen), (never, _) = runs
+    (
+        eager.pop("refresh_seconds"),
+        sparse.pop("refresh_seconds"),
+        never.pop("refresh_seconds"),
+    )
+    assert eager == sparse == never
+    assert eager_seen[::7] == sparse_seen
+    # and it is the exact squared norm of the step's noise
+    p = torch.zeros(30, dtype=torch.float64, requires_grad=True)
+    opt = NoisyGD([p], lr=1.0, noise="isotropic", seed=3, noise_scale=1.0)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.stats["realised_sq_norm"] == float(p.detach() @ p.detach())
+
+
 def test_ggn_curvature_equals_hessian_on_a_linear_model():
     # linear model + MSE: GGN = Hessian exactly, so both give the same top-2 mass
     stats = []
