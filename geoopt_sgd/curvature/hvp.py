@@ -269,17 +269,31 @@ class _DataOperator(LinearOperator):
         self.fmodel = FunctionalModel(model, params, mode=mode)  # type: ignore[arg-type]
         self.loss_fn = loss_fn
         self.loss_reduction = detect_reduction(loss_fn, loss_reduction)
-        batches = as_batches(data)
+        try:
+            batches = as_batches(data)
+        except ValueError:
+            # Under torch.distributed a rank may hold an empty shard: it joins
+            # every reduction with zeros, and the emptiness is an error only when
+            # all ranks are empty (raising on one rank alone would hang the rest).
+            if not distributed.is_distributed():
+                raise
+            batches = []
         self.cacheable = (
             isinstance(batches, (list, tuple)) and len(batches) <= max_cached_batches
         )
         if isinstance(batches, (list, tuple)):
             dev = self.fmodel.device
-            batches = [(to_device(x, dev), to_device(y, dev)) for x, y in batches]
+            # an empty batch would add a NaN mean loss: it contributes nothing
+            batches = [
+                (to_device(x, dev), to_device(y, dev))
+                for x, y in batches
+                if batch_size(y) > 0
+            ]
         self._data = batches
         self.num_samples = self.fmodel.total_count(self._batches())
         if self.num_samples == 0:
-            raise ValueError("`data` is empty: it yields no samples.")
+            where = " on every rank" if distributed.is_distributed() else ""
+            raise ValueError(f"`data` is empty{where}: it yields no samples.")
         super().__init__(
             self.fmodel.numel,
             self.fmodel.dtype,
@@ -300,7 +314,8 @@ class _DataOperator(LinearOperator):
         # same batches (a fixed operator, also in train mode).
         with torch.random.fork_rng(devices=[]):
             for x, y in self._data:
-                yield to_device(x, dev), to_device(y, dev)
+                if batch_size(y) > 0:
+                    yield to_device(x, dev), to_device(y, dev)
 
     def _weight(self, targets: Tensor) -> float:
         if self.loss_reduction == "sum":
@@ -384,6 +399,8 @@ class _DataOperator(LinearOperator):
                     for dst, h in zip(self.unflatten(col), hv, strict=True):
                         dst.add_(h, alpha=w)
             first = False
+        if first:  # no local batch (an empty shard or loader): contributes zero
+            out.zero_()
         return distributed.all_reduce_sum(out)
 
     # --- full-data loss and gradient --------------------------------------------

@@ -47,7 +47,8 @@ def _worker(rank, world, port, out_dir):
         CE = nn.CrossEntropyLoss()
         v = torch.linspace(-1, 1, 57, dtype=torch.float64)
         results = {}
-        cuts = {"even": (0, 6, 12), "uneven": (0, 7, 13)}
+        # "empty": rank 1 holds no sample (an empty batch), rank 0 all 13
+        cuts = {"even": (0, 6, 12), "uneven": (0, 7, 13), "empty": (0, 13, 13)}
         for split, (a, b, c) in cuts.items():
             lo, hi = (a, b) if rank == 0 else (b, c)
             shard = [(X[lo:hi], y[lo:hi])]
@@ -78,6 +79,12 @@ def _worker(rank, world, port, out_dir):
             results["eig"] = eig.eigenvalues
         except NotImplementedError:  # eigensolver not there yet
             pass
+        # empty on every rank: the same clear error on both (no hang)
+        try:
+            HessianOperator(model, CE, (X[:0], y[:0]))
+        except ValueError as e:
+            results["all_empty_error"] = torch.tensor([1.0])
+            assert "empty on every rank" in str(e), str(e)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -93,7 +100,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     model, X, y = _problem()
     CE = nn.CrossEntropyLoss()
     v = torch.linspace(-1, 1, 57, dtype=torch.float64)
-    for split, n in (("even", 12), ("uneven", 13)):
+    for split, n in (("even", 12), ("uneven", 13), ("empty", 13)):
         H = HessianOperator(model, CE, (X[:n], y[:n]))
         ref_h, ref_g = H.matvec(v), GGNOperator(model, CE, (X[:n], y[:n])).matvec(v)
         for key in r0:
@@ -106,3 +113,4 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
             assert_close_report(r0[key], ref, 1e-10, 1e-13)
     if "eig" in r0:
         assert torch.equal(r0["eig"], r1["eig"])
+    assert "all_empty_error" in r0 and "all_empty_error" in r1

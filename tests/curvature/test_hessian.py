@@ -117,6 +117,13 @@ def test_ragged_batches_weighted_by_counts(reduction):
     biased = sum(dense_hessian(model, loss_fn, b) for b in batches) / 3
     if reduction == "mean":
         assert (biased - full).abs().max() > 1e-3
+    # an empty batch (e.g. a sharded loader's remainder) contributes nothing; as
+    # a batch of its own its mean loss would be NaN
+    with_empty = [*batches[:2], (X[:0], y[:0]), batches[2]]
+    H = HessianOperator(model, loss_fn, with_empty)
+    assert H.num_samples == 12
+    assert_close_report(H.to_dense(), full, RTOL, ATOL)
+    assert H.loss() == pytest.approx(HessianOperator(model, loss_fn, batches).loss())
 
 
 def test_shuffling_loader_leaves_global_rng_and_gives_a_fixed_operator():
