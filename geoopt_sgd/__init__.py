@@ -24,8 +24,15 @@ from .curvature import (
     squared_frobenius,
     top_eigenpairs,
 )
-from .optim import CyclicLRWrapper, NoisyGD, ProbedSGD, cyclic_lr
+from .optim import (
+    CyclicLRWrapper,
+    NoisyGD,
+    ProbedSGD,
+    cyclic_lr,
+    register_timm_optimizers,
+)
 from .probes import NoiseGeometry, NoiseProbe, noise_geometry, per_sample_gradients
+from .probes.metrics import DEFAULT_METRICS, METRICS
 
 __version__ = "0.1.0"
 
@@ -57,9 +64,12 @@ __all__ = [
     "NoiseGeometry",
     "noise_geometry",
     "NoiseProbe",
+    "METRICS",
+    "DEFAULT_METRICS",
     # optimizers
     "ProbedSGD",
     "NoisyGD",
     "CyclicLRWrapper",
     "cyclic_lr",
+    "register_timm_optimizers",
 ]
