@@ -92,7 +92,7 @@ def check_escapes(arm: dict, cfg: R.Config) -> int:
     return found
 
 
-@pytest.mark.slow  # three recipe runs: ~30 s alone, minutes on shared cores
+@pytest.mark.slow  # three recipe runs: 8 s on the shared 2 cores (1 thread)
 def test_smoke_schema_png_and_resume(tmp_path):
     # a low escape level, so that the tiny run has escapes to check
     cfg = tiny(tmp_path / "a", escape_factor=1.01)
@@ -139,8 +139,16 @@ def test_smoke_schema_png_and_resume(tmp_path):
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
-    cfg = tiny(tmp_path, cycles=1)
-    R.main(cfg)
+    cfg = tiny(tmp_path, cycles=1, threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = R.main(cfg)
+        # the run used cfg.threads and gave torch's setting back
+        assert res["env"]["num_threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     with pytest.raises(ValueError, match="different config"):
         R.main(dataclasses.replace(cfg, cycles=2, resume=True))
 
@@ -150,8 +158,8 @@ def test_quick_run(tmp_path):
     cfg = dataclasses.replace(R.Config.quick(), out_dir=str(tmp_path))
     res = R.main(cfg)
     assert (tmp_path / "flat_minima_clr" / "clr.png").exists()
-    # measured (quick): Tr H ratio 0.17, lambda_max ratio 0.89, GD escape cos^2
-    # 0.998, SGD escape cos^2 0.0015
+    # measured (quick, 1 thread): Tr H ratio 0.154, lambda_max ratio 0.900, GD
+    # escape cos^2 0.9991, SGD escape cos^2 0.0015
     assert res["passed"], C.verdict_table(res["verdict"])
     m, s = res["metrics"], res["arrays"]["0"]
     assert m["loss0"] < 1e-8  # theta_0 is a GD minimum, so "escape" is defined
@@ -160,11 +168,14 @@ def test_quick_run(tmp_path):
         assert check_escapes(s["arms"][arm], cfg) == m[f"{arm}_escapes"]
     # GD escapes in the first high phase only, and its escape is the u_1 oscillation
     # of the quadratic model, not an artefact: at the escape level,
-    # L - L(theta_0) = lambda_0 a^2 / 2 gives the distance a (measured ratio 1.07)
+    # L - L(theta_0) = lambda_0 a^2 / 2 gives the distance a. The amplitude grows by
+    # |1 - eta_max lambda_0| = 2 per step, so the first step at or over the level is
+    # 1-2x that distance (measured 1.80); 0.9 and 2.2 leave room for the other
+    # directions' share and the cubic terms
     gd = s["arms"]["gd"]
     assert m["gd_escape_cycles"] == [1]
     pred = math.sqrt(2 * (cfg.escape_factor - 1) * gd["loss"][0] / s["lambda0"])
-    assert 0.5 < gd["escape_distance"][1] / pred < 2
+    assert 0.9 < gd["escape_distance"][1] / pred < 2.2
     # after its escape GD+CLR sits still: its later high phases are stable ...
     assert m["gd_later_stability_max"] < 1
     # ... so the end-to-end cycle displacement cannot show the oscillation (what
@@ -185,6 +196,7 @@ def test_quick_run(tmp_path):
         (dict(task="regression"), ValueError, "`task` must be one of 'parity'"),
         (dict(loss="ce"), ValueError, "`loss` must be 'mse' with task 'parity'"),
         (dict(cycles=0), ValueError, "`cycles` must be >= 1; got 0"),
+        (dict(threads=0), ValueError, "`threads` must be >= 1; got 0"),
         (dict(batch_size=10**6), ValueError, "`batch_size` must be <= the training"),
         (dict(dataset="mnist"), ValueError, "pass --data-dir DIR"),
     ],
