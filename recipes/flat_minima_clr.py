@@ -28,15 +28,15 @@ cyclical learning rates can exploit this"; SPEC R11 [PROPOSED], paper setup
 
 * The end-to-end cycle displacement cannot show GD's oscillation: the low phase
   has η_min·λ_1 ≤ 1, so any u_1 component is damped within a few steps and the
-  cycle ends wherever the slow directions took it (median cos² 4e-6 for GD, here
-  and in the previous setting).
+  cycle ends wherever the slow directions took it (GD's median cos² 5e-12 in the
+  full run, 4e-6 in the previous setting).
 * The high-phase excursion cannot either: in the first high phase GD's u_1
-  oscillation grows until GD catapults (L rises ~10⁹×) into a flatter region
+  oscillation grows until GD catapults (L rises 10⁸–10⁹×) into a flatter region
   (λ_max 7.1 → 3.6–4.2), and the excursion measured at the end of the phase is
-  that landing, far off u_1 (|Δ| ≈ 0.6, cos² ~ 1e-4); in later high phases GD is
+  that landing, far off u_1 (|Δ| ≈ 0.6, cos² ≤ 1e-4); in later high phases GD is
   stable and the excursion is convergence drift (cos² ≤ 1e-5).
 * GD is not unstable in every high phase, whatever we tried: after the first
-  escape λ_max(GD) stays below 2/η_max (η_max·λ_max/2 ≤ 0.87 square, ≤ 0.97
+  escape λ_max(GD) stays below 2/η_max (η_max·λ_max/2 ≤ 0.90 square, ≤ 0.97
   triangular) and nothing re-sharpens it at a minimum. With η_max = 1.1–1.2·2/λ_0
   GD does go through a period-2 oscillation first, but it still slides to
   λ_max ≈ 0.98·2/η_max by the end of the first high phase and is stable
