@@ -182,7 +182,8 @@ def _lanczos(
         max_matvecs = max(20 * m, 500)
     gen = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
 
-    Vt = torch.zeros(m + 1, P, dtype=dtype, device=device)
+    # rows are written before they are read: no need to zero (and touch) m x P
+    Vt = torch.empty(m + 1, P, dtype=dtype, device=device)
     H = torch.zeros(m + 1, m + 1, dtype=torch.float64)
     if v0 is None:
         v = torch.randn(P, generator=gen, device=device, dtype=torch.float32)
@@ -449,10 +450,12 @@ def top_eigenpairs(
             stacklevel=2,
         )
     order = torch.argsort(lam, descending=True, stable=True)
+    if not bool((order == torch.arange(order.numel())).all()):  # else no P x k copy
+        lam, Y, rel = lam[order], Y[:, order.to(Y.device)], rel[order]
     return EigenResult(
-        lam[order],
-        Y[:, order.to(Y.device)],
-        rel[order],
+        lam,
+        Y,
+        rel,
         n_mv,
         ok,
         time.perf_counter() - t0,
