@@ -243,9 +243,10 @@ def bench_overhead(
     probe.attach(opt)
     probed = _train(model, loss_fn, batches, opt, steps)
 
-    # gradient of one batch (eval mode, as the probe), timed right after the run so
-    # that both ratios below see the same machine load
-    t_grad = grad_time(model, loss_fn, *probe_data, reps=2)
+    # gradient of one batch (eval mode, as the probe) and the probe's unit
+    # operations, interleaved right after the run so that they see the same load
+    units = unit_costs(model, loss_fn, probe_data, reps=3)
+    t_grad = units["t_grad"]
     probe_times = [r["probe_seconds"] for r in probe.history]
     plain_steps = [
         t for i, t in enumerate(probed, start=1) if i % run_every != 0
@@ -253,6 +254,14 @@ def bench_overhead(
     t_step = statistics.mean(base)
     warm = probe_times[1:] or probe_times
     t_probe = statistics.mean(warm)
+    last = probe.history[-1]
+    breakdown = {
+        key: last.get(f"cost_{key}")
+        for key in ("n_backward", "n_jvp", "n_ggnvp", "n_hvp", "n_forward")
+    }
+    for key in ("seconds_eigen", "seconds_sketch"):
+        sec = last.get(f"cost_{key}")
+        breakdown[key.replace("seconds", "ge")] = None if sec is None else sec / t_grad
     return {
         "model": model_name,
         "batch": batch,
@@ -270,6 +279,8 @@ def bench_overhead(
         "probe_seconds_warm_mean": t_probe,
         "t_grad_probe_batch": t_grad,
         "probe_grad_equivalents": t_probe / t_grad,
+        "warm_probe_breakdown": breakdown,
+        "unit_costs_ge": {k_: v for k_, v in units.items() if k_ != "t_grad"},
         "step_grad_equivalents": statistics.mean(plain_steps) / t_grad,
         "measured_ratio": sum(probed) / sum(base),
         "every": every,
@@ -280,6 +291,43 @@ def bench_overhead(
         "values_last": {
             k_: v for k_, v in probe.history[-1].items() if isinstance(v, float)
         },
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def unit_costs(model, loss_fn, data, reps=3):
+    """Interleaved medians: one gradient, 8 jvps, one GGN-vector product, in ge."""
+    from geoopt_sgd._model import FunctionalModel
+    from geoopt_sgd.probes._primitives import ProbeSet
+
+    x, y = data
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    probe = ProbeSet(FunctionalModel(model, None, mode="eval"), loss_fn, [(x, y)])
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(probe.P, 8, generator=g)
+
+    def grad():
+        torch.autograd.grad(loss_fn(model(x), y), params)
+
+    fns = {
+        "grad": grad,
+        "jvp8": lambda: probe.tangents(V),
+        "ggnvp": lambda: probe.ggn_matmat(V[:, :1]),
+    }
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    t_grad = statistics.median(times["grad"])
+    return {
+        "t_grad": t_grad,
+        "jvp": statistics.median(times["jvp8"]) / 8 / t_grad,
+        "ggnvp": statistics.median(times["ggnvp"]) / t_grad,
     }
 
 

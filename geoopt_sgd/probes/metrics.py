@@ -17,36 +17,77 @@ Routes (``route=``):
   ``nK`` per-sample output-Jacobian rows, and for ``curvature="hessian"``
   ``n`` HVPs plus ``P`` HVPs for ``||H||_F`` and ``Tr H`` when ``P <= 4096``
   (else Hutchinson with ``num_probes``). Memory ``n (K + 1) P``.
-* ``"sketch"``: nothing of size ``n x P``. Randomised trace estimators with
-  ``s = num_probes`` natural probes (SPEC §2.0.6): ``w ~ N(0, G)`` by one vjp of
-  the outputs with Gaussian cotangents, ``xi ~ (0, Sigma)`` by one backward of the
-  reweighted loss ``sum_i c_i L_i``, each followed by one ``jvp`` of the per-sample
-  losses (SPEC §2.0.2). Then ``||G||_F^2 = E w^T G w``, ``Tr G = E ||w||^2``,
-  ``Tr(Sigma_1 G) = E mean_i (grad L_i . w)^2``, ``Tr(Sigma G) = E var_i(...)``,
-  ``chi_i = E (J_i w)^T Lambda_i (J_i w)``, ``Tr Sigma = E ||xi||^2``,
-  ``||Sigma||_F^2 = E var_i(grad L_i . xi)``; ``Tr(Sigma_2 G)`` is exact. Cost: about
-  ``2s`` backward and ``2s`` jvp passes of the probe batch (plus ``s`` HVPs
-  each for ``Tr(Sigma H)``, ``Tr(Sigma_1 H)`` and ``||H||_F`` with the Hessian).
-  Relative standard errors are about ``sqrt(2 / s)``.
+* ``"sketch"``: nothing of size ``n x P``; only jvps (one per direction, SPEC
+  §2.0.2) besides the eigensolver's products. Every quadratic form along a
+  direction ``v`` follows from the per-sample output tangents ``J_i v``:
+  ``v^T Sigma w`` is the covariance of ``grad L_i . v = (dL_i/df_i) . J_i v`` and
+  ``grad L_i . w`` over samples (or batch means), ``v^T G w = (1/n) sum_i
+  (J_i v)^T Lambda_i J_i w`` and ``v^T M_i w`` with ``M_i = J_i^T Lambda_i J_i``
+  its per-sample term. The traces are *deflated isotropic* estimates: with the
+  orthonormal top-``k`` eigenbasis ``Q`` of ``H`` (``U (U^T U)^{-1/2}``, always
+  computed on this route) and ``s = num_probes`` isotropic probes ``z_t``
+  (``sqrt(P)`` times unit random directions, ``E z z^T = I``), deflated to
+  ``y_t = (I - Q Q^T) z_t``,
+
+  .. math::
+
+      \operatorname{Tr} A &\approx \operatorname{Tr}(Q^T A Q)
+          + \tfrac{1}{s} \textstyle\sum_t y_t^T A y_t, \\
+      \operatorname{Tr}(A B) &\approx \operatorname{Tr}(Q^T A Q\, Q^T B Q)
+          + \tfrac{2}{s} \textstyle\sum_t (Q^T A y_t) \cdot (Q^T B y_t)
+          + \tfrac{1}{s(s-1)} \textstyle\sum_{t \ne t'} (y_t^T A y_{t'})
+            (y_t^T B y_{t'}),
+
+  exact on ``span Q`` and unbiased for any ``Q`` (split ``I = QQ^T + (I - QQ^T)``;
+  ``E y y^T = I - QQ^T``, and independent probes give the pair term ``Tr(A
+  (I - QQ^T) B (I - QQ^T))``). ``Tr Sigma``, ``Tr G``, ``||Sigma||_F^2``,
+  ``||G||_F^2``, ``Tr(Sigma G)`` and ``chi_i = Tr(M_i G)`` are these with
+  ``A, B`` in ``{Sigma, G, M_i}``; ``Tr(Sigma_2 G) = grad L^T G grad L`` is
+  exact (one jvp) and ``Tr(Sigma_1 G) = Tr(Sigma G) + Tr(Sigma_2 G)``. Where
+  ``Q`` holds most of ``G`` and ``Sigma`` (the alignment these metrics measure),
+  the remainder is small and so is the error: on a trained timm ``test_resnet``
+  (P = 374k, n = 128, k = 10) ``s = 8`` gave ``alpha``, ``beta``, ``mu``,
+  ``mu1``, ``mu2`` within 0.1-0.2% of the exact route, ``tr_sigma`` 1%,
+  ``tr_h_sigma_iso`` 2% (without deflation: 3-55%). ``gradient_uniformity`` is
+  a minimum over estimates and biased low (-6% there). Standard errors: the
+  leave-one-probe-out jackknife (``s >= 3``), in
+  :attr:`NoiseGeometry.standard_errors`. Cost: the eigenbasis (below) plus
+  ``max(0, s - r)`` jvps (``r = num_random_directions``: the random directions
+  are the first probes) and one for ``Tr(Sigma_2 G)``. With
+  ``curvature="hessian"``, ``Tr(Sigma_1 H)`` uses ``s`` uncentred natural probes
+  ``xi_1 ~ (0, Sigma_1)`` (one backward each) and ``s`` HVPs, ``Tr H`` and
+  ``||H||_F`` Hutchinson with ``s`` Rademacher probes (``s`` HVPs); relative
+  errors about ``sqrt(2 / s)`` there.
 * ``"auto"`` (default): ``"exact"`` when ``n (K + 1) P <= 2e7`` (160 MB of float64),
   the Gram products cost ``(n K)^2 P <= 2e10`` flops, and not distributed; else
   ``"sketch"``.
 
-The eigenbasis metrics are exact on either route: the top-``k`` eigenpairs of
-``H`` by Lanczos (``top_eigenpairs``; ``3k`` to ``10k`` products), then one ``jvp``
-of the per-sample losses along the ``k + r`` directions ``[U_k, random]`` gives
-``a_i = grad L_i . v`` for all samples at once, hence ``v^T Sigma v`` and the
-projected covariance ``U_k^T Sigma U_k`` (``k + r`` tangent passes; ``k + r`` HVPs
-more for ``v^T H v`` when ``curvature="hessian"``).
+The eigenbasis metrics are exact on either route, given the eigenvectors: the
+top-``k`` eigenpairs of ``H`` by Lanczos (``top_eigenpairs`` to the relative
+residual ``tol``), then the per-sample derivatives ``a_i = grad L_i . v`` along
+the ``k + r`` directions ``[U_k, random]``, hence ``v^T Sigma v`` and the
+projected covariance ``U_k^T Sigma U_k``. With the GGN the tangents along the
+eigenvectors are free: each GGN product ``G v`` computes ``J_i v`` on the way, the
+Ritz vectors are combinations of the multiplied vectors, and a least-squares fit
+``U = X C`` (checked: residual ``<= 1000 eps``, else ``k`` jvps) gives
+``J_i U = (J_i X) C``. Memory: the multiplied vectors, at most 64 ``P``-vectors.
+``r`` jvps for the random directions; with the Hessian ``k`` jvps more and
+``k + r`` HVPs for ``v^T H v``. ``tol = 1e-2`` (default): on the trained
+``test_resnet`` above the eigenvalues agree with a ``tol = 1e-7`` solve to
+``3e-5`` relative, the noise energies and directional alignments to ``1e-3``
+(cold start; ``1e-4`` warm), the scalar eigenbasis metrics to ``5e-4``
+absolute, with 18-19 products instead of 25-27 at ``tol = 1e-4``.
 
 Distributed: each rank holds a shard of the probe batch; only ``(n, q)`` projections,
-``(s, P)`` *aggregated* probe vectors, operator products and scalars are reduced, so
+``(q, q)`` quadratic forms, aggregated ``P``-vectors, operator products and scalars
+are reduced (the probes and the eigenvectors are the same on every rank), so
 the values equal those of one process holding all samples. The Gram identities would
 need per-sample ``P``-vectors to travel, so ``route="exact"`` is refused there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -60,7 +101,7 @@ from .. import distributed
 from .._checks import check_choice, check_int, check_number
 from .._model import FunctionalModel, as_batches, batch_size, to_device
 from ..curvature.lanczos import top_eigenpairs
-from ._primitives import CurvatureOperator, ProbeSet
+from ._primitives import CurvatureOperator, OutputTangents, ProbeSet
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "NoiseGeometry", "noise_geometry"]
 
@@ -97,8 +138,11 @@ DEFAULT_METRICS: tuple[str, ...] = tuple(
     for m in METRICS
     if m not in ("mu_hessian", "sharp_fraction", "loss_energy_fraction")
 )
-"""The default set: everything affordable on the sketch route (no extra Hessian,
-no displacement); the escape decomposition is added when ``displacement`` is given."""
+"""The default set: 21 names, everything but ``mu_hessian`` (Hessian products) and
+the escape metrics (which need ``displacement`` and are added when it is given).
+Both families (see :func:`noise_geometry`) cost about what one of them does, so no
+smaller set is much cheaper: on a timm resnet18 with a 128-sample probe batch the
+default probe costs about 40 gradients of that batch (``benchmarks/README.md``)."""
 
 _STATS = {
     "alpha",
@@ -138,6 +182,10 @@ _EXACT_GRAM_FLOPS = 2e10
 _GRAM_CHUNK = 4e6
 _DENSE_HESSIAN_MAX = 4096
 _NUM_ROTATIONS = 8
+# most GGN products whose inputs are kept for the eigenvectors' tangents (memory
+# _RECORD_MAX x P); a Lanczos run that needs more falls back to k jvps
+_RECORD_MAX = 64
+_CHUNK = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -147,16 +195,21 @@ class NoiseGeometry:
     Attributes:
         values: Scalar metrics by name (see :data:`METRICS`), NaN where not finite;
             ``"n_nonfinite"`` counts the NaNs.
-        eigenvalues: Top-``k`` curvature eigenvalues ``(k,)``, descending, or ``None``.
+        eigenvalues: Top-``k`` curvature eigenvalues ``(k,)``, descending, or ``None``
+            (also given when only the sketch route's deflation needed them).
         eigenvectors: Matching eigenvectors ``(P, k)`` (reuse as the next ``v0``).
         noise_energies: ``u_i^T Sigma u_i`` ``(k,)``.
         directional_alignment: ``g(theta; u_i)`` ``(k,)`` (WW23).
         direction_shares: ``(u_i^T delta)^2 / ||delta||^2`` ``(k,)`` (displacement).
         loss_shares: ``lambda_i (u_i^T delta)^2 / sum_j lambda_j (u_j^T delta)^2``.
         cost: Counters (``n_forward``, ``n_backward``, ``n_jvp``, ``n_hvp``,
-            ``n_ggnvp``, ``n_per_sample_grad``, ``seconds``).
+            ``n_ggnvp``, ``n_per_sample_grad``, ``seconds``, and the families'
+            ``seconds_eigen``, ``seconds_sketch`` when they ran).
         num_samples: Probe samples used (over all ranks).
         route: ``"exact"`` or ``"sketch"``.
+        standard_errors: Jackknife standard errors of the sketch route's
+            estimates by metric name (empty on the exact route; with
+            ``curvature="hessian"`` only ``tr_sigma``).
     """
 
     values: dict[str, float]
@@ -169,19 +222,22 @@ class NoiseGeometry:
     cost: dict[str, float] = field(default_factory=dict)
     num_samples: int = 0
     route: str = "exact"
+    standard_errors: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a flat, JSON-ready dict (floats, lists, strings; no ``P``-sized data).
 
         Returns:
-            Scalars by name, arrays as lists, ``cost_<counter>`` entries,
-            ``num_samples`` and ``route``.
+            Scalars by name, arrays as lists, ``se_<name>`` standard errors,
+            ``cost_<counter>`` entries, ``num_samples`` and ``route``.
         """
         out: dict[str, Any] = {k: float(v) for k, v in self.values.items()}
         for name in _ARRAYS:
             t = getattr(self, name)
             if t is not None:
                 out[name] = [float(x) for x in t.detach().cpu().reshape(-1)]
+        for k, v in self.standard_errors.items():
+            out[f"se_{k}"] = float(v)
         for k, v in self.cost.items():
             out[f"cost_{k}"] = float(v)
         out["num_samples"] = int(self.num_samples)
@@ -308,11 +364,168 @@ class _Stats:
 
     def __init__(self) -> None:
         self.tr_s1c = self.tr_s2c = self.fro2_c = self.tr_c = math.nan
+        self.tr_sc_direct = math.nan
         self.chi: Tensor | None = None
 
     @property
     def tr_sc(self) -> float:
         return self.tr_s1c - self.tr_s2c
+
+
+def _gram64(A: Tensor, B: Tensor) -> Tensor:
+    """``A^T B`` for ``(P, a)``, ``(P, b)`` blocks, accumulated in float64."""
+    if A.dtype == torch.float64:
+        return A.T @ B
+    out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
+    for s in range(0, A.shape[0], _CHUNK):
+        out += (A[s : s + _CHUNK].T @ B[s : s + _CHUNK]).double()
+    return out
+
+
+Blocks = tuple[Tensor, Tensor, Tensor]
+
+
+def _trace1(A: Blocks, loo: bool = False) -> Tensor:
+    """Deflated estimate of ``Tr A`` (module docstring) from the blocks of ``A``.
+
+    With ``loo`` the ``s`` leave-one-probe-out estimates, in a trailing dimension.
+    """
+    AQQ, _, APP = A
+    known = torch.diagonal(AQQ, dim1=-2, dim2=-1).sum(-1)
+    d = torch.diagonal(APP, dim1=-2, dim2=-1)
+    s = d.shape[-1]
+    if loo:
+        return known.unsqueeze(-1) + (d.sum(-1, keepdim=True) - d) / (s - 1)
+    return known + d.mean(-1)
+
+
+def _trace2(A: Blocks, B: Blocks, loo: bool = False) -> Tensor:
+    """Deflated estimate of ``Tr(A B)`` for symmetric ``A``, ``B`` (module docstring).
+
+    Blocks ``(Q^T X Q, Q^T X Z, Z^T X Z)`` of each matrix ``X`` for the orthonormal
+    deflation basis ``Q`` and the deflated isotropic probes ``Z = (I - Q Q^T) Z0``;
+    leading dimensions broadcast (per-sample ``A``). With ``loo`` the ``s``
+    leave-one-probe-out estimates, in a trailing dimension.
+    """
+    AQQ, AQP, APP = A
+    BQQ, BQP, BPP = B
+    s = APP.shape[-1]
+    known = (AQQ * BQQ).sum((-2, -1))
+    c = (AQP * BQP).sum(-2)  # (..., s): cross term of each probe
+    prod = APP * BPP
+    diag = torch.diagonal(prod, dim1=-2, dim2=-1)
+    row = prod.sum(-1) - diag  # (..., s): pairs of each probe with the others
+    off = row.sum(-1, keepdim=True)
+    if not loo:
+        return known + 2 * c.mean(-1) + off[..., 0] / (s * (s - 1))
+    cross = 2 * (c.sum(-1, keepdim=True) - c) / (s - 1)
+    # prod is symmetric: dropping probe t removes its row and its column
+    return known.unsqueeze(-1) + cross + (off - 2 * row) / ((s - 1) * (s - 2))
+
+
+class _Sketch:
+    """Deflated isotropic estimates of the traces and norms (module docstring).
+
+    Args:
+        probe: The probe set.
+        batch_proj: Per-sample values ``(n_local, q)`` to batch means ``(M, q)``.
+        Zu: Unit probe directions ``(P, s)``; the probes are ``sqrt(P) Zu``.
+        tZ: Their output tangents.
+        U: Deflation directions ``(P, k)`` (the eigenvectors) or ``None``.
+        tU: Their output tangents.
+        need_ggn: Build the GGN blocks as well.
+    """
+
+    def __init__(
+        self,
+        probe: ProbeSet,
+        batch_proj: Callable[[Tensor], Tensor],
+        Zu: Tensor,
+        tZ: OutputTangents,
+        U: Tensor | None,
+        tU: OutputTangents | None,
+        need_ggn: bool,
+    ) -> None:
+        s = Zu.shape[1]
+        scale = math.sqrt(probe.P)
+        eye = torch.eye(s, dtype=torch.float64)
+        tZ = tZ.combine(scale * eye)
+        if U is not None and tU is not None:
+            # Q = U S^{-1/2} (S = U^T U): orthonormal to float64 accuracy
+            e, Qe = torch.linalg.eigh(_gram64(U, U).cpu())
+            keep = e > e.max() * 1e-12
+            Sm = Qe[:, keep] / e[keep].sqrt()  # (k, k')
+            C = Sm.T @ (_gram64(U, Zu).cpu() * scale)  # Q^T Z0, (k', s)
+            tQ = tU.combine(Sm)
+            tP = tZ.cat(tQ).combine(torch.cat([eye, -C], 0))
+        else:
+            tQ, tP = tZ.select(slice(0, 0)), tZ
+        self.probe, self.need_ggn = probe, need_ggn
+        BQ, BP = (batch_proj(t.loss()).double() for t in (tQ, tP))
+        BQ, BP = BQ - BQ.mean(0, keepdim=True), BP - BP.mean(0, keepdim=True)
+        M = BQ.shape[0]
+        self.sig: Blocks = (BQ.T @ BQ / M, BQ.T @ BP / M, BP.T @ BP / M)
+        if need_ggn:
+            n = probe.n
+            F = tuple(
+                a.ggn_forms(b).double() for a, b in ((tQ, tQ), (tQ, tP), (tP, tP))
+            )
+            self.per_sample: Blocks = F  # type: ignore[assignment]
+            self.ggn: Blocks = tuple(  # type: ignore[assignment]
+                distributed.all_reduce_sum(f.sum(0)) / n for f in F
+            )
+
+    def tr_sigma(self) -> float:
+        return float(_trace1(self.sig))
+
+    def fro2_sigma(self) -> float:
+        return float(_trace2(self.sig, self.sig))
+
+    def ggn_stats(self) -> _Stats:
+        """``Tr G``, ``||G||_F^2``, ``Tr(Sigma G)`` and ``chi_i = Tr(M_i G)``."""
+        p = self.probe
+        st = _Stats()
+        st.tr_c = float(_trace1(self.ggn))
+        st.fro2_c = float(_trace2(self.ggn, self.ggn))
+        st.tr_sc_direct = float(_trace2(self.sig, self.ggn))
+        chi = torch.zeros(p.n, dtype=torch.float64, device=p.device)
+        chi[p.offset : p.offset + p.n_local] = _trace2(self.per_sample, self.ggn)
+        st.chi = distributed.all_reduce_sum(chi)
+        return st
+
+    def leave_one_out(self) -> dict[str, Tensor]:
+        """The ``s`` leave-one-probe-out values of every estimate (``s >= 3``).
+
+        Returns:
+            ``(s,)`` tensors by name, ``chi`` ``(n, s)``.
+        """
+        out = {
+            "tr_sigma": _trace1(self.sig, True).cpu(),
+            "fro2_sigma": _trace2(self.sig, self.sig, True).cpu(),
+        }
+        if self.need_ggn:
+            p = self.probe
+            out["tr_c"] = _trace1(self.ggn, True).cpu()
+            out["fro2_c"] = _trace2(self.ggn, self.ggn, True).cpu()
+            out["tr_sc"] = _trace2(self.sig, self.ggn, True).cpu()
+            s = out["tr_c"].shape[0]
+            chi = torch.zeros(p.n, s, dtype=torch.float64, device=p.device)
+            chi[p.offset : p.offset + p.n_local] = _trace2(
+                self.per_sample, self.ggn, True
+            )
+            out["chi"] = distributed.all_reduce_sum(chi).cpu()
+        return out
+
+
+def _jackknife(replicates: list[dict[str, float]]) -> dict[str, float]:
+    """Jackknife standard errors from the ``s`` leave-one-out replicates."""
+    s = len(replicates)
+    out = {}
+    for key in replicates[0]:
+        v = torch.tensor([r[key] for r in replicates], dtype=torch.float64)
+        se = ((s - 1) / s * ((v - v.mean()) ** 2).sum()).sqrt()
+        out[key] = float(se) if bool(torch.isfinite(se)) else math.nan
+    return out
 
 
 def noise_geometry(
@@ -332,43 +545,51 @@ def noise_geometry(
     params: Iterable[Tensor] | Iterable[str] | None = None,
     mode: Literal["eval", "train"] = "eval",
     route: Literal["auto", "exact", "sketch"] = "auto",
-    num_probes: int = 32,
+    num_probes: int = 8,
     num_random_directions: int = 8,
-    tol: float = 1e-4,
+    tol: float = 1e-2,
     chunk_size: int | None = None,
 ) -> NoiseGeometry:
     r"""Measure the geometry of SGD noise at the model's current parameters.
 
     Definitions (SPEC §2; ``H`` is the ``curvature`` matrix, ``Sigma`` the noise
-    covariance chosen by ``cov``; cost of each on the sketch route in brackets,
-    ``s = num_probes``, ``q = k + num_random_directions``):
+    covariance chosen by ``cov``). Cost on the sketch route, in two families that
+    share their passes (module docstring): the *eigenbasis* (Lanczos to ``tol``,
+    about ``2k`` GGN-vector products for ``k = 10`` at ``tol = 1e-2``, plus ``r =
+    num_random_directions`` jvps) and the *sketch traces* (on top of the
+    eigenbasis: one backward, one jvp and ``max(0, s - r)`` jvps, ``s =
+    num_probes``). Asking for any metric of a family pays for the whole family;
+    the sketch traces always include the eigenbasis (their deflation).
 
     * ``loss``: ``L`` (mean per-sample loss, square-loss convention) [1 forward].
     * ``alpha = Tr(H Sigma) / (||H||_F ||Sigma||_F)``,
       ``beta = ||Sigma||_F / (2L ||H||_F)``, ``mu = Tr(Sigma H) / (2L ||H||_F^2)``,
       ``mu1``/``mu2`` with ``Sigma_1``/``Sigma_2``
       (WWS22 §2.1); ``loss_alignment`` = ``mu1`` (the WW23 Sigma_1 form)
-      [``2s`` backward + ``2s`` jvp; with the Hessian ``3s`` HVPs more].
-    * ``mu_hessian``: ``mu`` with the true Hessian whatever ``curvature`` is.
+      [sketch traces; with the Hessian ``s`` backward and ``3s`` HVPs more].
+    * ``mu_hessian``: ``mu`` with the true Hessian whatever ``curvature`` is
+      [sketch traces + ``s`` backward + ``3s`` HVPs].
     * ``gradient_uniformity``: ``gamma = min_i chi_i / mean_i chi_i``,
       ``chi_i = Tr(Lambda_i J_i G J_i^T)`` (WWS22 Def. 2.1, with the GGN); on the
-      sketch route each ``chi_i`` is an estimate, so the min is biased low.
+      sketch route each ``chi_i`` is an estimate, so the min is biased low
+      [sketch traces].
     * ``tr_sigma``, ``tr_h_sigma = Tr(H Sigma)`` and
-      ``tr_h_sigma_iso = Tr H Tr Sigma / P`` (Z19).
-    * ``projection_coefficient = u_1^T Sigma u_1 Tr H / (lambda_1 Tr Sigma)`` (Z19).
+      ``tr_h_sigma_iso = Tr H Tr Sigma / P`` (Z19) [sketch traces].
+    * ``projection_coefficient = u_1^T Sigma u_1 Tr H / (lambda_1 Tr Sigma)`` (Z19)
+      [both families].
     * ``noise_energies`` ``u_i^T Sigma u_i``, ``directional_alignment``
       ``g(u_i) = u_i^T Sigma u_i / (2L u_i^T H u_i)`` and its mean over random unit
-      directions ``directional_alignment_random`` (WW23) [``q`` jvp].
+      directions ``directional_alignment_random`` (WW23) [eigenbasis].
     * ZYT in the top-``k`` eigenbasis, ``C~ = U^T Sigma U``: ``power_law_exponent``
       and ``power_law_r2`` (least squares of ``log10 C~_ii`` on ``log10 lambda_i``
       over entries with both positive), ``spearman`` (same entries),
       ``eigen_alignment = ||diag C~||^2 / ||C~||_F^2``, ``commutativity_error =
       ||C~ Lam - Lam C~||_F / ||C~ Lam||_F`` and its Haar-rotated baseline
-      ``commutativity_baseline`` (mean of 8 rotations) [free given the jvp].
+      ``commutativity_baseline`` (mean of 8 rotations) [eigenbasis].
     * With ``displacement`` ``delta``: ``sharp_fraction = ||U^T delta||^2 /
       ||delta||^2``, ``loss_energy_fraction = sum_i lambda_i (u_i^T delta)^2 /
       delta^T H delta``, and the arrays ``direction_shares``, ``loss_shares``
-      (SPEC §2.6) [1 product].
+      (SPEC §2.6) [eigenbasis + 1 product].
 
     The model is not changed (parameters, ``.grad``, buffers, modes, global RNG: a
     private generator seeded by ``seed`` draws all random numbers). Non-finite
@@ -398,11 +619,13 @@ def noise_geometry(
         params: Parameters to measure (tensors or names); ``None``: all trainable.
         mode: ``"eval"`` or ``"train"``, the package's mode policy.
         route: ``"auto"``, ``"exact"`` or ``"sketch"`` (module docstring).
-        num_probes: Probes ``s`` of the sketch route (and of Hutchinson for a
-            large Hessian on the exact route).
+        num_probes: Isotropic probes ``s >= 2`` of the sketch route (the first
+            ``num_random_directions`` are the random directions; standard errors
+            need ``s >= 3``), and of Hutchinson for the Hessian. Default ``8``.
         num_random_directions: Random directions for
             ``directional_alignment_random``.
-        tol: Relative residual tolerance of the eigensolver.
+        tol: Relative residual tolerance of the eigensolver. Default ``1e-2``;
+            accuracy of the eigenbasis metrics in the module docstring.
         chunk_size: Samples per vmapped chunk when materialising per-sample rows
             (``None``: a batch at once); vectors are pushed 8 at a time
             (up to 256 for small models).
@@ -446,7 +669,7 @@ def noise_geometry(
     check_choice("cov", cov, ("per_sample", "minibatch"))
     check_choice("route", route, ("auto", "exact", "sketch"))
     check_int("max_samples", max_samples, ge=2)
-    check_int("num_probes", num_probes, ge=1)
+    check_int("num_probes", num_probes, ge=2)
     check_int("num_random_directions", num_random_directions, ge=1)
     check_int("chunk_size", chunk_size, ge=1, allow_none=True)
     check_int("seed", seed, ge=0, allow_none=True)
@@ -500,6 +723,9 @@ def noise_geometry(
     # vectors pushed per vmapped pass: 8 for large models, more for small ones
     vec_chunk = int(min(256, max(8, 1e7 // (P + 8 * probe.n_local))))
     with torch.enable_grad():
+        if wanted - {"loss"}:
+            # one forward for the whole call: every later backward reuses its graph
+            probe.keep_graph()
         losses = probe.losses()
     L = float(distributed.all_reduce_sum(losses.sum().reshape(1))) / n
     ctx: dict[str, Any] = {}
@@ -514,6 +740,7 @@ def noise_geometry(
             if m not in ("noise_energies", "directional_alignment")
         }
         vals["n_nonfinite"] = float(len(vals))
+        probe.release()
         cost = dict(probe.cost)
         cost["seconds"] = time.perf_counter() - t0
         return NoiseGeometry(values=vals, cost=cost, num_samples=n, route="none")
@@ -533,6 +760,7 @@ def noise_geometry(
     need_stats = bool(wanted & (_STATS | {"tr_sigma"}))
     need_ggn = (need_stats and curvature == "ggn") or "gradient_uniformity" in wanted
     need_hess = (need_stats and curvature == "hessian") or "mu_hessian" in wanted
+    need_any = need_stats or need_ggn or need_hess
     stats: dict[str, _Stats] = {}
     tr_sigma = fro2_sigma = math.nan
     op = {
@@ -546,9 +774,12 @@ def noise_geometry(
         ]
         return torch.cat(cols, 1)
 
-    def directional(V: Tensor) -> tuple[Tensor, Tensor]:
-        parts = [probe.directional(V[:, s]) for s in _chunks(V.shape[1], vec_chunk)]
-        return torch.cat([a for a, _ in parts], 1), torch.cat([q for _, q in parts], 1)
+    def tangents(V: Tensor) -> OutputTangents:
+        parts = [probe.tangents(V[:, s]) for s in _chunks(V.shape[1], vec_chunk)]
+        out = parts[0]
+        for t in parts[1:]:
+            out = out.cat(t)
+        return out
 
     def hutchinson_hessian(st: _Stats) -> None:
         # Rademacher probes, drawn a chunk of columns at a time (int8: P-sized)
@@ -562,6 +793,8 @@ def noise_geometry(
             fro2 += float((HZ * HZ).sum())
         st.tr_c, st.fro2_c = tr / num_probes, fro2 / num_probes
 
+    ses: dict[str, float] = {}
+    timings: dict[str, float] = {}
     with torch.enable_grad():
         if wanted - {"loss"}:
             # one backward: non-finite gradients give NaN metrics, never an error
@@ -570,7 +803,7 @@ def noise_geometry(
             )
             if not bool(torch.isfinite(grad_L).all()):
                 return nan_result()
-        if (need_stats or need_ggn or need_hess) and route == "exact":
+        if need_any and route == "exact":
             D = probe.per_sample_rows()  # (n, P), here n_local == n
             R = W @ D
             rbar = R.mean(0)
@@ -617,93 +850,11 @@ def noise_geometry(
                 else:
                     hutchinson_hessian(st)
                 stats["hessian"] = st
-        elif need_stats or need_ggn or need_hess:
-            # probes are streamed vec_chunk at a time: memory vec_chunk x P
-            s = num_probes
-            # xi probes, Cov = Sigma (centred): Tr Sigma and ||Sigma||_F
-            z = torch.randn(s, M, generator=gen, dtype=torch.float64).to(device, dtype)
-            zc = z - z.mean(1, keepdim=True)
-            c = (W.T @ zc.T) / M**0.5  # (n_local, s)
-            tr_sigma = fro2_sigma = 0.0
-            for sl in _chunks(s, vec_chunk):
-                xi = probe.weighted_gradient(c[:, sl]).reshape(-1, P)
-                tr_sigma += float((xi * xi).sum())
-                Bx = batch_proj(directional(xi.T)[0])
-                fro2_sigma += float(Bx.var(0, unbiased=False).sum())
-            tr_sigma, fro2_sigma = tr_sigma / s, fro2_sigma / s
-            rbar = probe.weighted_gradient(
-                W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
-            )  # mean of the batch means (= grad L per sample)
-            if need_ggn:
-                # w probes, Cov = G: ||G||_F^2, Tr G, chi_i, Tr(Sigma_1 G)
-                st = _Stats()
-                Z = torch.randn(s, n, K, generator=gen, dtype=torch.float64)
-                Z = Z[:, probe.offset : probe.offset + probe.n_local].to(device, dtype)
-                tr_c = t1 = 0.0
-                chi_local = torch.zeros(probe.n_local, dtype=dtype, device=device)
-                for sl in _chunks(s, vec_chunk):
-                    w = probe.ggn_sample(Z[sl])  # (c, P)
-                    A_w, Q_w = directional(w.T)  # (n_local, c)
-                    Bw = batch_proj(A_w)
-                    tr_c += float((w * w).sum())
-                    chi_local += Q_w.sum(1)
-                    t1 += float((Bw * Bw).mean(0).sum())
-                chi = torch.zeros(n, dtype=dtype, device=device)
-                chi[probe.offset : probe.offset + probe.n_local] = chi_local / s
-                st.chi = distributed.all_reduce_sum(chi)
-                st.fro2_c = float(st.chi.mean())
-                st.tr_c, st.tr_s1c = tr_c / s, t1 / s
-                # Tr(Sigma_2 G) = rbar^T G rbar exactly, one jvp
-                _, Q_r = directional(rbar.reshape(P, 1))
-                st.tr_s2c = float(distributed.all_reduce_sum(Q_r.sum(0))) / n
-                stats["ggn"] = st
-            if need_hess:
-                # uncentred xi_1 probes, Cov = Sigma_1: Tr(Sigma_1 H); Hutchinson
-                st = _Stats()
-                c1 = (W.T @ z.T) / M**0.5
-                t1 = 0.0
-                for sl in _chunks(s, vec_chunk):
-                    xi1 = probe.weighted_gradient(c1[:, sl]).reshape(-1, P).T
-                    t1 += float((xi1 * matmat("hessian", xi1)).sum())
-                st.tr_s1c = t1 / s
-                st.tr_s2c = float(rbar @ matmat("hessian", rbar.reshape(P, 1))[:, 0])
-                hutchinson_hessian(st)
-                stats["hessian"] = st
 
-        values: dict[str, float] = {}
-        if "loss" in wanted:
-            values["loss"] = L
-        if "tr_sigma" in wanted:
-            values["tr_sigma"] = tr_sigma
-
-        def mus(st: _Stats) -> dict[str, float]:
-            fro_c = math.sqrt(st.fro2_c) if st.fro2_c >= 0 else math.nan
-            fro_s = math.sqrt(fro2_sigma) if fro2_sigma >= 0 else math.nan
-            den = 2 * L * st.fro2_c
-            return {
-                "alpha": st.tr_sc / (fro_c * fro_s),
-                "beta": fro_s / (2 * L * fro_c),
-                "mu": st.tr_sc / den,
-                "mu1": st.tr_s1c / den,
-                "mu2": st.tr_s2c / den,
-                "loss_alignment": st.tr_s1c / den,
-                "tr_h_sigma": st.tr_sc,
-                "tr_h_sigma_iso": st.tr_c * tr_sigma / P,
-            }
-
-        if need_stats:
-            for key, val in mus(stats[curvature]).items():
-                if key in wanted:
-                    values[key] = val
-        if "mu_hessian" in wanted:
-            values["mu_hessian"] = mus(stats["hessian"])["mu"]
-        if "gradient_uniformity" in wanted:
-            chi = stats["ggn"].chi
-            assert chi is not None
-            values["gradient_uniformity"] = float(chi.min() / chi.mean())
-
-        eig_out: dict[str, Tensor | None] = {}
-        if wanted & _EIGEN:
+        eig: dict[str, Any] = {}
+        # the sketch route is deflated by the top-k eigenbasis (module docstring)
+        if wanted & _EIGEN or (need_any and route == "sketch"):
+            t_eig = time.perf_counter()
             v0_ = None
             if v0 is not None:
                 v0_ = v0.detach().to(device, dtype)
@@ -714,18 +865,116 @@ def noise_geometry(
                         f"`v0`: expected shape ({P},) or ({P}, m); "
                         f"got {tuple(v0.shape)}."
                     )
-            lam, U = _top_eigenpairs(
-                op[curvature], k, v0_, 0 if seed is None else seed, tol
-            )
+            # GGN products keep their inputs and J v: the Ritz vectors' tangents
+            # are then combinations of them (no jvp along the eigenvectors)
+            record = curvature == "ggn"
+            with probe.recording(_RECORD_MAX) if record else contextlib.nullcontext():
+                lam, U = _top_eigenpairs(
+                    op[curvature], min(k, P), v0_, 0 if seed is None else seed, tol
+                )
             lam, U = lam.to(device, dtype), U.to(device, dtype)
+            tU = probe.span_tangents(U) if record else None
+            if tU is None:
+                tU = tangents(U)
+            Rnd = _random_directions(P, num_random_directions, gen, dtype).to(device)
+            rots = (
+                _haar(lam.numel(), _NUM_ROTATIONS, gen)
+                if "commutativity_baseline" in wanted
+                else []
+            )
+            eig = {"lam": lam, "U": U, "tU": tU, "R": Rnd, "tR": tangents(Rnd)}
+            eig["rots"] = rots
+            timings["seconds_eigen"] = time.perf_counter() - t_eig
+
+        if need_any and route == "sketch":
+            t_sk = time.perf_counter()
+            # isotropic probes z (E z z^T = I): the random directions scaled by
+            # sqrt(P), topped up to num_probes; deflated by the eigenbasis
+            s = num_probes
+            if eig:
+                r = eig["R"].shape[1]
+                Zu, tZ = eig["R"][:, :s], eig["tR"].select(slice(0, min(s, r)))
+                if s > r:
+                    extra = _random_directions(P, s - r, gen, dtype).to(device)
+                    Zu, tZ = torch.cat([Zu, extra], 1), tZ.cat(tangents(extra))
+            else:
+                Zu = _random_directions(P, s, gen, dtype).to(device)
+                tZ = tangents(Zu)
+            sk = _Sketch(
+                probe, batch_proj, Zu, tZ, eig.get("U"), eig.get("tU"), need_ggn
+            )
+            tr_sigma, fro2_sigma = sk.tr_sigma(), sk.fro2_sigma()
+            if M * B == n:  # the mean of the batch means is grad L
+                rbar = grad_L
+            else:
+                rbar = probe.weighted_gradient(
+                    W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
+                )
+            if need_ggn:
+                st = sk.ggn_stats()
+                # Tr(Sigma_2 G) = rbar^T G rbar exactly, one jvp
+                q_r = tangents(rbar.reshape(P, 1)).ggn_quad()
+                st.tr_s2c = float(distributed.all_reduce_sum(q_r.sum(0))) / n
+                st.tr_s1c = st.tr_sc_direct + st.tr_s2c
+                stats["ggn"] = st
+            if need_hess:
+                # uncentred xi_1 probes, Cov = Sigma_1: Tr(Sigma_1 H); Hutchinson
+                st = _Stats()
+                z = torch.randn(s, M, generator=gen, dtype=torch.float64)
+                c1 = (W.T @ z.to(device, dtype).T) / M**0.5
+                t1 = 0.0
+                for sl in _chunks(s, vec_chunk):
+                    xi1 = probe.weighted_gradient(c1[:, sl]).reshape(-1, P).T
+                    t1 += float((xi1 * matmat("hessian", xi1)).sum())
+                st.tr_s1c = t1 / s
+                st.tr_s2c = float(rbar @ matmat("hessian", rbar.reshape(P, 1))[:, 0])
+                hutchinson_hessian(st)
+                stats["hessian"] = st
+            timings["seconds_sketch"] = time.perf_counter() - t_sk
+        probe.release()
+
+        def mus(st: _Stats, tr_s: float, fro2_s: float) -> dict[str, float]:
+            fro_c = math.sqrt(st.fro2_c) if st.fro2_c >= 0 else math.nan
+            fro_s = math.sqrt(fro2_s) if fro2_s >= 0 else math.nan
+            den = 2 * L * st.fro2_c
+            return {
+                "alpha": st.tr_sc / (fro_c * fro_s),
+                "beta": fro_s / (2 * L * fro_c),
+                "mu": st.tr_sc / den,
+                "mu1": st.tr_s1c / den,
+                "mu2": st.tr_s2c / den,
+                "loss_alignment": st.tr_s1c / den,
+                "tr_h_sigma": st.tr_sc,
+                "tr_h_sigma_iso": st.tr_c * tr_s / P,
+            }
+
+        values: dict[str, float] = {}
+        if "loss" in wanted:
+            values["loss"] = L
+        if "tr_sigma" in wanted:
+            values["tr_sigma"] = tr_sigma
+        if need_stats:
+            for key, val in mus(stats[curvature], tr_sigma, fro2_sigma).items():
+                if key in wanted:
+                    values[key] = val
+        if "mu_hessian" in wanted:
+            values["mu_hessian"] = mus(stats["hessian"], tr_sigma, fro2_sigma)["mu"]
+        if "gradient_uniformity" in wanted:
+            chi = stats["ggn"].chi
+            assert chi is not None
+            values["gradient_uniformity"] = float(chi.min() / chi.mean())
+
+        eig_out: dict[str, Tensor | None] = {}
+        proj = math.nan
+        if eig:
+            lam, U, tU, tR = eig["lam"], eig["U"], eig["tU"], eig["tR"]
             kk = lam.numel()
-            r = num_random_directions
-            Rnd = _random_directions(P, r, gen, dtype).to(device)
-            V = torch.cat([U, Rnd], 1)
-            A, Qd = directional(V)
+            A = torch.cat([tU.loss(), tR.loss()], 1)
             if curvature == "ggn":
+                Qd = torch.cat([tU.ggn_quad(), tR.ggn_quad()], 1)
                 quad = distributed.all_reduce_sum(Qd.sum(0)) / n
             else:
+                V = torch.cat([U, eig["R"]], 1)
                 quad = (V * matmat("hessian", V)).sum(0)
             Bv = batch_proj(A)  # (M, k + r)
             Bc = Bv - Bv.mean(0, keepdim=True)
@@ -745,11 +994,10 @@ def noise_geometry(
                 values["directional_alignment_random"] = float(
                     (energies[kk:] / (2 * L * quad[kk:])).mean()
                 )
+            proj = float(diag64[0]) / float(lam64[0])
             if "projection_coefficient" in wanted:
                 tr_c = stats[curvature].tr_c
-                values["projection_coefficient"] = (
-                    float(diag64[0]) * tr_c / (float(lam64[0]) * tr_sigma)
-                )
+                values["projection_coefficient"] = proj * tr_c / tr_sigma
             mask = (lam64 > 0) & (diag64 > 0)
             if wanted & {"power_law_exponent", "power_law_r2"}:
                 slope, r2 = _linregress(lam64[mask].log10(), diag64[mask].log10())
@@ -767,7 +1015,7 @@ def noise_geometry(
                 )
             if "commutativity_baseline" in wanted:
                 vals = []
-                for Qr in _haar(kk, _NUM_ROTATIONS, gen):
+                for Qr in eig["rots"]:
                     Hq = Qr @ Lam @ Qr.T
                     vals.append(float(_fro(Ct64 @ Hq - Hq @ Ct64) / _fro(Ct64 @ Hq)))
                 values["commutativity_baseline"] = sum(vals) / len(vals)
@@ -785,6 +1033,27 @@ def noise_geometry(
                         delta.double() @ Hd.double()
                     )
 
+        if need_any and route == "sketch" and num_probes >= 3:
+            # jackknife over the isotropic probes (leave one out)
+            loo = sk.leave_one_out()
+            reps = []
+            for t in range(num_probes):
+                tr_s = float(loo["tr_sigma"][t])
+                rep = {"tr_sigma": tr_s}
+                if curvature == "ggn":
+                    st = _Stats()
+                    st.tr_c = float(loo["tr_c"][t])
+                    st.fro2_c = float(loo["fro2_c"][t])
+                    st.tr_s2c = stats["ggn"].tr_s2c
+                    st.tr_sc_direct = float(loo["tr_sc"][t])
+                    st.tr_s1c = st.tr_sc_direct + st.tr_s2c
+                    rep.update(mus(st, tr_s, float(loo["fro2_sigma"][t])))
+                    chi = loo["chi"][:, t]
+                    rep["gradient_uniformity"] = float(chi.min() / chi.mean())
+                    rep["projection_coefficient"] = proj * st.tr_c / tr_s
+                reps.append(rep)
+            ses = {key: v for key, v in _jackknife(reps).items() if key in values}
+
     n_bad = 0
     for key, val in values.items():
         if not math.isfinite(val):
@@ -792,6 +1061,7 @@ def noise_geometry(
             n_bad += 1
     values["n_nonfinite"] = float(n_bad)
     cost = dict(probe.cost)
+    cost.update(timings)
     cost["seconds"] = time.perf_counter() - t0
     del ctx
     return NoiseGeometry(
@@ -805,4 +1075,5 @@ def noise_geometry(
         cost=cost,
         num_samples=n,
         route=route,
+        standard_errors=ses,
     )

@@ -1,0 +1,334 @@
+"""The sketch route's deflated isotropic estimators and the Lanczos side products."""
+
+import math
+import statistics
+
+import cases
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from geoopt_sgd import noise_geometry
+from geoopt_sgd._model import FunctionalModel
+from geoopt_sgd.curvature.lanczos import top_eigenpairs
+from geoopt_sgd.probes._primitives import CurvatureOperator, ProbeSet
+from geoopt_sgd.probes.metrics import _random_directions, _trace1, _trace2
+from geoopt_sgd.testing import dense_curvature, gradient_covariance
+from geoopt_sgd.testing import per_sample_gradients_loop as psg
+
+SKETCH = [
+    "alpha",
+    "beta",
+    "mu",
+    "mu1",
+    "mu2",
+    "loss_alignment",
+    "gradient_uniformity",
+    "tr_sigma",
+    "tr_h_sigma",
+    "tr_h_sigma_iso",
+]
+
+
+def _case(name):
+    if name == "mlp-ce":
+        return cases.mlp(), nn.CrossEntropyLoss(), *cases.make_data()
+    if name == "mlp-mse":
+        X, y = cases.make_data(classification=False)
+        return cases.mlp(), nn.MSELoss(), X, y
+    if name == "mlp-bce":
+        X, _ = cases.make_data()
+        y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(2)) > 0
+        return cases.mlp(), nn.BCEWithLogitsLoss(), X, y.double()
+    if name == "cnn-ce":
+        return cases.tiny_cnn(), nn.CrossEntropyLoss(), *cases.image_data()
+    raise KeyError(name)
+
+
+def _numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _dense_pieces(model, loss_fn, X, y, batch_size=None):
+    """Explicit Sigma (or C), G and the per-sample M_i = J_i^T Lambda_i J_i (eval)."""
+    cov = gradient_covariance(
+        psg(model, loss_fn, X, y, convention=True), batch_size=batch_size
+    )
+    G = dense_curvature(model, loss_fn, X, y)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def out(v):
+        d, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            d[n] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return functional_call(model, (d,), (X,)).reshape(X.shape[0], -1)
+
+    was = model.training
+    model.eval()
+    try:
+        J = jacrev(out)(flat).detach()  # (n, K, P)
+        o = out(flat).detach()
+    finally:
+        model.train(was)
+    if isinstance(loss_fn, nn.MSELoss):
+        lam = torch.eye(o.shape[1], dtype=o.dtype).expand(o.shape[0], -1, -1)
+    else:
+        lam = torch.stack(
+            [
+                hessian(lambda z, i=i: loss_fn(z[None], y[i : i + 1]))(o[i])
+                for i in range(o.shape[0])
+            ]
+        )
+    Mi = torch.einsum("nkp,nkl,nlq->npq", J, lam, J)
+    return cov, G, Mi
+
+
+def _dense_estimates(S, S2, G, Mi, U, Zu):
+    """The sketch's estimator from explicit matrices (metrics module docstring)."""
+    P = G.shape[0]
+    e, Qe = torch.linalg.eigh(U.T @ U)
+    Q = U @ (Qe / e.sqrt()) @ Qe.T  # orthonormal, same span
+    Z = P**0.5 * Zu
+    Zp = Z - Q @ (Q.T @ Z)
+
+    def blocks(A):
+        return Q.T @ A @ Q, Q.T @ A @ Zp, Zp.T @ A @ Zp
+
+    def tr1(A):
+        a, _, c = blocks(A)
+        return float(torch.trace(a) + torch.diagonal(c).mean())
+
+    def tr2(A, B):
+        (a1, b1, c1), (a2, b2, c2) = blocks(A), blocks(B)
+        s = Z.shape[1]
+        off = (c1 * c2).sum() - (torch.diagonal(c1) * torch.diagonal(c2)).sum()
+        return float(
+            torch.trace(a1 @ a2) + 2 * (b1 * b2).sum(0).mean() + off / (s * (s - 1))
+        )
+
+    chi = torch.tensor([tr2(M, G) for M in Mi], dtype=torch.float64)
+    return {
+        "tr_sigma": tr1(S),
+        "fro2_sigma": tr2(S, S),
+        "tr_c": tr1(G),
+        "fro2_c": tr2(G, G),
+        "tr_sc": tr2(S, G),
+        "tr_s2c": float((S2 * G).sum()),
+        "chi": chi,
+    }
+
+
+def _metrics(est, L, P):
+    fro_c, fro_s = math.sqrt(est["fro2_c"]), math.sqrt(est["fro2_sigma"])
+    den = 2 * L * est["fro2_c"]
+    tr_s1c = est["tr_sc"] + est["tr_s2c"]
+    chi = est["chi"]
+    return {
+        "alpha": est["tr_sc"] / (fro_c * fro_s),
+        "beta": fro_s / (2 * L * fro_c),
+        "mu": est["tr_sc"] / den,
+        "mu1": tr_s1c / den,
+        "mu2": est["tr_s2c"] / den,
+        "loss_alignment": tr_s1c / den,
+        "gradient_uniformity": float(chi.min() / chi.mean()),
+        "tr_sigma": est["tr_sigma"],
+        "tr_h_sigma": est["tr_sc"],
+        "tr_h_sigma_iso": est["tr_c"] * est["tr_sigma"] / P,
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("mlp-ce", {}),
+        ("mlp-mse", {}),
+        ("mlp-bce", {}),
+        ("cnn-ce", {"mode": "train"}),
+        ("mlp-mse", {"cov": "minibatch", "batch_size": 3}),
+    ],
+)
+def test_sketch_is_exact_when_the_eigenbasis_spans_everything(name, kw):
+    # k = P: the deflation basis spans R^P, the probes' remainders are zero and
+    # the estimator reduces to its exact part, the same sums as the Gram route
+    model, loss_fn, X, y = _case(name)
+    P = _numel(model)
+    ex = noise_geometry(model, loss_fn, (X, y), metrics=SKETCH, route="exact", **kw)
+    sk = noise_geometry(
+        model, loss_fn, (X, y), metrics=SKETCH, route="sketch", k=P, num_probes=4, **kw
+    )
+    assert sk.route == "sketch"
+    for key in SKETCH:
+        assert sk.values[key] == pytest.approx(ex.values[key], rel=1e-9), key
+        assert sk.standard_errors[key] <= 1e-9 * abs(ex.values[key]) + 1e-12, key
+
+
+@pytest.mark.parametrize("name", ["mlp-ce", "mlp-mse"])
+@pytest.mark.parametrize("num_probes", [5, 12])
+def test_sketch_matches_dense_estimator(name, num_probes):
+    # the same probes (the private generator's draws replayed: r = 8 random
+    # directions, then num_probes - r more) and eigenvectors, put through the
+    # estimator with explicit P x P matrices: equal to float64 rounding
+    model, loss_fn, X, y = _case(name)
+    P = _numel(model)
+    res = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        metrics=SKETCH,
+        route="sketch",
+        k=3,
+        num_probes=num_probes,
+        seed=4,
+    )
+    gen = torch.Generator().manual_seed(4)
+    Zu = _random_directions(P, 8, gen)
+    if num_probes > 8:
+        Zu = torch.cat([Zu, _random_directions(P, num_probes - 8, gen)], 1)
+    Zu = Zu[:, :num_probes]
+    cov, G, Mi = _dense_pieces(model, loss_fn, X, y)
+    U = res.eigenvectors
+    est = _dense_estimates(cov["sigma"], cov["sigma2"], G, Mi, U, Zu)
+    L = noise_geometry(model, loss_fn, (X, y), metrics=["loss"]).values["loss"]
+    want = _metrics(est, L, P)
+    for key in SKETCH:
+        assert res.values[key] == pytest.approx(want[key], rel=1e-9), key
+    # jackknife: leave each probe out, recompute densely
+    reps = []
+    for t in range(num_probes):
+        keep = [i for i in range(num_probes) if i != t]
+        reps.append(
+            _metrics(
+                _dense_estimates(cov["sigma"], cov["sigma2"], G, Mi, U, Zu[:, keep]),
+                L,
+                P,
+            )
+        )
+    s = num_probes
+    for key in SKETCH:
+        v = torch.tensor([r[key] for r in reps], dtype=torch.float64)
+        se = float(((s - 1) / s * ((v - v.mean()) ** 2).sum()).sqrt())
+        assert res.standard_errors[key] == pytest.approx(se, rel=1e-7, abs=1e-14), key
+
+
+def test_trace_estimators_leave_one_out_and_exact_part():
+    g = torch.Generator().manual_seed(0)
+
+    def sym(n):
+        A = torch.randn(n, n, generator=g, dtype=torch.float64)
+        return A + A.T
+
+    s, k = 6, 3
+    A = (sym(k), torch.randn(k, s, generator=g, dtype=torch.float64), sym(s))
+    B = (sym(k), torch.randn(k, s, generator=g, dtype=torch.float64), sym(s))
+    loo1, loo2 = _trace1(A, True), _trace2(A, B, True)
+    for t in range(s):
+        idx = torch.tensor([i for i in range(s) if i != t])
+
+        def sub(X, idx=idx):
+            return X[0], X[1][:, idx], X[2][idx][:, idx]
+
+        assert float(loo1[t]) == pytest.approx(float(_trace1(sub(A))), rel=1e-12)
+        assert float(loo2[t]) == pytest.approx(
+            float(_trace2(sub(A), sub(B))), rel=1e-12
+        )
+    # per-sample (leading dimension) blocks broadcast against shared ones
+    stacked = tuple(torch.stack([a, 2 * a]) for a in A)
+    torch.testing.assert_close(
+        _trace2(stacked, B), torch.stack([_trace2(A, B), 2 * _trace2(A, B)])
+    )
+
+
+@pytest.mark.slow
+def test_sketch_traces_are_unbiased():
+    # tr_sigma and tr_h_sigma are linear (trace) and bilinear (pair U-statistic)
+    # estimators with known exact parts: unbiased for any deflation basis. Their
+    # mean over 120 seeds at s = 4, k = 2 must lie within 4 standard errors of the
+    # mean (a fixed seed range, so deterministic). The implementation equals the
+    # formula (test_sketch_matches_dense_estimator); this checks the formula.
+    model, loss_fn, X, y = _case("mlp-ce")
+    ms = ["tr_sigma", "tr_h_sigma", "tr_h_sigma_iso"]
+    ex = noise_geometry(model, loss_fn, (X, y), metrics=ms, route="exact")
+    vals = {m: [] for m in ms}
+    for seed in range(150):
+        r = noise_geometry(
+            model,
+            loss_fn,
+            (X, y),
+            metrics=ms,
+            route="sketch",
+            k=2,
+            num_probes=4,
+            seed=seed,
+        )
+        for m in ms:
+            vals[m].append(r.values[m])
+    for m in ms:
+        mean = statistics.mean(vals[m])
+        sem = statistics.stdev(vals[m]) / math.sqrt(len(vals[m]))
+        assert abs(mean - ex.values[m]) < 4 * sem, m
+        assert sem < 0.1 * abs(ex.values[m]), m  # the test has power
+
+
+def test_standard_errors_cover_the_error():
+    # many probes: every estimate within 4 of its own jackknife standard errors
+    X, y = cases.make_data(n=16, classification=False)
+    model, loss_fn = cases.mlp(), nn.MSELoss()
+    ex = noise_geometry(model, loss_fn, (X, y), metrics=SKETCH, route="exact")
+    sk = noise_geometry(
+        model, loss_fn, (X, y), metrics=SKETCH, route="sketch", k=2, num_probes=200
+    )
+    for key in SKETCH:
+        if key == "gradient_uniformity":
+            continue  # a minimum over estimates: biased low, its SE is not an error bar
+        se = sk.standard_errors[key]
+        assert 0 < se < 0.1 * abs(ex.values[key]), key
+        assert abs(sk.values[key] - ex.values[key]) < 4 * se, key
+    d = sk.as_dict()
+    assert d["se_mu"] == sk.standard_errors["mu"]
+    assert "se_loss" not in d
+
+
+def test_eigenvector_tangents_from_lanczos_side_products():
+    # the Ritz vectors lie in the span of the multiplied vectors, so their
+    # tangents J_i u are combinations of the recorded J_i v: equal to fresh jvps
+    model, loss_fn, X, y = _case("mlp-ce")
+    fm = FunctionalModel(model, None, mode="eval")
+    probe = ProbeSet(fm, loss_fn, [(X[:7], y[:7]), (X[7:], y[7:])])
+    op = CurvatureOperator(probe, "ggn")
+    with probe.recording(64):
+        res = top_eigenpairs(op, 3, tol=1e-3)
+    got = probe.span_tangents(res.eigenvectors)
+    assert got is not None and probe.span_residual < 1e-12
+    want = probe.tangents(res.eigenvectors)
+    torch.testing.assert_close(got.T, want.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.loss(), want.loss(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.LT, want.LT, rtol=1e-10, atol=1e-12)
+    # a vector outside the span is refused (the fit's residual is checked)
+    P = probe.P
+    with probe.recording(64):
+        top_eigenpairs(op, 1, tol=1e-1)
+    assert probe.span_tangents(torch.ones(P, 1, dtype=torch.float64)) is None
+    # too many products: recording stops, the caller falls back to jvps
+    with probe.recording(3):
+        top_eigenpairs(op, 3, tol=1e-3)
+    assert probe.span_tangents(res.eigenvectors) is None
+
+
+def test_default_probe_counts():
+    # the default sketch reuses the eigenvectors' tangents and the random
+    # directions: jvps = r + 1 (Tr(Sigma_2 G)), one backward (grad L), and the
+    # products of the eigensolver; no jvp along the eigenvectors
+    model, loss_fn, X, y = _case("mlp-ce")
+    res = noise_geometry(model, loss_fn, (X, y), route="sketch", k=3)
+    assert res.cost["n_backward"] == 1
+    assert res.cost["n_jvp"] == 8 + 1
+    assert res.cost["n_ggnvp"] > 0 and res.cost["n_hvp"] == 0
+    assert set(res.standard_errors) <= set(res.values)
+    assert res.cost["seconds_eigen"] > 0 and res.cost["seconds_sketch"] > 0
+    # more probes than random directions: the extra ones cost one jvp each
+    more = noise_geometry(model, loss_fn, (X, y), route="sketch", k=3, num_probes=12)
+    assert more.cost["n_jvp"] == 12 + 1
