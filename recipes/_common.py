@@ -44,7 +44,7 @@ import sys
 import tempfile
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -630,6 +630,7 @@ def make_model(
     activation: str = "tanh",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    timm_args: Mapping[str, Any] | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Build a recipe model, with seeded initialisation.
@@ -640,7 +641,7 @@ def make_model(
       pooling, then a linear head; needs ``image_size``.
     * ``"linear"``: one linear layer on flat inputs.
     * anything else: ``timm.create_model(name, pretrained=False,
-      num_classes=num_classes, in_chans=in_chans, **timm_kwargs)``.
+      num_classes=num_classes, in_chans=in_chans, **timm_kwargs, **timm_args)``.
 
     Args:
         name: Model name (see :func:`check_model_name`).
@@ -653,15 +654,26 @@ def make_model(
         activation: ``"tanh"`` or ``"relu"`` (``mlp``).
         seed: Seed of the initialisation (the global RNG is restored afterwards).
         dtype: Parameter dtype.
+        timm_args: More :func:`timm.create_model` arguments, for names that
+            this function also takes (e.g. a ViT's ``depth``); timm models only.
         **timm_kwargs: Passed to :func:`timm.create_model`.
 
     Returns:
         The model, in train mode.
 
     Raises:
-        ValueError: If the name is unknown or a size the model needs is missing.
+        ValueError: If the name is unknown, a size the model needs is missing, or
+            ``timm_args`` is given for a small model or repeats a keyword.
     """
     check_model_name(name)
+    timm_args = dict(timm_args or {})
+    if timm_args and name in SMALL_MODELS:
+        raise ValueError(f"`timm_args` are for timm models; got model {name!r}.")
+    clash = sorted(
+        set(timm_args) & (set(timm_kwargs) | {"pretrained", "num_classes", "in_chans"})
+    )
+    if clash:
+        raise ValueError(f"`timm_args` repeats keyword arguments: {clash}.")
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -697,6 +709,7 @@ def make_model(
                 num_classes=num_classes,
                 in_chans=in_chans,
                 **timm_kwargs,
+                **timm_args,
             )
     finally:
         torch.set_rng_state(state)

@@ -65,6 +65,7 @@ log axis for SGD and flat curves for the control; ``escape_direction.png`` shows
 
 from __future__ import annotations
 
+import ast
 import math
 import sys
 import time
@@ -93,6 +94,7 @@ DTYPES = ("float64", "float32")
 class Config:
     # model and data
     model: str = "mlp"  # 'mlp' (R5 FCN), 'cnn', 'linear' or a timm name
+    model_kwargs: tuple[str, ...] = ()  # extra timm.create_model args, 'key=value'
     width: int = 64  # hidden width (mlp) or channels (cnn)
     depth: int = 2  # hidden layers of the mlp
     activation: str = "tanh"  # 'tanh' or 'relu' (mlp)
@@ -105,8 +107,10 @@ class Config:
     target: str = "parity"  # 'parity' (even/odd -> +-1, one output) or 'onehot'
     dtype: str = "float64"  # 'float64' or 'float32'
     # phase 1: full-batch GD to theta*
-    train_lr: float = 0.1  # GD learning rate of the training phase
-    train_steps: int = 2000  # GD steps of the training phase
+    pre_lr: float | None = None  # GD lr of a first stage (None: no first stage)
+    pre_steps: int = 0  # GD steps of the first stage, before the train_lr steps
+    train_lr: float = 0.1  # GD lr of the final stage; theta* is GD-stable at it
+    train_steps: int = 2000  # GD steps at train_lr (after the pre_steps)
     checkpoint_every: int = 200  # training steps between checkpoints
     # phase 2: curvature and noise at theta*
     num_eigs: int = 50  # K: top Hessian eigenpairs at theta*
@@ -174,9 +178,21 @@ def validate(cfg: Config) -> None:
     for name in ("train_steps", "num_eigs", "runs", "max_steps", "growth_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"`{name}` must be >= 1; got {getattr(cfg, name)!r}.")
-    for name in ("gd_runs", "noisy_runs", "checkpoint_every", "trace_probes"):
+    for name in (
+        "gd_runs",
+        "noisy_runs",
+        "checkpoint_every",
+        "trace_probes",
+        "pre_steps",
+    ):
         if getattr(cfg, name) < 0:
             raise ValueError(f"`{name}` must be >= 0; got {getattr(cfg, name)!r}.")
+    if cfg.pre_steps > 0 and cfg.pre_lr is None:
+        raise ValueError(
+            f"`pre_lr` must be set when `pre_steps` > 0; got pre_steps="
+            f"{cfg.pre_steps!r} and pre_lr=None."
+        )
+    model_kwargs(cfg)
     if cfg.trace_probes < 2:
         raise ValueError(f"`trace_probes` must be >= 2; got {cfg.trace_probes!r}.")
     if not cfg.ks or min(cfg.ks) < 1 or max(cfg.ks) > cfg.num_eigs:
@@ -206,11 +222,37 @@ def validate(cfg: Config) -> None:
 # ---------------------------------------------------------------------- setup
 
 
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """Parse ``cfg.model_kwargs`` (``'key=value'``; values as Python literals).
+
+    Raises:
+        ValueError: If an entry is not ``key=value`` or the model is not timm's.
+    """
+    out: dict[str, Any] = {}
+    for item in cfg.model_kwargs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(
+                f"`model_kwargs` entries must be 'key=value'; got {item!r}."
+            )
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()  # a bare word is a string
+    if out and cfg.model in common.SMALL_MODELS:
+        raise ValueError(
+            f"`model_kwargs` are passed to timm.create_model; model {cfg.model!r} "
+            "is not a timm model."
+        )
+    return out
+
+
 def build(cfg: Config, device: torch.device) -> tuple[nn.Module, Tensor, Tensor]:
     """Load the data and build the (seeded) model; return model, inputs, targets.
 
     Raises:
-        ValueError: If ``num_eigs`` exceeds the model's parameter count.
+        ValueError: If ``num_eigs`` exceeds the model's parameter count, or the
+            timm model rejects ``model_kwargs``.
     """
     dtype = getattr(torch, cfg.dtype)
     flat = common.model_wants_flat(cfg.model)
@@ -227,18 +269,22 @@ def build(cfg: Config, device: torch.device) -> tuple[nn.Module, Tensor, Tensor]
         dtype=dtype,
     )
     K = 1 if cfg.target == "parity" else data.num_classes
-    model = common.make_model(
-        cfg.model,
-        K,
-        in_chans=data.in_chans,
-        input_dim=data.input_dim,
-        image_size=data.image_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        activation=cfg.activation,
-        seed=cfg.seed,
-        dtype=dtype,
-    ).to(device)
+    try:
+        model = common.make_model(
+            cfg.model,
+            K,
+            in_chans=data.in_chans,
+            input_dim=data.input_dim,
+            image_size=data.image_size,
+            width=cfg.width,
+            depth=cfg.depth,
+            activation=cfg.activation,
+            seed=cfg.seed,
+            dtype=dtype,
+            timm_args=model_kwargs(cfg) or None,
+        ).to(device)
+    except TypeError as err:  # an argument the timm model does not take
+        raise ValueError(f"`model_kwargs` {cfg.model_kwargs!r}: {err}") from None
     # Eval mode throughout: BatchNorm (timm models) is a fixed affine map and dropout
     # is off, so every per-sample loss is a function of theta alone and the
     # dynamics, the Hessian and the noise all refer to the same L (SPEC §2).
@@ -552,30 +598,34 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
     # ---- phase 1: full-batch GD to theta*
     if "model" in state:
         model.load_state_dict(state["model"])
+    # a first stage at pre_lr (if any), then plain GD at train_lr, so that theta*
+    # is a fixed point of GD at train_lr; the lr is a pure function of the step
+    total_steps = cfg.pre_steps + cfg.train_steps
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train_lr)
-    bar = common.progress(total=cfg.train_steps, initial=state["train_step"], desc="GD")
-    for step in range(state["train_step"], cfg.train_steps):
+    bar = common.progress(total=total_steps, initial=state["train_step"], desc="GD")
+    for step in range(state["train_step"], total_steps):
         common.maybe_interrupt(step, _stop_at)
+        lr = cfg.pre_lr if step < cfg.pre_steps else cfg.train_lr
+        opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(X), Y)
         loss.backward()
         opt.step()
         state["train_loss"].append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3e}", lr=cfg.train_lr)
-        if (step + 1) % max(
-            cfg.checkpoint_every, 1
-        ) == 0 or step + 1 == cfg.train_steps:
+        bar.set_postfix(loss=f"{loss.item():.3e}", lr=lr)
+        if (step + 1) % max(cfg.checkpoint_every, 1) == 0 or step + 1 == total_steps:
             state.update(train_step=step + 1, model=model.state_dict())
             save()
     bar.close()
-    unit = cfg.train_steps
+    unit = total_steps
     theta_star = flat_params(model).clone()
     L_star = full_loss(model, loss_fn, X, Y)
     if not math.isfinite(L_star) or not bool(torch.isfinite(theta_star).all()):
+        pre = f" or --pre-lr (got {cfg.pre_lr})" if cfg.pre_steps > 0 else ""
         raise RuntimeError(
             f"GD training diverged (L(theta*) = {L_star}): lower --train-lr "
-            f"(got {cfg.train_lr}) and rerun without --resume."
+            f"(got {cfg.train_lr}){pre} and rerun without --resume."
         )
 
     # ---- phase 2: curvature and noise geometry at theta*

@@ -188,6 +188,13 @@ def test_make_model_timm():
     assert m(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
 
 
+def test_make_model_timm_args():
+    args = {"img_size": 8, "patch_size": 8, "depth": 1, "embed_dim": 16}
+    m = C.make_model("test_vit", 3, in_chans=1, timm_args=args)
+    assert len(m.blocks) == 1 and m.embed_dim == 16
+    assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
+
+
 def test_make_model_errors():
     with pytest.raises(ValueError, match="timm.list_models"):
         C.make_model("resnet_does_not_exist", 10)
@@ -199,6 +206,12 @@ def test_make_model_errors():
         C.make_model("cnn", 10)
     with pytest.raises(ValueError, match="`activation` must be one of 'tanh', 'relu'"):
         C.make_model("mlp", 10, input_dim=3, activation="gelu")
+    with pytest.raises(ValueError, match="`timm_args` are for timm models; got model"):
+        C.make_model("mlp", 10, input_dim=3, timm_args={"depth": 1})
+    with pytest.raises(ValueError, match=r"repeats keyword arguments: \['in_chans'\]"):
+        C.make_model("test_vit", 10, timm_args={"in_chans": 3})
+    with pytest.raises(ValueError, match=r"repeats keyword arguments: \['img_size'\]"):
+        C.make_model("test_vit", 10, img_size=8, timm_args={"img_size": 16})
 
 
 def test_make_targets():

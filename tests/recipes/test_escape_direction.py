@@ -150,6 +150,34 @@ def test_resume_rejects_other_config(tmp_path):
         ({"escape_factor": 0.0}, ValueError, r"`escape_factor` must be > 0; got 0.0."),
         ({"device": "tpu"}, ValueError, r"`device` must be one of 'cpu', 'cuda'"),
         ({"seed": -1}, ValueError, r"`seed` must be >= 0; got -1."),
+        ({"pre_steps": -1}, ValueError, r"`pre_steps` must be >= 0; got -1."),
+        ({"pre_steps": 5}, ValueError, r"`pre_lr` must be set when `pre_steps` > 0"),
+        ({"pre_lr": 0.0, "pre_steps": 5}, ValueError, r"`pre_lr` must be > 0"),
+        (
+            {"model_kwargs": ("depth",)},
+            ValueError,
+            r"`model_kwargs` entries must be 'key=value'; got 'depth'.",
+        ),
+        (
+            {"model_kwargs": ("=3",)},
+            ValueError,
+            r"`model_kwargs` entries must be 'key=value'; got '=3'.",
+        ),
+        (
+            {"model_kwargs": ("depth=1",)},
+            ValueError,
+            r"`model_kwargs` are passed to timm.create_model; model 'mlp' is not",
+        ),
+        (
+            {"model": "test_vit", "model_kwargs": ("no_such_arg=1",)},
+            ValueError,
+            r"`model_kwargs` \('no_such_arg=1',\): .*no_such_arg",
+        ),
+        (
+            {"model": "test_vit", "model_kwargs": ("in_chans=3",)},
+            ValueError,
+            r"`timm_args` repeats keyword arguments: \['in_chans'\]",
+        ),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, change, error, match):
@@ -165,11 +193,64 @@ def test_missing_dataset_names_download_flag(tmp_path):
     assert not (tmp_path / "escape_direction" / "checkpoint.pt").exists()
 
 
+def test_model_kwargs_parsed_as_literals():
+    cfg = ed.Config(
+        model="test_vit",
+        model_kwargs=("depth=1", " embed_dim = 16", "global_pool='avg'", "act=gelu"),
+    )
+    assert ed.model_kwargs(cfg) == {
+        "depth": 1,
+        "embed_dim": 16,
+        "global_pool": "avg",
+        "act": "gelu",  # a bare word is a string
+    }
+    assert ed.model_kwargs(ed.Config()) == {}
+
+
+def test_model_kwargs_reach_timm(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        model="test_vit",
+        model_kwargs=("img_size=8", "patch_size=8", "depth=1", "embed_dim=16"),
+    )
+    model, X, Y = ed.build(cfg, torch.device("cpu"))
+    assert len(model.blocks) == 1 and model.embed_dim == 16
+    assert not model.training  # eval mode throughout
+    assert model(X[:2]).shape == Y[:2].shape == (2, 1)
+
+
+def test_pre_stage_runs_first_at_pre_lr(tmp_path):
+    res = ed.main(tiny(tmp_path / "a", pre_lr=0.02, pre_steps=10, train_steps=20))
+    loss = res["arrays"]["train_loss"]
+    assert len(loss) == 30
+    # the first 10 steps are those of a plain run at lr 0.02, the rest are not
+    ref = ed.main(tiny(tmp_path / "b", train_lr=0.02, train_steps=12))
+    ref_loss = ref["arrays"]["train_loss"]
+    assert loss[:11] == ref_loss[:11]  # step 11 reports the loss before its update
+    assert loss[11] != ref_loss[11]
+    # theta* is checked for GD-stability at train_lr, the final stage's lr
+    lam1 = res["metrics"]["lambda_1"]
+    assert res["verdict"][0]["value"] == pytest.approx(0.1 * lam1, rel=1e-12)
+
+
+def test_resume_inside_pre_stage(tmp_path):
+    cfg = tiny(tmp_path / "cut", pre_lr=0.02, pre_steps=15, train_steps=15)
+    ref = ed.main(dataclasses.replace(cfg, out_dir=str(tmp_path / "ref")))
+    with pytest.raises(common.Interrupted):
+        ed.main(cfg, _stop_at=12)
+    resumed = ed.main(dataclasses.replace(cfg, resume=True))
+    assert _comparable(resumed) == _comparable(ref)
+
+
 def test_cli_generated_from_config():
     cfg = common.parse_config(
         ed.Config, ["--quick", "--batch-size", "8", "--ks", "1,5"]
     )
     assert cfg == dataclasses.replace(ed.Config.quick(), batch_size=8, ks=(1, 5))
+    cfg = common.parse_config(
+        ed.Config, ["--model-kwargs", "depth=1,embed_dim=16", "--pre-lr", "0.2"]
+    )
+    assert cfg.model_kwargs == ("depth=1", "embed_dim=16") and cfg.pre_lr == 0.2
 
 
 # ---------------------------------------------------------------- Perron profile
