@@ -1040,7 +1040,7 @@ def noise_geometry(
             for t in range(num_probes):
                 tr_s = float(loo["tr_sigma"][t])
                 rep = {"tr_sigma": tr_s}
-                if curvature == "ggn":
+                if curvature == "ggn" and sk.need_ggn:
                     st = _Stats()
                     st.tr_c = float(loo["tr_c"][t])
                     st.fro2_c = float(loo["fro2_c"][t])

@@ -332,3 +332,34 @@ def test_default_probe_counts():
     # more probes than random directions: the extra ones cost one jvp each
     more = noise_geometry(model, loss_fn, (X, y), route="sketch", k=3, num_probes=12)
     assert more.cost["n_jvp"] == 12 + 1
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_each_metric_alone_on_the_sketch_route(curvature):
+    # every metric must be computable by itself with either curvature (mu_hessian
+    # with curvature="ggn" once built no GGN blocks yet asked for their jackknife)
+    from geoopt_sgd import METRICS
+
+    model, loss_fn, X, y = _case("mlp-ce")
+    delta = torch.randn(
+        _numel(model), generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    for name in METRICS:
+        if name == "n_nonfinite":
+            continue
+        res = noise_geometry(
+            model,
+            loss_fn,
+            (X, y),
+            metrics=[name],
+            k=3,
+            route="sketch",
+            curvature=curvature,
+            displacement=delta,
+        )
+        if name in ("noise_energies", "directional_alignment"):  # arrays
+            assert bool(torch.isfinite(getattr(res, name)).all()), name
+        else:
+            assert math.isfinite(res.values[name]), (name, res.values)
+        assert res.values["n_nonfinite"] == 0
+        assert set(res.standard_errors) <= set(res.values)
