@@ -142,7 +142,8 @@ DEFAULT_METRICS: tuple[str, ...] = tuple(
 the escape metrics (which need ``displacement`` and are added when it is given).
 Both families (see :func:`noise_geometry`) cost about what one of them does, so no
 smaller set is much cheaper: on a timm resnet18 with a 128-sample probe batch the
-default probe costs about 40 gradients of that batch (``benchmarks/README.md``)."""
+default probe costs 83-158 gradients of that batch, almost all of it the top-``k``
+eigensolve (``benchmarks/README.md``)."""
 
 _STATS = {
     "alpha",
