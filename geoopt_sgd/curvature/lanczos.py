@@ -10,9 +10,9 @@ so memory is bounded by ``max_basis``, not by the number of iterations.
 Convergence is decided on the true residual of each Ritz pair
 ``(theta, y)``, ``||A y - theta y||``, which the Lanczos relation
 ``A V = V H + v_{m+1} b^T`` gives without extra products, relative to
-``max(|theta|, sqrt(eps) * ||A||)``. One extra *guard* Ritz value per wanted end
-must converge as well, to ``10 * tol`` (dense clusters otherwise hide an
-eigenvalue).
+``max(|theta|, sqrt(eps) * ||A||)``. Extra *guard* Ritz values, one per 8
+wanted values at each wanted end (at least one), must converge as well, to
+``10 * tol`` (dense clusters otherwise hide an eigenvalue).
 
 References:
     K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric
@@ -38,14 +38,22 @@ __all__ = ["EigenResult", "bottom_eigenpairs", "top_eigenpairs"]
 
 Which = Literal["LA", "SA", "LM", "BE"]
 _WHICH = ("LA", "SA", "LM", "BE")
-# Extra Ritz values that must converge beyond the k wanted ones: a plain Lanczos
-# that stops on the top-k residuals missed an eigenvalue of a dense cluster in 2 of
-# 5 seeds at k=20 on resnet18, and two guards fixed it. A second guard cost 9-15%
-# more products at k=5 and prevented no miss: over 5 start vectors one guard gave
-# mean products 73 -> 64.6 (MLP, P=6.9k, clustered spectrum) and 39 -> 33.6 (timm
-# test_resnet) at k=5, the same at k=20 (180, 89-90), with no eigenvalue missed
-# there or on 24 synthetic clustered/gap-free spectra (k = 5, 10, 20, 2 seeds each).
-_GUARD = 1
+# Extra Ritz values that must converge beyond the k wanted ones, one per 8 wanted
+# values at each end (at least one): a plain Lanczos that stops on the top-k
+# residuals missed an eigenvalue of a dense cluster in 2 of 5 seeds at k=20 on
+# resnet18, and guards fix that. At k=5 one guard is enough and a second cost
+# 9-15% more products for no miss (MLP, P=6.9k, clustered spectrum: mean products
+# over 20 start vectors 66.2 with one guard, 72.2 with two, scipy eigsh 72.8). At
+# k=20 on the same spectrum one or two guards missed an eigenvalue for 1 of 20
+# start vectors and three missed none (mean 175.8 products, eigsh 181.9).
+_GUARD_PER = 8
+
+
+def _guards(n: int) -> int:
+    """Guard Ritz values for ``n`` wanted values at one end."""
+    return 0 if n <= 0 else max(1, math.ceil(n / _GUARD_PER))
+
+
 # Guards only have to show that no eigenvalue hides above them, so they stop at
 # 10 * tol: on a clustered MLP spectrum (P=6.9k, k=5) that cut the products from
 # ~86 to ~71, level with scipy eigsh, with the same errors of the k returned values.
@@ -167,11 +175,11 @@ def _lanczos(
     eps = torch.finfo(dtype).eps
     floor = math.sqrt(eps)
     # wanted Ritz values during the iteration: k plus guards at each wanted end
-    g_top = _GUARD if n_top else 0
-    g_bot = (_GUARD if n_bottom else 0) if not magnitude else 0
-    if n_top and n_bottom and not magnitude:
-        g_top = g_bot = 1
-    m = min(P, max_basis if max_basis is not None else max(2 * (k + _GUARD) + 10, 30))
+    g_top = _guards(n_top)
+    g_bot = _guards(n_bottom) if not magnitude else 0
+    m = min(
+        P, max_basis if max_basis is not None else max(2 * (k + g_top + g_bot) + 10, 30)
+    )
     w_top = min(n_top + g_top, P)
     w_bot = min(n_bottom + g_bot, P - min(n_top, P))
     if w_top + w_bot >= m and m < P:  # leave room in the basis to expand
@@ -358,10 +366,10 @@ def top_eigenpairs(
     The result is always sorted descending. A pair is converged when its true
     residual ``||A v - lambda v||`` is at most ``tol * max(|lambda|, sqrt(eps) *
     ||A||)`` (``eps`` of the operator's dtype); the eigenvalue is then within that
-    residual of a true eigenvalue. One extra guard Ritz value per wanted end must
-    converge too, to ``10 * tol``. If ``max_matvecs`` runs out first, the best
-    pairs so far come back with ``converged=False`` and a :class:`RuntimeWarning`
-    names their residuals.
+    residual of a true eigenvalue. Guard Ritz values beyond the ``k`` (one per 8
+    wanted values at each end, at least one) must converge too, to ``10 * tol``.
+    If ``max_matvecs`` runs out first, the best pairs so far come back with
+    ``converged=False`` and a :class:`RuntimeWarning` names their residuals.
 
     Special cases: ``k == P`` materialises the operator (``P`` products) and uses a
     dense float64 ``eigh``; a zero operator returns zeros with orthonormal vectors.
@@ -377,8 +385,9 @@ def top_eigenpairs(
         tol: Relative residual tolerance, ``> 0``.
         max_matvecs: Budget of products; default ``max(20 * max_basis, 500)``.
         max_basis: Most basis vectors kept (memory ``max_basis * P`` in the
-            operator's dtype); default ``max(2 * (k + 1) + 10, 30)`` capped at
-            ``P``. Must be ``>= min(k + 2, P)``.
+            operator's dtype); default ``max(2 * (k + g) + 10, 30)`` capped at
+            ``P``, with ``g`` the guards (``ceil(k / 8)`` for ``"LA"``). Must be
+            ``>= min(k + 2, P)``.
         seed: Seed of the private generator for the start vector (the global RNG
             is never used); ``None`` means ``0``, so calls are deterministic.
         v0: Warm start, ``(P,)`` or ``(P, m)`` (e.g. a previous result's
