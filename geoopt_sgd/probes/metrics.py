@@ -78,6 +78,12 @@ Ritz vectors are combinations of the multiplied vectors, and a least-squares fit
 (cold start; ``1e-4`` warm), the scalar eigenbasis metrics to ``5e-4``
 absolute, with 18-19 products instead of 25-27 at ``tol = 1e-4``.
 
+Memory: every call runs the forward pass once and keeps its autograd graph for
+all later backward passes, so the activations of *all* probe samples (up to
+``max_samples``, over every batch of ``data``) are held at once, as in one
+training step on them; pass fewer samples (``max_samples``) where that does not
+fit.
+
 Distributed: each rank holds a shard of the probe batch; only ``(n, q)`` projections,
 ``(q, q)`` quadratic forms, aggregated ``P``-vectors, operator products and scalars
 are reduced (the probes and the eigenvectors are the same on every rank), so
@@ -613,7 +619,8 @@ def noise_geometry(
             consecutive disjoint batches, a trailing partial batch dropped.
         v0: Warm start ``(P,)`` or ``(P, m)`` for the eigensolver (e.g. the previous
             result's ``eigenvectors``).
-        max_samples: Use at most this many samples (the first ones; per rank).
+        max_samples: Use at most this many samples (the first ones; per rank);
+            their activations are held during the call (module docstring).
         displacement: ``delta = theta - theta_star``, ``(P,)`` or a list of
             per-parameter tensors.
         seed: Seed of the private generator (``None``: 0).
