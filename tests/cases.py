@@ -58,6 +58,30 @@ def image_data(n=10, k=3, *, seed=0, dtype=torch.float64):
     return X, y
 
 
+def problem(name, *, n=12):
+    """``(model, loss_fn, X, y)`` of a named small float64 test problem.
+
+    ``"linear-mse"``, ``"mlp-mse"``, ``"mlp-ce"``, ``"mlp-bce"`` (a generic loss:
+    its output curvature comes from ``torch.func.hessian``) with ``n`` samples, and
+    ``"cnn-ce"`` (the tiny CNN with BatchNorm on 10 images).
+    """
+    if name == "linear-mse":
+        X, y = make_data(n=n, k=1, classification=False)
+        return linear(), nn.MSELoss(), X, y
+    if name == "mlp-mse":
+        X, y = make_data(n=n, classification=False)
+        return mlp(), nn.MSELoss(), X, y
+    if name == "mlp-ce":
+        return mlp(), nn.CrossEntropyLoss(), *make_data(n=n)
+    if name == "mlp-bce":
+        X, _ = make_data(n=n)
+        y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(2)) > 0
+        return mlp(), nn.BCEWithLogitsLoss(), X, y.double()
+    if name == "cnn-ce":
+        return tiny_cnn(), nn.CrossEntropyLoss(), *image_data()
+    raise KeyError(name)
+
+
 def model_state(model):
     """Snapshot of everything a side-effect-free call must leave unchanged."""
     return {

@@ -27,22 +27,7 @@ SEED = 7
 
 
 def _case(name):
-    if name == "linear-mse":
-        X, y = cases.make_data(n=10, k=1, classification=False)
-        return cases.linear(), nn.MSELoss(), X, y
-    if name == "mlp-mse":
-        X, y = cases.make_data(classification=False)
-        return cases.mlp(), nn.MSELoss(), X, y
-    if name == "mlp-ce":
-        return cases.mlp(), nn.CrossEntropyLoss(), *cases.make_data()
-    if name == "cnn-ce":
-        return cases.tiny_cnn(), nn.CrossEntropyLoss(), *cases.image_data()
-    if name == "mlp-bce":
-        # a generic loss: Lambda_i from torch.func.hessian, stored densely
-        X, _ = cases.make_data()
-        y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(2)) > 0
-        return cases.mlp(), nn.BCEWithLogitsLoss(), X, y.double()
-    raise KeyError(name)
+    return cases.problem(name, n=10 if name == "linear-mse" else 12)
 
 
 def _numel(model):

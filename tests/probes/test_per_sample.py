@@ -12,17 +12,7 @@ ATOL = 1e-12
 
 
 def _case(name):
-    if name == "mlp-ce":
-        return cases.mlp(), nn.CrossEntropyLoss(), *cases.make_data()
-    if name == "mlp-mse":
-        X, y = cases.make_data(classification=False)
-        return cases.mlp(), nn.MSELoss(), X, y
-    if name == "linear-mse":
-        X, y = cases.make_data(k=1, classification=False)
-        return cases.linear(), nn.MSELoss(), X, y
-    if name == "cnn-ce":
-        return cases.tiny_cnn(), nn.CrossEntropyLoss(), *cases.image_data()
-    raise KeyError(name)
+    return cases.problem(name)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 5], ids=lambda c: f"chunk={c}")

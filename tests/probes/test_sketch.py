@@ -32,18 +32,7 @@ SKETCH = [
 
 
 def _case(name):
-    if name == "mlp-ce":
-        return cases.mlp(), nn.CrossEntropyLoss(), *cases.make_data()
-    if name == "mlp-mse":
-        X, y = cases.make_data(classification=False)
-        return cases.mlp(), nn.MSELoss(), X, y
-    if name == "mlp-bce":
-        X, _ = cases.make_data()
-        y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(2)) > 0
-        return cases.mlp(), nn.BCEWithLogitsLoss(), X, y.double()
-    if name == "cnn-ce":
-        return cases.tiny_cnn(), nn.CrossEntropyLoss(), *cases.image_data()
-    raise KeyError(name)
+    return cases.problem(name)
 
 
 def _numel(model):
