@@ -229,7 +229,11 @@ class ProbeSet:
                 vmap(self.sample_loss)(o, y)
                 for o, (_, y) in zip(self._outputs(), self.batches, strict=True)
             ]
-        return torch.cat(out) if out else torch.zeros(0, dtype=self.dtype)
+        return (
+            torch.cat(out)
+            if out
+            else torch.zeros(0, dtype=self.dtype, device=self.device)
+        )
 
     def output_hessians(self) -> list[OutputCurvature]:
         """Per-batch output curvature ``Lambda_i`` (see :class:`OutputCurvature`).
@@ -265,7 +269,11 @@ class ProbeSet:
         """
         self.output_hessians()
         assert self._gout is not None
-        return torch.cat(self._gout) if self._gout else torch.zeros(0, 1)
+        return (
+            torch.cat(self._gout)
+            if self._gout
+            else torch.zeros(0, 1, dtype=self.dtype, device=self.device)
+        )
 
     def _push(self, x: Any, tangents: list[Tensor]) -> Tensor:
         """Output tangents ``J v`` of one batch ``(q, b, K)`` for ``(q, ...)`` tangents.
