@@ -344,15 +344,15 @@ class ProbeSet:
         t = self.tangents(V)
         return t.loss(), t.ggn_quad()
 
-    def _output_vjp(self, ct: list[Tensor]) -> Tensor:
+    def _output_vjp(self, ct: list[Tensor], q: int) -> Tensor:
         """``sum_i J_i^T c_i`` for per-batch cotangents ``(q, b, K)``: ``(q, P)``.
 
         One backward per cotangent through the kept graph (:meth:`keep_graph`,
-        built here if needed); not reduced over processes.
+        built here if needed); not reduced over processes (zeros on a process
+        without samples).
         """
         self.keep_graph()
         assert self._graphs is not None
-        q = ct[0].shape[0] if ct else 0
         out = torch.zeros(q, self.P, dtype=self.dtype, device=self.device)
         for (o, f_vjp), c in zip(self._graphs, ct, strict=True):
             out += _backward(f_vjp, c.reshape(q, *o.shape).to(o.dtype))
@@ -373,7 +373,7 @@ class ProbeSet:
             ``(P,)`` or ``(s, P)``, summed over processes.
         """
         single = c.dim() == 1
-        C = c.reshape(c.shape[0], -1).to(self.dtype)
+        C = (c.unsqueeze(1) if c.dim() == 1 else c).to(self.dtype)
         self.output_hessians()
         assert self._gout is not None
         ct, i = [], 0
@@ -381,7 +381,7 @@ class ProbeSet:
             b = g.shape[0]
             ct.append(C[i : i + b].T.unsqueeze(-1) * g.to(self.dtype))  # (s, b, K)
             i += b
-        out = self._output_vjp(ct)
+        out = self._output_vjp(ct, C.shape[1])
         self.cost["n_backward"] += C.shape[1]
         distributed.all_reduce_sum(out)
         return out[0] if single else out
@@ -410,7 +410,7 @@ class ProbeSet:
             if rec is not None:
                 T.append(du.permute(1, 2, 0))
                 LT.append(ct.permute(1, 2, 0))
-        out = self._output_vjp(CT)
+        out = self._output_vjp(CT, q)
         self.cost["n_ggnvp"] += q
         if rec is not None:
             rec.add(V, self._wrap_tangents(T, LT, q))

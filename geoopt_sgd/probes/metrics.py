@@ -323,9 +323,20 @@ def _top_eigenpairs(
 def _collect(
     data: Any, device: torch.device, max_samples: int
 ) -> list[tuple[Any, Tensor]]:
+    try:
+        batches = as_batches(data)
+    except ValueError:
+        # Under torch.distributed a rank may hold an empty shard: it joins every
+        # reduction with zeros (the operators' rule); raising on one rank alone
+        # would hang the others. All ranks empty is caught by the sample count.
+        if not distributed.is_distributed():
+            raise
+        batches = []
     out, count = [], 0
-    for x, y in as_batches(data):
+    for x, y in batches:
         b = batch_size(y)
+        if b == 0:
+            continue
         take = min(b, max_samples - count)
         if take <= 0:
             break

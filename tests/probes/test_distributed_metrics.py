@@ -69,6 +69,15 @@ def _worker(rank, world, port, out_dir):
                 },
                 os.path.join(out_dir, f"{name}-rank{rank}.pt"),
             )
+        # an empty shard: rank 1 holds no sample and joins every reduction with
+        # zeros (raising there alone would leave rank 0 hanging)
+        lopsided = (X, y) if rank == 0 else (X[:0], y[:0])
+        for name, extra in CONFIGS.items():
+            res = noise_geometry(model, loss_fn, lopsided, **KW, **extra)
+            torch.save(
+                {"values": res.values, "eigenvalues": res.eigenvalues},
+                os.path.join(out_dir, f"empty-{name}-rank{rank}.pt"),
+            )
         if rank == 0:
             try:
                 noise_geometry(model, loss_fn, shard, **KW, route="exact")
@@ -104,6 +113,16 @@ def test_two_ranks_equal_one_process(tmp_path):
             )
             torch.testing.assert_close(
                 got["noise_energies"], ref.noise_energies, rtol=1e-9, atol=0
+            )
+        for rank in range(2):
+            got = torch.load(
+                tmp_path / f"empty-{name}-rank{rank}.pt", weights_only=False
+            )
+            for key in ref.values:
+                a, b = got["values"][key], ref.values[key]
+                assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (name, key)
+            torch.testing.assert_close(
+                got["eigenvalues"], ref.eigenvalues, rtol=1e-9, atol=0
             )
     err = torch.load(tmp_path / "error.pt", weights_only=False)
     assert "`route` must be 'sketch' or 'auto' under torch.distributed" in err
