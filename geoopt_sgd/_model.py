@@ -100,6 +100,26 @@ def as_batches(data: Any) -> list[Batch] | Iterable[Batch]:
     return data
 
 
+def local_batches(data: Any) -> list[Batch] | Iterable[Batch]:
+    """:func:`as_batches`, allowing an empty shard under ``torch.distributed``.
+
+    There an empty shard gives no batches: the rank joins every reduction with
+    zeros, and the emptiness is an error only when all ranks are empty (the
+    caller checks the total count); raising on one rank alone would leave the
+    others hanging.
+
+    Raises:
+        TypeError, ValueError: As :func:`as_batches` (``ValueError`` for empty
+            data only outside ``torch.distributed``).
+    """
+    try:
+        return as_batches(data)
+    except ValueError:
+        if not distributed.is_distributed():
+            raise
+        return []
+
+
 def detect_reduction(
     loss_fn: Callable[..., Tensor], reduction: str | None
 ) -> Reduction:

@@ -34,9 +34,9 @@ from .._checks import check_choice, check_int
 from .._model import (
     Batch,
     FunctionalModel,
-    as_batches,
     batch_size,
     detect_reduction,
+    local_batches,
     to_device,
 )
 from .linop import LinearOperator
@@ -269,15 +269,7 @@ class _DataOperator(LinearOperator):
         self.fmodel = FunctionalModel(model, params, mode=mode)  # type: ignore[arg-type]
         self.loss_fn = loss_fn
         self.loss_reduction = detect_reduction(loss_fn, loss_reduction)
-        try:
-            batches = as_batches(data)
-        except ValueError:
-            # Under torch.distributed a rank may hold an empty shard: it joins
-            # every reduction with zeros, and the emptiness is an error only when
-            # all ranks are empty (raising on one rank alone would hang the rest).
-            if not distributed.is_distributed():
-                raise
-            batches = []
+        batches = local_batches(data)  # an empty shard joins with zeros
         self.cacheable = (
             isinstance(batches, (list, tuple)) and len(batches) <= max_cached_batches
         )

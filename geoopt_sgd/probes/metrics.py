@@ -105,7 +105,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int, check_number
-from .._model import FunctionalModel, as_batches, batch_size, to_device
+from .._model import FunctionalModel, batch_size, local_batches, to_device
 from ..curvature.lanczos import top_eigenpairs
 from ._primitives import CurvatureOperator, OutputTangents, ProbeSet
 
@@ -323,17 +323,9 @@ def _top_eigenpairs(
 def _collect(
     data: Any, device: torch.device, max_samples: int
 ) -> list[tuple[Any, Tensor]]:
-    try:
-        batches = as_batches(data)
-    except ValueError:
-        # Under torch.distributed a rank may hold an empty shard: it joins every
-        # reduction with zeros (the operators' rule); raising on one rank alone
-        # would hang the others. All ranks empty is caught by the sample count.
-        if not distributed.is_distributed():
-            raise
-        batches = []
     out, count = [], 0
-    for x, y in batches:
+    # an empty shard joins with zeros; all ranks empty fails the sample count
+    for x, y in local_batches(data):
         b = batch_size(y)
         if b == 0:
             continue
