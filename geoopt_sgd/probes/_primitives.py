@@ -327,23 +327,6 @@ class ProbeSet:
             return OutputTangents(empty, empty.clone(), self)
         return OutputTangents(torch.cat(T), torch.cat(LT), self)
 
-    def directional(self, V: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample directional derivatives and GGN quadratic forms (primitive 2).
-
-        One ``jvp`` of the outputs per direction (:meth:`tangents`): cost ``q``
-        tangent passes for ``V`` of shape ``(P, q)``; nothing of size ``n x P``.
-
-        Args:
-            V: Directions, ``(P, q)``.
-
-        Returns:
-            ``(A, Q)``, both ``(n_local, q)``: ``A[i, j] = grad L_i . v_j`` and
-            ``Q[i, j] = (J_i v_j)^T Lambda_i (J_i v_j)``, so that
-            ``v_j^T G v_j = (1/n) sum_i Q[i, j]`` (summed over all processes).
-        """
-        t = self.tangents(V)
-        return t.loss(), t.ggn_quad()
-
     def _output_vjp(self, ct: list[Tensor], q: int) -> Tensor:
         """``sum_i J_i^T c_i`` for per-batch cotangents ``(q, b, K)``: ``(q, P)``.
 
