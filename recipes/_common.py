@@ -918,6 +918,22 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Save a Matplotlib figure as PNG atomically (temp file + rename) and close it.
+
+    An interrupted run never leaves a truncated PNG behind: readers see the old
+    figure or the new one.
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        _atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
+    finally:
+        plt.close(fig)
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented strict JSON, atomically (temp file + rename).
 

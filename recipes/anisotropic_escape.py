@@ -923,8 +923,7 @@ def plot(results_path: str | Path) -> list[Path]:
         )
         axes[2].legend(fontsize=7)
         p = out / "toy.png"
-        fig.savefig(p)
-        plt.close(fig)
+        common.save_figure(fig, p)
         paths.append(p)
     net = res["arrays"]["net"]
     if net:
@@ -970,8 +969,7 @@ def plot(results_path: str | Path) -> list[Path]:
         axes[4].plot(range(1, len(top) + 1), top, "o-", ms=3)
         axes[4].set(title="top Hessian eigenvalues at theta*_GD", xlabel="index")
         p = out / "net.png"
-        fig.savefig(p)
-        plt.close(fig)
+        common.save_figure(fig, p)
         paths.append(p)
     return paths
 

@@ -882,8 +882,7 @@ def plot(results_path: str | Path) -> list[Path]:
         ax.set_ylim(L_star * 0.1, max(10.0, L_star * 10))
     axes[0].set_ylabel("training loss L(θ_t)")
     p1 = out / "escape_loss.png"
-    fig.savefig(p1)
-    plt.close(fig)
+    common.save_figure(fig, p1)
 
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
     fig.subplots_adjust(wspace=0.35)
@@ -924,8 +923,7 @@ def plot(results_path: str | Path) -> list[Path]:
     ax[1].legend(fontsize=7)
     ax[2].legend(fontsize=7)
     p2 = out / "escape_direction.png"
-    fig.savefig(p2)
-    plt.close(fig)
+    common.save_figure(fig, p2)
     return [p1, p2]
 
 

@@ -801,8 +801,7 @@ def plot(results_path: str | Path) -> list[Path]:
     for ax in axes[:4]:
         ax.legend(fontsize=7)
     out = Path(results_path).parent / "clr.png"
-    common._atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
-    plt.close(fig)
+    common.save_figure(fig, out)
     return [out]
 
 

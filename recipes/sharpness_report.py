@@ -406,8 +406,7 @@ def plot(results_path: str | Path) -> Path:
     ax[1].set_ylim(bottom=1e-10)
     fig.suptitle(f"{res['config']['model']} on {res['config']['dataset']}", fontsize=9)
     path = Path(results_path).parent / "sharpness.png"
-    fig.savefig(path)
-    plt.close(fig)
+    common.save_figure(fig, path)
     return path
 
 

@@ -238,6 +238,33 @@ def test_write_json_atomic_and_strict(tmp_path):
     assert list(tmp_path.glob(".b.json*")) == []
 
 
+def test_save_figure_atomic(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    p = C.save_figure(fig, tmp_path / "f" / "a.png")
+    good = p.read_bytes()
+    assert good[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [f.name for f in p.parent.iterdir()] == ["a.png"], "temp file left behind"
+    assert not plt.fignum_exists(fig.number), "figure not closed"
+
+    def broken(fh, **kw):  # rendering interrupted half-way through the file
+        fh.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    fig2 = plt.figure()
+    fig2.savefig = broken
+    with pytest.raises(KeyboardInterrupt):
+        C.save_figure(fig2, p)
+    assert not plt.fignum_exists(fig2.number)
+    assert p.read_bytes() == good, "an interrupted save replaced the old figure"
+    assert [f.name for f in p.parent.iterdir()] == ["a.png"]
+
+
 def test_checkpoint_roundtrip_restores_rng(tmp_path):
     cfg = C.config_to_dict(Cfg())
     path = tmp_path / "ck.pt"
