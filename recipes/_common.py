@@ -132,6 +132,33 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _split_items(text: str) -> list[str]:
+    """Split a CLI tuple on commas and whitespace outside brackets and quotes.
+
+    ``"a=1,b=(8, 8),c='x y'"`` gives ``["a=1", "b=(8, 8)", "c='x y'"]``, so
+    ``--model-kwargs`` can pass tuples, lists and quoted strings.
+    """
+    items, cur, depth, quote = [], [], 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and (ch == "," or ch.isspace()):
+            if cur:
+                items.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        items.append("".join(cur))
+    return items
+
+
 def _convert(name: str, tp: Any, value: Any) -> Any:
     """Coerce a JSON or CLI value to the field's annotated type."""
     base, optional = _strip_optional(tp)
@@ -144,7 +171,7 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
         args = typing.get_args(base)
         item = args[0] if args else str
         if isinstance(value, str):
-            value = [v for v in re.split(r"[,\s]+", value) if v]
+            value = _split_items(value)
         return tuple(_convert(name, item, v) for v in value)
     if base is bool:
         if isinstance(value, str):

@@ -207,6 +207,30 @@ def test_model_kwargs_parsed_as_literals():
     assert ed.model_kwargs(ed.Config()) == {}
 
 
+def test_model_kwargs_cli_keeps_tuples_and_quoted_strings():
+    cfg = common.parse_config(
+        ed.Config,
+        [
+            "--model",
+            "test_vit",
+            "--model-kwargs",
+            "img_size=(8, 8),patch_size=[4,4] depth=1,global_pool='a, b'",
+        ],
+    )
+    assert cfg.model_kwargs == (
+        "img_size=(8, 8)",
+        "patch_size=[4,4]",
+        "depth=1",
+        "global_pool='a, b'",
+    )
+    assert ed.model_kwargs(cfg) == {
+        "img_size": (8, 8),
+        "patch_size": [4, 4],
+        "depth": 1,
+        "global_pool": "a, b",
+    }
+
+
 def test_model_kwargs_reach_timm(tmp_path):
     cfg = tiny(
         tmp_path,
