@@ -96,15 +96,26 @@ def model_state(model):
     }
 
 
+def bitwise_equal(a, b):
+    """Same dtype, shape and bits (NaN payloads included), unlike ``torch.equal``,
+    which is ``False`` for any tensor holding a NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.dtype.is_floating_point and not a.dtype.is_complex:
+        return torch.equal(a, b)
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 def assert_same_state(before, after):
     for key in ("params", "buffers"):
         assert before[key].keys() == after[key].keys()
         for n in before[key]:
-            assert torch.equal(before[key][n], after[key][n]), f"{key} {n} changed"
+            assert bitwise_equal(before[key][n], after[key][n]), f"{key} {n} changed"
     for n in before["grads"]:
         a, b = before["grads"][n], after["grads"][n]
         assert (a is None) == (b is None), f"grad {n} changed"
         if a is not None:
-            assert torch.equal(a, b), f"grad {n} changed"
+            assert bitwise_equal(a, b), f"grad {n} changed"
     assert before["modes"] == after["modes"], "module modes changed"
     assert torch.equal(before["rng"], after["rng"]), "global RNG changed"

@@ -346,12 +346,9 @@ def test_nonfinite_gives_nan_not_error():
     model, loss_fn, X, y = _case("mlp-ce")
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-    before = [p.detach().clone() for p in model.parameters()]
-    rng = torch.get_rng_state()
+    before = cases.model_state(model)
     res = noise_geometry(model, loss_fn, (X, y), k=2)
-    for p, q in zip(model.parameters(), before, strict=True):
-        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(rng, torch.get_rng_state())
+    cases.assert_same_state(before, cases.model_state(model))  # NaN compared by bits
     assert all(math.isnan(v) for k, v in res.values.items() if k != "n_nonfinite")
     assert res.values["n_nonfinite"] == len(res.values) - 1 > 0
     json.dumps(res.as_dict())  # NaN is still serialisable by json (as NaN)
@@ -523,3 +520,14 @@ def test_wws22_lemmas_scalar_output(model_name):
     assert 0 < gamma <= 1
     assert res.values["mu1"] >= gamma
     assert 0 <= res.values["mu2"] <= tau
+
+
+def test_bitwise_equal_compares_nan_and_signed_zero():
+    a = torch.tensor([1.0, float("nan"), 0.0])
+    assert cases.bitwise_equal(a, a.clone())
+    assert not torch.equal(a, a.clone())  # why torch.equal cannot be used
+    assert not cases.bitwise_equal(a, torch.tensor([1.0, float("nan"), -0.0]))
+    assert not cases.bitwise_equal(a, torch.tensor([1.0, 2.0, 0.0]))
+    assert not cases.bitwise_equal(a, a.double())
+    assert cases.bitwise_equal(torch.tensor(3.0), torch.tensor(3.0))
+    assert cases.bitwise_equal(torch.arange(3), torch.arange(3))
