@@ -319,7 +319,8 @@ def reweighting_weights(
     gradient is formed.
 
     Args:
-        z: Standard normal draws, shape ``(m,)`` (this rank's samples).
+        z: Standard normal draws, shape ``(m,)`` (this rank's samples; ``m`` may
+            be 0 on a rank whose shard is empty when ``total`` is given).
         batch_size: ``B``, the SGD batch size being imitated.
         total: ``n``, the number of samples over all ranks (defaults to ``m``).
         z_mean: ``z̄`` over all ranks (defaults to ``z.mean()``).
@@ -329,7 +330,8 @@ def reweighting_weights(
 
     Raises:
         TypeError: If ``batch_size`` is not an integer.
-        ValueError: If ``batch_size`` is below 1 or ``z`` is empty.
+        ValueError: If ``batch_size`` is below 1, or ``z`` is empty without a
+            positive ``total`` (an empty shard of a distributed batch is allowed).
 
     Example:
         >>> w = reweighting_weights(torch.tensor([1.0, -1.0, 3.0]), 1)
@@ -337,7 +339,8 @@ def reweighting_weights(
         0.0
     """
     check_int("batch_size", batch_size, ge=1)
-    if z.numel() == 0:
+    if z.numel() == 0 and not total:
+        # an empty shard is fine under torch.distributed (``total`` > 0): no weights
         raise ValueError("`z` must hold at least one sample; got an empty tensor.")
     n = z.numel() if total is None else total
     zbar = z.mean() if z_mean is None else z_mean

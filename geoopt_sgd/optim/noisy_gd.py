@@ -21,7 +21,7 @@ from torch.func import vmap
 
 from .. import distributed
 from .._checks import check_choice, check_int, check_number
-from .._model import FunctionalModel, as_batches, detect_reduction, to_device
+from .._model import FunctionalModel, detect_reduction, local_batches, to_device
 from .._model import batch_size as _batch_len
 from . import noise as _noise
 from ._functional import noisy_gd_update
@@ -452,10 +452,18 @@ class NoisyGD(torch.optim.Optimizer):
             params = self._params()
             self._fm = FunctionalModel(self.model, params, mode=self.mode)
             self._reduction = detect_reduction(self.loss_fn, self.loss_reduction)
-            self._batches = as_batches(self.data)
+            # an empty shard on one rank joins every reduction with zeros;
+            # data empty on every rank is an error, raised on all of them
+            self._batches = list(local_batches(self.data))
             local = sum(_batch_len(t) for _, t in self._batches)
             self._n_local = local
             self._n_total = self._fm.total_count(self._batches)
+            if self._n_total == 0:
+                self._fm = None
+                raise ValueError(
+                    "`data` is empty on every process: the noise needs at least "
+                    "one sample."
+                )
         return self._fm
 
     def _weighted_gradient(self, inputs: Any, targets: Tensor, w: Tensor) -> Tensor:

@@ -65,3 +65,76 @@ def test_ddp_replicas_stay_identical_with_noise(tmp_path):
     for kind in KINDS:
         assert torch.equal(r0[kind][0], r1[kind][0]), kind
         assert r0[kind][1] == r1[kind][1] > 0, kind
+
+
+def _empty_shard_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        loss_fn = nn.CrossEntropyLoss()
+        X, y = make_data(n=12, seed=0)
+        # the noise data of rank 1 is empty: it must join the reductions, not raise
+        data = (X, y) if rank == 0 else (X[:0], y[:0])
+        results = {}
+        for kind in NoisyGD.NOISE_KINDS:
+            ddp = DDP(mlp(seed=0))
+            opt = NoisyGD(
+                ddp.parameters(),
+                lr=0.1,
+                noise=kind,
+                noise_scale=0.1,
+                batch_size=3,
+                k=2,
+                refresh_every=2,
+                model=ddp,
+                loss_fn=loss_fn,
+                data=data,
+                seed=11,
+            )
+            for _ in range(3):
+                opt.zero_grad()
+                loss_fn(ddp(X), y).backward()
+                opt.step()
+            results[kind] = torch.cat(
+                [p.detach().reshape(-1) for p in ddp.parameters()]
+            )
+        # empty on every rank: the same clear error on both, no hang
+        ddp = DDP(mlp(seed=0))
+        opt = NoisyGD(
+            ddp.parameters(),
+            lr=0.1,
+            noise="sgd_matched",
+            batch_size=3,
+            model=ddp,
+            loss_fn=loss_fn,
+            data=(X[:0], y[:0]),
+        )
+        loss_fn(ddp(X), y).backward()
+        try:
+            opt.step()
+        except ValueError as err:
+            results["all_empty_error"] = str(err)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_empty_noise_shard_on_one_rank(tmp_path):
+    mp.spawn(
+        _empty_shard_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    start = torch.cat([p.detach().reshape(-1) for p in mlp(seed=0).parameters()])
+    for kind in NoisyGD.NOISE_KINDS:
+        assert torch.equal(r0[kind], r1[kind]), kind
+        assert torch.isfinite(r0[kind]).all() and not torch.equal(r0[kind], start)
+    for r in (r0, r1):
+        assert "empty on every process" in r["all_empty_error"]
