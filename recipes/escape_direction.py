@@ -55,9 +55,10 @@ setting of WWS22/WW23), inputs **ZCA-whitened**. Two measured reasons:
   0.45–0.54 and ``γ_0 < 1`` in 4 of 5 runs (``μ_0`` 0.42–0.85) while the loss grows
   1.5–2.3× per step. ``test_efficientnet_gn`` stalls at the constant
   predictor; ``pre_lr``/``pre_steps`` add a first GD stage for slow models.
-  ``final_norm=False`` and ``embed_dim=128`` raise ``ρ_20`` (0.52–0.58); ``patch_size=4``
-  (4 tokens) gives ``ρ_20 ≈ 0.18`` only in runs that never escape (``γ_0`` 0.4–0.5 at
-  ``B = 16``); at ``B = 5`` SGD escapes and ``ρ_20`` is 0.57–0.63 (recipes/README.md).
+  ``final_norm=False`` and ``embed_dim=128`` raise ``ρ_20`` (0.52–0.58);
+  ``patch_size=4`` (4 tokens) gives ``ρ_20 ≈ 0.18`` only in runs that never escape
+  (``γ_0`` 0.4–0.5 at ``B = 16``); at ``B = 5`` SGD escapes and ``ρ_20`` is
+  0.57–0.63 (recipes/README.md).
 * ``B = 16`` gives ``γ_0 ≈ 3``, a fast escape with ``ρ_20 ≈ 0.41``; the control
   ``B = 128`` gives ``γ_0 ≈ 0.2``.
 * Escape is read at ``L ≥ 10⁴·L(θ*)``, not the SPEC's proposed 100×: θ* is not an
