@@ -675,7 +675,7 @@ def make_model(
         num_classes: Number of outputs ``K``.
         in_chans: Input channels (image models).
         input_dim: Input features (``mlp``, ``linear``).
-        image_size: Input side (``cnn``).
+        image_size: Input side (``cnn``; for timm models, checked by a forward).
         width: Hidden width / channels of the small models.
         depth: Hidden layers of ``mlp``.
         activation: ``"tanh"`` or ``"relu"`` (``mlp``).
@@ -689,8 +689,10 @@ def make_model(
         The model, in train mode.
 
     Raises:
-        ValueError: If the name is unknown, a size the model needs is missing, or
-            ``timm_args`` is given for a small model or repeats a keyword.
+        ValueError: If the name is unknown, a size the model needs is missing,
+            ``timm_args`` is given for a small model or repeats a keyword, or a
+            timm model cannot run on ``image_size`` inputs (checked with one
+            eval-mode forward of two blank images).
     """
     check_model_name(name)
     timm_args = dict(timm_args or {})
@@ -740,7 +742,31 @@ def make_model(
             )
     finally:
         torch.set_rng_state(state)
-    return model.to(dtype)
+    model = model.to(dtype)
+    if name not in SMALL_MODELS and image_size is not None:
+        _check_input_size(model, name, in_chans, image_size, dtype)
+    return model
+
+
+def _check_input_size(
+    model: nn.Module, name: str, in_chans: int, image_size: int, dtype: torch.dtype
+) -> None:
+    """One eval-mode forward of two blank images: a model that downsamples below
+    one pixel at this size stops here with a clear message, before training."""
+    training = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, in_chans, image_size, image_size, dtype=dtype))
+    except RuntimeError as err:
+        raise ValueError(
+            f"model {name!r} cannot run on {image_size}x{image_size} inputs "
+            f"({str(err).splitlines()[0]}); pass a larger `--image-size` "
+            "(or `--model-kwargs` that keep the model's resolution)."
+        ) from None
+    finally:
+        for m, t in zip(model.modules(), training, strict=True):
+            m.training = t
 
 
 def model_wants_flat(name: str) -> bool:

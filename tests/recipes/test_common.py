@@ -195,6 +195,20 @@ def test_make_model_timm_args():
     assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
 
 
+def test_make_model_checks_the_input_size_before_training():
+    # test_convnext downsamples 16 px inputs below one pixel: a clear error at build
+    with pytest.raises(
+        ValueError, match=r"'test_convnext' cannot run on 16x16 .*--image-size"
+    ):
+        C.make_model("test_convnext", 10, in_chans=1, image_size=16)
+    rng = torch.get_rng_state()
+    m = C.make_model("test_resnet", 10, in_chans=1, image_size=16)
+    assert all(mod.training for mod in m.modules())  # train mode kept
+    assert torch.equal(rng, torch.get_rng_state())
+    bn = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 0  # the check ran in eval mode
+
+
 def test_make_model_errors():
     with pytest.raises(ValueError, match="timm.list_models"):
         C.make_model("resnet_does_not_exist", 10)

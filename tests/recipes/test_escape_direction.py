@@ -178,6 +178,11 @@ def test_resume_rejects_other_config(tmp_path):
             ValueError,
             r"`timm_args` repeats keyword arguments: \['in_chans'\]",
         ),
+        (
+            {"model": "test_convnext", "image_size": 16},
+            ValueError,
+            r"model 'test_convnext' cannot run on 16x16 inputs .*`--image-size`",
+        ),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, change, error, match):
