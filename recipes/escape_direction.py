@@ -580,6 +580,14 @@ def _col_mean(rows: list[list[float]]) -> list[float]:
     return [sum(c) / len(c) for c in zip(*rows, strict=True)]
 
 
+def _diverged(cfg: Config, where: str) -> str:
+    pre = f" or --pre-lr (got {cfg.pre_lr})" if cfg.pre_steps > 0 else ""
+    return (
+        f"GD training diverged ({where}): lower --train-lr (got {cfg.train_lr})"
+        f"{pre} and rerun without --resume."
+    )
+
+
 def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
     """Run the recipe; write ``config.json``, ``results.json`` and the figures.
 
@@ -626,6 +634,9 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(X), Y)
+        if not math.isfinite(loss.item()):  # stop now, not after every step
+            bar.close()
+            raise RuntimeError(_diverged(cfg, f"at step {step}, loss {loss.item()}"))
         loss.backward()
         opt.step()
         state["train_loss"].append(loss.item())
@@ -639,11 +650,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
     theta_star = flat_params(model).clone()
     L_star = full_loss(model, loss_fn, X, Y)
     if not math.isfinite(L_star) or not bool(torch.isfinite(theta_star).all()):
-        pre = f" or --pre-lr (got {cfg.pre_lr})" if cfg.pre_steps > 0 else ""
-        raise RuntimeError(
-            f"GD training diverged (L(theta*) = {L_star}): lower --train-lr "
-            f"(got {cfg.train_lr}){pre} and rerun without --resume."
-        )
+        raise RuntimeError(_diverged(cfg, f"L(theta*) = {L_star}"))
 
     # ---- phase 2: curvature and noise geometry at theta*
     if "lam" not in state:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 
 import _common as common
 import escape_direction as ed
@@ -320,5 +322,15 @@ def test_quick_passes_verdict(tmp_path):
 
 
 def test_diverging_training_stops_with_message(tmp_path):
-    with pytest.raises(RuntimeError, match=r"GD training diverged .*lower --train-lr"):
-        ed.main(tiny(tmp_path, train_lr=1e6, train_steps=40))
+    # stops at the first non-finite loss, not after the remaining steps
+    with pytest.raises(
+        RuntimeError, match=r"GD training diverged .*lower --train-lr"
+    ) as e:
+        ed.main(tiny(tmp_path, train_lr=1e6, train_steps=4000, checkpoint_every=1))
+    step = int(re.search(r"at step (\d+),", str(e.value)).group(1))
+    assert step < 50
+    state = torch.load(
+        tmp_path / "escape_direction" / "checkpoint.pt", weights_only=False
+    )
+    assert state["train_step"] == step  # the diverged step is never checkpointed
+    assert all(math.isfinite(v) for v in state["train_loss"])
