@@ -758,11 +758,12 @@ def _check_input_size(
     try:
         with torch.no_grad():
             model(torch.zeros(2, in_chans, image_size, image_size, dtype=dtype))
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:  # timm asserts fixed input sizes
         raise ValueError(
             f"model {name!r} cannot run on {image_size}x{image_size} inputs "
-            f"({str(err).splitlines()[0]}); pass a larger `--image-size` "
-            "(or `--model-kwargs` that keep the model's resolution)."
+            f"({(str(err).splitlines() or [type(err).__name__])[0]}); pass another "
+            "`--image-size` (a larger one if the model downsamples it away) or "
+            "`--model-kwargs` that fit it."
         ) from None
     finally:
         for m, t in zip(model.modules(), training, strict=True):
