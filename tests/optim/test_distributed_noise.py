@@ -15,40 +15,43 @@ from geoopt_sgd import NoisyGD
 KINDS = ("isotropic", "diagonal", "hessian", "sgd_matched", "geometry_aware")
 
 
+def _train(kind, X, y, *, data):
+    """Three DDP steps with ``kind`` noise from ``data``; the global RNG untouched."""
+    loss_fn = nn.CrossEntropyLoss()
+    ddp = DDP(mlp(seed=0))
+    opt = NoisyGD(
+        ddp.parameters(),
+        lr=0.1,
+        noise=kind,
+        noise_scale=0.1,
+        batch_size=3,
+        k=2,
+        refresh_every=2,
+        model=ddp,
+        loss_fn=loss_fn,
+        data=data,
+        seed=11,
+    )
+    rng = torch.get_rng_state()
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(ddp(X), y).backward()
+        opt.step()
+    assert torch.equal(rng, torch.get_rng_state()), "global RNG changed"
+    return torch.cat([p.detach().reshape(-1) for p in ddp.parameters()]), opt
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
-        loss_fn = nn.CrossEntropyLoss()
         X, y = make_data(n=12, seed=rank)  # each rank holds its own shard
         results = {}
         for kind in KINDS:
-            ddp = DDP(mlp(seed=0))
-            opt = NoisyGD(
-                ddp.parameters(),
-                lr=0.1,
-                noise=kind,
-                noise_scale=0.1,
-                batch_size=3,
-                k=2,
-                refresh_every=2,
-                model=ddp,
-                loss_fn=loss_fn,
-                data=(X, y),
-                seed=11,
-            )
-            rng = torch.get_rng_state()
-            for _ in range(3):
-                opt.zero_grad()
-                loss_fn(ddp(X), y).backward()
-                opt.step()
-            assert torch.equal(rng, torch.get_rng_state()), "global RNG changed"
-            results[kind] = (
-                torch.cat([p.detach().reshape(-1) for p in ddp.parameters()]),
-                opt.stats["realised_sq_norm"],
-            )
+            theta, opt = _train(kind, X, y, data=(X, y))
+            results[kind] = (theta, opt.stats["realised_sq_norm"])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -73,47 +76,15 @@ def _empty_shard_worker(rank, world, init_file, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
-        loss_fn = nn.CrossEntropyLoss()
         X, y = make_data(n=12, seed=0)
         # the noise data of rank 1 is empty: it must join the reductions, not raise
         data = (X, y) if rank == 0 else (X[:0], y[:0])
-        results = {}
-        for kind in NoisyGD.NOISE_KINDS:
-            ddp = DDP(mlp(seed=0))
-            opt = NoisyGD(
-                ddp.parameters(),
-                lr=0.1,
-                noise=kind,
-                noise_scale=0.1,
-                batch_size=3,
-                k=2,
-                refresh_every=2,
-                model=ddp,
-                loss_fn=loss_fn,
-                data=data,
-                seed=11,
-            )
-            for _ in range(3):
-                opt.zero_grad()
-                loss_fn(ddp(X), y).backward()
-                opt.step()
-            results[kind] = torch.cat(
-                [p.detach().reshape(-1) for p in ddp.parameters()]
-            )
+        results = {
+            kind: _train(kind, X, y, data=data)[0] for kind in NoisyGD.NOISE_KINDS
+        }
         # empty on every rank: the same clear error on both, no hang
-        ddp = DDP(mlp(seed=0))
-        opt = NoisyGD(
-            ddp.parameters(),
-            lr=0.1,
-            noise="sgd_matched",
-            batch_size=3,
-            model=ddp,
-            loss_fn=loss_fn,
-            data=(X[:0], y[:0]),
-        )
-        loss_fn(ddp(X), y).backward()
         try:
-            opt.step()
+            _train("sgd_matched", X, y, data=(X[:0], y[:0]))
         except ValueError as err:
             results["all_empty_error"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
