@@ -634,14 +634,15 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(X), Y)
-        if not math.isfinite(loss.item()):  # stop now, not after every step
+        value = loss.item()  # one device sync per step
+        if not math.isfinite(value):  # stop now, not after every step
             bar.close()
-            raise RuntimeError(_diverged(cfg, f"at step {step}, loss {loss.item()}"))
+            raise RuntimeError(_diverged(cfg, f"at step {step}, loss {value}"))
         loss.backward()
         opt.step()
-        state["train_loss"].append(loss.item())
+        state["train_loss"].append(value)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3e}", lr=lr)
+        bar.set_postfix(loss=f"{value:.3e}", lr=lr)
         if (step + 1) % max(cfg.checkpoint_every, 1) == 0 or step + 1 == total_steps:
             state.update(train_step=step + 1, model=model.state_dict())
             save()
