@@ -59,6 +59,9 @@ setting of WWS22/WW23), inputs **ZCA-whitened**. Two measured reasons:
   ``patch_size=4`` (4 tokens) gives ``ρ_20 ≈ 0.18`` only in runs that never escape
   (``γ_0`` 0.4–0.5 at ``B = 16``); at ``B = 5`` SGD escapes and ``ρ_20`` is
   0.57–0.63 (recipes/README.md).
+  A screen of 14 timm settings (exact kernel spectrum at θ*, recipes/README.md)
+  finds 52–62% of Tr H in the top 20 eigenvalues (the MLP: 43%; conv nets with
+  BatchNorm: ~93%), and the Perron profile then predicts ``ρ_20 ≈ 0.45–0.55``.
 * ``B = 16`` gives ``γ_0 ≈ 3``, a fast escape with ``ρ_20 ≈ 0.41``; the control
   ``B = 128`` gives ``γ_0 ≈ 0.2``.
 * Escape is read at ``L ≥ 10⁴·L(θ*)``, not the SPEC's proposed 100×: θ* is not an
