@@ -60,8 +60,8 @@ setting of WWS22/WW23), inputs **ZCA-whitened**. Two measured reasons:
   (``γ_0`` 0.4–0.5 at ``B = 16``); at ``B = 5`` SGD escapes and ``ρ_20`` is
   0.57–0.63 (recipes/README.md).
   A screen of 14 timm settings (exact kernel spectrum at θ*, recipes/README.md)
-  finds 52–62% of Tr H in the top 20 eigenvalues (the MLP: 43%; conv nets with
-  BatchNorm: ~93%), and the Perron profile then predicts ``ρ_20 ≈ 0.45–0.55``.
+  finds 52–62% of Tr H in the top 20 eigenvalues for the ViTs (the MLP: 43%;
+  ``test_byobnet``: 93%), and the Perron profile then predicts ``ρ_20`` 0.43–0.57.
 * ``B = 16`` gives ``γ_0 ≈ 3``, a fast escape with ``ρ_20 ≈ 0.41``; the control
   ``B = 128`` gives ``γ_0 ≈ 0.2``.
 * Escape is read at ``L ≥ 10⁴·L(θ*)``, not the SPEC's proposed 100×: θ* is not an
