@@ -5,6 +5,7 @@ Curvature operators and eigensolvers, the noise-geometry metrics of Wu, Wang & S
 with injected noise, probes for live training runs, and cyclical learning rates.
 """
 
+from ._losses import HalfSquaredError
 from .curvature import (
     DenseOperator,
     EigenResult,
@@ -66,6 +67,8 @@ __all__ = [
     "NoiseProbe",
     "METRICS",
     "DEFAULT_METRICS",
+    # losses
+    "HalfSquaredError",
     # optimizers
     "ProbedSGD",
     "NoisyGD",
