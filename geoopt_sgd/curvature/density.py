@@ -30,11 +30,10 @@ from torch import Tensor
 
 from .. import distributed
 from .._checks import check_int, check_number
+from .._linalg import coldot64
 from .linop import LinearOperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
-
-_ROWS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,6 @@ class SpectralDensity:
     n_matvec: int
 
 
-def _coldot64(X: Tensor, Y: Tensor) -> Tensor:
-    out = torch.zeros(X.shape[-1], dtype=torch.float64, device=X.device)
-    for s in range(0, X.shape[0], _ROWS):
-        out += (X[s : s + _ROWS].double() * Y[s : s + _ROWS].double()).sum(0)
-    return out
-
-
 def _block_lanczos_tridiag(
     operator: LinearOperator, V0: Tensor, num_steps: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -85,12 +77,12 @@ def _block_lanczos_tridiag(
     anorm = torch.zeros(c, dtype=torch.float64)
     for j in range(num_steps):
         W = operator.matmat(basis[-1])
-        alpha[:, j] = _coldot64(basis[-1], W).cpu()
+        alpha[:, j] = coldot64(basis[-1], W).cpu()
         anorm = torch.maximum(anorm, alpha[:, j].abs())
         for _ in range(2):  # full reorthogonalisation, column by column
             for Vb in basis:
-                W -= Vb * _coldot64(Vb, W).to(W.dtype)
-        b = _coldot64(W, W).clamp_min(0).sqrt().cpu()
+                W -= Vb * coldot64(Vb, W).to(W.dtype)
+        b = coldot64(W, W).clamp_min(0).sqrt().cpu()
         anorm = torch.maximum(anorm, b)
         newly_dead = alive & (b <= 10 * eps * anorm.clamp_min(1e-300) * math.sqrt(P))
         steps[newly_dead] = j + 1

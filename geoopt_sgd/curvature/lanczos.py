@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import distributed
 from .._checks import check_choice, check_int, check_number
+from .._linalg import CHUNK, rowdot64
 from .linop import LinearOperator
 
 __all__ = ["EigenResult", "bottom_eigenpairs", "top_eigenpairs"]
@@ -63,10 +64,6 @@ _GUARD_TOL = 10.0
 # Fraction of the free basis (beyond the wanted values) kept at a restart; 0.3-0.7
 # made no measurable difference.
 _KEEP = 0.5
-# Row chunk for float64-accumulated inner products of float32/16 vectors: the
-# error of a float32 dot over 11M entries reached 4e-4 on CPU, over 2^15 it is
-# ~1e-7, and summing the chunks in float64 keeps it there.
-_CHUNK = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -94,17 +91,6 @@ class EigenResult:
     wall_time: float
 
 
-def _dot64(Vt: Tensor, w: Tensor) -> Tensor:
-    """Return ``Vt @ w`` (``(j,)``, float64), accumulated in float64."""
-    if Vt.dtype == torch.float64:
-        return Vt @ w
-    P = w.shape[0]
-    out = torch.zeros(Vt.shape[0], dtype=torch.float64, device=w.device)
-    for s in range(0, P, _CHUNK):
-        out += (Vt[:, s : s + _CHUNK] @ w[s : s + _CHUNK]).double()
-    return out
-
-
 def _orthogonalize(Vt: Tensor, w: Tensor) -> tuple[Tensor, float]:
     """Orthogonalise ``w`` against the rows of ``Vt`` in place.
 
@@ -117,14 +103,14 @@ def _orthogonalize(Vt: Tensor, w: Tensor) -> tuple[Tensor, float]:
         The float64 coefficients ``Vt @ w`` (before projection) and ``||w||`` after.
     """
     h = torch.zeros(Vt.shape[0], dtype=torch.float64, device=w.device)
-    nrm = math.sqrt(max(float(_dot64(w.unsqueeze(0), w)[0]), 0.0))
+    nrm = math.sqrt(max(float(rowdot64(w.unsqueeze(0), w)[0]), 0.0))
     for _ in range(2):
         if Vt.shape[0] == 0:
             break
-        c = _dot64(Vt, w)
+        c = rowdot64(Vt, w)
         w -= c.to(w.dtype) @ Vt
         h += c
-        before, nrm = nrm, math.sqrt(max(float(_dot64(w.unsqueeze(0), w)[0]), 0.0))
+        before, nrm = nrm, math.sqrt(max(float(rowdot64(w.unsqueeze(0), w)[0]), 0.0))
         if nrm > 0.7071 * before:
             break
     return h, nrm
@@ -205,7 +191,7 @@ def _lanczos(
             v = cols.sum(dim=1)
         v = v.clone()
     distributed.broadcast(v)
-    nrm = math.sqrt(float(_dot64(v.unsqueeze(0), v)[0]))
+    nrm = math.sqrt(float(rowdot64(v.unsqueeze(0), v)[0]))
     if not nrm > 0:
         v = _random_unit(P, gen, Vt[:0], Vt)
         nrm = 1.0
@@ -271,8 +257,8 @@ def _lanczos(
             keep = _select(theta, kt, kb, False)
         Sk = S[:, keep]
         Sk_dev = Sk.to(device=device, dtype=dtype)
-        for s in range(0, P, _CHUNK):
-            Vt[: keep.numel(), s : s + _CHUNK] = Sk_dev.T @ Vt[:j, s : s + _CHUNK]
+        for s in range(0, P, CHUNK):
+            Vt[: keep.numel(), s : s + CHUNK] = Sk_dev.T @ Vt[:j, s : s + CHUNK]
         lk = keep.numel()
         Vt[lk] = Vt[j]
         coupling = H[j, :j] @ Sk

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_int, check_number
+from .._linalg import coldot64
 from .._model import (
     FunctionalModel,
     as_batches,
@@ -29,7 +30,7 @@ from .._model import (
 )
 from .hessian import HessianOperator
 from .lanczos import _lanczos
-from .trace import Estimate, _coldot64, _mean_stderr, _probes
+from .trace import Estimate, _mean_stderr, _probes
 
 __all__ = ["SharpnessReport", "expected_sharpness", "sharpness"]
 
@@ -204,8 +205,8 @@ def sharpness(
         if trace_probes:
             t_s, f_s = [], []
             for Z, HZ in _probes(op, trace_probes, 10, None, seed):
-                t_s.append(_coldot64(Z, HZ).cpu())
-                f_s.append(_coldot64(HZ, HZ).cpu())
+                t_s.append(coldot64(Z, HZ).cpu())
+                f_s.append(coldot64(HZ, HZ).cpu())
             trace, trace_se = _mean_stderr(torch.cat(t_s))
             f2, f2_se = _mean_stderr(torch.cat(f_s))
             fro = math.sqrt(max(f2, 0.0))

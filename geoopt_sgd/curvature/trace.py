@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int, check_number
+from .._linalg import coldot64
 from .linop import LinearOperator
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 _MIN_PROBES = 10
-_ROWS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,6 @@ def _rademacher(P: int, n: int, gen: torch.Generator, operator: LinearOperator):
     # drawn probe by probe, so the probes do not depend on ``chunk_size``
     Z = torch.randint(0, 2, (n, P), generator=gen, device=operator.device)
     return (2 * Z - 1).to(operator.dtype).T.contiguous()
-
-
-def _coldot64(X: Tensor, Y: Tensor) -> Tensor:
-    """Column-wise inner products ``sum_i X[i, c] Y[i, c]`` in float64."""
-    out = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-    for s in range(0, X.shape[0], _ROWS):
-        out += (X[s : s + _ROWS].double() * Y[s : s + _ROWS].double()).sum(0)
-    return out
 
 
 def _probes(
@@ -201,7 +193,7 @@ def hutchinson_trace(
     _check_operator(operator)
     _check_common(num_probes, seed, rtol, max_matvecs, chunk_size)
     return _scalar_estimator(
-        operator, _coldot64, num_probes, seed, rtol, max_matvecs, chunk_size
+        operator, coldot64, num_probes, seed, rtol, max_matvecs, chunk_size
     )
 
 
@@ -236,7 +228,7 @@ def squared_frobenius(
     _check_common(num_probes, seed, rtol, max_matvecs, chunk_size)
     return _scalar_estimator(
         operator,
-        lambda Z, AZ: _coldot64(AZ, AZ),
+        lambda Z, AZ: coldot64(AZ, AZ),
         num_probes,
         seed,
         rtol,
@@ -336,7 +328,7 @@ def hutchpp_trace(
     S = _rademacher(P, s, gen, operator)
     Q, _ = torch.linalg.qr(operator.matmat(S).double())
     Q = Q.to(operator.dtype)
-    t_low = float(_coldot64(Q, operator.matmat(Q)).sum())
+    t_low = float(coldot64(Q, operator.matmat(Q)).sum())
     n_rest = num_matvecs - 2 * s
     samples: list[Tensor] = []
     done = 0
@@ -344,7 +336,7 @@ def hutchpp_trace(
         c = min(chunk_size, n_rest - done)
         G = _rademacher(P, c, gen, operator)
         G = G - Q @ (Q.T @ G)
-        samples.append(_coldot64(G, operator.matmat(G)).cpu())
+        samples.append(coldot64(G, operator.matmat(G)).cpu())
         done += c
     if samples:
         mean, se = _mean_stderr(torch.cat(samples))

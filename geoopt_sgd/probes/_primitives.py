@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from .. import distributed
+from .._linalg import CHUNK, row_gram64
 from .._model import FunctionalModel
 from ..curvature.hvp import math_sdpa
 from ..curvature.linop import LinearOperator
@@ -41,8 +42,6 @@ from ..curvature.linop import LinearOperator
 __all__ = ["CurvatureOperator", "OutputCurvature", "ProbeSet", "sample_loss_fn"]
 
 SampleLoss = Callable[[Tensor, Tensor], Tensor]
-# block of entries for float64-accumulated products of P-long float32 vectors
-_CHUNK = 1 << 17
 
 
 def sample_loss_fn(loss_fn: Callable[..., Tensor]) -> tuple[SampleLoss, bool]:
@@ -436,7 +435,7 @@ class ProbeSet:
             return None
         rows = rec.X + [U.T.to(self.dtype).contiguous()]
         m = sum(r.shape[0] for r in rec.X)
-        gram = _gram_rows(rows)  # float64 (m + k, m + k)
+        gram = row_gram64(rows)  # float64 (m + k, m + k)
         e, Q = torch.linalg.eigh(gram[:m, :m])
         keep = e > e.max() * 1e-12
         C = (Q[:, keep] / e[keep]) @ (Q[:, keep].T @ gram[:m, m:])  # (m, k)
@@ -512,30 +511,12 @@ class ProbeSet:
         return torch.cat(rows)
 
 
-def _gram_rows(rows: Sequence[Tensor]) -> Tensor:
-    """``Y Y^T`` for the row blocks ``Y = [rows]`` (each ``(q_j, P)``), in float64.
-
-    Column blocks of ``_CHUNK`` entries, each product accumulated in float64; the
-    blocks are never concatenated (no ``(m, P)`` copy).
-    """
-    dev = rows[0].device
-    m = sum(r.shape[0] for r in rows)
-    if rows[0].dtype == torch.float64:
-        Y = torch.cat(list(rows), 0)
-        return Y @ Y.T
-    out = torch.zeros(m, m, dtype=torch.float64, device=dev)
-    for s in range(0, rows[0].shape[1], _CHUNK):
-        Ys = torch.cat([r[:, s : s + _CHUNK] for r in rows], 0)
-        out += (Ys @ Ys.T).double()
-    return out
-
-
 def _residual2(X: Sequence[Tensor], Ut: Tensor, Ct: Tensor) -> float:
     """``||Ut - Ct X||_F^2`` for row blocks ``X`` ``(m, P)``, chunked, float64 sum."""
     total = 0.0
-    for s in range(0, Ut.shape[1], _CHUNK):
-        Xs = torch.cat([r[:, s : s + _CHUNK] for r in X], 0)
-        R = Ut[:, s : s + _CHUNK] - Ct @ Xs
+    for s in range(0, Ut.shape[1], CHUNK):
+        Xs = torch.cat([r[:, s : s + CHUNK] for r in X], 0)
+        R = Ut[:, s : s + CHUNK] - Ct @ Xs
         total += float((R.double() ** 2).sum())
     return total
 

@@ -105,6 +105,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int, check_number
+from .._linalg import gram64
 from .._model import FunctionalModel, batch_size, local_batches, to_device
 from ..curvature.lanczos import top_eigenpairs
 from ._primitives import CurvatureOperator, OutputTangents, ProbeSet
@@ -192,7 +193,6 @@ _NUM_ROTATIONS = 8
 # most GGN products whose inputs are kept for the eigenvectors' tangents (memory
 # _RECORD_MAX x P); a Lanczos run that needs more falls back to k jvps
 _RECORD_MAX = 64
-_CHUNK = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -382,16 +382,6 @@ class _Stats:
         return self.tr_s1c - self.tr_s2c
 
 
-def _gram64(A: Tensor, B: Tensor) -> Tensor:
-    """``A^T B`` for ``(P, a)``, ``(P, b)`` blocks, accumulated in float64."""
-    if A.dtype == torch.float64:
-        return A.T @ B
-    out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
-    for s in range(0, A.shape[0], _CHUNK):
-        out += (A[s : s + _CHUNK].T @ B[s : s + _CHUNK]).double()
-    return out
-
-
 Blocks = tuple[Tensor, Tensor, Tensor]
 
 
@@ -462,10 +452,10 @@ class _Sketch:
         tZ = tZ.combine(scale * eye)
         if U is not None and tU is not None:
             # Q = U S^{-1/2} (S = U^T U): orthonormal to float64 accuracy
-            e, Qe = torch.linalg.eigh(_gram64(U, U).cpu())
+            e, Qe = torch.linalg.eigh(gram64(U, U).cpu())
             keep = e > e.max() * 1e-12
             Sm = Qe[:, keep] / e[keep].sqrt()  # (k, k')
-            C = Sm.T @ (_gram64(U, Zu).cpu() * scale)  # Q^T Z0, (k', s)
+            C = Sm.T @ (gram64(U, Zu).cpu() * scale)  # Q^T Z0, (k', s)
             tQ = tU.combine(Sm)
             tP = tZ.cat(tQ).combine(torch.cat([eye, -C], 0))
         else:
