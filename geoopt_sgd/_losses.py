@@ -50,7 +50,7 @@ class HalfSquaredError(nn.Module):
     summed over every output of a sample, averaged (or summed) over samples. Its
     Hessian with respect to the outputs is the identity, so the Gauss-Newton
     matrix is ``(1/n) sum_i J_i^T J_i`` with no constant (Wu, Wang & Su 2022,
-    arXiv:2207.02628; Wang & Wu 2023, arXiv:2305.17490). Compare
+    arXiv:2207.02628; Wang & Wu 2023, arXiv:2310.00692). Compare
     :class:`torch.nn.MSELoss`, which averages over outputs too and has no ``1/2``.
 
     Args:
