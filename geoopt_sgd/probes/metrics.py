@@ -93,11 +93,10 @@ need per-sample ``P``-vectors to travel, so ``route="exact"`` is refused there.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -105,45 +104,61 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int, check_number
-from .._linalg import gram64
 from .._model import FunctionalModel, batch_size, local_batches, to_device
-from ..curvature.lanczos import top_eigenpairs
-from ._primitives import CurvatureOperator, OutputTangents, ProbeSet
+from ._context import ProbeContext, Traces, ratio_metrics
+from ._eigenbasis import eigen_metrics, eigenbasis, escape_metrics
+from ._exact import exact_traces
+from ._primitives import ProbeSet
+from ._sketch import Sketch, sketch_standard_errors, sketch_traces
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "NoiseGeometry", "noise_geometry"]
 
-METRICS: tuple[str, ...] = (
-    "loss",
-    "alpha",
-    "beta",
-    "mu",
-    "mu1",
-    "mu2",
-    "mu_hessian",
-    "loss_alignment",
-    "gradient_uniformity",
-    "tr_sigma",
-    "tr_h_sigma",
-    "tr_h_sigma_iso",
-    "projection_coefficient",
-    "directional_alignment",
-    "directional_alignment_random",
-    "noise_energies",
-    "power_law_exponent",
-    "power_law_r2",
-    "spearman",
-    "eigen_alignment",
-    "commutativity_error",
-    "commutativity_baseline",
-    "sharp_fraction",
-    "loss_energy_fraction",
-)
+# Every metric by name: (family, "scalar" or "array"). The family says what is
+# computed for it (see noise_geometry for the costs):
+#   loss               the forward pass only
+#   traces             traces and norms of Sigma and the `curvature` matrix
+#   ggn_traces         the same with the GGN, whatever `curvature` is
+#   hessian_traces     the same with the Hessian, whatever `curvature` is
+#   eigenbasis         the top-k eigenpairs and the derivatives along them
+#   traces+eigenbasis  both
+#   escape             the eigenbasis and a `displacement`
+_TABLE: dict[str, tuple[str, str]] = {
+    "loss": ("loss", "scalar"),
+    "alpha": ("traces", "scalar"),
+    "beta": ("traces", "scalar"),
+    "mu": ("traces", "scalar"),
+    "mu1": ("traces", "scalar"),
+    "mu2": ("traces", "scalar"),
+    "mu_hessian": ("hessian_traces", "scalar"),
+    "loss_alignment": ("traces", "scalar"),
+    "gradient_uniformity": ("ggn_traces", "scalar"),
+    "tr_sigma": ("traces", "scalar"),
+    "tr_h_sigma": ("traces", "scalar"),
+    "tr_h_sigma_iso": ("traces", "scalar"),
+    "projection_coefficient": ("traces+eigenbasis", "scalar"),
+    "directional_alignment": ("eigenbasis", "array"),
+    "directional_alignment_random": ("eigenbasis", "scalar"),
+    "noise_energies": ("eigenbasis", "array"),
+    "power_law_exponent": ("eigenbasis", "scalar"),
+    "power_law_r2": ("eigenbasis", "scalar"),
+    "spearman": ("eigenbasis", "scalar"),
+    "eigen_alignment": ("eigenbasis", "scalar"),
+    "commutativity_error": ("eigenbasis", "scalar"),
+    "commutativity_baseline": ("eigenbasis", "scalar"),
+    "sharp_fraction": ("escape", "scalar"),
+    "loss_energy_fraction": ("escape", "scalar"),
+}
+
+
+def _names(*families: str) -> frozenset[str]:
+    return frozenset(m for m, (fam, _) in _TABLE.items() if fam in families)
+
+
+METRICS: tuple[str, ...] = tuple(_TABLE)
 """Every metric name :func:`noise_geometry` accepts (SPEC §2.1-2.7)."""
 
 DEFAULT_METRICS: tuple[str, ...] = tuple(
-    m
-    for m in METRICS
-    if m not in ("mu_hessian", "sharp_fraction", "loss_energy_fraction")
+    m for m in METRICS if m not in _names("hessian_traces", "escape")
 )
 """The default set: 21 names, everything but ``mu_hessian`` (Hessian products) and
 the escape metrics (which need ``displacement`` and are added when it is given).
@@ -152,47 +167,13 @@ smaller set is much cheaper: on a timm resnet18 with a 128-sample probe batch th
 default probe costs 83-158 gradients of that batch, almost all of it the top-``k``
 eigensolve (``benchmarks/README.md``)."""
 
-_STATS = {
-    "alpha",
-    "beta",
-    "mu",
-    "mu1",
-    "mu2",
-    "loss_alignment",
-    "tr_h_sigma",
-    "tr_h_sigma_iso",
-    "projection_coefficient",
-}
-_EIGEN = {
-    "projection_coefficient",
-    "directional_alignment",
-    "directional_alignment_random",
-    "noise_energies",
-    "power_law_exponent",
-    "power_law_r2",
-    "spearman",
-    "eigen_alignment",
-    "commutativity_error",
-    "commutativity_baseline",
-    "sharp_fraction",
-    "loss_energy_fraction",
-}
-_ESCAPE = {"sharp_fraction", "loss_energy_fraction"}
-_ARRAYS = (
-    "eigenvalues",
-    "noise_energies",
-    "directional_alignment",
-    "direction_shares",
-    "loss_shares",
-)
+_TRACES = _names("traces", "traces+eigenbasis")
+_EIGEN = _names("eigenbasis", "traces+eigenbasis", "escape")
+_ESCAPE = _names("escape")
+_SCALARS = frozenset(m for m, (_, shape) in _TABLE.items() if shape == "scalar")
+# route="auto" takes the exact route up to n (K + 1) P entries and (n K)^2 P flops
 _EXACT_MAX = 2e7
 _EXACT_GRAM_FLOPS = 2e10
-_GRAM_CHUNK = 4e6
-_DENSE_HESSIAN_MAX = 4096
-_NUM_ROTATIONS = 8
-# most GGN products whose inputs are kept for the eigenvectors' tangents (memory
-# _RECORD_MAX x P); a Lanczos run that needs more falls back to k jvps
-_RECORD_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -239,10 +220,11 @@ class NoiseGeometry:
             ``cost_<counter>`` entries, ``num_samples`` and ``route``.
         """
         out: dict[str, Any] = {k: float(v) for k, v in self.values.items()}
-        for name in _ARRAYS:
-            t = getattr(self, name)
-            if t is not None:
-                out[name] = [float(x) for x in t.detach().cpu().reshape(-1)]
+        # the (k,) arrays, in field order; the (P, k) eigenvectors stay out
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if isinstance(t, Tensor) and f.name != "eigenvectors":
+                out[f.name] = [float(x) for x in t.detach().cpu().reshape(-1)]
         for k, v in self.standard_errors.items():
             out[f"se_{k}"] = float(v)
         for k, v in self.cost.items():
@@ -252,74 +234,64 @@ class NoiseGeometry:
         return out
 
 
-# --- small statistics in torch (no scipy in the library) ----------------------------
-def _linregress(x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Least-squares slope of ``y`` on ``x`` and ``R^2`` (NaN when undefined)."""
-    xm, ym = x - x.mean(), y - y.mean()
-    sxx, syy, sxy = (xm * xm).sum(), (ym * ym).sum(), (xm * ym).sum()
-    if x.numel() < 2 or float(sxx) == 0.0:
-        return math.nan, math.nan
-    r2 = float(sxy * sxy / (sxx * syy)) if float(syy) > 0 else math.nan
-    return float(sxy / sxx), r2
+# --- arguments and data -------------------------------------------------------------
+def _wanted(
+    metrics: Sequence[str] | str | None, displacement: object | None
+) -> set[str]:
+    """The metric names asked for (the defaults when ``metrics`` is ``None``)."""
+    if metrics is None:
+        return set(DEFAULT_METRICS) | (_ESCAPE if displacement is not None else set())
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    for m in metrics:
+        check_choice("metrics", m, METRICS)
+    return set(metrics)
 
 
-def _rank(x: Tensor) -> Tensor:
-    """Ranks with ties averaged (as ``scipy.stats.rankdata``)."""
-    order = torch.argsort(x)
-    xs = x[order]
-    ranks = torch.empty_like(x)
-    i, n = 0, x.numel()
-    while i < n:
-        j = i
-        while j + 1 < n and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
+def _check_arguments(
+    wanted: set[str],
+    *,
+    k: int,
+    curvature: str,
+    cov: str,
+    batch_size: int | None,
+    max_samples: int,
+    displacement: object | None,
+    seed: int | None,
+    route: str,
+    num_probes: int,
+    num_random_directions: int,
+    tol: float,
+    chunk_size: int | None,
+) -> None:
+    """Validate the arguments of :func:`noise_geometry` that need no model."""
+    check_int("k", k, ge=1)
+    check_choice("curvature", curvature, ("ggn", "hessian"))
+    check_choice("cov", cov, ("per_sample", "minibatch"))
+    check_choice("route", route, ("auto", "exact", "sketch"))
+    check_int("max_samples", max_samples, ge=2)
+    check_int("num_probes", num_probes, ge=2)
+    check_int("num_random_directions", num_random_directions, ge=1)
+    check_int("chunk_size", chunk_size, ge=1, allow_none=True)
+    check_int("seed", seed, ge=0, allow_none=True)
+    check_number("tol", tol, gt=0)
+    if cov == "minibatch":
+        if batch_size is None:
+            raise ValueError(
+                "`batch_size` must be given with cov='minibatch' (B in C ~ Sigma/B)."
+            )
+        check_int("batch_size", batch_size, ge=1)
+    if wanted & _ESCAPE and displacement is None:
+        raise ValueError(
+            "`displacement` must be given for 'sharp_fraction'/'loss_energy_fraction'."
+        )
+    if route == "exact" and distributed.is_distributed():
+        raise ValueError(
+            "`route` must be 'sketch' or 'auto' under torch.distributed; got 'exact' "
+            "(the Gram identities would need per-sample P-vectors to travel)."
+        )
 
 
-def _spearman(x: Tensor, y: Tensor) -> float:
-    """Spearman rank correlation (Pearson correlation of the ranks)."""
-    if x.numel() < 2:
-        return math.nan
-    rx, ry = _rank(x) - (x.numel() + 1) / 2, _rank(y) - (y.numel() + 1) / 2
-    den = float(((rx * rx).sum() * (ry * ry).sum()).sqrt())
-    return float((rx * ry).sum()) / den if den > 0 else math.nan
-
-
-def _fro(A: Tensor) -> Tensor:
-    return (A * A).sum().sqrt()
-
-
-def _haar(k: int, draws: int, gen: torch.Generator) -> list[Tensor]:
-    """Haar-distributed orthogonal ``(k, k)`` matrices (QR of Gaussians, sign-fixed)."""
-    out = []
-    for _ in range(draws):
-        Q, R = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
-        out.append(Q * torch.sign(torch.diagonal(R)).unsqueeze(0))
-    return out
-
-
-def _random_directions(
-    P: int, r: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """``r`` unit Gaussian directions ``(P, r)`` on the CPU, drawn column by column."""
-    R = torch.empty(P, r, dtype=dtype)
-    for j in range(r):
-        v = torch.randn(P, generator=gen, dtype=dtype)
-        R[:, j] = v / v.double().norm().to(dtype)
-    return R
-
-
-# --- eigenpairs -----------------------------------------------------------------
-def _top_eigenpairs(
-    op: CurvatureOperator, k: int, v0: Tensor | None, seed: int, tol: float
-) -> tuple[Tensor, Tensor]:
-    res = top_eigenpairs(op, k, tol=tol, seed=seed, v0=v0)
-    return res.eigenvalues, res.eigenvectors
-
-
-# --- helpers ----------------------------------------------------------------------
 def _collect(
     data: Any, device: torch.device, max_samples: int
 ) -> list[tuple[Any, Tensor]]:
@@ -362,170 +334,6 @@ def _flatten_displacement(displacement: Any, fm: FunctionalModel) -> Tensor:
             f"got {tuple(displacement.shape)}."
         )
     return displacement.to(fm.device, fm.dtype)
-
-
-def _chunks(n: int, c: int) -> Iterable[slice]:
-    for i in range(0, n, c):
-        yield slice(i, min(n, i + c))
-
-
-class _Stats:
-    """Traces and norms for one curvature matrix (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.tr_s1c = self.tr_s2c = self.fro2_c = self.tr_c = math.nan
-        self.tr_sc_direct = math.nan
-        self.chi: Tensor | None = None
-
-    @property
-    def tr_sc(self) -> float:
-        return self.tr_s1c - self.tr_s2c
-
-
-Blocks = tuple[Tensor, Tensor, Tensor]
-
-
-def _trace1(A: Blocks, loo: bool = False) -> Tensor:
-    """Deflated estimate of ``Tr A`` (module docstring) from the blocks of ``A``.
-
-    With ``loo`` the ``s`` leave-one-probe-out estimates, in a trailing dimension.
-    """
-    AQQ, _, APP = A
-    known = torch.diagonal(AQQ, dim1=-2, dim2=-1).sum(-1)
-    d = torch.diagonal(APP, dim1=-2, dim2=-1)
-    s = d.shape[-1]
-    if loo:
-        return known.unsqueeze(-1) + (d.sum(-1, keepdim=True) - d) / (s - 1)
-    return known + d.mean(-1)
-
-
-def _trace2(A: Blocks, B: Blocks, loo: bool = False) -> Tensor:
-    """Deflated estimate of ``Tr(A B)`` for symmetric ``A``, ``B`` (module docstring).
-
-    Blocks ``(Q^T X Q, Q^T X Z, Z^T X Z)`` of each matrix ``X`` for the orthonormal
-    deflation basis ``Q`` and the deflated isotropic probes ``Z = (I - Q Q^T) Z0``;
-    leading dimensions broadcast (per-sample ``A``). With ``loo`` the ``s``
-    leave-one-probe-out estimates, in a trailing dimension.
-    """
-    AQQ, AQP, APP = A
-    BQQ, BQP, BPP = B
-    s = APP.shape[-1]
-    known = (AQQ * BQQ).sum((-2, -1))
-    c = (AQP * BQP).sum(-2)  # (..., s): cross term of each probe
-    prod = APP * BPP
-    diag = torch.diagonal(prod, dim1=-2, dim2=-1)
-    row = prod.sum(-1) - diag  # (..., s): pairs of each probe with the others
-    off = row.sum(-1, keepdim=True)
-    if not loo:
-        return known + 2 * c.mean(-1) + off[..., 0] / (s * (s - 1))
-    cross = 2 * (c.sum(-1, keepdim=True) - c) / (s - 1)
-    # prod is symmetric: dropping probe t removes its row and its column
-    return known.unsqueeze(-1) + cross + (off - 2 * row) / ((s - 1) * (s - 2))
-
-
-class _Sketch:
-    """Deflated isotropic estimates of the traces and norms (module docstring).
-
-    Args:
-        probe: The probe set.
-        batch_proj: Per-sample values ``(n_local, q)`` to batch means ``(M, q)``.
-        Zu: Unit probe directions ``(P, s)``; the probes are ``sqrt(P) Zu``.
-        tZ: Their output tangents.
-        U: Deflation directions ``(P, k)`` (the eigenvectors) or ``None``.
-        tU: Their output tangents.
-        need_ggn: Build the GGN blocks as well.
-    """
-
-    def __init__(
-        self,
-        probe: ProbeSet,
-        batch_proj: Callable[[Tensor], Tensor],
-        Zu: Tensor,
-        tZ: OutputTangents,
-        U: Tensor | None,
-        tU: OutputTangents | None,
-        need_ggn: bool,
-    ) -> None:
-        s = Zu.shape[1]
-        scale = math.sqrt(probe.P)
-        eye = torch.eye(s, dtype=torch.float64)
-        tZ = tZ.combine(scale * eye)
-        if U is not None and tU is not None:
-            # Q = U S^{-1/2} (S = U^T U): orthonormal to float64 accuracy
-            e, Qe = torch.linalg.eigh(gram64(U, U).cpu())
-            keep = e > e.max() * 1e-12
-            Sm = Qe[:, keep] / e[keep].sqrt()  # (k, k')
-            C = Sm.T @ (gram64(U, Zu).cpu() * scale)  # Q^T Z0, (k', s)
-            tQ = tU.combine(Sm)
-            tP = tZ.cat(tQ).combine(torch.cat([eye, -C], 0))
-        else:
-            tQ, tP = tZ.select(slice(0, 0)), tZ
-        self.probe, self.need_ggn = probe, need_ggn
-        BQ, BP = (batch_proj(t.loss()).double() for t in (tQ, tP))
-        BQ, BP = BQ - BQ.mean(0, keepdim=True), BP - BP.mean(0, keepdim=True)
-        M = BQ.shape[0]
-        self.sig: Blocks = (BQ.T @ BQ / M, BQ.T @ BP / M, BP.T @ BP / M)
-        if need_ggn:
-            n = probe.n
-            F = tuple(
-                a.ggn_forms(b).double() for a, b in ((tQ, tQ), (tQ, tP), (tP, tP))
-            )
-            self.per_sample: Blocks = F  # type: ignore[assignment]
-            self.ggn: Blocks = tuple(  # type: ignore[assignment]
-                distributed.all_reduce_sum(f.sum(0)) / n for f in F
-            )
-
-    def tr_sigma(self) -> float:
-        return float(_trace1(self.sig))
-
-    def fro2_sigma(self) -> float:
-        return float(_trace2(self.sig, self.sig))
-
-    def ggn_stats(self) -> _Stats:
-        """``Tr G``, ``||G||_F^2``, ``Tr(Sigma G)`` and ``chi_i = Tr(M_i G)``."""
-        p = self.probe
-        st = _Stats()
-        st.tr_c = float(_trace1(self.ggn))
-        st.fro2_c = float(_trace2(self.ggn, self.ggn))
-        st.tr_sc_direct = float(_trace2(self.sig, self.ggn))
-        chi = torch.zeros(p.n, dtype=torch.float64, device=p.device)
-        chi[p.offset : p.offset + p.n_local] = _trace2(self.per_sample, self.ggn)
-        st.chi = distributed.all_reduce_sum(chi)
-        return st
-
-    def leave_one_out(self) -> dict[str, Tensor]:
-        """The ``s`` leave-one-probe-out values of every estimate (``s >= 3``).
-
-        Returns:
-            ``(s,)`` tensors by name, ``chi`` ``(n, s)``.
-        """
-        out = {
-            "tr_sigma": _trace1(self.sig, True).cpu(),
-            "fro2_sigma": _trace2(self.sig, self.sig, True).cpu(),
-        }
-        if self.need_ggn:
-            p = self.probe
-            out["tr_c"] = _trace1(self.ggn, True).cpu()
-            out["fro2_c"] = _trace2(self.ggn, self.ggn, True).cpu()
-            out["tr_sc"] = _trace2(self.sig, self.ggn, True).cpu()
-            s = out["tr_c"].shape[0]
-            chi = torch.zeros(p.n, s, dtype=torch.float64, device=p.device)
-            chi[p.offset : p.offset + p.n_local] = _trace2(
-                self.per_sample, self.ggn, True
-            )
-            out["chi"] = distributed.all_reduce_sum(chi).cpu()
-        return out
-
-
-def _jackknife(replicates: list[dict[str, float]]) -> dict[str, float]:
-    """Jackknife standard errors from the ``s`` leave-one-out replicates."""
-    s = len(replicates)
-    out = {}
-    for key in replicates[0]:
-        v = torch.tensor([r[key] for r in replicates], dtype=torch.float64)
-        se = ((s - 1) / s * ((v - v.mean()) ** 2).sum()).sqrt()
-        out[key] = float(se) if bool(torch.isfinite(se)) else math.nan
-    return out
 
 
 def noise_geometry(
@@ -657,404 +465,69 @@ def noise_geometry(
         0.36
     """
     t0 = time.perf_counter()
-    if metrics is None:
-        wanted = set(DEFAULT_METRICS) | (_ESCAPE if displacement is not None else set())
-    else:
-        if isinstance(metrics, str):
-            metrics = [metrics]
-        for m in metrics:
-            check_choice("metrics", m, METRICS)
-        wanted = set(metrics)
-    check_int("k", k, ge=1)
-    check_choice("curvature", curvature, ("ggn", "hessian"))
-    check_choice("cov", cov, ("per_sample", "minibatch"))
-    check_choice("route", route, ("auto", "exact", "sketch"))
-    check_int("max_samples", max_samples, ge=2)
-    check_int("num_probes", num_probes, ge=2)
-    check_int("num_random_directions", num_random_directions, ge=1)
-    check_int("chunk_size", chunk_size, ge=1, allow_none=True)
-    check_int("seed", seed, ge=0, allow_none=True)
-    check_number("tol", tol, gt=0)
-    if cov == "minibatch":
-        if batch_size is None:
-            raise ValueError(
-                "`batch_size` must be given with cov='minibatch' (B in C ~ Sigma/B)."
-            )
-        check_int("batch_size", batch_size, ge=1)
-    if wanted & _ESCAPE and displacement is None:
-        raise ValueError(
-            "`displacement` must be given for 'sharp_fraction'/'loss_energy_fraction'."
-        )
-    if route == "exact" and distributed.is_distributed():
-        raise ValueError(
-            "`route` must be 'sketch' or 'auto' under torch.distributed; got 'exact' "
-            "(the Gram identities would need per-sample P-vectors to travel)."
-        )
+    wanted = _wanted(metrics, displacement)
+    _check_arguments(
+        wanted,
+        k=k,
+        curvature=curvature,
+        cov=cov,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        displacement=displacement,
+        seed=seed,
+        route=route,
+        num_probes=num_probes,
+        num_random_directions=num_random_directions,
+        tol=tol,
+        chunk_size=chunk_size,
+    )
     fm = FunctionalModel(model, params, mode=mode)
     P = fm.numel
     if wanted & _EIGEN and k > P:
         raise ValueError(f"`k` must be <= P = {P}; got {k}.")
     delta = None if displacement is None else _flatten_displacement(displacement, fm)
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
-    dtype, device = fm.dtype, fm.device
 
     with torch.enable_grad():
         probe = ProbeSet(
-            fm, loss_fn, _collect(data, device, max_samples), chunk_size=chunk_size
+            fm, loss_fn, _collect(data, fm.device, max_samples), chunk_size=chunk_size
         )
     n = probe.n
     B = 1 if cov == "per_sample" else int(batch_size)  # type: ignore[arg-type]
-    M = n // B
-    if M < 2:
+    if n // B < 2:
         what = "samples" if cov == "per_sample" else f"batches of {B}"
         raise ValueError(
             f"`data` must hold at least 2 {what} for a covariance; got {n} samples."
         )
-    # W: (M, n_local), row b averages the samples of batch b held by this rank
-    gidx = torch.arange(probe.offset, probe.offset + probe.n_local)
-    W = torch.zeros(M, probe.n_local, dtype=dtype)
-    keep = gidx < M * B
-    W[(gidx[keep] // B), torch.nonzero(keep).reshape(-1)] = 1.0 / B
-    W = W.to(device)
-
-    def batch_proj(A: Tensor) -> Tensor:
-        """``(n_local, q)`` per-sample values -> ``(M, q)`` batch means, all ranks."""
-        return distributed.all_reduce_sum(W @ A.to(dtype))
-
-    # vectors pushed per vmapped pass: 8 for large models, more for small ones
-    vec_chunk = int(min(256, max(8, 1e7 // (P + 8 * probe.n_local))))
     with torch.enable_grad():
         if wanted - {"loss"}:
             # one forward for the whole call: every later backward reuses its graph
             probe.keep_graph()
         losses = probe.losses()
     L = float(distributed.all_reduce_sum(losses.sum().reshape(1))) / n
-    ctx: dict[str, Any] = {}
-
-    def nan_result() -> NoiseGeometry:
-        names = sorted(
-            wanted | ({"power_law_r2"} if "power_law_exponent" in wanted else set())
-        )
-        vals = {
-            m: math.nan
-            for m in names
-            if m not in ("noise_energies", "directional_alignment")
-        }
-        vals["n_nonfinite"] = float(len(vals))
-        probe.release()
-        cost = dict(probe.cost)
-        cost["seconds"] = time.perf_counter() - t0
-        return NoiseGeometry(values=vals, cost=cost, num_samples=n, route="none")
-
     if not math.isfinite(L):
-        return nan_result()
+        return _nan_result(wanted, probe, t0)
 
-    K = probe.output_hessians()[0].K if probe.batches else 1
-    if route == "auto":
-        exact = (
-            not distributed.is_distributed()
-            and n * (K + 1) * P <= _EXACT_MAX
-            and (n * K) ** 2 * P <= _EXACT_GRAM_FLOPS
-        )
-        route = "exact" if exact else "sketch"
-
-    need_stats = bool(wanted & (_STATS | {"tr_sigma"}))
-    need_ggn = (need_stats and curvature == "ggn") or "gradient_uniformity" in wanted
-    need_hess = (need_stats and curvature == "hessian") or "mu_hessian" in wanted
-    need_any = need_stats or need_ggn or need_hess
-    stats: dict[str, _Stats] = {}
-    tr_sigma = fro2_sigma = math.nan
-    op = {
-        "ggn": CurvatureOperator(probe, "ggn"),
-        "hessian": CurvatureOperator(probe, "hessian"),
-    }
-
-    def matmat(kind: str, V: Tensor) -> Tensor:
-        cols = [
-            op[kind].matmat(V[:, s].to(dtype)) for s in _chunks(V.shape[1], vec_chunk)
-        ]
-        return torch.cat(cols, 1)
-
-    def tangents(V: Tensor) -> OutputTangents:
-        parts = [probe.tangents(V[:, s]) for s in _chunks(V.shape[1], vec_chunk)]
-        out = parts[0]
-        for t in parts[1:]:
-            out = out.cat(t)
-        return out
-
-    def hutchinson_hessian(st: _Stats) -> None:
-        # Rademacher probes, drawn a chunk of columns at a time (int8: P-sized)
-        tr = fro2 = 0.0
-        for sl in _chunks(num_probes, vec_chunk):
-            shape = (P, sl.stop - sl.start)
-            Z = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
-            Z = (Z.to(dtype) * 2 - 1).to(device)
-            HZ = matmat("hessian", Z)
-            tr += float((Z * HZ).sum())
-            fro2 += float((HZ * HZ).sum())
-        st.tr_c, st.fro2_c = tr / num_probes, fro2 / num_probes
-
-    ses: dict[str, float] = {}
-    timings: dict[str, float] = {}
+    route = _choose_route(route, probe)
+    ctx = ProbeContext.create(probe, B, P, fm.dtype, fm.device, gen)
     with torch.enable_grad():
-        if wanted - {"loss"}:
-            # one backward: non-finite gradients give NaN metrics, never an error
-            grad_L = probe.weighted_gradient(
-                torch.full((probe.n_local,), 1.0 / n, dtype=dtype, device=device)
-            )
-            if not bool(torch.isfinite(grad_L).all()):
-                return nan_result()
-        if need_any and route == "exact":
-            D = probe.per_sample_rows()  # (n, P), here n_local == n
-            R = W @ D
-            rbar = R.mean(0)
-            Rt = R - rbar
-            tr_sigma = float((Rt * Rt).sum()) / M
-            fro2_sigma = 0.0
-            for sl in _chunks(M, max(1, int(_GRAM_CHUNK // M))):
-                Gs = Rt[sl] @ Rt.T
-                fro2_sigma += float((Gs * Gs).sum())
-            fro2_sigma /= M**2
-            if need_ggn:
-                Mf = probe.jacobian_rows()  # (n, K, P)
-                Kk = Mf.shape[1]
-                Mf = Mf.reshape(n * Kk, P)
-                st = _Stats()
-                # Gram blocks Theta = M M^T (nK x nK) in row chunks of ~4e6 entries
-                rows = max(1, int(_GRAM_CHUNK // (Kk * Kk * n)))
-                fro2, chi = 0.0, torch.zeros(n, dtype=dtype, device=device)
-                for sl in _chunks(n, rows):
-                    Gc = Mf[sl.start * Kk : sl.stop * Kk] @ Mf.T
-                    Gc = (Gc * Gc).reshape(-1, Kk, n * Kk).sum((1, 2))
-                    chi[sl] = Gc / n
-                    fro2 += float(Gc.sum())
-                st.fro2_c = fro2 / n**2
-                st.chi = chi
-                st.tr_c = float((Mf * Mf).sum()) / n
-                t1 = 0.0
-                for sl in _chunks(M, max(1, int(_GRAM_CHUNK // (n * Kk)))):
-                    RM = R[sl] @ Mf.T
-                    t1 += float((RM * RM).sum())
-                st.tr_s1c = t1 / (M * n)
-                Mr = Mf @ rbar
-                st.tr_s2c = float(Mr @ Mr) / n
-                stats["ggn"] = st
-            if need_hess:
-                st = _Stats()
-                HR = matmat("hessian", R.T)  # (P, M)
-                st.tr_s1c = float((R.T * HR).sum()) / M
-                st.tr_s2c = float(rbar @ HR.mean(1))
-                if P <= _DENSE_HESSIAN_MAX:
-                    Hd = matmat("hessian", torch.eye(P, dtype=dtype, device=device))
-                    st.tr_c = float(torch.trace(Hd))
-                    st.fro2_c = float((Hd * Hd).sum())
-                else:
-                    hutchinson_hessian(st)
-                stats["hessian"] = st
-
-        eig: dict[str, Any] = {}
-        # the sketch route is deflated by the top-k eigenbasis (module docstring)
-        if wanted & _EIGEN or (need_any and route == "sketch"):
-            t_eig = time.perf_counter()
-            v0_ = None
-            if v0 is not None:
-                v0_ = v0.detach().to(device, dtype)
-                if v0_.dim() == 1:
-                    v0_ = v0_.reshape(-1, 1)
-                if v0_.shape[0] != P:
-                    raise ValueError(
-                        f"`v0`: expected shape ({P},) or ({P}, m); "
-                        f"got {tuple(v0.shape)}."
-                    )
-            # GGN products keep their inputs and J v: the Ritz vectors' tangents
-            # are then combinations of them (no jvp along the eigenvectors)
-            record = curvature == "ggn"
-            with probe.recording(_RECORD_MAX) if record else contextlib.nullcontext():
-                lam, U = _top_eigenpairs(
-                    op[curvature], min(k, P), v0_, 0 if seed is None else seed, tol
-                )
-            lam, U = lam.to(device, dtype), U.to(device, dtype)
-            tU = probe.span_tangents(U) if record else None
-            if tU is None:
-                tU = tangents(U)
-            Rnd = _random_directions(P, num_random_directions, gen, dtype).to(device)
-            rots = (
-                _haar(lam.numel(), _NUM_ROTATIONS, gen)
-                if "commutativity_baseline" in wanted
-                else []
-            )
-            eig = {"lam": lam, "U": U, "tU": tU, "R": Rnd, "tR": tangents(Rnd)}
-            eig["rots"] = rots
-            timings["seconds_eigen"] = time.perf_counter() - t_eig
-
-        if need_any and route == "sketch":
-            t_sk = time.perf_counter()
-            # isotropic probes z (E z z^T = I): the random directions scaled by
-            # sqrt(P), topped up to num_probes; deflated by the eigenbasis
-            s = num_probes
-            if eig:
-                r = eig["R"].shape[1]
-                Zu, tZ = eig["R"][:, :s], eig["tR"].select(slice(0, min(s, r)))
-                if s > r:
-                    extra = _random_directions(P, s - r, gen, dtype).to(device)
-                    Zu, tZ = torch.cat([Zu, extra], 1), tZ.cat(tangents(extra))
-            else:
-                Zu = _random_directions(P, s, gen, dtype).to(device)
-                tZ = tangents(Zu)
-            sk = _Sketch(
-                probe, batch_proj, Zu, tZ, eig.get("U"), eig.get("tU"), need_ggn
-            )
-            tr_sigma, fro2_sigma = sk.tr_sigma(), sk.fro2_sigma()
-            if M * B == n:  # the mean of the batch means is grad L
-                rbar = grad_L
-            else:
-                rbar = probe.weighted_gradient(
-                    W.T @ torch.full((M,), 1.0 / M, dtype=dtype, device=device)
-                )
-            if need_ggn:
-                st = sk.ggn_stats()
-                # Tr(Sigma_2 G) = rbar^T G rbar exactly, one jvp
-                q_r = tangents(rbar.reshape(P, 1)).ggn_quad()
-                st.tr_s2c = float(distributed.all_reduce_sum(q_r.sum(0))) / n
-                st.tr_s1c = st.tr_sc_direct + st.tr_s2c
-                stats["ggn"] = st
-            if need_hess:
-                # uncentred xi_1 probes, Cov = Sigma_1: Tr(Sigma_1 H); Hutchinson
-                st = _Stats()
-                z = torch.randn(s, M, generator=gen, dtype=torch.float64)
-                c1 = (W.T @ z.to(device, dtype).T) / M**0.5
-                t1 = 0.0
-                for sl in _chunks(s, vec_chunk):
-                    xi1 = probe.weighted_gradient(c1[:, sl]).reshape(-1, P).T
-                    t1 += float((xi1 * matmat("hessian", xi1)).sum())
-                st.tr_s1c = t1 / s
-                st.tr_s2c = float(rbar @ matmat("hessian", rbar.reshape(P, 1))[:, 0])
-                hutchinson_hessian(st)
-                stats["hessian"] = st
-            timings["seconds_sketch"] = time.perf_counter() - t_sk
-        probe.release()
-
-        def mus(st: _Stats, tr_s: float, fro2_s: float) -> dict[str, float]:
-            fro_c = math.sqrt(st.fro2_c) if st.fro2_c >= 0 else math.nan
-            fro_s = math.sqrt(fro2_s) if fro2_s >= 0 else math.nan
-            den = 2 * L * st.fro2_c
-            return {
-                "alpha": st.tr_sc / (fro_c * fro_s),
-                "beta": fro_s / (2 * L * fro_c),
-                "mu": st.tr_sc / den,
-                "mu1": st.tr_s1c / den,
-                "mu2": st.tr_s2c / den,
-                "loss_alignment": st.tr_s1c / den,
-                "tr_h_sigma": st.tr_sc,
-                "tr_h_sigma_iso": st.tr_c * tr_s / P,
-            }
-
-        values: dict[str, float] = {}
-        if "loss" in wanted:
-            values["loss"] = L
-        if "tr_sigma" in wanted:
-            values["tr_sigma"] = tr_sigma
-        if need_stats:
-            for key, val in mus(stats[curvature], tr_sigma, fro2_sigma).items():
-                if key in wanted:
-                    values[key] = val
-        if "mu_hessian" in wanted:
-            values["mu_hessian"] = mus(stats["hessian"], tr_sigma, fro2_sigma)["mu"]
-        if "gradient_uniformity" in wanted:
-            chi = stats["ggn"].chi
-            assert chi is not None
-            values["gradient_uniformity"] = float(chi.min() / chi.mean())
-
-        eig_out: dict[str, Tensor | None] = {}
-        proj = math.nan
-        if eig:
-            lam, U, tU, tR = eig["lam"], eig["U"], eig["tU"], eig["tR"]
-            kk = lam.numel()
-            A = torch.cat([tU.loss(), tR.loss()], 1)
-            if curvature == "ggn":
-                Qd = torch.cat([tU.ggn_quad(), tR.ggn_quad()], 1)
-                quad = distributed.all_reduce_sum(Qd.sum(0)) / n
-            else:
-                V = torch.cat([U, eig["R"]], 1)
-                quad = (V * matmat("hessian", V)).sum(0)
-            Bv = batch_proj(A)  # (M, k + r)
-            Bc = Bv - Bv.mean(0, keepdim=True)
-            energies = (Bc * Bc).mean(0)
-            Ct = (Bc[:, :kk].T @ Bc[:, :kk]) / M
-            diag = energies[:kk]
-            lam64, diag64, Ct64 = (
-                lam.double().cpu(),
-                diag.double().cpu(),
-                Ct.double().cpu(),
-            )
-            eig_out["eigenvalues"] = lam.detach()
-            eig_out["eigenvectors"] = U.detach()
-            eig_out["noise_energies"] = diag.detach()
-            eig_out["directional_alignment"] = (diag / (2 * L * quad[:kk])).detach()
-            if "directional_alignment_random" in wanted:
-                values["directional_alignment_random"] = float(
-                    (energies[kk:] / (2 * L * quad[kk:])).mean()
-                )
-            proj = float(diag64[0]) / float(lam64[0])
-            if "projection_coefficient" in wanted:
-                tr_c = stats[curvature].tr_c
-                values["projection_coefficient"] = proj * tr_c / tr_sigma
-            mask = (lam64 > 0) & (diag64 > 0)
-            if wanted & {"power_law_exponent", "power_law_r2"}:
-                slope, r2 = _linregress(lam64[mask].log10(), diag64[mask].log10())
-                values["power_law_exponent"], values["power_law_r2"] = slope, r2
-            if "spearman" in wanted:
-                values["spearman"] = _spearman(lam64[mask], diag64[mask])
-            if "eigen_alignment" in wanted:
-                values["eigen_alignment"] = float(
-                    (diag64 * diag64).sum() / (Ct64 * Ct64).sum()
-                )
-            Lam = torch.diag(lam64)
-            if "commutativity_error" in wanted:
-                values["commutativity_error"] = float(
-                    _fro(Ct64 @ Lam - Lam @ Ct64) / _fro(Ct64 @ Lam)
-                )
-            if "commutativity_baseline" in wanted:
-                vals = []
-                for Qr in eig["rots"]:
-                    Hq = Qr @ Lam @ Qr.T
-                    vals.append(float(_fro(Ct64 @ Hq - Hq @ Ct64) / _fro(Ct64 @ Hq)))
-                values["commutativity_baseline"] = sum(vals) / len(vals)
-            if delta is not None and wanted & _ESCAPE:
-                cvec = (U.T @ delta).double().cpu()
-                dd = float(delta.double() @ delta.double())
-                lc = lam64 * cvec * cvec
-                eig_out["direction_shares"] = (cvec * cvec / dd).to(dtype)
-                eig_out["loss_shares"] = (lc / lc.sum()).to(dtype)
-                if "sharp_fraction" in wanted:
-                    values["sharp_fraction"] = float((cvec * cvec).sum()) / dd
-                if "loss_energy_fraction" in wanted:
-                    Hd = matmat(curvature, delta.reshape(P, 1))[:, 0]
-                    values["loss_energy_fraction"] = float(lc.sum()) / float(
-                        delta.double() @ Hd.double()
-                    )
-
-        if need_any and route == "sketch" and num_probes >= 3:
-            # jackknife over the isotropic probes (leave one out)
-            loo = sk.leave_one_out()
-            reps = []
-            for t in range(num_probes):
-                tr_s = float(loo["tr_sigma"][t])
-                rep = {"tr_sigma": tr_s}
-                if curvature == "ggn" and sk.need_ggn:
-                    st = _Stats()
-                    st.tr_c = float(loo["tr_c"][t])
-                    st.fro2_c = float(loo["fro2_c"][t])
-                    st.tr_s2c = stats["ggn"].tr_s2c
-                    st.tr_sc_direct = float(loo["tr_sc"][t])
-                    st.tr_s1c = st.tr_sc_direct + st.tr_s2c
-                    rep.update(mus(st, tr_s, float(loo["fro2_sigma"][t])))
-                    chi = loo["chi"][:, t]
-                    rep["gradient_uniformity"] = float(chi.min() / chi.mean())
-                    rep["projection_coefficient"] = proj * st.tr_c / tr_s
-                reps.append(rep)
-            ses = {key: v for key, v in _jackknife(reps).items() if key in values}
-
+        measured = _measure(
+            ctx,
+            wanted,
+            L,
+            delta,
+            route=route,
+            curvature=curvature,
+            k=k,
+            v0=v0,
+            seed=seed,
+            tol=tol,
+            num_probes=num_probes,
+            num_random_directions=num_random_directions,
+        )
+    if measured is None:  # non-finite gradients
+        return _nan_result(wanted, probe, t0)
+    values, arrays, ses, timings = measured
     n_bad = 0
     for key, val in values.items():
         if not math.isfinite(val):
@@ -1064,17 +537,150 @@ def noise_geometry(
     cost = dict(probe.cost)
     cost.update(timings)
     cost["seconds"] = time.perf_counter() - t0
-    del ctx
     return NoiseGeometry(
         values=values,
-        eigenvalues=eig_out.get("eigenvalues"),
-        eigenvectors=eig_out.get("eigenvectors"),
-        noise_energies=eig_out.get("noise_energies"),
-        directional_alignment=eig_out.get("directional_alignment"),
-        direction_shares=eig_out.get("direction_shares"),
-        loss_shares=eig_out.get("loss_shares"),
+        **arrays,
         cost=cost,
         num_samples=n,
         route=route,
         standard_errors=ses,
     )
+
+
+def _choose_route(route: str, probe: ProbeSet) -> str:
+    """Resolve ``route="auto"`` (module docstring)."""
+    n, P = probe.n, probe.P
+    K = probe.output_hessians()[0].K if probe.batches else 1
+    if route != "auto":
+        return route
+    exact = (
+        not distributed.is_distributed()
+        and n * (K + 1) * P <= _EXACT_MAX
+        and (n * K) ** 2 * P <= _EXACT_GRAM_FLOPS
+    )
+    return "exact" if exact else "sketch"
+
+
+def _nan_result(wanted: set[str], probe: ProbeSet, t0: float) -> NoiseGeometry:
+    """All scalars NaN, after a non-finite loss or gradient."""
+    names = sorted(
+        wanted | ({"power_law_r2"} if "power_law_exponent" in wanted else set())
+    )
+    vals = {m: math.nan for m in names if m in _SCALARS}
+    vals["n_nonfinite"] = float(len(vals))
+    probe.release()
+    cost = dict(probe.cost)
+    cost["seconds"] = time.perf_counter() - t0
+    return NoiseGeometry(values=vals, cost=cost, num_samples=probe.n, route="none")
+
+
+def _measure(
+    ctx: ProbeContext,
+    wanted: set[str],
+    L: float,
+    delta: Tensor | None,
+    *,
+    route: str,
+    curvature: str,
+    k: int,
+    v0: Tensor | None,
+    seed: int | None,
+    tol: float,
+    num_probes: int,
+    num_random_directions: int,
+) -> tuple[dict[str, float], dict[str, Tensor], dict[str, float], dict[str, float]]:
+    """Run the families ``wanted`` needs on ``route`` and assemble the metrics.
+
+    Returns:
+        ``(values, arrays, standard_errors, timings)``, or ``None`` when the mean
+        gradient is not finite.
+    """
+    probe = ctx.probe
+    need_traces = bool(wanted & _TRACES)
+    need_ggn = (need_traces and curvature == "ggn") or "gradient_uniformity" in wanted
+    need_hess = (need_traces and curvature == "hessian") or "mu_hessian" in wanted
+    need_any = need_traces or need_ggn or need_hess
+    sketch = need_any and route == "sketch"
+    traces: dict[str, Traces] = {}
+    tr_sigma = fro2_sigma = math.nan
+    timings: dict[str, float] = {}
+    if wanted - {"loss"}:
+        # one backward: non-finite gradients give NaN metrics, never an error
+        c = torch.full((probe.n_local,), 1.0 / ctx.n, dtype=ctx.dtype)
+        grad_L = probe.weighted_gradient(c.to(ctx.device))
+        if not bool(torch.isfinite(grad_L).all()):
+            return None
+    if need_any and route == "exact":
+        tr_sigma, fro2_sigma, traces = exact_traces(
+            ctx, need_ggn, need_hess, num_probes
+        )
+    eig = None
+    # the sketch route is deflated by the top-k eigenbasis (module docstring)
+    if wanted & _EIGEN or sketch:
+        t_eig = time.perf_counter()
+        eig = eigenbasis(
+            ctx,
+            curvature,
+            k,
+            v0,
+            seed,
+            tol,
+            num_random_directions,
+            rotations="commutativity_baseline" in wanted,
+        )
+        timings["seconds_eigen"] = time.perf_counter() - t_eig
+    sk: Sketch | None = None
+    if sketch:
+        t_sk = time.perf_counter()
+        assert eig is not None
+        sk, tr_sigma, fro2_sigma, traces = sketch_traces(
+            ctx, eig, grad_L, num_probes, need_ggn, need_hess
+        )
+        timings["seconds_sketch"] = time.perf_counter() - t_sk
+    probe.release()
+
+    values = _trace_values(ctx, wanted, L, curvature, traces, tr_sigma, fro2_sigma)
+    arrays: dict[str, Tensor] = {}
+    proj = math.nan
+    if eig is not None:
+        arrays, proj = eigen_metrics(
+            ctx, eig, curvature, L, wanted, traces, tr_sigma, values
+        )
+        if delta is not None and wanted & _ESCAPE:
+            escape_metrics(ctx, eig, curvature, delta, wanted, values, arrays)
+    ses: dict[str, float] = {}
+    if sk is not None and num_probes >= 3:
+        # jackknife over the isotropic probes (leave one out)
+        ses = sketch_standard_errors(sk, traces, curvature, proj, L, ctx.P)
+        ses = {key: v for key, v in ses.items() if key in values}
+    return values, arrays, ses, timings
+
+
+def _trace_values(
+    ctx: ProbeContext,
+    wanted: set[str],
+    L: float,
+    curvature: str,
+    traces: dict[str, Traces],
+    tr_sigma: float,
+    fro2_sigma: float,
+) -> dict[str, float]:
+    """``loss`` and the metrics of the traces in ``wanted``, in the table's order."""
+    values: dict[str, float] = {}
+    if "loss" in wanted:
+        values["loss"] = L
+    if "tr_sigma" in wanted:
+        values["tr_sigma"] = tr_sigma
+    if wanted & _TRACES:
+        ratios = ratio_metrics(traces[curvature], tr_sigma, fro2_sigma, L, ctx.P)
+        for key, val in ratios.items():
+            if key in wanted:
+                values[key] = val
+    if "mu_hessian" in wanted:
+        ratios = ratio_metrics(traces["hessian"], tr_sigma, fro2_sigma, L, ctx.P)
+        values["mu_hessian"] = ratios["mu"]
+    if "gradient_uniformity" in wanted:
+        chi = traces["ggn"].chi
+        assert chi is not None
+        values["gradient_uniformity"] = float(chi.min() / chi.mean())
+    return values

@@ -7,14 +7,8 @@ import torch
 from torch import nn
 
 from geoopt_sgd import noise_geometry
-from geoopt_sgd.probes.metrics import (
-    DEFAULT_METRICS,
-    METRICS,
-    _haar,
-    _linregress,
-    _random_directions,
-    _spearman,
-)
+from geoopt_sgd.probes._stats import haar, linregress, random_directions, spearman
+from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS
 from geoopt_sgd.testing import dense_curvature, dense_metrics
 
 # Exact route vs explicit float64 matrices: the same quantities summed in a different
@@ -81,8 +75,8 @@ def test_exact_route_matches_dense(name, kw):
     cases.assert_same_state(before, cases.model_state(model))
     assert res.route == "exact"
     gen = torch.Generator().manual_seed(SEED)
-    R = _random_directions(P, 8, gen)
-    rots = _haar(K, 8, gen)
+    R = random_directions(P, 8, gen)
+    rots = haar(K, 8, gen)
     ref = dense_metrics(
         model,
         loss_fn,
@@ -294,15 +288,15 @@ def test_linregress_and_spearman_match_scipy():
     x = torch.rand(20, generator=g, dtype=torch.float64)
     y = 2 * x + 0.3 * torch.randn(20, generator=g, dtype=torch.float64)
     ref = stats.linregress(x.numpy(), y.numpy())
-    slope, r2 = _linregress(x, y)
+    slope, r2 = linregress(x, y)
     assert slope == pytest.approx(ref.slope, rel=1e-12)
     assert r2 == pytest.approx(ref.rvalue**2, rel=1e-12)
     y[3] = y[5]  # a tie: average ranks, as scipy
-    assert _spearman(x, y) == pytest.approx(
+    assert spearman(x, y) == pytest.approx(
         stats.spearmanr(x.numpy(), y.numpy())[0], rel=1e-12
     )
-    assert math.isnan(_linregress(x[:1], y[:1])[0])
-    assert math.isnan(_spearman(x[:1], y[:1]))
+    assert math.isnan(linregress(x[:1], y[:1])[0])
+    assert math.isnan(spearman(x[:1], y[:1]))
 
 
 def test_commutativity_error_and_baseline_bounds():

@@ -13,7 +13,8 @@ from geoopt_sgd import noise_geometry
 from geoopt_sgd._model import FunctionalModel
 from geoopt_sgd.curvature.lanczos import top_eigenpairs
 from geoopt_sgd.probes._primitives import CurvatureOperator, ProbeSet
-from geoopt_sgd.probes.metrics import _random_directions, _trace1, _trace2
+from geoopt_sgd.probes._sketch import trace1, trace2
+from geoopt_sgd.probes._stats import random_directions
 from geoopt_sgd.testing import dense_curvature, gradient_covariance
 from geoopt_sgd.testing import per_sample_gradients_loop as psg
 
@@ -174,9 +175,9 @@ def test_sketch_matches_dense_estimator(name, num_probes):
         seed=4,
     )
     gen = torch.Generator().manual_seed(4)
-    Zu = _random_directions(P, 8, gen)
+    Zu = random_directions(P, 8, gen)
     if num_probes > 8:
-        Zu = torch.cat([Zu, _random_directions(P, num_probes - 8, gen)], 1)
+        Zu = torch.cat([Zu, random_directions(P, num_probes - 8, gen)], 1)
     Zu = Zu[:, :num_probes]
     cov, G, Mi = _dense_pieces(model, loss_fn, X, y)
     U = res.eigenvectors
@@ -213,21 +214,19 @@ def test_trace_estimators_leave_one_out_and_exact_part():
     s, k = 6, 3
     A = (sym(k), torch.randn(k, s, generator=g, dtype=torch.float64), sym(s))
     B = (sym(k), torch.randn(k, s, generator=g, dtype=torch.float64), sym(s))
-    loo1, loo2 = _trace1(A, True), _trace2(A, B, True)
+    loo1, loo2 = trace1(A, True), trace2(A, B, True)
     for t in range(s):
         idx = torch.tensor([i for i in range(s) if i != t])
 
         def sub(X, idx=idx):
             return X[0], X[1][:, idx], X[2][idx][:, idx]
 
-        assert float(loo1[t]) == pytest.approx(float(_trace1(sub(A))), rel=1e-12)
-        assert float(loo2[t]) == pytest.approx(
-            float(_trace2(sub(A), sub(B))), rel=1e-12
-        )
+        assert float(loo1[t]) == pytest.approx(float(trace1(sub(A))), rel=1e-12)
+        assert float(loo2[t]) == pytest.approx(float(trace2(sub(A), sub(B))), rel=1e-12)
     # per-sample (leading dimension) blocks broadcast against shared ones
     stacked = tuple(torch.stack([a, 2 * a]) for a in A)
     torch.testing.assert_close(
-        _trace2(stacked, B), torch.stack([_trace2(A, B), 2 * _trace2(A, B)])
+        trace2(stacked, B), torch.stack([trace2(A, B), 2 * trace2(A, B)])
     )
 
 
