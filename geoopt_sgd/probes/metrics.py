@@ -158,7 +158,7 @@ METRICS: tuple[str, ...] = tuple(_TABLE)
 """Every metric name :func:`noise_geometry` accepts (SPEC §2.1-2.7)."""
 
 DEFAULT_METRICS: tuple[str, ...] = tuple(
-    m for m in METRICS if m not in _names("hessian_traces", "escape")
+    m for m in METRICS if _TABLE[m][0] not in ("hessian_traces", "escape")
 )
 """The default set: 21 names, everything but ``mu_hessian`` (Hessian products) and
 the escape metrics (which need ``displacement`` and are added when it is given).
@@ -170,7 +170,13 @@ eigensolve (``benchmarks/README.md``)."""
 _TRACES = _names("traces", "traces+eigenbasis")
 _EIGEN = _names("eigenbasis", "traces+eigenbasis", "escape")
 _ESCAPE = _names("escape")
+_GGN_TRACES = _names("ggn_traces")
+_HESSIAN_TRACES = _names("hessian_traces")
 _SCALARS = frozenset(m for m, (_, shape) in _TABLE.items() if shape == "scalar")
+# what _measure returns: values, arrays, standard errors, timings
+_Measured = tuple[
+    dict[str, float], dict[str, Tensor], dict[str, float], dict[str, float]
+]
 # route="auto" takes the exact route up to n (K + 1) P entries and (n K)^2 P flops
 _EXACT_MAX = 2e7
 _EXACT_GRAM_FLOPS = 2e10
@@ -487,24 +493,10 @@ def noise_geometry(
         raise ValueError(f"`k` must be <= P = {P}; got {k}.")
     delta = None if displacement is None else _flatten_displacement(displacement, fm)
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
-
-    with torch.enable_grad():
-        probe = ProbeSet(
-            fm, loss_fn, _collect(data, fm.device, max_samples), chunk_size=chunk_size
-        )
-    n = probe.n
     B = 1 if cov == "per_sample" else int(batch_size)  # type: ignore[arg-type]
-    if n // B < 2:
-        what = "samples" if cov == "per_sample" else f"batches of {B}"
-        raise ValueError(
-            f"`data` must hold at least 2 {what} for a covariance; got {n} samples."
-        )
-    with torch.enable_grad():
-        if wanted - {"loss"}:
-            # one forward for the whole call: every later backward reuses its graph
-            probe.keep_graph()
-        losses = probe.losses()
-    L = float(distributed.all_reduce_sum(losses.sum().reshape(1))) / n
+    probe, L = _probe_and_loss(
+        fm, loss_fn, data, wanted, cov, B, max_samples, chunk_size
+    )
     if not math.isfinite(L):
         return _nan_result(wanted, probe, t0)
 
@@ -527,7 +519,48 @@ def noise_geometry(
         )
     if measured is None:  # non-finite gradients
         return _nan_result(wanted, probe, t0)
-    values, arrays, ses, timings = measured
+    return _result(probe, route, t0, *measured)
+
+
+def _probe_and_loss(
+    fm: FunctionalModel,
+    loss_fn: Callable[..., Tensor],
+    data: Any,
+    wanted: set[str],
+    cov: str,
+    B: int,
+    max_samples: int,
+    chunk_size: int | None,
+) -> tuple[ProbeSet, float]:
+    """The probe set of ``data`` and the mean loss ``L``, from one forward pass."""
+    with torch.enable_grad():
+        probe = ProbeSet(
+            fm, loss_fn, _collect(data, fm.device, max_samples), chunk_size=chunk_size
+        )
+    n = probe.n
+    if n // B < 2:
+        what = "samples" if cov == "per_sample" else f"batches of {B}"
+        raise ValueError(
+            f"`data` must hold at least 2 {what} for a covariance; got {n} samples."
+        )
+    with torch.enable_grad():
+        if wanted - {"loss"}:
+            # one forward for the whole call: every later backward reuses its graph
+            probe.keep_graph()
+        losses = probe.losses()
+    return probe, float(distributed.all_reduce_sum(losses.sum().reshape(1))) / n
+
+
+def _result(
+    probe: ProbeSet,
+    route: str,
+    t0: float,
+    values: dict[str, float],
+    arrays: dict[str, Tensor],
+    ses: dict[str, float],
+    timings: dict[str, float],
+) -> NoiseGeometry:
+    """The :class:`NoiseGeometry`, non-finite values set to NaN and counted."""
     n_bad = 0
     for key, val in values.items():
         if not math.isfinite(val):
@@ -541,7 +574,7 @@ def noise_geometry(
         values=values,
         **arrays,
         cost=cost,
-        num_samples=n,
+        num_samples=probe.n,
         route=route,
         standard_errors=ses,
     )
@@ -588,7 +621,7 @@ def _measure(
     tol: float,
     num_probes: int,
     num_random_directions: int,
-) -> tuple[dict[str, float], dict[str, Tensor], dict[str, float], dict[str, float]]:
+) -> _Measured | None:
     """Run the families ``wanted`` needs on ``route`` and assemble the metrics.
 
     Returns:
@@ -597,8 +630,10 @@ def _measure(
     """
     probe = ctx.probe
     need_traces = bool(wanted & _TRACES)
-    need_ggn = (need_traces and curvature == "ggn") or "gradient_uniformity" in wanted
-    need_hess = (need_traces and curvature == "hessian") or "mu_hessian" in wanted
+    need_ggn = (need_traces and curvature == "ggn") or bool(wanted & _GGN_TRACES)
+    need_hess = (need_traces and curvature == "hessian") or bool(
+        wanted & _HESSIAN_TRACES
+    )
     need_any = need_traces or need_ggn or need_hess
     sketch = need_any and route == "sketch"
     traces: dict[str, Traces] = {}
