@@ -8,7 +8,7 @@ from torch import nn
 
 from geoopt_sgd import noise_geometry
 from geoopt_sgd.probes._stats import haar, linregress, random_directions, spearman
-from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS
+from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS, NoiseGeometry
 from geoopt_sgd.testing import dense_curvature, dense_metrics
 
 # Exact route vs explicit float64 matrices: the same quantities summed in a different
@@ -135,6 +135,33 @@ def test_default_metrics_and_json():
     assert len(d["eigenvalues"]) == 2 and len(d["noise_energies"]) == 2
     assert d["num_samples"] == 12 and d["route"] == "exact"
     assert d["cost_n_per_sample_grad"] == 12 and d["cost_seconds"] > 0
+
+
+def test_metric_table_and_as_dict_arrays():
+    # one table gives the names, the default set and the families' members
+    assert METRICS[0] == "loss" and len(METRICS) == len(set(METRICS)) == 24
+    escape = ("sharp_fraction", "loss_energy_fraction")
+    assert DEFAULT_METRICS == tuple(
+        m for m in METRICS if m not in ("mu_hessian", *escape)
+    )
+    t = torch.arange(3.0)
+    res = NoiseGeometry(
+        values={"mu": 1.0},
+        eigenvalues=t,
+        eigenvectors=torch.ones(100, 3),
+        noise_energies=t,
+        directional_alignment=t,
+        direction_shares=t,
+        loss_shares=t,
+    )
+    # the (k,) arrays in field order, never the (P, k) eigenvectors
+    assert [k for k, v in res.as_dict().items() if isinstance(v, list)] == [
+        "eigenvalues",
+        "noise_energies",
+        "directional_alignment",
+        "direction_shares",
+        "loss_shares",
+    ]
 
 
 def test_escape_metrics_added_with_displacement_and_list_form():
