@@ -51,6 +51,31 @@ _MAX_PENDING = 256
 _STATE_KEY = "noisy_gd"
 
 
+def _check_source(
+    noise: str, magnitude: str, batch_size: int | None, **source: Any
+) -> None:
+    """Raise if ``noise`` lacks its curvature source or ``batch_size``."""
+    if noise not in ("none", "isotropic"):
+        missing = [name for name, v in source.items() if v is None]
+        if missing:
+            raise ValueError(
+                f"noise={noise!r} needs a curvature source: pass `model`, "
+                "`loss_fn` and `data` (missing: "
+                + ", ".join(f"`{m}`" for m in missing)
+                + ")."
+            )
+    needs_batch = needs_minibatches(noise, magnitude) or noise in (
+        "sgd_matched",
+        "geometry_aware",
+        "geometry_aware_isotropic",
+    )
+    if needs_batch and batch_size is None:
+        raise ValueError(
+            f"noise={noise!r} needs `batch_size`, the SGD batch size B whose "
+            "noise magnitude Tr(Σ)/B it matches; got None."
+        )
+
+
 class NoisyGD(torch.optim.Optimizer):
     r"""Gradient descent with injected Gaussian noise of a chosen geometry.
 
@@ -249,30 +274,9 @@ class NoisyGD(torch.optim.Optimizer):
                 "`noise_schedule` must be a callable step -> multiplier or None; "
                 f"got {type(noise_schedule).__name__}."
             )
-        needs_source = noise not in ("none", "isotropic")
-        if needs_source:
-            missing = [
-                name
-                for name, v in (("model", model), ("loss_fn", loss_fn), ("data", data))
-                if v is None
-            ]
-            if missing:
-                raise ValueError(
-                    f"noise={noise!r} needs a curvature source: pass `model`, "
-                    "`loss_fn` and `data` (missing: "
-                    + ", ".join(f"`{m}`" for m in missing)
-                    + ")."
-                )
-        needs_batch = needs_minibatches(noise, magnitude) or noise in (
-            "sgd_matched",
-            "geometry_aware",
-            "geometry_aware_isotropic",
+        _check_source(
+            noise, magnitude, batch_size, model=model, loss_fn=loss_fn, data=data
         )
-        if needs_batch and batch_size is None:
-            raise ValueError(
-                f"noise={noise!r} needs `batch_size`, the SGD batch size B whose "
-                "noise magnitude Tr(Σ)/B it matches; got None."
-            )
         defaults = dict(
             lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach
         )
