@@ -4,14 +4,25 @@ Every sampler here is a pure function of its inputs and a
 :class:`torch.Generator`; none touches the global RNG. Samples are flat vectors
 ``(P,)`` over all parameters. The covariance each sampler realises is stated in
 its docstring in the notation of SPEC §3 (``C`` the covariance of mini-batch
-gradients, ``H`` the curvature, ``(λ_j, u_j)`` its top eigenpairs):
+gradients, ``H`` the curvature, ``(λ_j, u_j)`` its top eigenpairs).
 
-* :func:`isotropic_noise`: ``σ² I``;
+Draws of a given covariance:
+
+* :func:`isotropic_noise`: ``s² σ² I``;
 * :func:`diagonal_noise`: ``diag(v)``;
-* :func:`low_rank_noise`: ``s² Σ_j λ_j u_j u_jᵀ`` (negative ``λ_j`` clamped to 0);
+* :func:`low_rank_noise`: ``s² Σ_j λ_j u_j u_jᵀ`` (negative ``λ_j`` clamped to 0).
+
+One sampler per noise kind of :class:`~geoopt_sgd.NoisyGD` that draws from
+refreshed statistics (:data:`SAMPLERS`, all with one signature): each turns the
+statistics (``Tr C``, ``diag C``, eigenpairs, ``L``, ``Tr H``) and the
+``magnitude`` option into a :class:`NoiseSample`.
+
+Statistics:
+
 * :func:`minibatch_statistics` / :func:`minibatch_eigenpairs`: ``C`` from ``M``
   mini-batch gradients, its diagonal, trace and top eigenpairs (no ``P x P``
   matrix is formed);
+* :func:`clamp_eigenvalues`: a PSD spectrum from Ritz values;
 * :func:`reweighting_weights`: the per-sample weights whose reweighted-loss
   gradient has exactly the covariance ``Σ/B`` of mini-batch SGD (SPEC §2.0.6).
 
@@ -22,20 +33,34 @@ distributed job draws identical noise without communication.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .._checks import check_int, check_number
 
 __all__ = [
+    "SAMPLERS",
+    "NoiseSample",
     "clamp_eigenvalues",
     "diagonal_noise",
+    "geometry_aware_isotropic_variance",
     "isotropic_noise",
     "low_rank_noise",
     "make_generator",
     "minibatch_eigenpairs",
     "minibatch_statistics",
     "reweighting_weights",
+    "sample_diagonal",
+    "sample_geometry_aware",
+    "sample_geometry_aware_isotropic",
+    "sample_hessian",
+    "sample_isotropic_matched",
+    "sample_sgd_leading",
+    "sample_top_eigvec",
     "standard_normal",
     "step_seed",
 ]
@@ -128,32 +153,50 @@ def standard_normal(
     return torch.randn(numel, generator=generator, dtype=dtype, device=device)
 
 
+class NoiseSample(NamedTuple):
+    """One draw ``ξ = alpha · direction``, kept as a product.
+
+    :class:`~geoopt_sgd.NoisyGD` multiplies ``direction`` by ``alpha`` inside its
+    fused update, so the scaled vector is never formed.
+
+    Attributes:
+        direction: The flat draw, shape ``(P,)``.
+        alpha: Its multiplier.
+        target_sq_norm: ``E‖ξ‖²`` (NaN where it is not computed).
+    """
+
+    direction: Tensor
+    alpha: float
+    target_sq_norm: float
+
+
 def isotropic_noise(
     numel: int,
-    std: float,
+    scale: float,
     *,
+    variance: float = 1.0,
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
-) -> Tensor:
-    """Sample isotropic noise ``ξ = σ z`` with covariance ``σ² I``.
+    out: Tensor | None = None,
+) -> NoiseSample:
+    """Sample ``ξ = s σ z`` with covariance ``s² σ² I``.
 
     Args:
         numel: ``P``, the number of entries.
-        std: ``σ``, the standard deviation per coordinate (``>= 0``).
+        scale: ``s``, a multiplier (not checked: NoisyGD's schedule sets it).
+        variance: ``σ²``, the variance per coordinate before scaling.
         generator: The source of randomness.
         dtype: A floating dtype.
         device: Defaults to the generator's device.
+        out: Optional flat workspace ``(P,)`` to draw ``z`` into (see
+            :func:`standard_normal`).
 
     Returns:
-        ``ξ``, shape ``(P,)``; ``E‖ξ‖² = P σ²``.
-
-    Raises:
-        ValueError: If ``std`` is negative.
+        ``NoiseSample(z, s σ, s² σ² P)``.
     """
-    check_number("std", std, ge=0)
-    z = standard_normal(numel, generator=generator, dtype=dtype, device=device)
-    return z.mul_(std)
+    z = standard_normal(numel, generator=generator, dtype=dtype, device=device, out=out)
+    return NoiseSample(z, scale * math.sqrt(variance), scale * scale * variance * numel)
 
 
 def diagonal_noise(variance: Tensor, *, generator: torch.Generator) -> Tensor:
@@ -345,3 +388,278 @@ def reweighting_weights(
     n = z.numel() if total is None else total
     zbar = z.mean() if z_mean is None else z_mean
     return (z - zbar) / (n * batch_size) ** 0.5
+
+
+# ------------------------------------------------- one sampler per noise kind
+# Every sampler takes the statistics of the last refresh (``stats``: the tensors
+# named below), the multiplier ``s`` and the same keywords, so that NoisyGD
+# dispatches through SAMPLERS; a sampler ignores the keywords it does not need.
+
+Sampler = Callable[..., NoiseSample]
+
+
+def geometry_aware_isotropic_variance(
+    stats: Mapping[str, Tensor], batch_size: int, numel: int
+) -> float:
+    """The ISO variance per coordinate ``2 L Tr(H) / (B P)`` (negatives count as 0).
+
+    Args:
+        stats: Holds ``"loss"`` (``L``) and ``"trace_h"`` (``Tr H``), scalars.
+        batch_size: ``B``.
+        numel: ``P``.
+
+    Returns:
+        The variance, a float.
+    """
+    loss = max(float(stats["loss"]), 0.0)
+    trace_h = max(float(stats["trace_h"]), 0.0)
+    return 2.0 * loss * trace_h / (batch_size * numel)
+
+
+def sample_isotropic_matched(
+    stats: Mapping[str, Tensor],
+    scale: float,
+    *,
+    numel: int,
+    magnitude: str,
+    batch_size: int | None,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> NoiseSample:
+    """``"isotropic_matched"``: covariance ``s² (Tr C / P) I`` (``s²/P I`` for "unit").
+
+    Args:
+        stats: Holds ``"trace_c"``, ``Tr C``.
+        scale: ``s``.
+        numel: ``P``.
+        magnitude: ``"sgd"``, ``"raw"`` (both ``Tr C``) or ``"unit"`` (trace 1).
+        batch_size: Unused.
+        generator: The source of randomness (``P`` normals are drawn).
+        dtype: The noise dtype.
+
+    Returns:
+        ``NoiseSample(z, s sqrt(Tr C / P), s² Tr C)``.
+    """
+    trace = 1.0 if magnitude == "unit" else float(stats["trace_c"])
+    return isotropic_noise(
+        numel, scale, variance=trace / numel, generator=generator, dtype=dtype
+    )
+
+
+def sample_geometry_aware_isotropic(
+    stats: Mapping[str, Tensor],
+    scale: float,
+    *,
+    numel: int,
+    magnitude: str,
+    batch_size: int | None,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> NoiseSample:
+    """``"geometry_aware_isotropic"`` (ISO): covariance ``s² (2L/B) (Tr H / P) I``.
+
+    Args:
+        stats: Holds ``"loss"`` and ``"trace_h"`` (see
+            :func:`geometry_aware_isotropic_variance`).
+        scale: ``s``.
+        numel: ``P``.
+        magnitude: Unused (ISO has its own magnitude).
+        batch_size: ``B``.
+        generator: The source of randomness (``P`` normals are drawn).
+        dtype: The noise dtype.
+
+    Returns:
+        ``NoiseSample(z, s sqrt(v), s² v P)`` with ``v`` the ISO variance.
+    """
+    assert batch_size is not None
+    var = geometry_aware_isotropic_variance(stats, batch_size, numel)
+    return isotropic_noise(numel, scale, variance=var, generator=generator, dtype=dtype)
+
+
+def sample_diagonal(
+    stats: Mapping[str, Tensor],
+    scale: float,
+    *,
+    numel: int,
+    magnitude: str,
+    batch_size: int | None,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> NoiseSample:
+    """``"diagonal"`` (GLD-diag): covariance ``s² diag(C)`` (trace ``s²`` for "unit").
+
+    Args:
+        stats: Holds ``"variance"``, ``diag C`` ``(P,)``.
+        scale: ``s``.
+        numel: Unused.
+        magnitude: ``"sgd"`` or ``"raw"`` (``diag C``) or ``"unit"``.
+        batch_size: Unused.
+        generator: The source of randomness, on the variance's device.
+        dtype: Unused (the variance's dtype).
+
+    Returns:
+        ``NoiseSample(sqrt(diag C) ⊙ z, s a, (s a)² Tr C)``, ``a = 1`` or
+        ``1/sqrt(Tr C)``.
+    """
+    variance = stats["variance"]
+    total = float(variance.sum())
+    if magnitude == "unit":
+        a = 1.0 / math.sqrt(total) if total > 0 else 0.0
+    else:
+        a = 1.0
+    xi = diagonal_noise(variance, generator=generator)
+    return NoiseSample(xi, scale * a, (scale * a) ** 2 * total)
+
+
+def _low_rank_sample(
+    eigenvalues: Tensor,
+    eigenvectors: Tensor,
+    scale: float,
+    factor: Callable[[float], float],
+    generator: torch.Generator,
+) -> NoiseSample:
+    # ξ = s sqrt(a²) Σ_j sqrt(λ_j) z_j u_j with a² = factor(Σ_j λ_j)
+    mass = float(eigenvalues.clamp(min=0).sum())
+    a2 = factor(mass)
+    xi = low_rank_noise(eigenvalues, eigenvectors, generator=generator)
+    return NoiseSample(xi, scale * math.sqrt(a2), scale * scale * a2 * mass)
+
+
+def _matched_factor(stats: Mapping[str, Tensor], magnitude: str) -> Callable:
+    # a² that gives the top-k mass Σ λ_j the trace Tr C ("sgd"), 1 ("unit"), or
+    # leaves it ("raw")
+    def factor(mass: float) -> float:
+        if magnitude == "sgd":
+            return float(stats["trace_c"]) / mass if mass > 0 else 0.0
+        if magnitude == "unit":
+            return 1.0 / mass if mass > 0 else 0.0
+        return 1.0
+
+    return factor
+
+
+def sample_sgd_leading(
+    stats: Mapping[str, Tensor],
+    scale: float,
+    *,
+    numel: int,
+    magnitude: str,
+    batch_size: int | None,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> NoiseSample:
+    """``"sgd_leading"`` (GLD-lead) and ``"hessian"`` (GLD-Hess): top-``k`` eigenpairs.
+
+    Covariance ``s² a² Σ_j λ_j u_j u_jᵀ`` with ``a² = Tr C / Σ_j λ_j``
+    (``"sgd"``), ``1 / Σ_j λ_j`` (``"unit"``) or ``1`` (``"raw"``); ``(λ_j, u_j)``
+    are the top eigenpairs of ``C`` (``"sgd_leading"``) or of the curvature
+    (``"hessian"``).
+
+    Args:
+        stats: Holds ``"eigenvalues"`` ``(k,)``, ``"eigenvectors"`` ``(P, k)`` and,
+            for ``"sgd"``, ``"trace_c"``.
+        scale: ``s``.
+        numel: Unused.
+        magnitude: ``"sgd"``, ``"unit"`` or ``"raw"``.
+        batch_size: Unused.
+        generator: The source of randomness (``k`` normals are drawn).
+        dtype: Unused (the eigenvectors' dtype).
+
+    Returns:
+        ``NoiseSample(Σ_j sqrt(λ_j) z_j u_j, s a, s² a² Σ_j λ_j)``.
+    """
+    return _low_rank_sample(
+        stats["eigenvalues"],
+        stats["eigenvectors"],
+        scale,
+        _matched_factor(stats, magnitude),
+        generator,
+    )
+
+
+sample_hessian = sample_sgd_leading
+
+
+def sample_top_eigvec(
+    stats: Mapping[str, Tensor],
+    scale: float,
+    *,
+    numel: int,
+    magnitude: str,
+    batch_size: int | None,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> NoiseSample:
+    """``"top_eigvec"`` (GLD-1eig): covariance ``s² a² λ_1 u_1 u_1ᵀ``.
+
+    With ``a² = Tr C / λ_1`` (``"sgd"``: ``s² Tr C u_1 u_1ᵀ``), ``1/λ_1``
+    (``"unit"``) or ``1`` (``"raw"``).
+
+    Args:
+        stats: As for :func:`sample_sgd_leading`; only the first pair is used.
+        scale: ``s``.
+        numel: Unused.
+        magnitude: ``"sgd"``, ``"unit"`` or ``"raw"``.
+        batch_size: Unused.
+        generator: The source of randomness (one normal is drawn).
+        dtype: Unused.
+
+    Returns:
+        ``NoiseSample(sqrt(λ_1) z u_1, s a, s² a² λ_1)``.
+    """
+    return _low_rank_sample(
+        stats["eigenvalues"][:1],
+        stats["eigenvectors"][:, :1],
+        scale,
+        _matched_factor(stats, magnitude),
+        generator,
+    )
+
+
+def sample_geometry_aware(
+    stats: Mapping[str, Tensor],
+    scale: float,
+    *,
+    numel: int,
+    magnitude: str,
+    batch_size: int | None,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> NoiseSample:
+    """``"geometry_aware"`` (GEO): covariance ``s² (2L/B) Σ_j λ_j u_j u_jᵀ``.
+
+    Args:
+        stats: Holds ``"eigenvalues"``, ``"eigenvectors"`` and ``"loss"`` (``L``;
+            a negative loss counts as 0).
+        scale: ``s``.
+        numel: Unused.
+        magnitude: Unused (GEO has its own magnitude).
+        batch_size: ``B``.
+        generator: The source of randomness (``k`` normals are drawn).
+        dtype: Unused.
+
+    Returns:
+        ``NoiseSample(Σ_j sqrt(λ_j) z_j u_j, s sqrt(2L/B), s² (2L/B) Σ_j λ_j)``.
+    """
+    assert batch_size is not None
+    loss = max(float(stats["loss"]), 0.0)
+    return _low_rank_sample(
+        stats["eigenvalues"],
+        stats["eigenvectors"],
+        scale,
+        lambda mass: 2.0 * loss / batch_size,
+        generator,
+    )
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "isotropic_matched": sample_isotropic_matched,
+    "diagonal": sample_diagonal,
+    "sgd_leading": sample_sgd_leading,
+    "hessian": sample_hessian,
+    "top_eigvec": sample_top_eigvec,
+    "geometry_aware": sample_geometry_aware,
+    "geometry_aware_isotropic": sample_geometry_aware_isotropic,
+}
+"""The sampler of each noise kind drawn from refreshed statistics (every kind
+but ``"none"``, ``"isotropic"`` and ``"sgd_matched"``, whose draws need none)."""

@@ -17,14 +17,17 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from .. import distributed
 from .._checks import check_choice, check_int, check_number
-from .._model import FunctionalModel, detect_reduction, local_batches, to_device
-from .._model import batch_size as _batch_len
 from . import noise as _noise
 from ._functional import noisy_gd_update
+from ._noise_source import (
+    STREAM_NOISE,
+    STREAM_WEIGHTS,
+    NoiseSource,
+    needs_minibatches,
+)
 
 __all__ = ["NoisyGD"]
 
@@ -41,26 +44,6 @@ NoiseKind = Literal[
     "geometry_aware_isotropic",
 ]
 
-# kinds whose statistics come from M mini-batch gradients (the covariance C)
-_USES_C = ("isotropic_matched", "diagonal", "sgd_leading")
-# kinds whose statistics come from the top-k eigenpairs of the curvature
-_USES_CURVATURE = (
-    "hessian",
-    "top_eigvec",
-    "geometry_aware",
-    "geometry_aware_isotropic",
-)
-# kinds whose magnitude is set by the `magnitude` argument
-_MAGNITUDE_KINDS = (
-    "isotropic_matched",
-    "diagonal",
-    "sgd_leading",
-    "hessian",
-    "top_eigvec",
-)
-
-# sub-stream indices for make_generator (per step); ranks offset the last one
-_STREAM_NOISE, _STREAM_PARTITION, _STREAM_EIG, _STREAM_TRACE, _STREAM_WEIGHTS = range(5)
 # steps whose realised ||xi||^2 may wait unconverted (one GPU sync per this many
 # steps when `stats` is never read)
 _MAX_PENDING = 256
@@ -68,24 +51,29 @@ _MAX_PENDING = 256
 _STATE_KEY = "noisy_gd"
 
 
-def _per_sample_losses(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> Tensor:
-    # The loss of one sample, evaluated as a batch of one: with reduction "mean"
-    # the batch loss is the mean of these, with "sum" their sum (also for
-    # MSELoss, whose per-sample mean runs over the outputs).
-    def one(o: Tensor, t: Tensor) -> Tensor:
-        return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
-
-    return vmap(one)(outputs, targets)
-
-
-def _index(inputs: Any, idx: Tensor) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs[idx.to(inputs.device)]
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_index(x, idx) for x in inputs)
-    raise TypeError(
-        f"inputs must be a tensor or a tuple of tensors; got {type(inputs).__name__}."
+def _check_source(
+    noise: str, magnitude: str, batch_size: int | None, **source: Any
+) -> None:
+    """Raise if ``noise`` lacks its curvature source or ``batch_size``."""
+    if noise not in ("none", "isotropic"):
+        missing = [name for name, v in source.items() if v is None]
+        if missing:
+            raise ValueError(
+                f"noise={noise!r} needs a curvature source: pass `model`, "
+                "`loss_fn` and `data` (missing: "
+                + ", ".join(f"`{m}`" for m in missing)
+                + ")."
+            )
+    needs_batch = needs_minibatches(noise, magnitude) or noise in (
+        "sgd_matched",
+        "geometry_aware",
+        "geometry_aware_isotropic",
     )
+    if needs_batch and batch_size is None:
+        raise ValueError(
+            f"noise={noise!r} needs `batch_size`, the SGD batch size B whose "
+            "noise magnitude Tr(Σ)/B it matches; got None."
+        )
 
 
 class NoisyGD(torch.optim.Optimizer):
@@ -286,31 +274,9 @@ class NoisyGD(torch.optim.Optimizer):
                 "`noise_schedule` must be a callable step -> multiplier or None; "
                 f"got {type(noise_schedule).__name__}."
             )
-        needs_source = noise not in ("none", "isotropic")
-        if needs_source:
-            missing = [
-                name
-                for name, v in (("model", model), ("loss_fn", loss_fn), ("data", data))
-                if v is None
-            ]
-            if missing:
-                raise ValueError(
-                    f"noise={noise!r} needs a curvature source: pass `model`, "
-                    "`loss_fn` and `data` (missing: "
-                    + ", ".join(f"`{m}`" for m in missing)
-                    + ")."
-                )
-        needs_batch = noise in (
-            *_USES_C,
-            "sgd_matched",
-            "geometry_aware",
-            "geometry_aware_isotropic",
-        ) or (noise in ("hessian", "top_eigvec") and magnitude == "sgd")
-        if needs_batch and batch_size is None:
-            raise ValueError(
-                f"noise={noise!r} needs `batch_size`, the SGD batch size B whose "
-                "noise magnitude Tr(Σ)/B it matches; got None."
-            )
+        _check_source(
+            noise, magnitude, batch_size, model=model, loss_fn=loss_fn, data=data
+        )
         defaults = dict(
             lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach
         )
@@ -340,7 +306,7 @@ class NoisyGD(torch.optim.Optimizer):
 
         self._step_count = 0
         self._cache: dict[str, Tensor] = {}
-        self._fm: FunctionalModel | None = None
+        self._src: NoiseSource | None = None
         self._workspace: dict[tuple, Tensor] = {}
         # realised ||xi||^2 of recent steps as device scalars, converted when
         # `stats` is read: a float() per step would synchronise a GPU every step
@@ -368,7 +334,7 @@ class NoisyGD(torch.optim.Optimizer):
         """
         super().add_param_group(param_group)
         # the curvature source and cached statistics refer to the old P
-        self._fm = None
+        self._src = None
         self._cache = {}
 
     # ------------------------------------------------------------------ state
@@ -447,240 +413,93 @@ class NoisyGD(torch.optim.Optimizer):
             s = s * float(self.noise_schedule(t))
         return s
 
-    def _source(self) -> FunctionalModel:
-        if self._fm is None:
-            params = self._params()
-            self._fm = FunctionalModel(self.model, params, mode=self.mode)
-            self._reduction = detect_reduction(self.loss_fn, self.loss_reduction)
-            # an empty shard on one rank joins every reduction with zeros;
-            # data empty on every rank is an error, raised on all of them
-            self._batches = list(local_batches(self.data))
-            local = sum(_batch_len(t) for _, t in self._batches)
-            self._n_local = local
-            self._n_total = self._fm.total_count(self._batches)
-            if self._n_total == 0:
-                self._fm = None
-                raise ValueError(
-                    "`data` is empty on every process: the noise needs at least "
-                    "one sample."
-                )
-        return self._fm
-
-    def _weighted_gradient(self, inputs: Any, targets: Tensor, w: Tensor) -> Tensor:
-        """Flat gradient of ``Σ_i w_i L_i`` over one batch (one backward)."""
-        fm = self._fm
-        assert fm is not None
-        params = [p.detach().requires_grad_(True) for p in fm.params]
-        with torch.enable_grad(), fm.policy():
-            out = fm(params, inputs)
-            losses = _per_sample_losses(self.loss_fn, out, targets)
-            total = (losses * w.to(losses)).sum()
-            grads = torch.autograd.grad(total, params, allow_unused=True)
-        self.stats["n_backward"] += 1
-        return torch.cat(
-            [
-                torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
-                for g, p in zip(grads, params, strict=True)
-            ]
-        )
-
-    def _loss_factor(self) -> float:
-        # per-sample losses L_i: L = mean L_i ("mean") or sum L_i ("sum")
-        return 1.0 if self._reduction == "mean" else float(self._n_total)
-
-    def _minibatch_gradients(self, t: int) -> Tensor:
-        """Rows ``g_b`` (M, P): gradients on disjoint random batches of size B."""
-        fm = self._source()
-        B = self.batch_size
-        assert B is not None
-        gen = _noise.make_generator(
-            self.seed, t, "cpu", stream=_STREAM_PARTITION + distributed.rank()
-        )
-        factor = self._loss_factor()
-        rows: list[Tensor] = []
-        for inputs, targets in self._batches:
-            inputs, targets = (
-                to_device(inputs, fm.device),
-                to_device(targets, fm.device),
+    def _source(self) -> NoiseSource:
+        if self._src is None:
+            self._src = NoiseSource(
+                self.model,  # type: ignore[arg-type]
+                self.loss_fn,  # type: ignore[arg-type]
+                self.data,
+                self._params(),
+                mode=self.mode,
+                loss_reduction=self.loss_reduction,
             )
-            perm = torch.randperm(_batch_len(targets), generator=gen)
-            for c in range(_batch_len(targets) // B):
-                if self.num_batches is not None and len(rows) >= self.num_batches:
-                    break
-                idx = perm[c * B : (c + 1) * B]
-                w = torch.full((B,), factor / B, dtype=fm.dtype, device=fm.device)
-                rows.append(
-                    self._weighted_gradient(_index(inputs, idx), targets[idx], w)
-                )
-        local = torch.stack(rows) if rows else fm.params[0].new_zeros((0, fm.numel))
-        if distributed.is_distributed():
-            counts = torch.zeros(
-                distributed.world_size(), dtype=torch.long, device=fm.device
-            )
-            counts[distributed.rank()] = local.shape[0]
-            distributed.all_reduce_sum(counts)
-            start = int(counts[: distributed.rank()].sum())
-            full = local.new_zeros((int(counts.sum()), fm.numel))
-            full[start : start + local.shape[0]] = local
-            local = distributed.all_reduce_sum(full)
-        if local.shape[0] < 2:
-            raise ValueError(
-                f"noise={self.noise!r} estimates C from mini-batches of size "
-                f"batch_size={B}, but `data` holds only {local.shape[0]} of them; "
-                "pass more data or a smaller batch_size."
-            )
-        return local
+        return self._src
 
-    def _curvature_operator(self) -> Any:
-        from ..curvature import GGNOperator, HessianOperator
-
-        cls = HessianOperator if self.curvature == "hessian" else GGNOperator
-        return cls(
-            self.model,
-            self.loss_fn,
-            self.data,
-            params=self._params(),
-            mode=self.mode,
-            loss_reduction=self.loss_reduction,
-        )
-
-    # ----------------------------------------------------------------- refresh
     def _refresh(self, t: int) -> None:
         start = time.perf_counter()
-        fm = self._source()
-        cache: dict[str, Tensor] = {}
-        kind = self.noise
-        if kind in _USES_C or (
-            kind in ("hessian", "top_eigvec") and self.magnitude == "sgd"
-        ):
-            G = self._minibatch_gradients(t)
-            _, diag, trace = _noise.minibatch_statistics(G)
-            cache["trace_c"] = trace
-            if kind == "diagonal":
-                cache["variance"] = diag
-            if kind == "sgd_leading":
-                e, V = _noise.minibatch_eigenpairs(G, self.k)
-                cache["eigenvalues"], cache["eigenvectors"] = e, V
-            self.stats["reference_sq_norm"] = float(trace)
-        if kind in _USES_CURVATURE:
-            from ..curvature import hutchinson_trace, top_eigenpairs
-
-            op = self._curvature_operator()
-            k = 1 if kind == "top_eigvec" else min(self.k, fm.numel)
-            v0 = self._cache.get("eigenvectors")
-            if v0 is not None and v0.shape[1] > k:
-                v0 = v0[:, :k]
-            if kind != "geometry_aware_isotropic":
-                res = top_eigenpairs(
-                    op,
-                    k,
-                    tol=self.tol,
-                    v0=v0,
-                    seed=_noise.step_seed(self.seed, t, _STREAM_EIG),
-                )
-                lam, n_clamped = _noise.clamp_eigenvalues(res.eigenvalues)
-                cache["eigenvalues"] = lam.to(fm.dtype)
-                cache["eigenvectors"] = res.eigenvectors.to(fm.dtype)
-                self.stats["clamped_negative"] = n_clamped
-                self.stats["clamped_negative_total"] += n_clamped
-            if kind in ("geometry_aware", "geometry_aware_isotropic"):
-                cache["loss"] = torch.tensor(float(op.loss()), dtype=fm.dtype)
-            if kind == "geometry_aware_isotropic":
-                est = hutchinson_trace(
-                    op, seed=_noise.step_seed(self.seed, t, _STREAM_TRACE)
-                )
-                cache["trace_h"] = torch.tensor(float(est.value), dtype=fm.dtype)
-            self.stats["n_hvp"] += int(op.n_matvec)
-            release = getattr(op, "release", None)
-            if release is not None:  # free the cached per-batch graphs now
-                release()
-        self._cache = cache
-        self.stats["n_refresh"] += 1
-        self.stats["refresh_seconds"] += time.perf_counter() - start
+        self._cache = self._source().refresh(
+            self.noise,
+            t,
+            seed=self.seed,
+            magnitude=self.magnitude,
+            batch_size=self.batch_size,
+            k=self.k,
+            num_batches=self.num_batches,
+            curvature=self.curvature,
+            tol=self.tol,
+            previous=self._cache,
+            stats=self._stats,
+        )
+        self._stats["n_refresh"] += 1
+        self._stats["refresh_seconds"] += time.perf_counter() - start
 
     # ------------------------------------------------------------------- noise
-    def _sgd_matched_noise(self, t: int) -> Tensor:
-        """``ξ = Σ_i w_i ∇L_i`` with the weights of SPEC §2.0.6 (Cov = Σ/B)."""
-        fm = self._source()
-        gen = _noise.make_generator(
-            self.seed, t, fm.device, stream=_STREAM_WEIGHTS + distributed.rank()
-        )
-        z = _noise.standard_normal(
-            self._n_local, generator=gen, dtype=fm.dtype, device=fm.device
-        )
-        zsum = distributed.all_reduce_sum(z.sum().reshape(1))
-        w_all = _noise.reweighting_weights(
-            z, self.batch_size, total=self._n_total, z_mean=zsum[0] / self._n_total
-        )
-        w_all = w_all * self._loss_factor()
-        xi = fm.params[0].new_zeros(fm.numel)
-        i = 0
-        for inputs, targets in self._batches:
-            inputs, targets = (
-                to_device(inputs, fm.device),
-                to_device(targets, fm.device),
-            )
-            b = _batch_len(targets)
-            xi += self._weighted_gradient(inputs, targets, w_all[i : i + b])
-            i += b
-        return distributed.all_reduce_sum(xi)
-
-    def _flat_noise(self, t: int, numel: int) -> tuple[Tensor | None, float, float]:
-        """Return ``(ξ or z, alpha, E‖alpha·ξ‖²)`` for the curvature kinds."""
-        fm = self._source()
-        c = self._cache
+    def _isotropic_noise(
+        self, t: int, params: list[Tensor]
+    ) -> tuple[list[Tensor | None], float, float, Any]:
+        """``"isotropic"``: one draw per (device, dtype) bucket, split into views."""
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((p.device, p.dtype), []).append(i)
         s = self._scale(t)
-        gen = _noise.make_generator(self.seed, t, fm.device, stream=_STREAM_NOISE)
-        kind, mag = self.noise, self.magnitude
-        if kind == "sgd_matched":
+        views: list[Tensor | None] = [None] * len(params)
+        parts = []
+        for b, ((device, dtype), idx) in enumerate(buckets.items()):
+            gen = _noise.make_generator(self.seed, t, device, stream=b)
+            n = sum(params[i].numel() for i in idx)
+            # a reused workspace: filling it in place skips a P-sized
+            # allocation per step (about a third of the draw's time on CPU)
+            key = (device, dtype, b)
+            ws = self._workspace.get(key)
+            if ws is None or ws.numel() != n:
+                ws = self._workspace[key] = torch.empty(n, dtype=dtype, device=device)
+            z = _noise.isotropic_noise(n, s, generator=gen, out=ws).direction
+            parts.append(torch.dot(z, z))
+            off = 0
+            for i in idx:
+                m = params[i].numel()
+                views[i] = z[off : off + m].view_as(params[i])
+                off += m
+        numel = sum(p.numel() for p in params)
+        # E||xi||^2 over all buckets (each bucket's sample states its own share)
+        return views, s, s * s * numel, (s * s, parts)
+
+    def _sample(self, t: int, numel: int) -> _noise.NoiseSample:
+        """This step's flat noise of every kind but ``"none"`` and ``"isotropic"``."""
+        src = self._source()
+        s = self._scale(t)
+        if self.noise == "sgd_matched":
+            gen = _noise.make_generator(
+                self.seed, t, src.fm.device, stream=STREAM_WEIGHTS + distributed.rank()
+            )
+            assert self.batch_size is not None
+            xi = src.sgd_matched_noise(gen, self.batch_size, self._stats)
             # E‖ξ‖² = Tr(Σ)/B is not computed (it would need per-sample gradients)
-            return self._sgd_matched_noise(t), s, math.nan
-        if kind == "isotropic_matched":
-            z = _noise.standard_normal(
-                numel, generator=gen, dtype=fm.dtype, device=fm.device
-            )
-            var = float(c["trace_c"]) / numel
-            if mag == "unit":
-                var = 1.0 / numel
-            return z, s * math.sqrt(var), s * s * var * numel
-        if kind == "geometry_aware_isotropic":
-            z = _noise.standard_normal(
-                numel, generator=gen, dtype=fm.dtype, device=fm.device
-            )
-            L = max(float(c["loss"]), 0.0)
-            trace_h = max(float(c["trace_h"]), 0.0)
-            var = 2.0 * L * trace_h / (self.batch_size * numel)
-            self.stats["reference_sq_norm"] = var * numel
-            return z, s * math.sqrt(var), s * s * var * numel
-        if kind == "diagonal":
-            v = c["variance"]
-            total = float(v.sum())
-            if mag == "sgd" or mag == "raw":
-                a = 1.0
-            else:
-                a = 1.0 / math.sqrt(total) if total > 0 else 0.0
-            xi = _noise.diagonal_noise(v, generator=gen)
-            return xi, s * a, (s * a) ** 2 * total
-        # low-rank kinds: sgd_leading, hessian, top_eigvec, geometry_aware
-        lam, U = c["eigenvalues"], c["eigenvectors"]
-        if kind == "top_eigvec":
-            lam, U = lam[:1], U[:, :1]
-        mass = float(lam.clamp(min=0).sum())
-        if kind == "geometry_aware":
-            L = max(float(c["loss"]), 0.0)
-            a2 = 2.0 * L / self.batch_size
-        elif mag == "sgd":
-            a2 = float(c["trace_c"]) / mass if mass > 0 else 0.0
-        elif mag == "unit":
-            a2 = 1.0 / mass if mass > 0 else 0.0
-        else:
-            a2 = 1.0
-        xi = _noise.low_rank_noise(lam, U, generator=gen)
-        return xi, s * math.sqrt(a2), s * s * a2 * mass
+            return _noise.NoiseSample(xi, s, math.nan)
+        gen = _noise.make_generator(self.seed, t, src.fm.device, stream=STREAM_NOISE)
+        return _noise.SAMPLERS[self.noise](
+            self._cache,
+            s,
+            numel=numel,
+            magnitude=self.magnitude,
+            batch_size=self.batch_size,
+            generator=gen,
+            dtype=src.fm.dtype,
+        )
 
     def _noise_for_step(
         self, t: int, params: list[Tensor]
-    ) -> tuple[list[Tensor] | None, float, float, float]:
+    ) -> tuple[list[Tensor] | None, float, float, Any]:
         """Per-parameter noise views, their multiplier, target and realised ‖ξ‖².
 
         The realised value is ``(factor, [device scalars])``: ``factor`` times the
@@ -689,36 +508,8 @@ class NoisyGD(torch.optim.Optimizer):
         if self.noise == "none":
             return None, 0.0, 0.0, 0.0
         if self.noise == "isotropic":
-            # one flat draw per (device, dtype) bucket, split into views
-            buckets: dict[tuple, list[int]] = {}
-            for i, p in enumerate(params):
-                buckets.setdefault((p.device, p.dtype), []).append(i)
-            views: list[Tensor | None] = [None] * len(params)
-            parts = []
-            for b, ((device, dtype), idx) in enumerate(buckets.items()):
-                gen = _noise.make_generator(self.seed, t, device, stream=b)
-                n = sum(params[i].numel() for i in idx)
-                # a reused workspace: filling it in place skips a P-sized
-                # allocation per step (about a third of the draw's time on CPU)
-                key = (device, dtype, b)
-                ws = self._workspace.get(key)
-                if ws is None or ws.numel() != n:
-                    ws = self._workspace[key] = torch.empty(
-                        n, dtype=dtype, device=device
-                    )
-                z = _noise.standard_normal(n, generator=gen, out=ws)
-                parts.append(torch.dot(z, z))
-                off = 0
-                for i in idx:
-                    m = params[i].numel()
-                    views[i] = z[off : off + m].view_as(params[i])
-                    off += m
-            s = self._scale(t)
-            numel = sum(p.numel() for p in params)
-            return views, s, s * s * numel, (s * s, parts)  # type: ignore[return-value]
-        numel = sum(p.numel() for p in params)
-        flat, alpha, target = self._flat_noise(t, numel)
-        assert flat is not None
+            return self._isotropic_noise(t, params)  # type: ignore[return-value]
+        flat, alpha, target = self._sample(t, sum(p.numel() for p in params))
         sq = (alpha * alpha, [torch.dot(flat, flat)])
         out, off = [], 0
         for p in params:
@@ -825,7 +616,7 @@ class NoisyGD(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         stats = state.pop("stats", None)
-        self._fm = None
+        self._src = None
         self._workspace = {}
         self._pending = []
         super().__setstate__(state)

@@ -65,18 +65,24 @@ def test_step_seed_rejects_non_integer():
 
 
 # -------------------------------------------------------------- isotropic
-def test_isotropic_coupling_scale_is_exact():
-    # optax-style coupling: the same stream at std s and 2s differs by exactly 2x
+def test_isotropic_noise_is_the_stream_and_its_multiplier():
+    # optax-style coupling: the same stream at scale s and 2s differs by exactly 2x
     a = N.isotropic_noise(1000, 0.3, generator=_gen(), dtype=torch.float64)
     b = N.isotropic_noise(1000, 0.6, generator=_gen(), dtype=torch.float64)
     z = N.standard_normal(1000, generator=_gen(), dtype=torch.float64)
-    assert torch.equal(2 * a, b)
-    assert torch.equal(a, z * 0.3)
+    assert torch.equal(a.direction, z) and torch.equal(b.direction, z)
+    assert (a.alpha, b.alpha) == (0.3, 0.6)
+    assert a.target_sq_norm == 0.3 * 0.3 * 1000
+    # variance sigma^2: alpha = s sigma, E||xi||^2 = s^2 sigma^2 P
+    c = N.isotropic_noise(10, 2.0, variance=0.25, generator=_gen())
+    assert (c.alpha, c.target_sq_norm) == (1.0, 10.0)
 
 
-def test_isotropic_rejects_negative_std():
-    with pytest.raises(ValueError, match=r"`std` must be >= 0; got -1"):
-        N.isotropic_noise(3, -1, generator=_gen())
+def test_isotropic_noise_fills_the_workspace():
+    ws = torch.empty(7, dtype=torch.float64)
+    out = N.isotropic_noise(7, 1.0, generator=_gen(2), out=ws)
+    assert out.direction is ws
+    assert torch.equal(ws, N.standard_normal(7, generator=_gen(2), dtype=ws.dtype))
 
 
 # --------------------------------------------------------------- diagonal
@@ -226,3 +232,90 @@ def test_reweighting_errors():
         N.reweighting_weights(torch.ones(3), 0)
     with pytest.raises(ValueError, match=r"`z` must hold at least one sample"):
         N.reweighting_weights(torch.ones(0), 1)
+
+
+# ------------------------------------------------- one sampler per noise kind
+def _statistics():
+    """Statistics of one refresh and the dense C they come from (float64)."""
+    G = _batch_grads(M=6, P=5, seed=2)
+    _, diag, trace = N.minibatch_statistics(G)
+    e, V = N.minibatch_eigenpairs(G, 3)
+    stats = dict(
+        trace_c=trace,
+        variance=diag,
+        eigenvalues=e,
+        eigenvectors=V,
+        loss=torch.tensor(0.7, dtype=torch.float64),
+        trace_h=torch.tensor(3.2, dtype=torch.float64),
+    )
+    C = G.T @ G / G.shape[0] - torch.outer(G.mean(0), G.mean(0))
+    return stats, C
+
+
+def _dense_covariance(kind, magnitude, C, B):
+    """The covariance of each kind at s = 1 from the dense C (class table)."""
+    P = C.shape[0]
+    eye = torch.eye(P, dtype=torch.float64)
+    e, V = torch.linalg.eigh(C)
+    e, V = e.flip(0)[:3], V.flip(1)[:, :3]
+    if kind in ("top_eigvec",):
+        e, V = e[:1], V[:, :1]
+    low_rank = (V * e) @ V.T
+    if kind == "isotropic_matched":
+        return eye / P if magnitude == "unit" else C.trace() / P * eye
+    if kind == "diagonal":
+        D = torch.diag(C.diagonal())
+        return D / D.trace() if magnitude == "unit" else D
+    if kind in ("sgd_leading", "hessian", "top_eigvec"):
+        norm = {"sgd": C.trace() / e.sum(), "unit": 1 / e.sum(), "raw": 1.0}
+        return norm[magnitude] * low_rank
+    if kind == "geometry_aware":
+        return 2 * 0.7 / B * low_rank
+    if kind == "geometry_aware_isotropic":
+        return 2 * 0.7 * 3.2 / (B * P) * eye
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("magnitude", ["sgd", "unit", "raw"])
+@pytest.mark.parametrize("kind", sorted(N.SAMPLERS))
+def test_each_sampler_realises_its_covariance(kind, magnitude):
+    # the statistics come from the (exact) Gram route, the reference from the
+    # dense C: the target is the covariance's trace to round-off, and 20000
+    # draws of alpha * direction have its second moment
+    stats, C = _statistics()
+    S = 1.5**2 * _dense_covariance(kind, magnitude, C, B=4)
+    sampler = N.SAMPLERS[kind]
+    g = _gen(7)
+    kw = dict(numel=5, magnitude=magnitude, batch_size=4, dtype=torch.float64)
+    first = sampler(stats, 1.5, generator=g, **kw)
+    assert first.target_sq_norm == pytest.approx(float(S.trace()), rel=1e-10)
+    num = 20000
+    draws = [first] + [sampler(stats, 1.5, generator=g, **kw) for _ in range(num - 1)]
+    samples = torch.stack([d.alpha * d.direction for d in draws])
+    assert (_second_moment(samples) - S).abs().max() < _moment_tolerance(S, num)
+
+
+def test_samplers_draw_from_the_generator_only():
+    # same generator state -> the same sample; the global RNG is untouched
+    stats, _ = _statistics()
+    kw = dict(numel=5, magnitude="sgd", batch_size=4, dtype=torch.float64)
+    before = torch.get_rng_state()
+    for kind, sampler in N.SAMPLERS.items():
+        a = sampler(stats, 0.5, generator=_gen(1, 3), **kw)
+        b = sampler(stats, 0.5, generator=_gen(1, 3), **kw)
+        assert torch.equal(a.direction, b.direction), kind
+        assert (a.alpha, a.target_sq_norm) == (b.alpha, b.target_sq_norm), kind
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_low_rank_samplers_with_no_positive_mass_give_zero_noise_not_nan():
+    stats, _ = _statistics()
+    stats["eigenvalues"] = torch.zeros(3, dtype=torch.float64)
+    kw = dict(numel=5, batch_size=4, dtype=torch.float64)
+    for kind in ("sgd_leading", "hessian", "top_eigvec"):
+        for magnitude in ("sgd", "unit"):
+            out = N.SAMPLERS[kind](
+                stats, 1.0, generator=_gen(), magnitude=magnitude, **kw
+            )
+            assert out.alpha == 0.0 and out.target_sq_norm == 0.0
+            assert torch.equal(out.direction, torch.zeros(5, dtype=torch.float64))

@@ -10,6 +10,7 @@ from cases import assert_same_state, image_data, make_data, mlp, model_state, ti
 from torch import nn
 
 from geoopt_sgd import NoisyGD
+from geoopt_sgd.testing import noisy_gd_covariance
 
 # ------------------------------------------------------------------ helpers
 
@@ -35,28 +36,6 @@ def _linear(seed=0):
 
 def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _per_sample_grads(model, loss_fn, X, y):
-    rows = []
-    for i in range(X.shape[0]):
-        loss = loss_fn(model(X[i : i + 1]), y[i : i + 1])
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)
-
-
-def _dense_hessian(model, loss_fn, X, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [s.numel() for s in shapes]
-
-    def f(flat):
-        parts = torch.split(flat, sizes)
-        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
-        return loss_fn(torch.func.functional_call(model, params, (X,)), y)
-
-    return torch.func.hessian(f)(_flat(model))
 
 
 def _draw(opt, model, num):
@@ -87,11 +66,6 @@ def _moment_tolerance(S, num):
     # covariance S has variance (S_aa S_bb + S_ab^2)/num <= 2 max(S_aa)^2/num;
     # 5 standard deviations bound all 16 entries except with probability ~1e-5.
     return 5 * math.sqrt(2 / num) * float(S.diagonal().max())
-
-
-def _top(M, k):
-    e, V = torch.linalg.eigh(M)
-    return e.flip(0)[:k], V.flip(1)[:, :k]
 
 
 # -------------------------------------------------- drop-in contract
@@ -303,41 +277,6 @@ def _source(batch_size, **kw):
     return opt, model, loss_fn, X, y
 
 
-def _expected_covariance(kind, model, loss_fn, X, y, B, k):
-    n = X.shape[0]
-    Gs = _per_sample_grads(model, loss_fn, X, y)
-    centred = Gs - Gs.mean(0)
-    Sigma = centred.T @ centred / n
-    # with B = 1 every disjoint mini-batch is one sample, so C = Sigma exactly
-    C = Sigma / B if B == 1 else None
-    H = _dense_hessian(model, loss_fn, X, y)
-    P = H.shape[0]
-    L = float(loss_fn(model(X), y).detach())
-    if kind == "isotropic":
-        return torch.eye(P, dtype=torch.float64)
-    if kind == "isotropic_matched":
-        return C.trace() / P * torch.eye(P, dtype=torch.float64)
-    if kind == "diagonal":
-        return torch.diag(C.diagonal())
-    if kind == "sgd_leading":
-        e, V = _top(C, k)
-        return C.trace() / e.sum() * (V * e) @ V.T
-    if kind == "hessian":
-        lam, U = _top(H, k)
-        return C.trace() / lam.sum() * (U * lam) @ U.T
-    if kind == "top_eigvec":
-        lam, U = _top(H, 1)
-        return C.trace() * U @ U.T
-    if kind == "sgd_matched":
-        return Sigma / B
-    if kind == "geometry_aware":
-        lam, U = _top(H, k)
-        return 2 * L / B * (U * lam) @ U.T
-    if kind == "geometry_aware_isotropic":
-        return 2 * L * H.trace() / (B * P) * torch.eye(P, dtype=torch.float64)
-    raise AssertionError(kind)
-
-
 @pytest.mark.parametrize(
     "kind, B",
     [
@@ -356,7 +295,7 @@ def _expected_covariance(kind, model, loss_fn, X, y, B, k):
 def test_empirical_covariance_matches_definition(kind, B):
     k, num = 2, 3000
     opt, model, loss_fn, X, y = _source(B, noise=kind, k=k, noise_scale=1.5)
-    S = 1.5**2 * _expected_covariance(kind, model, loss_fn, X, y, B, k)
+    S = 1.5**2 * noisy_gd_covariance(kind, model, loss_fn, X, y, batch_size=B, k=k)
     samples = _draw(opt, model, num)
     emp = samples.T @ samples / num
     assert (emp - S).abs().max() < _moment_tolerance(S, num), (emp, S)
@@ -367,6 +306,34 @@ def test_empirical_covariance_matches_definition(kind, B):
     assert opt.stats["realised_sq_norm_mean"] == pytest.approx(
         float(S.trace()), rel=10 * math.sqrt(2 / num)
     )
+
+
+@pytest.mark.parametrize("magnitude", ["unit", "raw"])
+@pytest.mark.parametrize(
+    "kind", ["isotropic_matched", "diagonal", "sgd_leading", "hessian", "top_eigvec"]
+)
+def test_target_is_the_trace_of_the_dense_covariance(kind, magnitude):
+    # deterministic: the recorded E||xi||^2 of the other magnitudes; Lanczos tol
+    # 1e-3 on exact eigenvalues leaves ~1e-6 relative error
+    opt, model, loss_fn, X, y = _source(1, noise=kind, k=2, magnitude=magnitude)
+    S = noisy_gd_covariance(
+        kind, model, loss_fn, X, y, batch_size=1, k=2, magnitude=magnitude
+    )
+    _draw(opt, model, 1)
+    assert opt.stats["target_sq_norm"] == pytest.approx(float(S.trace()), rel=1e-5)
+
+
+def test_dense_covariance_twin_errors():
+    X, y = _design()
+    model, loss_fn = _linear(), nn.MSELoss()
+    with pytest.raises(
+        ValueError, match=r"random partition unless batch_size=1; got 2"
+    ):
+        noisy_gd_covariance("diagonal", model, loss_fn, X, y, batch_size=2, k=1)
+    with pytest.raises(
+        ValueError, match=r"`kind` must be one of 'none', .*got 'gauss'"
+    ):
+        noisy_gd_covariance("gauss", model, loss_fn, X, y, batch_size=1, k=1)
 
 
 @pytest.mark.parametrize("noise", ["isotropic", "isotropic_matched"])

@@ -1,0 +1,374 @@
+"""The statistics :class:`~geoopt_sgd.NoisyGD` draws its noise from.
+
+A :class:`NoiseSource` is the curvature source of a noise kind (``model``,
+``loss_fn``, ``data``) and computes what the samplers of
+:mod:`geoopt_sgd.optim.noise` need: the ``M`` mini-batch gradients and, from them,
+``Tr C``, ``diag C`` or the top eigenpairs of ``C``; the top eigenpairs of the
+curvature, the loss and ``Tr H``; and, every step, the reweighted gradient of
+``"sgd_matched"``. Per-sample losses follow :mod:`geoopt_sgd._losses`.
+
+Every random choice (the mini-batch partition, the eigensolver's start vector,
+Hutchinson's probes, the reweighting draws) comes from its own stream of
+:func:`~geoopt_sgd.optim.noise.make_generator`, indexed below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _model, distributed
+from .._losses import per_sample_losses
+from .._model import FunctionalModel, detect_reduction, local_batches, to_device
+from ..curvature import GGNOperator, HessianOperator, hutchinson_trace, top_eigenpairs
+from . import noise as _noise
+
+__all__ = [
+    "STREAM_NOISE",
+    "STREAM_WEIGHTS",
+    "USES_C",
+    "USES_CURVATURE",
+    "NoiseSource",
+    "needs_minibatches",
+]
+
+# sub-stream indices for make_generator (per step); ranks offset the last one
+STREAM_NOISE, STREAM_PARTITION, STREAM_EIG, STREAM_TRACE, STREAM_WEIGHTS = range(5)
+
+# kinds whose statistics come from M mini-batch gradients (the covariance C)
+USES_C = ("isotropic_matched", "diagonal", "sgd_leading")
+# kinds whose statistics come from the top-k eigenpairs of the curvature
+USES_CURVATURE = (
+    "hessian",
+    "top_eigvec",
+    "geometry_aware",
+    "geometry_aware_isotropic",
+)
+
+
+def needs_minibatches(kind: str, magnitude: str) -> bool:
+    """Whether ``kind`` refreshes ``Tr C`` (or more) from mini-batch gradients.
+
+    Args:
+        kind: A noise kind.
+        magnitude: The ``magnitude`` option.
+
+    Returns:
+        True for the ``C`` kinds, and for ``"hessian"``/``"top_eigvec"`` matched
+        to the SGD magnitude ``Tr C``.
+    """
+    return kind in USES_C or (kind in ("hessian", "top_eigvec") and magnitude == "sgd")
+
+
+def _index(inputs: Any, idx: Tensor) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[idx.to(inputs.device)]
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_index(x, idx) for x in inputs)
+    raise TypeError(
+        f"inputs must be a tensor or a tuple of tensors; got {type(inputs).__name__}."
+    )
+
+
+class NoiseSource:
+    """A model, loss and data, and the noise statistics computed from them.
+
+    Costs are added to the ``stats`` dict each method is given (NoisyGD's
+    :attr:`~geoopt_sgd.NoisyGD.stats`): ``n_backward``, ``n_hvp`` and the
+    clamped-eigenvalue counts.
+
+    Args:
+        model: The model; ``params`` must be parameters of it.
+        loss_fn: The loss (reduction ``"mean"`` or ``"sum"``).
+        data: One ``(inputs, targets)`` batch or an iterable of them (this rank's
+            shard under ``torch.distributed``).
+        params: The optimizer's parameters, in order.
+        mode: ``"eval"`` or ``"train"`` (see :mod:`geoopt_sgd._model`).
+        loss_reduction: ``"mean"``, ``"sum"`` or ``None`` (read from ``loss_fn``).
+
+    Raises:
+        ValueError: If ``params`` are not parameters of ``model``, or ``data`` is
+            empty on every process.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        data: Any,
+        params: list[Tensor],
+        *,
+        mode: str,
+        loss_reduction: str | None,
+    ) -> None:
+        self.fm = FunctionalModel(model, params, mode=mode)  # type: ignore[arg-type]
+        self.model, self.loss_fn, self.data, self.params = model, loss_fn, data, params
+        self.mode, self.loss_reduction = mode, loss_reduction
+        self.reduction = detect_reduction(loss_fn, loss_reduction)
+        # an empty shard on one rank joins every reduction with zeros;
+        # data empty on every rank is an error, raised on all of them
+        self.batches = list(local_batches(data))
+        self.n_local = sum(_model.batch_size(t) for _, t in self.batches)
+        self.n_total = self.fm.total_count(self.batches)
+        if self.n_total == 0:
+            raise ValueError(
+                "`data` is empty on every process: the noise needs at least one sample."
+            )
+
+    def loss_factor(self) -> float:
+        """``1`` for ``L = mean L_i``, ``n`` for ``L = sum L_i``.
+
+        Returns:
+            The factor that turns a mean over a batch into the loss's convention.
+        """
+        return 1.0 if self.reduction == "mean" else float(self.n_total)
+
+    def weighted_gradient(
+        self, inputs: Any, targets: Tensor, w: Tensor, stats: dict
+    ) -> Tensor:
+        """Flat gradient of ``Σ_i w_i L_i`` over one batch (one backward).
+
+        Args:
+            inputs: The batch's inputs.
+            targets: Its targets ``(b, ...)``.
+            w: The weights ``(b,)``.
+            stats: Its ``"n_backward"`` is incremented.
+
+        Returns:
+            The gradient, shape ``(P,)``; zeros for unused parameters.
+        """
+        fm = self.fm
+        params = [p.detach().requires_grad_(True) for p in fm.params]
+        with torch.enable_grad(), fm.policy():
+            out = fm(params, inputs)
+            losses = per_sample_losses(self.loss_fn, out, targets)
+            total = (losses * w.to(losses)).sum()
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        stats["n_backward"] += 1
+        return torch.cat(
+            [
+                torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                for g, p in zip(grads, params, strict=True)
+            ]
+        )
+
+    def minibatch_gradients(
+        self,
+        generator: torch.Generator,
+        batch_size: int,
+        num_batches: int | None,
+        stats: dict,
+    ) -> Tensor:
+        """Rows ``g_b`` (M, P): gradients on disjoint random batches of size ``B``.
+
+        Each data batch is partitioned by a permutation from ``generator`` (a
+        trailing partial batch is dropped); the rows of all ranks are gathered.
+
+        Args:
+            generator: The partition's stream (CPU).
+            batch_size: ``B``.
+            num_batches: At most this many rows on this rank (``None``: all).
+            stats: Its ``"n_backward"`` counts the backward passes.
+
+        Returns:
+            ``(M, P)``, the same on every rank.
+        """
+        fm = self.fm
+        B = batch_size
+        factor = self.loss_factor()
+        rows: list[Tensor] = []
+        for inputs, targets in self.batches:
+            inputs, targets = (
+                to_device(inputs, fm.device),
+                to_device(targets, fm.device),
+            )
+            n = _model.batch_size(targets)
+            perm = torch.randperm(n, generator=generator)
+            for c in range(n // B):
+                if num_batches is not None and len(rows) >= num_batches:
+                    break
+                idx = perm[c * B : (c + 1) * B]
+                w = torch.full((B,), factor / B, dtype=fm.dtype, device=fm.device)
+                rows.append(
+                    self.weighted_gradient(_index(inputs, idx), targets[idx], w, stats)
+                )
+        local = torch.stack(rows) if rows else fm.params[0].new_zeros((0, fm.numel))
+        if not distributed.is_distributed():
+            return local
+        counts = torch.zeros(
+            distributed.world_size(), dtype=torch.long, device=fm.device
+        )
+        counts[distributed.rank()] = local.shape[0]
+        distributed.all_reduce_sum(counts)
+        start = int(counts[: distributed.rank()].sum())
+        full = local.new_zeros((int(counts.sum()), fm.numel))
+        full[start : start + local.shape[0]] = local
+        return distributed.all_reduce_sum(full)
+
+    def sgd_matched_noise(
+        self, generator: torch.Generator, batch_size: int, stats: dict
+    ) -> Tensor:
+        """``ξ = Σ_i w_i ∇L_i`` with the weights of SPEC §2.0.6 (Cov = Σ/B).
+
+        One backward pass per data batch; the weights come from
+        :func:`~geoopt_sgd.optim.noise.reweighting_weights` of ``n`` normals
+        (this rank's from ``generator``), and ``ξ`` is summed over ranks.
+
+        Args:
+            generator: This rank's weight stream, on the model's device.
+            batch_size: ``B``.
+            stats: Its ``"n_backward"`` counts the backward passes.
+
+        Returns:
+            ``ξ``, shape ``(P,)``.
+        """
+        fm = self.fm
+        z = _noise.standard_normal(
+            self.n_local, generator=generator, dtype=fm.dtype, device=fm.device
+        )
+        zsum = distributed.all_reduce_sum(z.sum().reshape(1))
+        w_all = _noise.reweighting_weights(
+            z, batch_size, total=self.n_total, z_mean=zsum[0] / self.n_total
+        )
+        w_all = w_all * self.loss_factor()
+        xi = fm.params[0].new_zeros(fm.numel)
+        i = 0
+        for inputs, targets in self.batches:
+            inputs, targets = (
+                to_device(inputs, fm.device),
+                to_device(targets, fm.device),
+            )
+            b = _model.batch_size(targets)
+            xi += self.weighted_gradient(inputs, targets, w_all[i : i + b], stats)
+            i += b
+        return distributed.all_reduce_sum(xi)
+
+    # ------------------------------------------------------------ refresh
+    def refresh(
+        self,
+        kind: str,
+        t: int,
+        *,
+        seed: int,
+        magnitude: str,
+        batch_size: int | None,
+        k: int,
+        num_batches: int | None,
+        curvature: str,
+        tol: float,
+        previous: dict[str, Tensor],
+        stats: dict,
+    ) -> dict[str, Tensor]:
+        """Compute the statistics ``kind`` draws from at step ``t``.
+
+        Args:
+            kind: The noise kind (one that needs statistics).
+            t: The step count (indexes the streams).
+            seed: The run's seed.
+            magnitude: The ``magnitude`` option.
+            batch_size: ``B``.
+            k: Number of eigenpairs.
+            num_batches: At most this many mini-batch gradients.
+            curvature: ``"hessian"`` or ``"ggn"``.
+            tol: The eigensolver's relative tolerance.
+            previous: The last refresh's statistics (warm start).
+            stats: Costs and ``reference_sq_norm`` are written here.
+
+        Returns:
+            The statistics, keyed ``"trace_c"``, ``"variance"``, ``"eigenvalues"``,
+            ``"eigenvectors"``, ``"loss"``, ``"trace_h"`` (those ``kind`` needs).
+
+        Raises:
+            ValueError: If ``data`` holds fewer than two mini-batches of size ``B``.
+        """
+        cache: dict[str, Tensor] = {}
+        if needs_minibatches(kind, magnitude):
+            assert batch_size is not None
+            gen = _noise.make_generator(
+                seed, t, "cpu", stream=STREAM_PARTITION + distributed.rank()
+            )
+            G = self.minibatch_gradients(gen, batch_size, num_batches, stats)
+            if G.shape[0] < 2:
+                raise ValueError(
+                    f"noise={kind!r} estimates C from mini-batches of size "
+                    f"batch_size={batch_size}, but `data` holds only {G.shape[0]} "
+                    "of them; pass more data or a smaller batch_size."
+                )
+            _, diag, trace = _noise.minibatch_statistics(G)
+            cache["trace_c"] = trace
+            if kind == "diagonal":
+                cache["variance"] = diag
+            if kind == "sgd_leading":
+                cache["eigenvalues"], cache["eigenvectors"] = (
+                    _noise.minibatch_eigenpairs(G, k)
+                )
+            stats["reference_sq_norm"] = float(trace)
+        if kind in USES_CURVATURE:
+            cache.update(
+                self._curvature_statistics(
+                    kind,
+                    t,
+                    seed=seed,
+                    k=k,
+                    curvature=curvature,
+                    tol=tol,
+                    previous=previous,
+                    stats=stats,
+                )
+            )
+            if kind == "geometry_aware_isotropic":
+                assert batch_size is not None
+                var = _noise.geometry_aware_isotropic_variance(
+                    cache, batch_size, self.fm.numel
+                )
+                stats["reference_sq_norm"] = var * self.fm.numel
+        return cache
+
+    def _curvature_statistics(
+        self,
+        kind: str,
+        t: int,
+        *,
+        seed: int,
+        k: int,
+        curvature: str,
+        tol: float,
+        previous: dict[str, Tensor],
+        stats: dict,
+    ) -> dict[str, Tensor]:
+        """Top-``k`` curvature eigenpairs, ``L`` and ``Tr H``, as ``kind`` needs."""
+        fm = self.fm
+        cls = HessianOperator if curvature == "hessian" else GGNOperator
+        op = cls(
+            self.model,
+            self.loss_fn,
+            self.data,
+            params=self.params,
+            mode=self.mode,
+            loss_reduction=self.loss_reduction,
+        )
+        cache: dict[str, Tensor] = {}
+        k = 1 if kind == "top_eigvec" else min(k, fm.numel)
+        v0 = previous.get("eigenvectors")
+        if v0 is not None and v0.shape[1] > k:
+            v0 = v0[:, :k]
+        if kind != "geometry_aware_isotropic":
+            res = top_eigenpairs(
+                op, k, tol=tol, v0=v0, seed=_noise.step_seed(seed, t, STREAM_EIG)
+            )
+            lam, n_clamped = _noise.clamp_eigenvalues(res.eigenvalues)
+            cache["eigenvalues"] = lam.to(fm.dtype)
+            cache["eigenvectors"] = res.eigenvectors.to(fm.dtype)
+            stats["clamped_negative"] = n_clamped
+            stats["clamped_negative_total"] += n_clamped
+        if kind in ("geometry_aware", "geometry_aware_isotropic"):
+            cache["loss"] = torch.tensor(float(op.loss()), dtype=fm.dtype)
+        if kind == "geometry_aware_isotropic":
+            est = hutchinson_trace(op, seed=_noise.step_seed(seed, t, STREAM_TRACE))
+            cache["trace_h"] = torch.tensor(float(est.value), dtype=fm.dtype)
+        stats["n_hvp"] += int(op.n_matvec)
+        op.release()  # free the cached per-batch graphs now
+        return cache
