@@ -11,6 +11,7 @@ failure.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import griffe
@@ -58,3 +59,21 @@ def on_pre_build(config, **kwargs) -> None:
     """Warn about every public name without a docstring."""
     for name in missing_docstrings():
         log.warning("public name without a docstring: %s", name)
+
+
+class ExampleSections(griffe.Extension):
+    """Read a Google-style ``Example:`` section as griffe's ``Examples:``.
+
+    The package's docstrings title their doctests ``Example:`` (singular), which
+    griffe renders as a Markdown admonition: the ``>>>`` lines would then be parsed
+    as Markdown (``x[0]["lr"]`` as a reference link). As an examples section they
+    are rendered as code. Registered in ``mkdocs.yml`` under the Python handler's
+    ``extensions``.
+    """
+
+    _TITLE = re.compile(r"^Example:$", re.MULTILINE)
+
+    def on_object(self, *, obj, loader, **kwargs) -> None:
+        """Retitle the object's ``Example:`` section before it is parsed."""
+        if obj.docstring is not None:
+            obj.docstring.value = self._TITLE.sub("Examples:", obj.docstring.value)
