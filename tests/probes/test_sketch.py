@@ -41,9 +41,7 @@ def _numel(model):
 
 def _dense_pieces(model, loss_fn, X, y, batch_size=None):
     """Explicit Sigma (or C), G and the per-sample M_i = J_i^T Lambda_i J_i (eval)."""
-    cov = gradient_covariance(
-        psg(model, loss_fn, X, y, convention=True), batch_size=batch_size
-    )
+    cov = gradient_covariance(psg(model, loss_fn, X, y), batch_size=batch_size)
     G = dense_curvature(model, loss_fn, X, y)
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
