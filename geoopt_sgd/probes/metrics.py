@@ -108,7 +108,7 @@ from .._checks import check_choice, check_int, check_number
 from .._linalg import gram64
 from .._model import FunctionalModel, batch_size, local_batches, to_device
 from ..curvature.lanczos import top_eigenpairs
-from ._primitives import CurvatureOperator, OutputTangents, ProbeSet
+from .primitives import CurvatureOperator, OutputTangents, ProbeSet
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "NoiseGeometry", "noise_geometry"]
 

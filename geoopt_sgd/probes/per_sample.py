@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from .._losses import per_sample_loss
 from .._model import FunctionalModel, to_device
-from ._primitives import per_sample_loss_gradients
+from .primitives import per_sample_loss_gradients
 
 __all__ = ["per_sample_gradients"]
 

@@ -12,8 +12,8 @@ from torch.func import functional_call, hessian, jacrev
 from geoopt_sgd import noise_geometry
 from geoopt_sgd._model import FunctionalModel
 from geoopt_sgd.curvature.lanczos import top_eigenpairs
-from geoopt_sgd.probes._primitives import CurvatureOperator, ProbeSet
 from geoopt_sgd.probes.metrics import _random_directions, _trace1, _trace2
+from geoopt_sgd.probes.primitives import CurvatureOperator, ProbeSet
 from geoopt_sgd.testing import dense_curvature, gradient_covariance
 from geoopt_sgd.testing import per_sample_gradients_loop as psg
 
