@@ -351,7 +351,11 @@ class ProbeSet:
 
         The backward goes through the kept forward graph (:meth:`keep_graph`).
         While :meth:`recording`, the columns and their output tangents ``J_i v``
-        (a by-product of the jvp) are kept for :meth:`span_tangents`.
+        (a by-product of the jvp) are kept for :meth:`span_tangents`. The same
+        matrix as :class:`~geoopt_sgd.GGNOperator` by another route: the
+        operator gets ``J v`` by the double-vjp trick on a graph of its own and
+        ``Lambda`` by autograd; here ``J v`` is kept and ``Lambda`` has closed
+        forms (:class:`OutputCurvature`).
         """
         lam = self.output_hessians()
         q = V.shape[1]
@@ -459,7 +463,6 @@ class ProbeSet:
         with self._policy():
             for (x, y), S in zip(self.batches, lam, strict=True):
                 if self.fm.mode == "train":
-                    b = int(y.shape[0])
                     J = jacrev(
                         lambda p, x=x, y=y: self.loss_and_out(p, x, y)[1],
                         chunk_size=self.chunk_size,
@@ -481,9 +484,7 @@ class ProbeSet:
                         self.chunk_size,
                         lambda g: self.flat(g, lead=2),
                     )
-                    b = J.shape[0]
                 rows.append(S.factor(J.detach()))
-                del b
         self.cost["n_backward"] += self.n_local
         return torch.cat(rows)
 
