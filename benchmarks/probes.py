@@ -53,7 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import geoopt_sgd  # noqa: E402
 from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry  # noqa: E402
+from geoopt_sgd._model import FunctionalModel  # noqa: E402
 from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS  # noqa: E402
+from geoopt_sgd.probes.primitives import ProbeSet  # noqa: E402
 
 ESCAPE = ("sharp_fraction", "loss_energy_fraction")
 
@@ -297,9 +299,6 @@ def bench_overhead(
 
 def unit_costs(model, loss_fn, data, reps=3):
     """Interleaved medians: one gradient, 8 jvps, one GGN-vector product, in ge."""
-    from geoopt_sgd._model import FunctionalModel
-    from geoopt_sgd.probes._primitives import ProbeSet
-
     x, y = data
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]

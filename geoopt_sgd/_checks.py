@@ -139,23 +139,23 @@ def check_int(
     return value
 
 
-def check_vector_shape(name: str, v: torch.Tensor, expected: tuple[int, ...]) -> None:
-    """Check a tensor's shape.
+def check_vector_shape(name: str, v: Any, size: int) -> None:
+    """Check that ``v`` is one vector ``(size,)`` or a block of them ``(size, m)``.
 
     Args:
         name: The argument's name, used in the message.
-        v: The tensor received.
-        expected: The expected shape.
+        v: The value received.
+        size: The vectors' length (e.g. the parameter count ``P``).
 
     Raises:
         TypeError: If ``v`` is not a tensor.
-        ValueError: If the shape differs.
+        ValueError: If its shape is neither ``(size,)`` nor ``(size, m)``.
     """
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor; got {type(v).__name__}.")
-    if tuple(v.shape) != tuple(expected):
+    if v.dim() not in (1, 2) or v.shape[0] != size:
         raise ValueError(
-            f"`{name}`: expected shape {tuple(expected)}, got {tuple(v.shape)}."
+            f"`{name}`: expected shape ({size},) or ({size}, m), got {tuple(v.shape)}."
         )
 
 

@@ -14,3 +14,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def measure(monkeypatch):
+    """Replace the recorder's ``noise_geometry``: ``measure(fake)`` for this test."""
+    from geoopt_sgd.probes import recorder
+
+    def use(fake):
+        monkeypatch.setattr(recorder, "noise_geometry", fake)
+        return fake
+
+    return use

@@ -8,12 +8,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .hvp import _BatchTerm, _DataOperator
+from .hvp import BatchTerm, DataOperator
 
 __all__ = ["GGNOperator"]
 
 
-class _GGNTerm(_BatchTerm):
+class _GGNTerm(BatchTerm):
     """``J^T Lambda J`` for one batch, from graphs built once and reused.
 
     ``J v`` comes from the double-vjp trick: ``u -> J^T u`` is linear in ``u``,
@@ -63,7 +63,7 @@ class _GGNTerm(_BatchTerm):
         return [t.detach() for t in out]
 
 
-class GGNOperator(_DataOperator):
+class GGNOperator(DataOperator):
     r"""Generalised Gauss-Newton matrix of the loss over all of ``data``.
 
     .. math::
@@ -138,5 +138,5 @@ class GGNOperator(_DataOperator):
             max_cached_batches=max_cached_batches,
         )
 
-    def _make_term(self, x: Any, y: Tensor) -> _BatchTerm:
+    def _make_term(self, x: Any, y: Tensor) -> BatchTerm:
         return _GGNTerm(self, x, y)

@@ -8,14 +8,14 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from .._checks import check_choice
-from .hvp import HVP_METHODS, _BatchTerm, _DataOperator, make_hvp
+from .hvp import HVP_METHODS, BatchTerm, DataOperator, make_hvp
 
 __all__ = ["HessianOperator"]
 
 Method = Literal["auto", "fwd_rev", "rev_rev", "double_backward"]
 
 
-class _HessianTerm(_BatchTerm):
+class _HessianTerm(BatchTerm):
     def __init__(self, op: HessianOperator, x: Any, y: Tensor, method: str) -> None:
         # Capture the model and loss, not ``op``: the operator caches this term,
         # and a reference back to it would make a cycle only the GC can free.
@@ -32,7 +32,7 @@ class _HessianTerm(_BatchTerm):
         self.needs_context = method == "fwd_rev"
 
 
-class HessianOperator(_DataOperator):
+class HessianOperator(DataOperator):
     r"""Hessian of the loss over all of ``data`` w.r.t. the selected parameters.
 
     .. math::
@@ -134,5 +134,5 @@ class HessianOperator(_DataOperator):
         self.method = method
         self.method_used: str = "double_backward" if method == "auto" else method
 
-    def _make_term(self, x: Any, y: Tensor) -> _BatchTerm:
+    def _make_term(self, x: Any, y: Tensor) -> BatchTerm:
         return _HessianTerm(self, x, y, self.method_used)

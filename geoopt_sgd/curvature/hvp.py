@@ -96,12 +96,16 @@ def make_hvp(
     *,
     method: HVPMethod = "double_backward",
     constants: Sequence[Tensor] = (),
+    batched: bool = False,
 ) -> Callable[[Any], Any]:
     """Build ``v -> H v`` for the Hessian of ``f`` at ``params``, reusable across ``v``.
 
     The reverse routes build the gradient's graph here, once; every call of the
     returned function is then one backward pass through it. Drop the returned
-    function to free that graph.
+    function to free that graph. With ``batched=True`` every tangent carries a
+    leading dimension ``q`` and the ``q`` products are one vectorised pass
+    (``torch.func.vmap`` of the route; ``is_grads_batched`` for
+    ``"double_backward"``): fewer kernel launches for many small products.
 
     Args:
         f: A scalar function ``f(params, *constants)`` of a list (or dict) of
@@ -113,6 +117,8 @@ def make_hvp(
             an explicit zero tangent: torch 2.14's ``mse_loss`` backward fails
             under forward AD ("ZeroTensors are immutable") when its target has
             none.
+        batched: Tangents and products have a leading dimension ``q`` (one
+            block of ``q`` directions per call).
 
     Returns:
         A function mapping tangents ``v`` (same structure as ``params``) to
@@ -146,11 +152,15 @@ def make_hvp(
                 cs[i] = d
             return torch.func.grad(f_list)(ps, *cs)
 
-        def hvp_fwd(v: Any) -> Any:
-            tangents = [t.detach() for t in ad.to_list(v)]
-            out = torch.func.jvp(
+        def push_fwd(tangents: list[Tensor]) -> list[Tensor]:
+            return torch.func.jvp(
                 f_fwd, (primals, [consts[i] for i in dual]), (tangents, zeros)
             )[1]
+
+        apply_fwd = torch.func.vmap(push_fwd) if batched else push_fwd
+
+        def hvp_fwd(v: Any) -> Any:
+            out = apply_fwd([t.detach() for t in ad.to_list(v)])
             return ad.back([o.detach() for o in out])
 
         return hvp_fwd
@@ -160,8 +170,10 @@ def make_hvp(
             lambda ps: torch.func.grad(f_list)(ps, *consts), primals
         )
 
+        apply_rev = torch.func.vmap(vjp_fn) if batched else vjp_fn
+
         def hvp_rev(v: Any) -> Any:
-            (out,) = vjp_fn([t.detach() for t in ad.to_list(v)])
+            (out,) = apply_rev([t.detach() for t in ad.to_list(v)])
             return ad.back([o.detach() for o in out])
 
         return hvp_rev
@@ -176,13 +188,16 @@ def make_hvp(
     def hvp_db(v: Any) -> Any:
         vs = ad.to_list(v)
         if not live:  # f is at most linear in params: H = 0
-            return ad.back([torch.zeros_like(p) for p in primals])
+            return ad.back(
+                [p.new_zeros(v.shape) for p, v in zip(primals, vs, strict=True)]
+            )
         out = torch.autograd.grad(
             [g[i] for i in live],
             leaves,
             [vs[i].detach() for i in live],
             retain_graph=True,
             materialize_grads=True,
+            is_grads_batched=batched,
         )
         return ad.back([o.detach() for o in out])
 
@@ -227,7 +242,7 @@ def _no_context() -> Iterator[None]:
     yield
 
 
-class _BatchTerm:
+class BatchTerm:
     """One batch's contribution: ``apply(vs)`` is the batch matrix times ``vs``.
 
     ``needs_context``: whether ``apply`` evaluates the model (and so must run
@@ -240,7 +255,7 @@ class _BatchTerm:
         raise NotImplementedError
 
 
-class _DataOperator(LinearOperator):
+class DataOperator(LinearOperator):
     """A matrix that is the sample-weighted sum of per-batch matrices.
 
     Handles the data (one batch or an iterable of batches), the weights
@@ -292,7 +307,7 @@ class _DataOperator(LinearOperator):
             self.fmodel.device,
             self.fmodel.shapes,
         )
-        self._cache: list[_BatchTerm] | None = None
+        self._cache: list[BatchTerm] | None = None
         self._cache_key: tuple[int, ...] | None = None
 
     # --- data ------------------------------------------------------------------
@@ -328,10 +343,10 @@ class _DataOperator(LinearOperator):
         tensors = [*model.parameters(), *model.buffers()]
         return tuple(t._version for t in tensors)
 
-    def _make_term(self, x: Any, y: Tensor) -> _BatchTerm:  # pragma: no cover
+    def _make_term(self, x: Any, y: Tensor) -> BatchTerm:  # pragma: no cover
         raise NotImplementedError
 
-    def _terms(self) -> Iterator[tuple[_BatchTerm, float]]:
+    def _terms(self) -> Iterator[tuple[BatchTerm, float]]:
         """Yield each batch's term and weight (from the cache when it is valid).
 
         Terms are built under the mode policy; cached reverse-mode terms are then
@@ -362,7 +377,7 @@ class _DataOperator(LinearOperator):
 
     close = release
 
-    def __enter__(self) -> _DataOperator:
+    def __enter__(self) -> DataOperator:
         return self
 
     def __exit__(self, *exc: object) -> None:

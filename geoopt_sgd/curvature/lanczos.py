@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from .._checks import check_choice, check_int, check_number
+from .._checks import check_choice, check_int, check_number, check_vector_shape
 from .._linalg import CHUNK, rowdot64
 from .linop import LinearOperator
 
@@ -138,7 +138,7 @@ def _random_unit(P: int, gen: torch.Generator, Vt: Tensor, like: Tensor) -> Tens
     raise RuntimeError("could not draw a vector outside the Krylov basis.")
 
 
-def _lanczos(
+def thick_restart_lanczos(
     operator: LinearOperator,
     n_top: int,
     n_bottom: int,
@@ -310,12 +310,7 @@ def _validate(
     check_int("max_basis", max_basis, ge=min(k + 2, P), allow_none=True)
     check_int("seed", seed, ge=0, allow_none=True)
     if v0 is not None:
-        if not isinstance(v0, Tensor):
-            raise TypeError(f"`v0` must be a torch.Tensor; got {type(v0).__name__}.")
-        if v0.dim() not in (1, 2) or v0.shape[0] != P:
-            raise ValueError(
-                f"`v0`: expected shape ({P},) or ({P}, m), got {tuple(v0.shape)}."
-            )
+        check_vector_shape("v0", v0, P)
         if not bool(torch.isfinite(v0).all()):
             raise ValueError("`v0` must be finite; it has non-finite entries.")
 
@@ -428,7 +423,7 @@ def top_eigenpairs(
         n_top, n_bottom = (k + 1) // 2, k // 2
     else:
         n_top, n_bottom = k, 0
-    lam, Y, rel, n_mv, ok = _lanczos(
+    lam, Y, rel, n_mv, ok = thick_restart_lanczos(
         operator,
         n_top,
         n_bottom,

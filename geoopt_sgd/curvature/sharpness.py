@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_int, check_number
+from .._checks import check_int, check_number, check_vector_shape
 from .._linalg import coldot64
 from .._model import (
     FunctionalModel,
@@ -29,8 +29,8 @@ from .._model import (
     to_device,
 )
 from .hessian import HessianOperator
-from .lanczos import _lanczos
-from .trace import Estimate, _mean_stderr, _probes
+from .lanczos import thick_restart_lanczos
+from .trace import Estimate, mean_stderr, rademacher_probes
 
 __all__ = ["SharpnessReport", "expected_sharpness", "sharpness"]
 
@@ -165,14 +165,7 @@ def sharpness(
         if k > P:
             raise ValueError(f"`k` must be <= P = {P} (the parameter count); got {k}.")
         if v0 is not None:
-            if not isinstance(v0, Tensor):
-                raise TypeError(
-                    f"`v0` must be a torch.Tensor; got {type(v0).__name__}."
-                )
-            if v0.dim() not in (1, 2) or v0.shape[0] != P:
-                raise ValueError(
-                    f"`v0`: expected shape ({P},) or ({P}, m), got {tuple(v0.shape)}."
-                )
+            check_vector_shape("v0", v0, P)
         n0 = op.n_matvec
         if k + 1 >= P:
             A = op.to_dense().double()
@@ -181,7 +174,7 @@ def sharpness(
             vecs = U.flip(1)[:, :k].to(op.dtype)
             lam_min, ok = float(lam[0]), True
         else:
-            vals, Y, _, _, ok = _lanczos(
+            vals, Y, _, _, ok = thick_restart_lanczos(
                 op,
                 k,
                 1,
@@ -204,11 +197,11 @@ def sharpness(
         trace = trace_se = fro = fro_se = None
         if trace_probes:
             t_s, f_s = [], []
-            for Z, HZ in _probes(op, trace_probes, 10, None, seed):
+            for Z, HZ in rademacher_probes(op, trace_probes, 10, None, seed):
                 t_s.append(coldot64(Z, HZ).cpu())
                 f_s.append(coldot64(HZ, HZ).cpu())
-            trace, trace_se = _mean_stderr(torch.cat(t_s))
-            f2, f2_se = _mean_stderr(torch.cat(f_s))
+            trace, trace_se = mean_stderr(torch.cat(t_s))
+            f2, f2_se = mean_stderr(torch.cat(f_s))
             fro = math.sqrt(max(f2, 0.0))
             fro_se = f2_se / (2 * fro) if fro > 0 else f2_se
         lam_max = float(top[0])
@@ -227,9 +220,7 @@ def sharpness(
             eigenvectors=vecs,
         )
     finally:
-        release = getattr(op, "release", None) or getattr(op, "close", None)
-        if callable(release):
-            release()
+        op.release()
 
 
 def _full_loss(
@@ -339,5 +330,5 @@ def expected_sharpness(
         if absolute:
             diffs = [abs(d) for d in diffs]
         samples.append(sum(diffs) / len(diffs))
-    mean, se = _mean_stderr(torch.tensor(samples, dtype=torch.float64))
+    mean, se = mean_stderr(torch.tensor(samples, dtype=torch.float64))
     return Estimate(mean, se, 0, num_samples)

@@ -98,14 +98,19 @@ def _rademacher(P: int, n: int, gen: torch.Generator, operator: LinearOperator):
     return (2 * Z - 1).to(operator.dtype).T.contiguous()
 
 
-def _probes(
+def rademacher_probes(
     operator: LinearOperator,
     num_probes: int,
     chunk_size: int,
     max_matvecs: int | None,
     seed: int | None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(Z, A Z)`` chunks until ``num_probes`` or ``max_matvecs`` is used."""
+    """Yield ``(Z, A Z)`` for Rademacher ``Z`` ``(P, c)``, chunk by chunk.
+
+    Stops after ``num_probes`` probes or ``max_matvecs`` products, whichever is
+    fewer; the probes come from the operator's seeded generator, drawn probe by
+    probe, so they do not depend on ``chunk_size``.
+    """
     P = operator.shape[0]
     gen = _generator(operator, seed)
     budget = num_probes if max_matvecs is None else min(num_probes, max_matvecs)
@@ -117,7 +122,8 @@ def _probes(
         done += c
 
 
-def _mean_stderr(samples: Tensor) -> tuple[float, float]:
+def mean_stderr(samples: Tensor) -> tuple[float, float]:
+    """Return the mean of ``(n,)`` samples and its standard error (NaN if ``n = 1``)."""
     n = samples.shape[0]
     mean = float(samples.mean())
     se = float(samples.std(correction=1)) / math.sqrt(n) if n > 1 else math.nan
@@ -145,9 +151,9 @@ def _scalar_estimator(
     samples: list[Tensor] = []
     n_mv0 = operator.n_matvec
     mean, se = math.nan, math.nan
-    for Z, AZ in _probes(operator, num_probes, chunk_size, max_matvecs, seed):
+    for Z, AZ in rademacher_probes(operator, num_probes, chunk_size, max_matvecs, seed):
         samples.append(stat(Z, AZ).cpu())
-        mean, se = _mean_stderr(torch.cat(samples))
+        mean, se = mean_stderr(torch.cat(samples))
         if _stop(mean, se, sum(s.numel() for s in samples), rtol, num_probes):
             break
     n = sum(s.numel() for s in samples)
@@ -272,7 +278,7 @@ def hutchinson_diagonal(
     s2 = torch.zeros_like(s1)
     n, n_mv0 = 0, operator.n_matvec
     mean, se = s1, torch.full_like(s1, math.nan)
-    for Z, AZ in _probes(operator, num_probes, chunk_size, max_matvecs, seed):
+    for Z, AZ in rademacher_probes(operator, num_probes, chunk_size, max_matvecs, seed):
         D = Z.double() * AZ.double()
         s1 += D.sum(1)
         s2 += D.square().sum(1)
@@ -339,7 +345,7 @@ def hutchpp_trace(
         samples.append(coldot64(G, operator.matmat(G)).cpu())
         done += c
     if samples:
-        mean, se = _mean_stderr(torch.cat(samples))
+        mean, se = mean_stderr(torch.cat(samples))
     else:
         mean, se = 0.0, 0.0 if s >= P else math.nan
     return Estimate(

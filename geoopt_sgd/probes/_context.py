@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ._primitives import CurvatureOperator, OutputTangents, ProbeSet
+from .primitives import CurvatureOperator, OutputTangents, ProbeSet
 
 __all__ = ["ProbeContext", "Traces", "chunks", "ratio_metrics"]
 

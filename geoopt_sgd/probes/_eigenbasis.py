@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import distributed
 from ..curvature.lanczos import top_eigenpairs
 from ._context import ProbeContext, Traces
-from ._primitives import OutputTangents
+from .primitives import OutputTangents
 from ._stats import fro, haar, linregress, random_directions, spearman
 
 __all__ = ["Eigenbasis", "eigen_metrics", "eigenbasis", "escape_metrics"]

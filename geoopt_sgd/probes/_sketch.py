@@ -17,7 +17,7 @@ from .. import distributed
 from .._linalg import gram64
 from ._context import ProbeContext, Traces, chunks, ratio_metrics
 from ._eigenbasis import Eigenbasis
-from ._primitives import OutputTangents
+from .primitives import OutputTangents
 from ._stats import jackknife, random_directions
 
 __all__ = [

@@ -1,7 +1,7 @@
 r"""Noise-geometry metrics of WWS22, WW23, Z19 and ZYT (SPEC §2), no ``P x P`` matrix.
 
-Notation (SPEC §1): ``n`` probe samples with per-sample losses ``L_i`` (square loss
-``1/2 ||f - y||^2`` for ``nn.MSELoss``, other losses as given), ``L`` their mean,
+Notation (SPEC §1): ``n`` probe samples with per-sample losses ``L_i`` (the loss as
+passed, on a batch of one: :mod:`geoopt_sgd._losses`), ``L`` their mean,
 ``Sigma = Sigma_1 - Sigma_2`` the per-sample gradient covariance (``1/n``), or with
 ``cov="minibatch"`` the covariance ``C ~ Sigma / B`` of the means of ``M = n // B``
 consecutive disjoint batches (then every ``Sigma`` below means ``C``). ``H`` is the
@@ -108,7 +108,7 @@ from .._model import FunctionalModel, batch_size, local_batches, to_device
 from ._context import ProbeContext, Traces, ratio_metrics
 from ._eigenbasis import eigen_metrics, eigenbasis, escape_metrics
 from ._exact import exact_traces
-from ._primitives import ProbeSet
+from .primitives import ProbeSet
 from ._sketch import Sketch, sketch_standard_errors, sketch_traces
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "NoiseGeometry", "noise_geometry"]
@@ -375,7 +375,7 @@ def noise_geometry(
     num_probes``). Asking for any metric of a family pays for the whole family;
     the sketch traces always include the eigenbasis (their deflation).
 
-    * ``loss``: ``L`` (mean per-sample loss, square-loss convention) [1 forward].
+    * ``loss``: ``L`` (mean per-sample loss) [1 forward].
     * ``alpha = Tr(H Sigma) / (||H||_F ||Sigma||_F)``,
       ``beta = ||Sigma||_F / (2L ||H||_F)``, ``mu = Tr(Sigma H) / (2L ||H||_F^2)``,
       ``mu1``/``mu2`` with ``Sigma_1``/``Sigma_2``
@@ -412,8 +412,9 @@ def noise_geometry(
 
     Args:
         model: The model (DDP wrappers are unwrapped).
-        loss_fn: The loss; ``nn.MSELoss`` is converted to ``1/2 ||r||^2`` per sample,
-            other losses are applied to batches of one as given.
+        loss_fn: The loss, applied to batches of one as given (``nn.MSELoss``:
+            ``(1/K) ||r||^2``; the papers' ``1/2 ||r||^2`` is
+            :class:`~geoopt_sgd.HalfSquaredError`).
         data: The probe batch ``(inputs, targets)`` or an iterable of batches; under
             ``torch.distributed`` this rank's shard.
         metrics: Names from :data:`METRICS`; ``None`` means :data:`DEFAULT_METRICS`
@@ -456,9 +457,10 @@ def noise_geometry(
         TypeError: On non-integer counts or a displacement of the wrong type.
 
     Example:
-        One weight, ``f = w x`` with ``w = 1``, inputs 1 and 2, targets 0: the
-        per-sample gradients are ``r_i x_i = 1, 4``, so ``Sigma = 2.25``,
-        ``G = mean x^2 = 2.5``, ``2L = 2.5`` and ``mu = 2.25 / 2.5^2 = 0.36``.
+        One weight, ``f = w x`` with ``w = 1``, inputs 1 and 2, targets 0, the
+        papers' square loss: the per-sample gradients are ``r_i x_i = 1, 4``, so
+        ``Sigma = 2.25``, ``G = mean x^2 = 2.5``, ``2L = 2.5`` and
+        ``mu = 2.25 / 2.5^2 = 0.36``.
 
         >>> import torch
         >>> lin = torch.nn.Linear(1, 1, bias=False).double()
@@ -466,7 +468,8 @@ def noise_geometry(
         ...     _ = lin.weight.fill_(1.0)
         >>> X = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
         >>> y = torch.zeros(2, 1, dtype=torch.float64)
-        >>> res = noise_geometry(lin, torch.nn.MSELoss(), (X, y), metrics=["mu"])
+        >>> from geoopt_sgd import HalfSquaredError
+        >>> res = noise_geometry(lin, HalfSquaredError(), (X, y), metrics=["mu"])
         >>> round(res.values["mu"], 12)
         0.36
     """

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
+from .._losses import per_sample_loss
 from .._model import FunctionalModel, to_device
-from ._primitives import per_sample_loss_gradients
+from .primitives import per_sample_loss_gradients
 
 __all__ = ["per_sample_gradients"]
 
@@ -30,8 +31,9 @@ def per_sample_gradients(
     Row ``i`` is :math:`\nabla_\theta \ell_i` with
     :math:`\ell_i = \text{loss\_fn}(f(x_i)[\text{None}], y_i[\text{None}])`, the
     loss on a batch of one, *as ``loss_fn`` defines it* (so ``nn.MSELoss()`` gives
-    the mean over outputs; the metrics of :func:`noise_geometry` convert it to the
-    square-loss convention themselves). The column order is that of the selected
+    the mean over outputs; :class:`~geoopt_sgd.HalfSquaredError` is the papers'
+    ``1/2 ||f(x_i) - y_i||^2``), the convention of every tool in the package
+    (:mod:`geoopt_sgd._losses`). The column order is that of the selected
     parameters (``model.named_parameters()``), each flattened.
 
     Routes and costs:
@@ -91,11 +93,7 @@ def per_sample_gradients(
         raise ValueError("`targets` is empty: the batch has 0 samples.")
     inputs = to_device(inputs, fm.device)
     targets = to_device(targets, fm.device)
-
-    def sample_loss(out: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(out.unsqueeze(0), y.unsqueeze(0)).reshape(())
-
     with torch.enable_grad():
         return per_sample_loss_gradients(
-            fm, sample_loss, inputs, targets, chunk_size=chunk_size
+            fm, per_sample_loss(loss_fn), inputs, targets, chunk_size=chunk_size
         )

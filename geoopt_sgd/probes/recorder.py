@@ -25,24 +25,12 @@ from torch import Tensor, nn
 from .. import distributed
 from .._checks import check_choice, check_int
 from .._model import FunctionalModel, as_batches, unwrap_model
+from .metrics import DEFAULT_METRICS, METRICS, noise_geometry
 
 __all__ = ["NoiseProbe"]
 
 # noise_geometry's own arguments, set by NoiseProbe itself rather than forwarded
 _RESERVED = ("model", "loss_fn", "data", "metrics", "k", "v0", "seed")
-
-
-def _default_measure() -> Callable[..., Any]:
-    from .metrics import noise_geometry
-
-    return noise_geometry
-
-
-def _known_metrics() -> tuple[str, ...] | None:
-    from . import metrics
-
-    names = getattr(metrics, "METRICS", None)
-    return tuple(names) if names is not None else None
 
 
 def _to_json_value(x: Any) -> Any:
@@ -203,7 +191,6 @@ class NoiseProbe:
         seed: int = 0,
         warm_start: bool = True,
         tag_prefix: str = "noise",
-        _measure: Callable[..., Any] | None = None,
         **options: Any,
     ) -> None:
         check_int("every", every, ge=1)
@@ -216,14 +203,8 @@ class NoiseProbe:
                     f"{type(metrics).__name__}."
                 )
             metrics = tuple(metrics)
-            known = _known_metrics()
             for name in metrics:
-                if known is not None:
-                    check_choice("metrics", name, known)
-                elif not isinstance(name, str):
-                    raise TypeError(
-                        f"`metrics` must hold metric names; got {type(name).__name__}."
-                    )
+                check_choice("metrics", name, METRICS)
         if callback is not None and not callable(callback):
             raise TypeError(
                 f"`callback` must be callable or None; got {type(callback).__name__}."
@@ -235,7 +216,6 @@ class NoiseProbe:
                 "exhaust. Pass list(...) of it."
             )
         as_batches(probe_data)
-        self._measure = _measure if _measure is not None else _default_measure()
         self._check_options(options)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
@@ -279,7 +259,7 @@ class NoiseProbe:
                 "as an option."
             )
         try:
-            sig = inspect.signature(self._measure)
+            sig = inspect.signature(noise_geometry)
         except (TypeError, ValueError):  # builtins without a signature
             return
         if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
@@ -437,9 +417,7 @@ class NoiseProbe:
     def _names(self) -> tuple[str, ...]:
         if self.metrics is not None:
             return self.metrics
-        from . import metrics
-
-        return tuple(getattr(metrics, "DEFAULT_METRICS", ("loss",)))
+        return DEFAULT_METRICS
 
     def _run(self, index: int) -> Any:
         params = [p for p in self.model.parameters()]
@@ -451,7 +429,7 @@ class NoiseProbe:
             kwargs["v0"] = self._v0
         try:
             with torch.enable_grad():
-                return self._measure(
+                return noise_geometry(
                     self.model, self.loss_fn, self.probe_data, **kwargs
                 )
         except Exception:

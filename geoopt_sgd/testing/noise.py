@@ -2,9 +2,9 @@
 
 Everything here forms explicit ``P x P`` matrices (covariances, GGN, Hessian) and
 loops over samples: for tests and checks on small models only. The conventions
-are those of :func:`geoopt_sgd.noise_geometry` (SPEC §1): ``nn.MSELoss`` is
-replaced by ``L_i = 1/2 ||f(x_i) - y_i||^2``, other losses are used as given on a
-batch of one, ``L`` is the mean over samples, and ``Sigma`` uses ``1/n``.
+are those of :func:`geoopt_sgd.noise_geometry` (SPEC §1): every loss is used as
+given on a batch of one (``nn.MSELoss`` included: ``L_i = (1/K) ||f(x_i) -
+y_i||^2``), ``L`` is the mean over samples, and ``Sigma`` uses ``1/n``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ __all__ = [
 
 
 def _sample_loss(loss_fn: Callable[..., Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    if isinstance(loss_fn, nn.MSELoss):
-        return lambda out, y: 0.5 * ((out - y.reshape(out.shape)) ** 2).sum()
     return lambda out, y: loss_fn(out.unsqueeze(0), y.unsqueeze(0)).reshape(())
 
 
@@ -63,7 +61,6 @@ def per_sample_gradients_loop(
     targets: Tensor,
     *,
     mode: Literal["eval", "train"] = "eval",
-    convention: bool = False,
 ) -> Tensor:
     """Per-sample gradients by a plain loop of ``N`` backward passes.
 
@@ -74,19 +71,11 @@ def per_sample_gradients_loop(
         targets: Targets ``(N, ...)``.
         mode: ``"eval"``: one forward/backward per single sample; ``"train"``: one
             batch forward (batch statistics), then one backward per sample's loss.
-        convention: Use the metrics' square-loss convention for ``nn.MSELoss``
-            (``1/2`` sum over outputs) instead of ``loss_fn`` on a batch of one.
 
     Returns:
         ``(N, P)`` float tensor (the parameters' dtype).
     """
-    if convention:
-        ell = _sample_loss(loss_fn)
-    else:
-
-        def ell(out: Tensor, y: Tensor) -> Tensor:
-            return loss_fn(out.unsqueeze(0), y.unsqueeze(0)).reshape(())
-
+    ell = _sample_loss(loss_fn)
     names, params, bufs = _setup(model, mode)
     ps = [p.requires_grad_(True) for p in params]
     rows = []
@@ -148,7 +137,7 @@ def dense_curvature(
 
     Args:
         model: The model.
-        loss_fn: The loss (square-loss convention for ``nn.MSELoss``).
+        loss_fn: The loss, used as given on a batch of one.
         inputs: Inputs ``(N, ...)``.
         targets: Targets ``(N, ...)``.
         kind: ``"ggn"`` or ``"hessian"``.
@@ -250,9 +239,7 @@ def dense_metrics(
         ``"eigenvectors"``, ``"direction_shares"`` and ``"loss_shares"``.
     """
     nan = math.nan
-    D = per_sample_gradients_loop(
-        model, loss_fn, inputs, targets, mode=mode, convention=True
-    )
+    D = per_sample_gradients_loop(model, loss_fn, inputs, targets, mode=mode)
     cov = gradient_covariance(D, batch_size=batch_size)
     S, S1, S2 = cov["sigma"], cov["sigma1"], cov["sigma2"]
     G = dense_curvature(model, loss_fn, inputs, targets, kind="ggn", mode=mode)

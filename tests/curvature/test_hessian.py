@@ -361,6 +361,32 @@ def test_hvp_functions_on_lists_and_dicts():
         assert_close_report(hvp([2 * v])[0], 2 * exact, 1e-13, 1e-15)  # reusable
 
 
+@pytest.mark.parametrize("method", METHODS[1:], ids=lambda m: f"method={m}")
+def test_batched_hvp_matches_column_by_column(method):
+    # batched=True: a block of q tangents (leading dimension) in one pass, with
+    # a constant (the target) and a parameter the function does not use
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    X = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def f(p, target):
+        return ((torch.tanh(X @ p[0].T + p[1]) - target) ** 2).mean()
+
+    V = [torch.randn(6, *t.shape, generator=g, dtype=torch.float64) for t in (W, b)]
+    one = make_hvp(f, [W, b], method=method, constants=(y,))
+    block = make_hvp(f, [W, b], method=method, constants=(y,), batched=True)
+    got = block(V)
+    for j in range(6):
+        want = one([V[0][j], V[1][j]])
+        for a, w in zip(got, want, strict=True):
+            assert_close_report(a[j], w, 1e-12, 1e-14)
+    # linear in the parameters: H = 0 with the block's shape
+    lin = make_hvp(lambda p: (X @ p[0].T).sum(), [W], method=method, batched=True)
+    assert torch.equal(lin([V[0]])[0], torch.zeros_like(V[0]))
+
+
 # --- timm models (ViT: attention under the math SDPA backend) ------------------
 
 

@@ -129,10 +129,11 @@ def test_matches_torch_sgd_differentiable():
         assert torch.equal(a, b)
 
 
-def test_with_probe_matches_torch_sgd():
+def test_with_probe_matches_torch_sgd(measure):
     # a probe whose measurement is a no-op still leaves the trajectory equal
     model = mlp()
-    probe = NoiseProbe(model, torch.nn.MSELoss(), make_data(), every=2, _measure=_noop)
+    measure(_noop)
+    probe = NoiseProbe(model, torch.nn.MSELoss(), make_data(), every=2)
     kw = dict(lr=0.1, momentum=0.9, nesterov=True)
     pa, oa = _run(torch.optim.SGD, kw)
     params = _params()
@@ -201,9 +202,10 @@ def test_validation_same_as_torch(kwargs, exc, match):
         ProbedSGD(_params(), **kwargs)
 
 
-def test_probe_already_attached_raises():
+def test_probe_already_attached_raises(measure):
     model = mlp()
-    probe = NoiseProbe(model, torch.nn.MSELoss(), make_data(), _measure=_noop)
+    measure(_noop)
+    probe = NoiseProbe(model, torch.nn.MSELoss(), make_data())
     ProbedSGD(model.parameters(), lr=0.1, probe=probe)
     with pytest.raises(RuntimeError, match="already attached"):
         ProbedSGD(model.parameters(), lr=0.1, probe=probe)
@@ -260,11 +262,12 @@ def test_state_dict_round_trip_with_torch_sgd(direction):
     _assert_same(ref, ref_opt, params, opt2)
 
 
-def test_probe_counters_in_state_dict_and_loaded_by_sgd():
+def test_probe_counters_in_state_dict_and_loaded_by_sgd(measure):
     model = mlp()
     X, y = make_data()
     loss_fn = torch.nn.CrossEntropyLoss()
-    probe = NoiseProbe(model, loss_fn, (X, y), every=2, _measure=_noop)
+    measure(_noop)
+    probe = NoiseProbe(model, loss_fn, (X, y), every=2)
     opt = ProbedSGD(model.parameters(), lr=0.1, momentum=0.9, probe=probe)
     for _ in range(5):
         opt.zero_grad()
@@ -276,7 +279,8 @@ def test_probe_counters_in_state_dict_and_loaded_by_sgd():
     sd = torch.load(buf, weights_only=True)
     assert sd["probe"] == {"step_count": 5, "num_probes": 2, "num_nonfinite": 0}
     # a fresh run resumes the schedule: next probe after step 6, not step 2
-    probe2 = NoiseProbe(model, loss_fn, (X, y), every=2, _measure=_noop)
+    measure(_noop)
+    probe2 = NoiseProbe(model, loss_fn, (X, y), every=2)
     opt2 = ProbedSGD(model.parameters(), lr=0.1, momentum=0.9, probe=probe2)
     opt2.load_state_dict(sd)
     assert probe2.step_count == 5 and probe2.num_probes == 2
@@ -288,9 +292,10 @@ def test_probe_counters_in_state_dict_and_loaded_by_sgd():
     assert "probe" not in sgd.state_dict()
 
 
-def test_hooks_scheduler_repr_deepcopy():
+def test_hooks_scheduler_repr_deepcopy(measure):
     model = mlp()
-    probe = NoiseProbe(model, torch.nn.MSELoss(), make_data(), _measure=_noop)
+    measure(_noop)
+    probe = NoiseProbe(model, torch.nn.MSELoss(), make_data())
     opt = ProbedSGD(model.parameters(), lr=0.1, momentum=0.9, probe=probe)
     fired = []
     opt.register_step_pre_hook(lambda o, a, k: fired.append("pre"))

@@ -375,10 +375,18 @@ def test_nonfinite_gives_nan_not_error():
     json.dumps(res.as_dict())  # NaN is still serialisable by json (as NaN)
 
 
-def test_loss_uses_square_convention_for_mse():
+def test_loss_is_measured_as_passed():
+    # nn.MSELoss is the mean over samples and outputs; the papers' 1/2 ||r||^2
+    # is the explicit HalfSquaredError
+    from geoopt_sgd import HalfSquaredError
+
     model, _, X, y = _case("mlp-mse")
+    out = model(X).detach()
     res = noise_geometry(model, nn.MSELoss(), (X, y), metrics=["loss"])
-    expected = 0.5 * ((model(X).detach() - y) ** 2).sum(1).mean()
+    expected = nn.MSELoss()(out, y)
+    assert res.values["loss"] == pytest.approx(float(expected), rel=1e-12)
+    res = noise_geometry(model, HalfSquaredError(), (X, y), metrics=["loss"])
+    expected = 0.5 * ((out - y) ** 2).sum(1).mean()
     assert res.values["loss"] == pytest.approx(float(expected), rel=1e-12)
 
 
@@ -468,16 +476,15 @@ def test_error_single_sample():
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
 @pytest.mark.parametrize("name", ["mlp-ce", "mlp-mse"])
 def test_curvature_agrees_with_curvature_operators(name, curvature):
-    # the metrics' private operator follows the square-loss convention: for
-    # nn.MSELoss (mean over N * K entries, no 1/2) it is K/2 times the package's
-    # HessianOperator/GGNOperator; for cross-entropy they are the same matrix.
+    # one loss convention: the probes measure the loss as passed, so for
+    # nn.MSELoss (mean over N * K entries) and cross-entropy alike their matrix
+    # is the package's HessianOperator/GGNOperator, with no constant between.
     from geoopt_sgd import GGNOperator, HessianOperator
 
     model, loss_fn, X, y = _case(name)
     cls = GGNOperator if curvature == "ggn" else HessianOperator
     dense = cls(model, loss_fn, (X, y)).to_dense()
-    scale = y.shape[1] / 2 if name == "mlp-mse" else 1.0
-    lam = torch.linalg.eigvalsh(scale * dense).flip(0)[:K]
+    lam = torch.linalg.eigvalsh(dense).flip(0)[:K]
     res = noise_geometry(
         model,
         loss_fn,
@@ -516,7 +523,7 @@ def test_timm_vit_forward_mode_through_attention():
     y = torch.randint(0, 3, (6,), generator=g)
     loss_fn = nn.CrossEntropyLoss()
     res = noise_geometry(model, loss_fn, (X, y), k=2, metrics=["noise_energies"])
-    D = per_sample_gradients_loop(model, loss_fn, X, y, convention=True)
+    D = per_sample_gradients_loop(model, loss_fn, X, y)
     S = gradient_covariance(D)["sigma"]
     U = res.eigenvectors
     # same quantity from jvp vs explicit gradients: float64 rounding only

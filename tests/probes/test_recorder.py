@@ -11,9 +11,6 @@ from cases import image_data, make_data, mlp, tiny_cnn
 from torch import nn
 
 from geoopt_sgd import NoiseProbe, ProbedSGD
-from geoopt_sgd.probes import metrics as metrics_module
-
-HAS_METRICS = hasattr(metrics_module, "METRICS")
 
 
 class FakeResult:
@@ -124,18 +121,18 @@ def _train(model_fn, *, probe_factory=None, optimizer="sgd", steps=12):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "probed"])
 @pytest.mark.parametrize("model_fn", [tiny_cnn, DropoutCNN], ids=["bn", "bn+dropout"])
-def test_probe_never_changes_trajectory_vandal(model_fn, optimizer):
+def test_probe_never_changes_trajectory_vandal(model_fn, optimizer, measure):
     ref, _ = _train(model_fn, optimizer=optimizer)
 
     def factory(model, loss_fn, data):
-        return NoiseProbe(model, loss_fn, data, every=3, k=2, _measure=Vandal())
+        measure(Vandal())
+        return NoiseProbe(model, loss_fn, data, every=3, k=2)
 
     got, probe = _train(model_fn, probe_factory=factory, optimizer=optimizer)
     assert probe.num_probes == 4
     _assert_equal_snapshots(ref, got)
 
 
-@pytest.mark.skipif(not HAS_METRICS, reason="noise_geometry not available yet")
 def test_probe_never_changes_trajectory_real_metrics():
     # BatchNorm in train mode and dropout (consumes the RNG) with noise_geometry
     ref, _ = _train(DropoutCNN, optimizer="probed")
@@ -157,13 +154,12 @@ def _loop(model, opt, steps, X, y, loss_fn=None):
         opt.step()
 
 
-def test_schedule_records_and_warm_start():
+def test_schedule_records_and_warm_start(measure):
     model = mlp()
     X, y = make_data()
     vandal = Vandal()
-    probe = NoiseProbe(
-        model, nn.CrossEntropyLoss(), (X, y), every=2, k=3, seed=5, _measure=vandal
-    )
+    measure(vandal)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=2, k=3, seed=5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     assert probe.attach(opt) is probe
     _loop(model, opt, 7, X, y)
@@ -183,13 +179,12 @@ def test_schedule_records_and_warm_start():
     assert probe.step_count == 7 and len(probe.history) == 3 and not probe.attached
 
 
-def test_warm_start_off_and_lr_of_groups():
+def test_warm_start_off_and_lr_of_groups(measure):
     model = mlp()
     X, y = make_data()
     vandal = Vandal()
-    probe = NoiseProbe(
-        model, nn.CrossEntropyLoss(), (X, y), every=1, warm_start=False, _measure=vandal
-    )
+    measure(vandal)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, warm_start=False)
     params = list(model.parameters())
     opt = torch.optim.Adam(  # any optimizer
         [{"params": params[:2]}, {"params": params[2:], "lr": torch.tensor(0.5)}],
@@ -202,7 +197,7 @@ def test_warm_start_off_and_lr_of_groups():
     assert probe.measure()["lr"] == [0.25, 0.5]  # manual probe, attached optimizer
 
 
-def test_sinks_jsonl_writer_callback(tmp_path):
+def test_sinks_jsonl_writer_callback(tmp_path, measure):
     model = mlp()
     X, y = make_data()
 
@@ -216,6 +211,7 @@ def test_sinks_jsonl_writer_callback(tmp_path):
     writer, seen = Writer(), []
     path = tmp_path / "noise.jsonl"
     values = {"loss": 0.5, "mu": float("nan"), "alpha": float("inf")}
+    measure(Vandal(values))
     probe = NoiseProbe(
         model,
         nn.CrossEntropyLoss(),
@@ -223,7 +219,6 @@ def test_sinks_jsonl_writer_callback(tmp_path):
         every=1,
         sinks=[path, str(tmp_path / "b.jsonl"), writer],
         callback=seen.append,
-        _measure=Vandal(values),
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe.attach(opt)
@@ -245,15 +240,15 @@ def test_sinks_jsonl_writer_callback(tmp_path):
     assert "noise/step" not in tags
 
 
-def test_nonfinite_metrics_warn_once_and_training_continues():
+def test_nonfinite_metrics_warn_once_and_training_continues(measure):
     model = mlp()
     X, y = make_data()
+    measure(Vandal({"loss": float("nan"), "mu": 1.0}))
     probe = NoiseProbe(
         model,
         nn.CrossEntropyLoss(),
         (X, y),
         every=1,
-        _measure=Vandal({"loss": float("nan"), "mu": 1.0}),
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe.attach(opt)
@@ -266,13 +261,12 @@ def test_nonfinite_metrics_warn_once_and_training_continues():
     assert math.isnan(probe.history[2]["loss"]) and probe.history[2]["mu"] == 1.0
 
 
-def test_nonfinite_parameters_skip_measurement():
+def test_nonfinite_parameters_skip_measurement(measure):
     model = mlp()
     X, y = make_data()
     vandal = Vandal()
-    probe = NoiseProbe(
-        model, nn.CrossEntropyLoss(), (X, y), every=1, metrics=["loss"], _measure=vandal
-    )
+    measure(vandal)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, metrics=["loss"])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe.attach(opt)
     with torch.no_grad():
@@ -287,14 +281,13 @@ def _raiser(model, loss_fn, data, **kwargs):
     raise RuntimeError("eigensolver broke down")
 
 
-def test_exception_on_nonfinite_probe_loss_recorded_as_nan():
+def test_exception_on_nonfinite_probe_loss_recorded_as_nan(measure):
     model = mlp()
     X, y = make_data()
     X = X.clone()
     X[0, 0] = float("nan")  # the probe loss is NaN
-    probe = NoiseProbe(
-        model, nn.CrossEntropyLoss(), (X, y), every=1, metrics=["mu"], _measure=_raiser
-    )
+    measure(_raiser)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, metrics=["mu"])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe.attach(opt)
     rng = torch.get_rng_state()
@@ -304,10 +297,11 @@ def test_exception_on_nonfinite_probe_loss_recorded_as_nan():
     assert torch.equal(rng, torch.get_rng_state())
 
 
-def test_exception_on_finite_inputs_propagates():
+def test_exception_on_finite_inputs_propagates(measure):
     model = mlp()
     X, y = make_data()
-    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, _measure=_raiser)
+    measure(_raiser)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe.attach(opt)
     grads_before = [p.grad for p in model.parameters()]
@@ -316,10 +310,11 @@ def test_exception_on_finite_inputs_propagates():
     assert [p.grad for p in model.parameters()] == grads_before
 
 
-def test_state_dict_round_trip_weights_only():
+def test_state_dict_round_trip_weights_only(measure):
     model = mlp()
     X, y = make_data()
-    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=2, _measure=Vandal())
+    measure(Vandal())
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe.attach(opt)
     _loop(model, opt, 4, X, y)
@@ -329,7 +324,8 @@ def test_state_dict_round_trip_weights_only():
     sd = torch.load(buf, weights_only=True)
     assert sd["step_count"] == 4 and sd["num_probes"] == 2
     vandal = Vandal()
-    probe2 = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=2, _measure=vandal)
+    measure(vandal)
+    probe2 = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=2)
     probe2.load_state_dict(sd)
     opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
     probe2.attach(opt2)
@@ -365,22 +361,25 @@ def _probe(**kwargs):
     ids=["every=0", "every=float", "k=0", "seed", "seed<0", "metrics=str", "sink", "cb"]
     + ["v0"],
 )
-def test_bad_arguments(kwargs, exc, match):
+def test_bad_arguments(kwargs, exc, match, measure):
     with pytest.raises(exc, match=match):
-        _probe(_measure=Vandal(), **kwargs)
+        measure(Vandal())
+        _probe(**kwargs)
 
 
-def test_bad_probe_data():
+def test_bad_probe_data(measure):
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     with pytest.raises(TypeError, match="got a one-shot iterator"):
-        NoiseProbe(model, loss_fn, iter([make_data()]), _measure=Vandal())
+        measure(Vandal())
+        NoiseProbe(model, loss_fn, iter([make_data()]))
     with pytest.raises(TypeError, match="`data` must be an"):
-        NoiseProbe(model, loss_fn, 3, _measure=Vandal())
+        measure(Vandal())
+        NoiseProbe(model, loss_fn, 3)
     with pytest.raises(ValueError, match="`data` is empty"):
-        NoiseProbe(model, loss_fn, [], _measure=Vandal())
+        measure(Vandal())
+        NoiseProbe(model, loss_fn, [])
 
 
-@pytest.mark.skipif(not HAS_METRICS, reason="noise_geometry not available yet")
 def test_unknown_metric_and_option_listed():
     with pytest.raises(
         ValueError, match="`metrics` must be one of 'loss', .*got 'mew'"
@@ -392,8 +391,9 @@ def test_unknown_metric_and_option_listed():
     assert probe.options == {"curvature": "hessian", "max_samples": 8}
 
 
-def test_attach_errors():
-    probe = _probe(_measure=Vandal())
+def test_attach_errors(measure):
+    measure(Vandal())
+    probe = _probe()
     with pytest.raises(TypeError, match="`optimizer` must be a torch.optim.Optimizer"):
         probe.attach(object())
     opt = torch.optim.SGD(probe.model.parameters(), lr=0.1)
@@ -405,7 +405,7 @@ def test_attach_errors():
     probe.attach(opt)  # re-attaching after detach is fine
 
 
-def test_only_rank0_writes_sinks(tmp_path, monkeypatch):
+def test_only_rank0_writes_sinks(tmp_path, monkeypatch, measure):
     # under torch.distributed every rank measures and keeps the history, but only
     # rank 0 writes files / writers / callback
     from geoopt_sgd import distributed
@@ -413,18 +413,20 @@ def test_only_rank0_writes_sinks(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     seen = []
     path = tmp_path / "noise.jsonl"
-    probe = _probe(every=1, sinks=[path], callback=seen.append, _measure=Vandal())
+    measure(Vandal())
+    probe = _probe(every=1, sinks=[path], callback=seen.append)
     opt = torch.optim.SGD(probe.model.parameters(), lr=0.1)
     probe.attach(opt)
     opt.step()
     assert len(probe.history) == 1 and seen == [] and not path.exists()
 
 
-def test_skipped_amp_steps_are_not_counted():
+def test_skipped_amp_steps_are_not_counted(measure):
     # GradScaler skips optimizer.step() on inf gradients: no hook, no count
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
     vandal = Vandal()
-    probe = _probe(every=1, _measure=vandal)
+    measure(vandal)
+    probe = _probe(every=1)
     opt = torch.optim.SGD(probe.model.parameters(), lr=0.1)
     probe.attach(opt)
     scaler.scale(torch.tensor(1.0))  # initialises the scaler's state
@@ -440,12 +442,11 @@ def test_skipped_amp_steps_are_not_counted():
 
 
 @pytest.mark.gpu
-def test_cuda_rng_restored():
+def test_cuda_rng_restored(measure):
     model = mlp().cuda()
     X, y = make_data()
-    probe = NoiseProbe(
-        model, nn.CrossEntropyLoss(), (X.cuda(), y.cuda()), every=1, _measure=Vandal()
-    )
+    measure(Vandal())
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X.cuda(), y.cuda()), every=1)
     torch.rand(1, device="cuda")  # initialise CUDA's generator
     before = torch.cuda.get_rng_state_all()
     probe.measure()

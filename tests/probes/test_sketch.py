@@ -12,9 +12,9 @@ from torch.func import functional_call, hessian, jacrev
 from geoopt_sgd import noise_geometry
 from geoopt_sgd._model import FunctionalModel
 from geoopt_sgd.curvature.lanczos import top_eigenpairs
-from geoopt_sgd.probes._primitives import CurvatureOperator, ProbeSet
 from geoopt_sgd.probes._sketch import trace1, trace2
 from geoopt_sgd.probes._stats import random_directions
+from geoopt_sgd.probes.primitives import CurvatureOperator, ProbeSet
 from geoopt_sgd.testing import dense_curvature, gradient_covariance
 from geoopt_sgd.testing import per_sample_gradients_loop as psg
 
@@ -42,9 +42,7 @@ def _numel(model):
 
 def _dense_pieces(model, loss_fn, X, y, batch_size=None):
     """Explicit Sigma (or C), G and the per-sample M_i = J_i^T Lambda_i J_i (eval)."""
-    cov = gradient_covariance(
-        psg(model, loss_fn, X, y, convention=True), batch_size=batch_size
-    )
+    cov = gradient_covariance(psg(model, loss_fn, X, y), batch_size=batch_size)
     G = dense_curvature(model, loss_fn, X, y)
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]

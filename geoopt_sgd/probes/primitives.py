@@ -6,14 +6,16 @@ probe batch under ``torch.distributed``), held in memory, evaluated through a
 
 Conventions (SPEC §1):
 
-* Per-sample loss ``L_i``: for :class:`torch.nn.MSELoss` (any reduction) the
-  square-loss convention ``L_i = 1/2 ||f(x_i) - y_i||^2`` summed over outputs; for
-  any other ``loss_fn`` the value ``loss_fn(f(x_i)[None], y_i[None])`` on a batch of
-  one, taken as given (cross-entropy metrics are then the GGN extension).
+* Per-sample loss ``L_i = loss_fn(f(x_i)[None], y_i[None])``, the user's loss on a
+  batch of one, exactly as passed (:mod:`geoopt_sgd._losses`): ``nn.MSELoss()``
+  gives ``(1/K) ||f(x_i) - y_i||^2``, :class:`~geoopt_sgd.HalfSquaredError` the
+  papers' ``1/2 ||f(x_i) - y_i||^2``.
 * ``L = (1/n) sum_i L_i`` over all ``n`` probe samples (all ranks).
 * ``G = (1/n) sum_i J_i^T Lambda_i J_i`` with ``Lambda_i`` the Hessian of ``L_i`` with
-  respect to the outputs (identity for square loss): the (generalised) Gauss-Newton
-  matrix. ``H`` is the Hessian of ``L``.
+  respect to the outputs (``c I`` for a square loss, see
+  :func:`~geoopt_sgd._losses.square_loss_scale`): the (generalised) Gauss-Newton
+  matrix. ``H`` is the Hessian of ``L``; its products are those of the curvature
+  package (:func:`~geoopt_sgd.curvature.hvp.make_hvp`, reverse-over-reverse).
 
 Costs are counted in :attr:`ProbeSet.cost`: ``n_forward`` (batch forward passes),
 ``n_backward`` (batch backward passes, a vjp counts one), ``n_jvp`` (tangent
@@ -35,38 +37,18 @@ from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from .. import distributed
 from .._linalg import CHUNK, row_gram64
+from .._losses import SampleLoss, per_sample_loss, square_loss_scale
 from .._model import FunctionalModel
-from ..curvature.hvp import math_sdpa
+from ..curvature.hvp import make_hvp, math_sdpa
 from ..curvature.linop import LinearOperator
 
-__all__ = ["CurvatureOperator", "OutputCurvature", "ProbeSet", "sample_loss_fn"]
-
-SampleLoss = Callable[[Tensor, Tensor], Tensor]
-
-
-def sample_loss_fn(loss_fn: Callable[..., Tensor]) -> tuple[SampleLoss, bool]:
-    """Return the per-sample loss ``(out_i, y_i) -> L_i`` and whether it is square loss.
-
-    Args:
-        loss_fn: The user's loss (a module or a function of ``(outputs, targets)``).
-
-    Returns:
-        ``(fn, is_square)``: ``fn`` maps one sample's output (without batch
-        dimension) and target to a scalar; ``is_square`` is ``True`` for
-        :class:`torch.nn.MSELoss`, converted to ``1/2 ||r||^2`` summed over outputs.
-    """
-    if isinstance(loss_fn, nn.MSELoss):
-
-        def square(out: Tensor, y: Tensor) -> Tensor:
-            r = out - y.reshape(out.shape).to(out.dtype)
-            return 0.5 * (r * r).sum()
-
-        return square, True
-
-    def generic(out: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(out.unsqueeze(0), y.unsqueeze(0)).reshape(())
-
-    return generic, False
+__all__ = [
+    "CurvatureOperator",
+    "OutputCurvature",
+    "OutputTangents",
+    "ProbeSet",
+    "per_sample_loss_gradients",
+]
 
 
 def _unsqueeze(x: Any) -> Any:
@@ -81,18 +63,12 @@ def _slice(x: Any, i: int, j: int) -> Any:
     return x[i:j]
 
 
-def _cat_inputs(xs: Sequence[Any]) -> Any:
-    if isinstance(xs[0], tuple):
-        return tuple(torch.cat([x[t] for x in xs]) for t in range(len(xs[0])))
-    return torch.cat(list(xs))
-
-
 class ProbeSet:
     """The probe batches of this process, with the streaming primitives of SPEC §2.0.
 
     Args:
         fmodel: The functional model (mode policy, selected parameters).
-        loss_fn: The user's loss; see :func:`sample_loss_fn`.
+        loss_fn: The user's loss, measured as passed (module docstring).
         batches: ``(inputs, targets)`` batches held by this process. In train mode
             each batch is one forward unit (its BatchNorm statistics); in eval mode
             samples are independent.
@@ -115,7 +91,8 @@ class ProbeSet:
         chunk_size: int | None = None,
     ) -> None:
         self.fm = fmodel
-        self.sample_loss, self.is_square = sample_loss_fn(loss_fn)
+        self.loss_fn = loss_fn
+        self.sample_loss = per_sample_loss(loss_fn)
         self.batches = batches
         self.chunk_size = chunk_size
         self.params = [p.detach() for p in fmodel.params]
@@ -178,12 +155,6 @@ class ProbeSet:
         losses = vmap(self.sample_loss)(out, y)
         return losses, out.reshape(out.shape[0], -1)
 
-    def _sample_fn(self, x: Any, y: Tensor) -> Callable[[list[Tensor]], Tensor]:
-        def f(params: list[Tensor]) -> Tensor:
-            return self.sample_loss(self.fm(params, _unsqueeze(x))[0], y)
-
-        return f
-
     # --- primitives ---------------------------------------------------------------
     def keep_graph(self) -> None:
         """Run the forward pass once and keep its graph for every later product.
@@ -237,8 +208,9 @@ class ProbeSet:
     def output_hessians(self) -> list[OutputCurvature]:
         """Per-batch output curvature ``Lambda_i`` (see :class:`OutputCurvature`).
 
-        Square loss: the identity. Softmax cross-entropy with ``K``-vector
-        outputs: the closed form ``diag(p) - p p^T``, never stored. Other losses:
+        Square loss (:func:`~geoopt_sgd._losses.square_loss_scale`): ``c I``,
+        never stored. Softmax cross-entropy with ``K``-vector outputs: the
+        closed form ``diag(p) - p p^T``, never stored. Other losses:
         ``torch.func.hessian`` of the per-sample loss with respect to the outputs,
         stored ``(b, K, K)`` with a PSD square root (negative eigenvalues clipped).
         The same outputs give :meth:`output_gradients`.
@@ -249,8 +221,9 @@ class ProbeSet:
                 for out, (_, y) in zip(self._outputs(), self.batches, strict=True):
                     b, K = out.shape[0], out[0].numel()
                     gout.append(vmap(grad(self.sample_loss))(out, y).reshape(b, K))
-                    if self.is_square:
-                        lam.append(OutputCurvature("identity", K))
+                    scale = square_loss_scale(self.loss_fn, K)
+                    if scale is not None:
+                        lam.append(OutputCurvature("identity", K, scale=scale))
                     elif self.is_softmax_ce and out.dim() == 2:
                         lam.append(OutputCurvature("softmax", K, out.softmax(-1)))
                     else:
@@ -378,7 +351,11 @@ class ProbeSet:
 
         The backward goes through the kept forward graph (:meth:`keep_graph`).
         While :meth:`recording`, the columns and their output tangents ``J_i v``
-        (a by-product of the jvp) are kept for :meth:`span_tangents`.
+        (a by-product of the jvp) are kept for :meth:`span_tangents`. The same
+        matrix as :class:`~geoopt_sgd.GGNOperator` by another route: the
+        operator gets ``J v`` by the double-vjp trick on a graph of its own and
+        ``Lambda`` by autograd; here ``J v`` is kept and ``Lambda`` has closed
+        forms (:class:`OutputCurvature`).
         """
         lam = self.output_hessians()
         q = V.shape[1]
@@ -429,7 +406,7 @@ class ProbeSet:
             relative residual ``||U - X C||_F / ||U||_F`` exceeds ``1000 eps``
             (then compute them with :meth:`tangents`).
         """
-        rec = getattr(self, "_keep", None)
+        rec = self._keep
         self._keep = None
         if rec is None or rec.overflow or not rec.X:
             return None
@@ -448,7 +425,11 @@ class ProbeSet:
         return rec.tangents().combine(C)
 
     def hess_matmat(self, V: Tensor) -> Tensor:
-        """``H V`` for ``V`` ``(P, q)``, reverse-over-reverse (2-3 backwards each)."""
+        """``H V`` for ``V`` ``(P, q)``, reverse-over-reverse (2-3 backwards each).
+
+        Per batch, :func:`~geoopt_sgd.curvature.hvp.make_hvp` of the summed
+        per-sample losses (route ``"rev_rev"``, the ``q`` columns vectorised).
+        """
         tangents = self.unflat(V.T.to(self.dtype))
         out = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
         with self._policy():
@@ -457,8 +438,8 @@ class ProbeSet:
                 def total(p: list[Tensor], x: Any = x, y: Tensor = y) -> Tensor:
                     return self.loss_and_out(p, x, y)[0].sum()
 
-                _, f_vjp = vjp(grad(total), self.params)
-                out += self.flat(vmap(f_vjp)(tangents)[0], lead=1).detach()
+                hvp = make_hvp(total, self.params, method="rev_rev", batched=True)
+                out += self.flat(hvp(tangents), lead=1)
         self.cost["n_hvp"] += V.shape[1]
         distributed.all_reduce_sum(out)
         return (out / self.n).T
@@ -482,7 +463,6 @@ class ProbeSet:
         with self._policy():
             for (x, y), S in zip(self.batches, lam, strict=True):
                 if self.fm.mode == "train":
-                    b = int(y.shape[0])
                     J = jacrev(
                         lambda p, x=x, y=y: self.loss_and_out(p, x, y)[1],
                         chunk_size=self.chunk_size,
@@ -504,9 +484,7 @@ class ProbeSet:
                         self.chunk_size,
                         lambda g: self.flat(g, lead=2),
                     )
-                    b = J.shape[0]
                 rows.append(S.factor(J.detach()))
-                del b
         self.cost["n_backward"] += self.n_local
         return torch.cat(rows)
 
@@ -624,14 +602,18 @@ class OutputCurvature:
     (dense).
 
     Args:
-        kind: ``"identity"``, ``"softmax"`` (``Lambda = diag(p) - p p^T``, ``A =
-            diag(sqrt p) - sqrt(p) p^T``) or ``"dense"`` (symmetric PSD root).
+        kind: ``"identity"`` (``Lambda = scale I``, ``A = sqrt(scale) I``),
+            ``"softmax"`` (``Lambda = diag(p) - p p^T``, ``A = diag(sqrt p) -
+            sqrt(p) p^T``) or ``"dense"`` (symmetric PSD root).
         K: Outputs per sample.
         data: ``None``, the probabilities ``(b, K)``, or ``Lambda`` ``(b, K, K)``.
+        scale: The multiple of the identity (``"identity"`` only).
     """
 
-    def __init__(self, kind: str, K: int, data: Tensor | None = None) -> None:
-        self.kind, self.K, self.data = kind, K, data
+    def __init__(
+        self, kind: str, K: int, data: Tensor | None = None, scale: float = 1.0
+    ) -> None:
+        self.kind, self.K, self.data, self.scale = kind, K, data, scale
         if kind == "dense":
             assert data is not None
             L = 0.5 * (data + data.transpose(1, 2))
@@ -645,25 +627,16 @@ class OutputCurvature:
     def apply(self, U: Tensor) -> Tensor:
         """``Lambda_i u`` for ``U`` ``(..., b, K)``."""
         if self.kind == "identity":
-            return U
+            return U if self.scale == 1.0 else self.scale * U
         if self.kind == "softmax":
             p = self.data
             return p * U - p * (U * p).sum(-1, keepdim=True)
         return torch.einsum("bkl,...bl->...bk", self.data, U)
 
-    def factor_t(self, Z: Tensor) -> Tensor:
-        """``A_i^T z`` for ``Z`` ``(..., b, K)``."""
-        if self.kind == "identity":
-            return Z
-        if self.kind == "softmax":
-            p, s = self.data, self.sqrt_p
-            return s * Z - p * (Z * s).sum(-1, keepdim=True)
-        return torch.einsum("blk,...bl->...bk", self.root, Z)
-
     def factor(self, J: Tensor) -> Tensor:
         """``A_i J_i`` for ``J`` ``(b, K, P)``."""
         if self.kind == "identity":
-            return J
+            return J if self.scale == 1.0 else math.sqrt(self.scale) * J
         if self.kind == "softmax":
             p, s = self.data, self.sqrt_p
             return s.unsqueeze(-1) * J - s.unsqueeze(-1) * (p.unsqueeze(-1) * J).sum(

@@ -1,0 +1,133 @@
+"""One per-sample loss convention: every curvature source measures the loss as passed.
+
+For ``nn.MSELoss()`` on a ``K = 3``-output model, ``nn.CrossEntropyLoss()`` and a
+custom callable, the top eigenvalues of the probes' curvature
+(:func:`geoopt_sgd.noise_geometry`), of :class:`~geoopt_sgd.GGNOperator` and
+:class:`~geoopt_sgd.HessianOperator` (by :func:`~geoopt_sgd.top_eigenpairs`) agree
+with the dense ``torch.func`` Hessian (and GGN) of the loss ``loss_fn(f(X), y)``.
+A further curvature source joins the test as one more entry of ``SOURCES``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+from geoopt_sgd import (
+    GGNOperator,
+    HalfSquaredError,
+    HessianOperator,
+    noise_geometry,
+    top_eigenpairs,
+)
+
+K = 3  # outputs per sample
+TOP = 3  # eigenvalues compared
+TOL = 1e-7  # eigensolver residual: eigenvalues to ~TOL^2 relative
+
+
+def _log_cosh(out: Tensor, y: Tensor) -> Tensor:
+    """A custom loss with a non-constant output Hessian (mean over samples)."""
+    return torch.log(torch.cosh(out - y)).sum(-1).mean()
+
+
+LOSSES = {
+    "mse": (nn.MSELoss(), "regression"),
+    "ce": (nn.CrossEntropyLoss(), "classes"),
+    "custom": (_log_cosh, "regression"),
+}
+
+
+def _problem(name: str) -> tuple[nn.Module, object, Tensor, Tensor]:
+    loss_fn, kind = LOSSES[name]
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, K)).double()
+    X = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    if kind == "classes":
+        y = torch.randint(0, K, (10,), generator=g)
+    else:
+        y = torch.randn(10, K, generator=g, dtype=torch.float64)
+    return model, loss_fn, X, y
+
+
+def _dense(model: nn.Module, loss_fn, X: Tensor, y: Tensor, curvature: str) -> Tensor:
+    """The dense Hessian, or GGN ``J^T (d^2 L / d f^2) J``, of ``loss_fn(f(X), y)``."""
+    names = [n for n, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def outputs(t: Tensor) -> Tensor:
+        ps, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            ps[n] = t[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return functional_call(model, ps, (X,))
+
+    if curvature == "hessian":
+        return hessian(lambda t: loss_fn(outputs(t), y))(theta)
+    out = outputs(theta).detach()
+    J = jacrev(outputs)(theta).reshape(out.numel(), -1)
+    lam = hessian(lambda o: loss_fn(o.reshape(out.shape), y))(out.reshape(-1))
+    return J.T @ lam @ J
+
+
+def _probes(model, loss_fn, X, y, curvature):
+    res = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        k=TOP,
+        curvature=curvature,
+        route="exact",
+        metrics=["noise_energies"],
+        tol=TOL,
+    )
+    return res.eigenvalues
+
+
+def _operator(model, loss_fn, X, y, curvature):
+    cls = GGNOperator if curvature == "ggn" else HessianOperator
+    return top_eigenpairs(cls(model, loss_fn, (X, y)), TOP, tol=TOL).eigenvalues
+
+
+SOURCES = {"noise_geometry": _probes, "operator": _operator}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_top_eigenvalues_agree_with_dense_hessian(loss, curvature, source):
+    model, loss_fn, X, y = _problem(loss)
+    dense = _dense(model, loss_fn, X, y, curvature)
+    want = torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)[:TOP]
+    got = SOURCES[source](model, loss_fn, X, y, curvature)
+    torch.testing.assert_close(
+        got.double().cpu(), want, rtol=1e-5, atol=1e-12 * float(want.abs().max())
+    )
+
+
+def test_mse_is_not_converted():
+    # nn.MSELoss on K outputs is (1/K) ||r||^2 per sample: its GGN is 2/K J^T J
+    model, loss_fn, X, y = _problem("mse")
+    J = _dense(model, lambda o, t: 0.5 * ((o - t) ** 2).sum(-1).mean(), X, y, "ggn")
+    want = torch.linalg.eigvalsh(2 / K * J).flip(0)[:TOP]
+    got = _probes(model, loss_fn, X, y, "ggn")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "scale"),
+    [(nn.MSELoss(reduction="sum"), 2.0), (HalfSquaredError(), 1.0)],
+    ids=["mse-sum", "half-squared"],
+)
+def test_square_losses_probe_curvature(loss_fn, scale):
+    # the probes' L is the mean of the per-sample losses whatever the reduction;
+    # the output Hessian of every square loss is scale * I
+    model, _, X, y = _problem("mse")
+    G = _dense(model, HalfSquaredError(), X, y, "ggn")
+    want = torch.linalg.eigvalsh(scale * G).flip(0)[:TOP]
+    got = _probes(model, loss_fn, X, y, "ggn")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
