@@ -3,7 +3,8 @@
 For ``nn.MSELoss()`` on a ``K = 3``-output model, ``nn.CrossEntropyLoss()`` and a
 custom callable, the top eigenvalues of the probes' curvature
 (:func:`geoopt_sgd.noise_geometry`), of :class:`~geoopt_sgd.GGNOperator` and
-:class:`~geoopt_sgd.HessianOperator` (by :func:`~geoopt_sgd.top_eigenpairs`) agree
+:class:`~geoopt_sgd.HessianOperator` (by :func:`~geoopt_sgd.top_eigenpairs`) and of
+:class:`~geoopt_sgd.NoisyGD`'s Hessian-aligned noise source agree
 with the dense ``torch.func`` Hessian (and GGN) of the loss ``loss_fn(f(X), y)``.
 A further curvature source joins the test as one more entry of ``SOURCES``.
 """
@@ -19,6 +20,7 @@ from geoopt_sgd import (
     GGNOperator,
     HalfSquaredError,
     HessianOperator,
+    NoisyGD,
     noise_geometry,
     top_eigenpairs,
 )
@@ -93,7 +95,33 @@ def _operator(model, loss_fn, X, y, curvature):
     return top_eigenpairs(cls(model, loss_fn, (X, y)), TOP, tol=TOL).eigenvalues
 
 
-SOURCES = {"noise_geometry": _probes, "operator": _operator}
+def _noisy_gd(model, loss_fn, X, y, curvature):
+    # NoisyGD's Hessian-aligned noise draws from the top-k eigenpairs of its
+    # curvature source; lr = 0 leaves the parameters where the others measure
+    opt = NoisyGD(
+        model.parameters(),
+        lr=0.0,
+        noise="hessian",
+        magnitude="unit",
+        k=TOP,
+        model=model,
+        loss_fn=loss_fn,
+        data=(X, y),
+        curvature=curvature,
+        tol=TOL,
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return opt.state_dict()["noisy_gd"]["cache"]["eigenvalues"]
+
+
+SOURCES = {"noise_geometry": _probes, "operator": _operator, "noisy_gd": _noisy_gd}
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
