@@ -262,8 +262,8 @@ def expected_sharpness(
 ) -> Estimate:
     """Estimate the expected sharpness ``E[L(theta + nu)] - L(theta)``.
 
-    ``nu ~ N(0, sigma^2 I)`` over the selected parameters (Zhu et al. 2019, §2.9
-    of the SPEC; defaults ``sigma=0.01``). For small ``sigma`` it is about
+    ``nu ~ N(0, sigma^2 I)`` over the selected parameters (Zhu et al. 2019,
+    arXiv:1803.00195; defaults ``sigma=0.01``). For small ``sigma`` it is about
     ``sigma^2 / 2 * tr H``. Antithetic pairs ``+-nu`` cancel the first-order term
     exactly (each sample is ``(L(theta+nu) + L(theta-nu)) / 2 - L(theta)``).
     ``absolute=True`` averages ``|L(theta + nu) - L(theta)|`` instead, as the

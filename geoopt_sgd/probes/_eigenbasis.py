@@ -17,8 +17,8 @@ from torch import Tensor
 from .. import distributed
 from ..curvature.lanczos import top_eigenpairs
 from ._context import ProbeContext, Traces
-from .primitives import OutputTangents
 from ._stats import fro, haar, linregress, random_directions, spearman
+from .primitives import OutputTangents
 
 __all__ = ["Eigenbasis", "eigen_metrics", "eigenbasis", "escape_metrics"]
 

@@ -17,8 +17,8 @@ from .. import distributed
 from .._linalg import gram64
 from ._context import ProbeContext, Traces, chunks, ratio_metrics
 from ._eigenbasis import Eigenbasis
-from .primitives import OutputTangents
 from ._stats import jackknife, random_directions
+from .primitives import OutputTangents
 
 __all__ = [
     "Blocks",

@@ -1,25 +1,27 @@
-r"""Noise-geometry metrics of WWS22, WW23, Z19 and ZYT (SPEC §2), no ``P x P`` matrix.
+r"""Noise-geometry metrics of WWS22, WW23, Z19 and ZYT, no ``P x P`` matrix.
 
-Notation (SPEC §1): ``n`` probe samples with per-sample losses ``L_i`` (the loss as
-passed, on a batch of one: :mod:`geoopt_sgd._losses`), ``L`` their mean,
+Notation (``docs/science/conventions.md``): ``n`` probe samples with per-sample
+losses ``L_i`` (the loss as passed, on a batch of one: :mod:`geoopt_sgd._losses`),
+``L`` their mean,
 ``Sigma = Sigma_1 - Sigma_2`` the per-sample gradient covariance (``1/n``), or with
 ``cov="minibatch"`` the covariance ``C ~ Sigma / B`` of the means of ``M = n // B``
 consecutive disjoint batches (then every ``Sigma`` below means ``C``). ``H`` is the
 curvature matrix chosen by ``curvature``: the GGN ``G = (1/n) sum J_i^T Lambda_i J_i``
 (default; PSD, equals the WWS22 Fisher for square loss) or the Hessian. With
-cross-entropy the mu-type metrics are the GGN extension [SPEC §2.1, PROPOSED].
+cross-entropy the mu-type metrics are the GGN extension of WWS22's
+square-loss definitions (our extension, not the papers').
 
 Routes (``route=``):
 
 * ``"exact"``: per-sample gradients ``D`` ``(n, P)`` and ``M_i = Lambda_i^{1/2} J_i``
   ``(nK, P)`` are materialised (chunked ``vmap``) and every trace/norm comes from
-  the Gram identities of SPEC §2.0.3, exactly. Cost: ``n`` per-sample gradients,
-  ``nK`` per-sample output-Jacobian rows, and for ``curvature="hessian"``
+  Gram identities (``Tr(AB)`` of Gram matrices of the rows), exactly. Cost: ``n``
+  per-sample gradients, ``nK`` per-sample output-Jacobian rows, and for ``curvature="hessian"``
   ``n`` HVPs plus ``P`` HVPs for ``||H||_F`` and ``Tr H`` when ``P <= 4096``
   (else Hutchinson with ``num_probes``). Memory ``n (K + 1) P``.
-* ``"sketch"``: nothing of size ``n x P``; only jvps (one per direction, SPEC
-  §2.0.2) besides the eigensolver's products. Every quadratic form along a
-  direction ``v`` follows from the per-sample output tangents ``J_i v``:
+* ``"sketch"``: nothing of size ``n x P``; only jvps (one per direction) besides the
+  eigensolver's products. Every quadratic form along a direction ``v`` follows
+  from the per-sample output tangents ``J_i v``:
   ``v^T Sigma w`` is the covariance of ``grad L_i . v = (dL_i/df_i) . J_i v`` and
   ``grad L_i . w`` over samples (or batch means), ``v^T G w = (1/n) sum_i
   (J_i v)^T Lambda_i J_i w`` and ``v^T M_i w`` with ``M_i = J_i^T Lambda_i J_i``
@@ -108,8 +110,8 @@ from .._model import FunctionalModel, batch_size, local_batches, to_device
 from ._context import ProbeContext, Traces, ratio_metrics
 from ._eigenbasis import eigen_metrics, eigenbasis, escape_metrics
 from ._exact import exact_traces
-from .primitives import ProbeSet
 from ._sketch import Sketch, sketch_standard_errors, sketch_traces
+from .primitives import ProbeSet
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "NoiseGeometry", "noise_geometry"]
 
@@ -155,7 +157,7 @@ def _names(*families: str) -> frozenset[str]:
 
 
 METRICS: tuple[str, ...] = tuple(_TABLE)
-"""Every metric name :func:`noise_geometry` accepts (SPEC §2.1-2.7)."""
+"""Every metric name :func:`noise_geometry` accepts (``docs/science/metrics.md``)."""
 
 DEFAULT_METRICS: tuple[str, ...] = tuple(
     m for m in METRICS if _TABLE[m][0] not in ("hessian_traces", "escape")
@@ -366,9 +368,9 @@ def noise_geometry(
 ) -> NoiseGeometry:
     r"""Measure the geometry of SGD noise at the model's current parameters.
 
-    Definitions (SPEC §2; ``H`` is the ``curvature`` matrix, ``Sigma`` the noise
-    covariance chosen by ``cov``). Cost on the sketch route, in two families that
-    share their passes (module docstring): the *eigenbasis* (Lanczos to ``tol``,
+    Definitions (``docs/science/metrics.md``; ``H`` is the ``curvature`` matrix,
+    ``Sigma`` the noise covariance chosen by ``cov``). Cost on the sketch route, in
+    two families that share their passes (module docstring): the *eigenbasis* (Lanczos to ``tol``,
     about ``2k`` GGN-vector products for ``k = 10`` at ``tol = 1e-2``, plus ``r =
     num_random_directions`` jvps) and the *sketch traces* (on top of the
     eigenbasis: one backward, one jvp and ``max(0, s - r)`` jvps, ``s =
@@ -403,7 +405,7 @@ def noise_geometry(
     * With ``displacement`` ``delta``: ``sharp_fraction = ||U^T delta||^2 /
       ||delta||^2``, ``loss_energy_fraction = sum_i lambda_i (u_i^T delta)^2 /
       delta^T H delta``, and the arrays ``direction_shares``, ``loss_shares``
-      (SPEC §2.6) [eigenbasis + 1 product].
+      [eigenbasis + 1 product].
 
     The model is not changed (parameters, ``.grad``, buffers, modes, global RNG: a
     private generator seeded by ``seed`` draws all random numbers). Non-finite

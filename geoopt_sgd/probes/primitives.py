@@ -1,10 +1,10 @@
-"""Streaming primitives for the noise-geometry metrics (SPEC §2.0); no ``P x P`` matrix.
+"""Streaming primitives for the noise-geometry metrics; no ``P x P`` matrix.
 
 Everything here works on a *probe set*: the batches of one process (a shard of the
 probe batch under ``torch.distributed``), held in memory, evaluated through a
 :class:`~geoopt_sgd._model.FunctionalModel` under the package's mode policy.
 
-Conventions (SPEC §1):
+Conventions (``docs/science/conventions.md``):
 
 * Per-sample loss ``L_i = loss_fn(f(x_i)[None], y_i[None])``, the user's loss on a
   batch of one, exactly as passed (:mod:`geoopt_sgd._losses`): ``nn.MSELoss()``
@@ -64,7 +64,7 @@ def _slice(x: Any, i: int, j: int) -> Any:
 
 
 class ProbeSet:
-    """The probe batches of this process, with the streaming primitives of SPEC §2.0.
+    """The probe batches of this process, with the streaming primitives of the metrics.
 
     Args:
         fmodel: The functional model (mode policy, selected parameters).

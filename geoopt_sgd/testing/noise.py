@@ -2,8 +2,8 @@
 
 Everything here forms explicit ``P x P`` matrices (covariances, GGN, Hessian) and
 loops over samples: for tests and checks on small models only. The conventions
-are those of :func:`geoopt_sgd.noise_geometry` (SPEC §1): every loss is used as
-given on a batch of one (``nn.MSELoss`` included: ``L_i = (1/K) ||f(x_i) -
+are those of :func:`geoopt_sgd.noise_geometry` (``docs/science/conventions.md``):
+every loss is used as given on a batch of one (``nn.MSELoss`` included: ``L_i = (1/K) ||f(x_i) -
 y_i||^2``), ``L`` is the mean over samples, and ``Sigma`` uses ``1/n``.
 """
 
@@ -105,7 +105,7 @@ def gradient_covariance(
         per_sample: ``(N, P)`` per-sample gradients.
         batch_size: ``None`` for the per-sample covariance; ``B`` for the
             mini-batch covariance over the ``N // B`` consecutive disjoint batches
-            (a trailing partial batch is dropped), ``C ~ Sigma / B`` (SPEC §1).
+            (a trailing partial batch is dropped), ``C ~ Sigma / B``.
 
     Returns:
         Dict with ``"sigma1"`` ``(1/M) R^T R``, ``"sigma2"`` ``rbar rbar^T``,

@@ -169,7 +169,7 @@ def test_expected_sharpness_second_order_on_mlp():
     H = dense_hessian(model, loss_fn, data)
     sigma = 0.01
     est = expected_sharpness(model, loss_fn, data, sigma=sigma, num_samples=200, seed=1)
-    # SPEC 2.9: S ~ sigma^2/2 tr H; the O(sigma^4) remainder is ~1e-4 relative here
+    # Z19: S ~ sigma^2/2 tr H; the O(sigma^4) remainder is ~1e-4 relative here
     exact = sigma**2 / 2 * float(H.trace())
     assert abs(est.value - exact) < 4 * est.stderr + 1e-3 * abs(exact)
     # absolute form is never below the signed one

@@ -278,7 +278,7 @@ def test_eigen_metrics_same_on_both_routes():
 
 
 def test_online_linear_model_mu_at_least_one():
-    # WWS22 Prop. 2.3 / SPEC §2.1: for f = theta^T x, x ~ N(0, S), noiseless
+    # WWS22 Prop. 2.3: for f = theta^T x, x ~ N(0, S), noiseless
     # teacher, e = theta - theta*: Sigma = 2L G + S e e^T S with G = S, so
     # mu = 1 + e^T S^3 e / (e^T S e ||S||_F^2) = 1.348 here. The finite-sample mu
     # fluctuates around it through the empirical fourth moments: over seeds we
@@ -534,7 +534,7 @@ def test_timm_vit_forward_mode_through_attention():
 
 @pytest.mark.parametrize("model_name", ["linear", "mlp"])
 def test_wws22_lemmas_scalar_output(model_name):
-    # WWS22 Lemma 2.2 and SPEC §2.1: with square loss and scalar outputs,
+    # WWS22 Lemma 2.2: with square loss and scalar outputs,
     # mu_1 = sum r_i^2 chi_i / (sum r_i^2 mean chi) >= min chi / mean chi = gamma,
     # and mu_2 <= tau(G) = lambda_1(G)^2 / ||G||_F^2 (||grad L||^2 <= 2 L lambda_1).
     X, y = cases.make_data(n=15, k=1, classification=False, seed=4)
