@@ -16,9 +16,9 @@ Routes (``route=``):
 * ``"exact"``: per-sample gradients ``D`` ``(n, P)`` and ``M_i = Lambda_i^{1/2} J_i``
   ``(nK, P)`` are materialised (chunked ``vmap``) and every trace/norm comes from
   Gram identities (``Tr(AB)`` of Gram matrices of the rows), exactly. Cost: ``n``
-  per-sample gradients, ``nK`` per-sample output-Jacobian rows, and for ``curvature="hessian"``
-  ``n`` HVPs plus ``P`` HVPs for ``||H||_F`` and ``Tr H`` when ``P <= 4096``
-  (else Hutchinson with ``num_probes``). Memory ``n (K + 1) P``.
+  per-sample gradients, ``nK`` per-sample output-Jacobian rows, and for
+  ``curvature="hessian"`` ``n`` HVPs plus ``P`` HVPs for ``||H||_F`` and ``Tr H``
+  when ``P <= 4096`` (else Hutchinson with ``num_probes``). Memory ``n (K + 1) P``.
 * ``"sketch"``: nothing of size ``n x P``; only jvps (one per direction) besides the
   eigensolver's products. Every quadratic form along a direction ``v`` follows
   from the per-sample output tangents ``J_i v``:
@@ -370,8 +370,8 @@ def noise_geometry(
 
     Definitions (``docs/science/metrics.md``; ``H`` is the ``curvature`` matrix,
     ``Sigma`` the noise covariance chosen by ``cov``). Cost on the sketch route, in
-    two families that share their passes (module docstring): the *eigenbasis* (Lanczos to ``tol``,
-    about ``2k`` GGN-vector products for ``k = 10`` at ``tol = 1e-2``, plus ``r =
+    two families that share their passes (module docstring): the *eigenbasis*
+    (Lanczos to ``tol``, about ``2k`` GGN-vector products for ``k = 10`` at ``tol = 1e-2``, plus ``r =
     num_random_directions`` jvps) and the *sketch traces* (on top of the
     eigenbasis: one backward, one jvp and ``max(0, s - r)`` jvps, ``s =
     num_probes``). Asking for any metric of a family pays for the whole family;
