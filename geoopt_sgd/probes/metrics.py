@@ -369,13 +369,13 @@ def noise_geometry(
     r"""Measure the geometry of SGD noise at the model's current parameters.
 
     Definitions (``docs/science/metrics.md``; ``H`` is the ``curvature`` matrix,
-    ``Sigma`` the noise covariance chosen by ``cov``). Cost on the sketch route, in
-    two families that share their passes (module docstring): the *eigenbasis*
-    (Lanczos to ``tol``, about ``2k`` GGN-vector products for ``k = 10`` at ``tol = 1e-2``, plus ``r =
-    num_random_directions`` jvps) and the *sketch traces* (on top of the
-    eigenbasis: one backward, one jvp and ``max(0, s - r)`` jvps, ``s =
-    num_probes``). Asking for any metric of a family pays for the whole family;
-    the sketch traces always include the eigenbasis (their deflation).
+    ``Sigma`` the noise covariance chosen by ``cov``). Cost on the sketch route, in two
+    families that share their passes (module docstring): the *eigenbasis* (Lanczos to
+    ``tol``, about ``2k`` GGN-vector products for ``k = 10`` at ``tol = 1e-2``, plus ``r
+    = num_random_directions`` jvps) and the *sketch traces* (on top of the eigenbasis:
+    one backward, one jvp and ``max(0, s - r)`` jvps, ``s = num_probes``). Asking for
+    any metric of a family pays for the whole family; the sketch traces always include
+    the eigenbasis (their deflation).
 
     * ``loss``: ``L`` (mean per-sample loss) [1 forward].
     * ``alpha = Tr(H Sigma) / (||H||_F ||Sigma||_F)``,

@@ -1,10 +1,10 @@
 """Dense float64 references for per-sample gradients, gradient covariances and metrics.
 
-Everything here forms explicit ``P x P`` matrices (covariances, GGN, Hessian) and
-loops over samples: for tests and checks on small models only. The conventions
-are those of :func:`geoopt_sgd.noise_geometry` (``docs/science/conventions.md``):
-every loss is used as given on a batch of one (``nn.MSELoss`` included:
-``L_i = (1/K) ||f(x_i) - y_i||^2``), ``L`` is the mean over samples, and ``Sigma`` uses ``1/n``.
+Everything here forms explicit ``P x P`` matrices (covariances, GGN, Hessian) and loops
+over samples: for tests and checks on small models only. The conventions are those of
+:func:`geoopt_sgd.noise_geometry` (``docs/science/conventions.md``): every loss is used
+as given on a batch of one (``nn.MSELoss`` included: ``L_i = (1/K) ||f(x_i) -
+y_i||^2``), ``L`` is the mean over samples, and ``Sigma`` uses ``1/n``.
 """
 
 from __future__ import annotations
