@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_choice, check_int, check_number
+from .._checks import check_choice, check_int, check_number, check_param_group
+from .._model import detect_reduction
 from . import noise as _noise
 from ._functional import noisy_gd_update
 from ._noise_source import (
@@ -27,6 +28,7 @@ from ._noise_source import (
     STREAM_WEIGHTS,
     NoiseSource,
     needs_minibatches,
+    preserve_global_rng,
 )
 
 __all__ = ["NoisyGD"]
@@ -277,6 +279,14 @@ class NoisyGD(torch.optim.Optimizer):
         _check_source(
             noise, magnitude, batch_size, model=model, loss_fn=loss_fn, data=data
         )
+        if loss_fn is not None:
+            if not callable(loss_fn):
+                raise TypeError(
+                    "`loss_fn` must be a callable (output, target) -> scalar loss; "
+                    f"got {type(loss_fn).__name__}."
+                )
+            # a loss with reduction='none' is rejected here, not at the first step
+            detect_reduction(loss_fn, loss_reduction)
         defaults = dict(
             lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach
         )
@@ -305,6 +315,7 @@ class NoisyGD(torch.optim.Optimizer):
         self.tol = float(tol)
 
         self._step_count = 0
+        self._step_scale = 0.0
         self._cache: dict[str, Tensor] = {}
         self._src: NoiseSource | None = None
         self._workspace: dict[tuple, Tensor] = {}
@@ -331,7 +342,13 @@ class NoisyGD(torch.optim.Optimizer):
 
         Args:
             param_group: As for :meth:`torch.optim.Optimizer.add_param_group`.
+
+        Raises:
+            ValueError: If a parameter is listed twice or is already in a group
+                (it would get the update and the noise twice).
+            TypeError: If a parameter is not floating point.
         """
+        check_param_group(param_group, self.param_groups, floating=True)
         super().add_param_group(param_group)
         # the curvature source and cached statistics refer to the old P
         self._src = None
@@ -410,36 +427,55 @@ class NoisyGD(torch.optim.Optimizer):
     def _scale(self, t: int) -> float:
         s = self.noise_scale
         if self.noise_schedule is not None:
-            s = s * float(self.noise_schedule(t))
+            value = self.noise_schedule(t)
+            try:
+                m = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(
+                    f"`noise_schedule` must return a real number; at step {t} it "
+                    f"returned {type(value).__name__}."
+                ) from None
+            if not math.isfinite(m):
+                raise ValueError(
+                    f"`noise_schedule` must return a finite multiplier; at step {t} "
+                    f"it returned {m!r}. No parameter was changed."
+                )
+            s = s * m
         return s
 
     def _source(self) -> NoiseSource:
         if self._src is None:
-            self._src = NoiseSource(
-                self.model,  # type: ignore[arg-type]
-                self.loss_fn,  # type: ignore[arg-type]
-                self.data,
-                self._params(),
-                mode=self.mode,
-                loss_reduction=self.loss_reduction,
-            )
+            # listing `data` may draw from the global RNG (a shuffling
+            # DataLoader's sampler); the promise is that it stays untouched
+            with preserve_global_rng():
+                self._src = NoiseSource(
+                    self.model,  # type: ignore[arg-type]
+                    self.loss_fn,  # type: ignore[arg-type]
+                    self.data,
+                    self._params(),
+                    mode=self.mode,
+                    loss_reduction=self.loss_reduction,
+                )
         return self._src
 
     def _refresh(self, t: int) -> None:
         start = time.perf_counter()
-        self._cache = self._source().refresh(
-            self.noise,
-            t,
-            seed=self.seed,
-            magnitude=self.magnitude,
-            batch_size=self.batch_size,
-            k=self.k,
-            num_batches=self.num_batches,
-            curvature=self.curvature,
-            tol=self.tol,
-            previous=self._cache,
-            stats=self._stats,
-        )
+        src = self._source()
+        with preserve_global_rng():
+            cache = src.refresh(
+                self.noise,
+                t,
+                seed=self.seed,
+                magnitude=self.magnitude,
+                batch_size=self.batch_size,
+                k=self.k,
+                num_batches=self.num_batches,
+                curvature=self.curvature,
+                tol=self.tol,
+                previous=self._cache,
+                stats=self._stats,
+            )
+        self._cache = cache
         self._stats["n_refresh"] += 1
         self._stats["refresh_seconds"] += time.perf_counter() - start
 
@@ -451,7 +487,7 @@ class NoisyGD(torch.optim.Optimizer):
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             buckets.setdefault((p.device, p.dtype), []).append(i)
-        s = self._scale(t)
+        s = self._step_scale
         views: list[Tensor | None] = [None] * len(params)
         parts = []
         for b, ((device, dtype), idx) in enumerate(buckets.items()):
@@ -477,13 +513,14 @@ class NoisyGD(torch.optim.Optimizer):
     def _sample(self, t: int, numel: int) -> _noise.NoiseSample:
         """This step's flat noise of every kind but ``"none"`` and ``"isotropic"``."""
         src = self._source()
-        s = self._scale(t)
+        s = self._step_scale
         if self.noise == "sgd_matched":
             gen = _noise.make_generator(
                 self.seed, t, src.fm.device, stream=STREAM_WEIGHTS + distributed.rank()
             )
             assert self.batch_size is not None
-            xi = src.sgd_matched_noise(gen, self.batch_size, self._stats)
+            with preserve_global_rng():
+                xi = src.sgd_matched_noise(gen, self.batch_size, self._stats)
             # E‖ξ‖² = Tr(Σ)/B is not computed (it would need per-sample gradients)
             return _noise.NoiseSample(xi, s, math.nan)
         gen = _noise.make_generator(self.seed, t, src.fm.device, stream=STREAM_NOISE)
@@ -537,6 +574,12 @@ class NoisyGD(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: If a gradient is sparse.
+            ValueError: If ``noise_schedule`` returns a non-finite value (raised
+                before any parameter or statistic changes).
+            TypeError: If ``noise_schedule`` returns something not a number.
+            FloatingPointError: If a refresh of the noise statistics meets
+                non-finite parameters, mini-batch gradients or curvature-operator
+                output (raised before the update).
         """
         loss = None
         if closure is not None:
@@ -550,6 +593,9 @@ class NoisyGD(torch.optim.Optimizer):
                     "NoisyGD does not support sparse gradients; use dense "
                     "gradients (e.g. nn.Embedding(sparse=False))."
                 )
+        # noise_schedule is called once per step, and a bad value fails here,
+        # before the statistics or any parameter change
+        self._step_scale = 0.0 if self.noise == "none" else self._scale(t)
         if self.noise not in ("none", "isotropic", "sgd_matched") and (
             t % self.refresh_every == 0 or not self._cache
         ):
@@ -619,6 +665,7 @@ class NoisyGD(torch.optim.Optimizer):
         self._src = None
         self._workspace = {}
         self._pending = []
+        self._step_scale = 0.0
         super().__setstate__(state)
         if stats is not None:
             self._stats = stats

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from .._checks import check_param_group
+
 __all__ = ["ProbedSGD"]
 
 
@@ -50,7 +52,9 @@ class ProbedSGD(torch.optim.SGD):
     times the model's size) are not part of the optimizer checkpoint; save
     :meth:`NoiseProbe.state_dict` separately to keep them. Copies
     (``copy.deepcopy``, pickling) carry no probe. Validation errors are torch's
-    own messages, unchanged, so code that matches on them keeps working.
+    own messages, unchanged, so code that matches on them keeps working, with
+    one exception: a parameter listed twice is a ``ValueError`` naming
+    ``params`` (torch only warns within a group, and would update it twice).
 
     Args:
         params: Iterable of parameters, of ``(name, parameter)`` pairs, or of
@@ -72,7 +76,9 @@ class ProbedSGD(torch.optim.SGD):
     Raises:
         ValueError: For the invalid values ``torch.optim.SGD`` rejects (negative
             ``lr``, ``momentum`` or ``weight_decay``; Nesterov without momentum or
-            with dampening), with torch's messages.
+            with dampening), with torch's messages; and for a parameter that
+            appears twice, in one group or across groups.
+        TypeError: If ``probe`` is neither a NoiseProbe nor ``None``.
         RuntimeError: For ``fused`` combined with ``foreach`` or
             ``differentiable`` (torch's messages), or when ``probe`` is already
             attached to another optimizer.
@@ -104,6 +110,11 @@ class ProbedSGD(torch.optim.SGD):
         fused: bool | None = None,
         probe: Any = None,
     ) -> None:
+        if probe is not None and not callable(getattr(probe, "attach", None)):
+            raise TypeError(
+                "`probe` must be a NoiseProbe or None; got "
+                f"{type(probe).__name__}."
+            )
         super().__init__(
             params,
             lr=lr,
@@ -120,6 +131,20 @@ class ProbedSGD(torch.optim.SGD):
         if probe is not None:
             probe.attach(self)
             self._probe = probe
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as torch does, rejecting repeated parameters.
+
+        Args:
+            param_group: As for :meth:`torch.optim.Optimizer.add_param_group`.
+
+        Raises:
+            ValueError: If a parameter is listed twice in the group (torch only
+                warns, then updates it twice per step) or is already in another
+                group (torch raises too, without naming ``params``).
+        """
+        check_param_group(param_group, self.param_groups)
+        super().add_param_group(param_group)
 
     @property
     def probe(self) -> Any:
