@@ -131,11 +131,13 @@ class NoisyGD(torch.optim.Optimizer):
           ``data`` every step (``n_backward`` counts them).
         * Noise comes from generators seeded by ``(seed, t)`` (see
           :func:`~geoopt_sgd.optim.noise.step_seed`) on the parameters' device;
-          the global RNG is never touched. The step count, the cached statistics
-          and :attr:`stats` are saved in :meth:`state_dict`, so a resumed run
-          continues bit for bit. Under ``torch.distributed`` every rank draws the
-          same noise without communication; a curvature source's ``data`` is
-          this rank's shard, and statistics are summed over ranks.
+          the global RNG is never touched (its state is saved and restored
+          around every pass over ``data``, so a shuffling ``DataLoader`` or a
+          random augmentation leaves it as it was). The step count, the cached
+          statistics and :attr:`stats` are saved in :meth:`state_dict`, so a
+          resumed run continues bit for bit. Under ``torch.distributed`` every
+          rank draws the same noise without communication; a curvature source's
+          ``data`` is this rank's shard, and statistics are summed over ranks.
         * The noise is one vector over all parameters of all groups, in order.
           Parameters whose ``.grad`` is ``None`` are skipped (no update and no
           noise), as in torch SGD. Noise options are optimizer-wide; ``lr`` and
@@ -150,6 +152,15 @@ class NoisyGD(torch.optim.Optimizer):
           ``C``-based kinds ``M`` mini-batch backward passes per refresh.
         * ``stats["target_sq_norm"]`` is NaN for ``"sgd_matched"``: its
           ``E‖ξ‖² = Tr(Σ)/B`` needs per-sample gradients, which it avoids.
+        * Non-finite values. A ``noise_schedule`` value that is NaN or
+          infinite raises ``ValueError`` (naming the step) before anything
+          changes. Non-finite gradients are applied as ``torch.optim.SGD``
+          applies them (the parameters become NaN; nothing is checked on the
+          per-step path). A refresh of the statistics that meets non-finite
+          parameters, mini-batch gradients or curvature-operator output raises
+          ``FloatingPointError`` saying which, before that step's update.
+        * A parameter may appear only once over all groups (``ValueError``), and
+          must be floating point (``TypeError``).
         * With ``loss_reduction="sum"`` the SGD noise scales with ``n``
           (``(n/B) Σ_{i∈b} ∇L_i`` estimates ``∇L``); ``C`` and ``"sgd_matched"``
           follow that convention.
@@ -169,7 +180,8 @@ class NoisyGD(torch.optim.Optimizer):
             (Z19: 1 or 10).
         model: The curvature source's model (the optimizer's parameters must be
             parameters of it).
-        loss_fn: The curvature source's loss (reduction ``"mean"`` or ``"sum"``).
+        loss_fn: The curvature source's loss (reduction ``"mean"`` or ``"sum"``;
+            a loss whose ``reduction`` attribute is ``"none"`` is rejected here).
         data: One ``(inputs, targets)`` batch or an iterable of them (a
             ``DataLoader`` in a fixed order), the data ``C`` and ``H`` refer to.
         curvature: ``"hessian"`` or ``"ggn"`` (always PSD; SPEC §6.6).
@@ -204,8 +216,10 @@ class NoisyGD(torch.optim.Optimizer):
     Raises:
         ValueError: For an invalid value (unknown ``noise``, negative ``lr`` or
             ``noise_scale``, ``refresh_every < 1``, a kind that needs a curvature
-            source or ``batch_size`` without one, …).
-        TypeError: For an argument of the wrong type.
+            source or ``batch_size`` without one, a repeated parameter, a
+            ``loss_fn`` with ``reduction="none"``, …).
+        TypeError: For an argument of the wrong type (a non-floating-point
+            parameter, a ``noise_schedule`` or ``loss_fn`` that is not callable).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
