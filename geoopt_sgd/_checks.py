@@ -20,6 +20,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_param_group",
+    "check_state_dict",
     "check_unique_params",
     "check_vector_shape",
 ]
@@ -279,3 +280,27 @@ def check_param_group(
     check_unique_params(name, params, existing)
     if floating:
         check_floating_params(name, params)
+
+
+def check_state_dict(name: str, state_dict: Any) -> None:
+    """Check that ``state_dict`` looks like a torch optimizer state dict.
+
+    Args:
+        name: The argument's name, used in the messages.
+        state_dict: The value received.
+
+    Raises:
+        TypeError: If it is not a dict.
+        ValueError: If it lacks the ``"state"`` or ``"param_groups"`` entry.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(
+            f"`{name}` must be a dict returned by an optimizer's state_dict(); got "
+            f"{type(state_dict).__name__}."
+        )
+    missing = [k for k in ("state", "param_groups") if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"`{name}` has no {' or '.join(repr(k) for k in missing)} entry; pass "
+            "a dict returned by an optimizer's state_dict()."
+        )

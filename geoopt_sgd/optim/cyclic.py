@@ -18,7 +18,13 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.hooks import RemovableHandle
 
-from .._checks import check_choice, check_int, check_number, check_param_group
+from .._checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_param_group,
+    check_state_dict,
+)
 
 __all__ = ["CyclicLRWrapper", "cyclic_lr"]
 
@@ -224,7 +230,8 @@ class CyclicLRWrapper(torch.optim.Optimizer):
     attached :class:`~geoopt_sgd.NoiseProbe`) run before the next lr is
     written, so they see the lr the step used. A torch ``LRScheduler`` built on
     the wrapper raises ``TypeError`` (its lr would be overwritten every step);
-    use :meth:`as_scheduler` for an ``(optimizer, scheduler)`` pair. The wrapper changes nothing else: unlike
+    use :meth:`as_scheduler` for an ``(optimizer, scheduler)`` pair. The
+    wrapper changes nothing else: unlike
     ``torch.optim.lr_scheduler.CyclicLR`` (``cycle_momentum=True`` by
     default, which turns ``SGD(momentum=0)`` into momentum-0.9 SGD), momentum is
     cycled only when asked for with ``cycle_momentum=True``.
@@ -702,7 +709,12 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         Args:
             state_dict: A dict returned by :meth:`state_dict` (or by the inner
                 optimizer's ``state_dict``).
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict.
+            ValueError: If it is not an optimizer state dict.
         """
+        check_state_dict("state_dict", state_dict)
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_choice, check_int, check_number, check_param_group
+from .._checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_param_group,
+    check_state_dict,
+)
 from .._model import detect_reduction
 from . import noise as _noise
 from ._functional import noisy_gd_update
@@ -76,6 +82,31 @@ def _check_source(
             f"noise={noise!r} needs `batch_size`, the SGD batch size B whose "
             "noise magnitude Tr(Σ)/B it matches; got None."
         )
+
+
+def _check_extra(extra: Any) -> None:
+    """Check the ``"noisy_gd"`` entry of a state dict before loading anything."""
+    name = f"state_dict[{_STATE_KEY!r}]"
+    if not isinstance(extra, dict):
+        raise ValueError(f"`{name}` must be a dict; got {type(extra).__name__}.")
+    missing = [k for k in ("step", "seed", "cache", "stats") if k not in extra]
+    if missing:
+        raise ValueError(
+            f"`{name}` has no {', '.join(repr(k) for k in missing)} entry; pass a "
+            "dict returned by NoisyGD.state_dict()."
+        )
+    for key in ("step", "seed"):
+        value = extra[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`{name}[{key!r}]` must be an integer >= 0; got {value!r}."
+            )
+    if not isinstance(extra["cache"], dict) or not all(
+        isinstance(v, Tensor) for v in extra["cache"].values()
+    ):
+        raise ValueError(f"`{name}['cache']` must be a dict of tensors.")
+    if not isinstance(extra["stats"], dict):
+        raise ValueError(f"`{name}['stats']` must be a dict.")
 
 
 class NoisyGD(torch.optim.Optimizer):
@@ -308,7 +339,9 @@ class NoisyGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.is_sparse:
-                    raise RuntimeError("NoisyGD does not support sparse parameters.")
+                    raise RuntimeError(
+                        "`params`: NoisyGD does not support sparse parameters."
+                    )
 
         self.noise = noise
         self.noise_scale = float(noise_scale)
@@ -396,9 +429,18 @@ class NoisyGD(torch.optim.Optimizer):
         Args:
             state_dict: A dict from :meth:`state_dict` (a plain torch SGD state
                 dict also loads; the noise stream then restarts at step 0).
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict.
+            ValueError: If it is not an optimizer state dict, or its
+                ``"noisy_gd"`` entry is malformed (checked before anything is
+                loaded).
         """
+        check_state_dict("state_dict", state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop(_STATE_KEY, None)
+        if extra is not None:
+            _check_extra(extra)
         super().load_state_dict(state_dict)
         if extra is not None:
             self._step_count = int(extra["step"])

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .._checks import check_param_group
+from .._checks import check_param_group, check_state_dict
 
 __all__ = ["ProbedSGD"]
 
@@ -112,8 +112,7 @@ class ProbedSGD(torch.optim.SGD):
     ) -> None:
         if probe is not None and not callable(getattr(probe, "attach", None)):
             raise TypeError(
-                "`probe` must be a NoiseProbe or None; got "
-                f"{type(probe).__name__}."
+                f"`probe` must be a NoiseProbe or None; got {type(probe).__name__}."
             )
         super().__init__(
             params,
@@ -175,8 +174,22 @@ class ProbedSGD(torch.optim.SGD):
         Args:
             state_dict: As returned by :meth:`state_dict` here or by
                 ``torch.optim.SGD.state_dict``.
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict.
+            ValueError: If it is not an optimizer state dict, or its ``"probe"``
+                entry lacks the counters (checked before anything is loaded).
         """
+        check_state_dict("state_dict", state_dict)
         probe_state = state_dict.get("probe")
+        if probe_state is not None and self.probe is not None:
+            if not isinstance(probe_state, dict) or not all(
+                k in probe_state for k in ("step_count", "num_probes")
+            ):
+                raise ValueError(
+                    "`state_dict['probe']` must hold the probe's 'step_count' and "
+                    "'num_probes'; pass a dict returned by ProbedSGD.state_dict()."
+                )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "probe"})
         if probe_state is not None and self.probe is not None:
             self.probe.load_state_dict(probe_state)
