@@ -372,6 +372,8 @@ class NoiseSource:
                 if "finite" in str(err):
                     raise _nonfinite_error(kind, t, what) from err
                 raise
+            if "loss" in curv and not _all_finite([curv["loss"]]):
+                raise _nonfinite_error(kind, t, "the loss of `loss_fn` on `data` is")
             if not _all_finite(curv.values()):
                 raise _nonfinite_error(kind, t, what)
             cache.update(curv)

@@ -190,6 +190,8 @@ class NoisyGD(torch.optim.Optimizer):
           per-step path). A refresh of the statistics that meets non-finite
           parameters, mini-batch gradients or curvature-operator output raises
           ``FloatingPointError`` saying which, before that step's update.
+          ``"sgd_matched"`` has no refresh: a non-finite reweighted gradient
+          propagates like a non-finite gradient.
         * A parameter may appear only once over all groups (``ValueError``), and
           must be floating point (``TypeError``).
         * With ``loss_reduction="sum"`` the SGD noise scales with ``n``

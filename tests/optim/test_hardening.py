@@ -336,3 +336,39 @@ def test_torch_scheduler_on_wrapper_raises_and_changes_nothing(make, steps):
         make(opt)
     assert "initial_lr" in opt.param_groups[0]  # kept: as_scheduler put it there
     del sched
+
+
+def test_refresh_on_non_finite_loss_names_the_loss():
+    # a linear model under MSE plus an infinite constant: finite Hessian
+    # products, infinite loss (L enters the GEO magnitude)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(32, 3).double(), torch.randn(32, 2).double()
+
+    def loss_fn(out, target):
+        return ((out - target) ** 2).mean() + INF_CONSTANT
+
+    opt = NoisyGD(
+        model.parameters(), lr=0.1, noise="geometry_aware", batch_size=4, k=2,
+        model=model, loss_fn=loss_fn, data=(X, y),
+    )  # fmt: skip
+    _grad(model, X, y)
+    before = _params(model)
+    with pytest.raises(FloatingPointError, match="the loss of `loss_fn` on `data`"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model), strict=True))
+
+
+INF_CONSTANT = torch.tensor(math.inf, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("noise", ["sgd_matched"])
+def test_sgd_matched_non_finite_propagates(noise):
+    model, X, y = _problem()
+    opt = NoisyGD(
+        model.parameters(), lr=0.1, noise=noise, batch_size=4,
+        model=model, loss_fn=_inf_loss, data=(X, y),
+    )  # fmt: skip
+    _grad(model, X, y)
+    opt.step()  # no refresh: no error, the noise is non-finite as SGD's would be
+    assert not all(p.isfinite().all() for p in model.parameters())
