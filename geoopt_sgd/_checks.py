@@ -16,8 +16,12 @@ import torch
 __all__ = [
     "check_choice",
     "check_finite_tensor",
+    "check_floating_params",
     "check_int",
     "check_number",
+    "check_param_group",
+    "check_state_dict",
+    "check_unique_params",
     "check_vector_shape",
 ]
 
@@ -178,3 +182,125 @@ def check_finite_tensor(name: str, v: torch.Tensor) -> None:
     if not bool(torch.isfinite(v).all()):
         n_bad = int((~torch.isfinite(v)).sum())
         raise ValueError(f"`{name}` must be finite; it has {n_bad} non-finite entries.")
+
+
+def _group_tensors(params: Any) -> list[Any]:
+    """The tensors of a param group's ``params`` entry (names stripped)."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (set, dict)) or not isinstance(params, Iterable):
+        return []  # torch's own check reports these
+    return [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+
+
+def check_unique_params(
+    name: str, params: Any, existing: Iterable[dict[str, Any]] = ()
+) -> None:
+    """Check that a param group repeats no tensor, within itself or across groups.
+
+    A tensor listed twice would be updated twice per step. Identity is the
+    tensor object, as in torch's own cross-group check.
+
+    Args:
+        name: The argument's name, used in the message.
+        params: The new group's ``params`` (tensors or ``(name, tensor)`` pairs).
+        existing: The param groups already held.
+
+    Raises:
+        ValueError: If a tensor appears twice in ``params`` or is already in
+            one of ``existing``.
+    """
+    seen: set[int] = set()
+    for group in existing:
+        seen.update(id(p) for p in _group_tensors(group["params"]))
+    new: set[int] = set()
+    for i, p in enumerate(_group_tensors(params)):
+        if id(p) in new:
+            raise ValueError(
+                f"`{name}` lists the same tensor twice (entry {i}, shape "
+                f"{tuple(getattr(p, 'shape', ()))}); it would be updated twice per "
+                "step. Pass each parameter once."
+            )
+        if id(p) in seen:
+            raise ValueError(
+                f"`{name}`: entry {i} (shape {tuple(getattr(p, 'shape', ()))}) is "
+                "already in another param group; each parameter may belong to "
+                "one group only."
+            )
+        new.add(id(p))
+
+
+def check_floating_params(name: str, params: Any) -> None:
+    """Check that every tensor of a param group is floating point.
+
+    Args:
+        name: The argument's name, used in the message.
+        params: The group's ``params`` (tensors or ``(name, tensor)`` pairs).
+
+    Raises:
+        TypeError: If a tensor has an integer, boolean or complex dtype.
+    """
+    for i, p in enumerate(_group_tensors(params)):
+        if isinstance(p, torch.Tensor) and not p.is_floating_point():
+            raise TypeError(
+                f"`{name}` must be floating point tensors; entry {i} has dtype "
+                f"{p.dtype}."
+            )
+
+
+def check_param_group(
+    param_group: Any,
+    existing: Iterable[dict[str, Any]],
+    *,
+    name: str = "params",
+    floating: bool = False,
+) -> None:
+    """Check a param group before an optimizer adds it (duplicates, dtype).
+
+    A one-shot iterator in ``param_group["params"]`` (e.g. ``model.parameters()``)
+    is replaced by a list first, so the check does not consume it.
+
+    Args:
+        param_group: The group dict about to be added.
+        existing: The optimizer's current param groups.
+        name: The argument's name, used in the messages.
+        floating: Also require floating-point tensors.
+
+    Raises:
+        ValueError: If a tensor is repeated (see :func:`check_unique_params`).
+        TypeError: If ``floating`` and a tensor is not floating point.
+    """
+    if not isinstance(param_group, dict) or "params" not in param_group:
+        return  # torch's add_param_group reports these
+    params = param_group["params"]
+    if not isinstance(params, (torch.Tensor, set, list, tuple)) and isinstance(
+        params, Iterable
+    ):
+        param_group["params"] = params = list(params)
+    check_unique_params(name, params, existing)
+    if floating:
+        check_floating_params(name, params)
+
+
+def check_state_dict(name: str, state_dict: Any) -> None:
+    """Check that ``state_dict`` looks like a torch optimizer state dict.
+
+    Args:
+        name: The argument's name, used in the messages.
+        state_dict: The value received.
+
+    Raises:
+        TypeError: If it is not a dict.
+        ValueError: If it lacks the ``"state"`` or ``"param_groups"`` entry.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(
+            f"`{name}` must be a dict returned by an optimizer's state_dict(); got "
+            f"{type(state_dict).__name__}."
+        )
+    missing = [k for k in ("state", "param_groups") if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"`{name}` has no {' or '.join(repr(k) for k in missing)} entry; pass "
+            "a dict returned by an optimizer's state_dict()."
+        )

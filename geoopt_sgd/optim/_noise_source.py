@@ -14,7 +14,8 @@ Hutchinson's probes, the reweighting draws) comes from its own stream of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "USES_CURVATURE",
     "NoiseSource",
     "needs_minibatches",
+    "preserve_global_rng",
 ]
 
 # sub-stream indices for make_generator (per step); ranks offset the last one
@@ -61,6 +63,44 @@ def needs_minibatches(kind: str, magnitude: str) -> bool:
         to the SGD magnitude ``Tr C``.
     """
     return kind in USES_C or (kind in ("hessian", "top_eigvec") and magnitude == "sgd")
+
+
+@contextlib.contextmanager
+def preserve_global_rng() -> Iterator[None]:
+    """Restore torch's global RNG state (CPU, and CUDA if initialised) on exit.
+
+    Iterating over user data may draw from the global generator (a shuffling
+    ``DataLoader`` draws its sampler's seed there); NoisyGD promises that its
+    statistics never move it.
+
+    Yields:
+        Nothing; the state is restored when the block exits, even on error.
+    """
+    devices = (
+        list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _all_finite(tensors: Any) -> bool:
+    """Whether every tensor holds only finite values (one reduction each)."""
+    for x in tensors:
+        if not x.is_floating_point():
+            continue
+        # a NaN/Inf always makes the sum non-finite; an overflowing finite
+        # sum falls through to the exact check
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            return False
+    return True
+
+
+def _nonfinite_error(kind: str, t: int, what: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"NoisyGD cannot refresh the noise={kind!r} statistics at step {t}: {what} "
+        "non-finite, so the noise is undefined. The step was not applied. "
+        "Check the loss and the data, or lower the learning rate."
+    )
 
 
 def _index(inputs: Any, idx: Tensor) -> Any:
@@ -283,7 +323,11 @@ class NoiseSource:
 
         Raises:
             ValueError: If ``data`` holds fewer than two mini-batches of size ``B``.
+            FloatingPointError: If the parameters, the mini-batch gradients or
+                the curvature operator's output are non-finite.
         """
+        if not _all_finite(self.params):
+            raise _nonfinite_error(kind, t, "the parameters are")
         cache: dict[str, Tensor] = {}
         if needs_minibatches(kind, magnitude):
             assert batch_size is not None
@@ -291,6 +335,10 @@ class NoiseSource:
                 seed, t, "cpu", stream=STREAM_PARTITION + distributed.rank()
             )
             G = self.minibatch_gradients(gen, batch_size, num_batches, stats)
+            if not _all_finite([G]):
+                raise _nonfinite_error(
+                    kind, t, "the mini-batch gradients of `loss_fn` on `data` are"
+                )
             if G.shape[0] < 2:
                 raise ValueError(
                     f"noise={kind!r} estimates C from mini-batches of size "
@@ -307,8 +355,9 @@ class NoiseSource:
                 )
             stats["reference_sq_norm"] = float(trace)
         if kind in USES_CURVATURE:
-            cache.update(
-                self._curvature_statistics(
+            what = f"the {curvature} operator's output (on `data`) is"
+            try:
+                curv = self._curvature_statistics(
                     kind,
                     t,
                     seed=seed,
@@ -318,7 +367,16 @@ class NoiseSource:
                     previous=previous,
                     stats=stats,
                 )
-            )
+            except ValueError as err:
+                # the eigensolver rejects a NaN product as a non-finite vector
+                if "finite" in str(err):
+                    raise _nonfinite_error(kind, t, what) from err
+                raise
+            if "loss" in curv and not _all_finite([curv["loss"]]):
+                raise _nonfinite_error(kind, t, "the loss of `loss_fn` on `data` is")
+            if not _all_finite(curv.values()):
+                raise _nonfinite_error(kind, t, what)
+            cache.update(curv)
             if kind == "geometry_aware_isotropic":
                 assert batch_size is not None
                 var = _noise.geometry_aware_isotropic_variance(

@@ -10,13 +10,21 @@ function of the step. :class:`CyclicLRWrapper` wraps any
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.hooks import RemovableHandle
 
-from .._checks import check_choice, check_int, check_number
+from .._checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_param_group,
+    check_state_dict,
+)
 
 __all__ = ["CyclicLRWrapper", "cyclic_lr"]
 
@@ -40,6 +48,7 @@ _HOOK_ATTRS = (
     "_optimizer_state_dict_post_hooks",
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
+    "_cyclic_post_hooks",
 )
 
 
@@ -217,7 +226,12 @@ class CyclicLRWrapper(torch.optim.Optimizer):
     ``step`` once. Between steps ``group["lr"]`` holds the lr of the *next* step
     (``cyclic_lr(0)`` right after construction), as after a torch
     ``scheduler.step()``; the lr of the step just taken is
-    ``lr_at(last_step - 1)``. The wrapper changes nothing else: unlike
+    ``lr_at(last_step - 1)``. Step post-hooks registered on the wrapper (an
+    attached :class:`~geoopt_sgd.NoiseProbe`) run before the next lr is
+    written, so they see the lr the step used. A torch ``LRScheduler`` built on
+    the wrapper raises ``TypeError`` (its lr would be overwritten every step);
+    use :meth:`as_scheduler` for an ``(optimizer, scheduler)`` pair. The
+    wrapper changes nothing else: unlike
     ``torch.optim.lr_scheduler.CyclicLR`` (``cycle_momentum=True`` by
     default, which turns ``SGD(momentum=0)`` into momentum-0.9 SGD), momentum is
     cycled only when asked for with ``cycle_momentum=True``.
@@ -277,9 +291,9 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or an
             argument has the wrong type.
         ValueError: If an argument is out of range, ``base_lr > max_lr``,
-            ``mode`` is unknown, a per-group list has the wrong length, or
+            ``mode`` is unknown, a per-group list has the wrong length,
             ``cycle_momentum=True`` and the optimizer has neither ``momentum``
-            nor ``betas``.
+            nor ``betas``, or ``optimizer`` holds a parameter twice.
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -318,6 +332,8 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         step_size_up, step_size_down, mode, gamma = _check_schedule(
             step_size_up, step_size_down, mode, gamma
         )
+        for i, group in enumerate(optimizer.param_groups):
+            check_param_group(group, optimizer.param_groups[:i], name="optimizer")
         n_groups = len(optimizer.param_groups)
         base_lrs = _per_group("base_lr", base_lr, n_groups)
         max_lrs = _per_group("max_lr", max_lr, n_groups)
@@ -345,6 +361,9 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             for i, (lo, hi) in enumerate(zip(base_ms, max_ms, strict=True)):
                 _check_order(f"base_momentum[{i}]", lo, f"max_momentum[{i}]", hi)
 
+        # step post-hooks run inside step(), before the next step's lr is
+        # written, so that they see the lr the step used (see step())
+        self._cyclic_post_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
         self.optimizer = optimizer
         self.mode = mode
         self.step_size_up = step_size_up
@@ -375,6 +394,7 @@ class CyclicLRWrapper(torch.optim.Optimizer):
                 group[_BASE_MOMENTUM_KEY] = base_ms[i]
                 group[_MAX_MOMENTUM_KEY] = max_ms[i]
         self._apply_schedule()
+        self._note_groups()
 
     # -- sharing with the inner optimizer ----------------------------------------
 
@@ -427,6 +447,69 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             The instance dict without the hook dicts, which may hold lambdas.
         """
         return {k: v for k, v in self.__dict__.items() if k not in _HOOK_ATTRS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled wrapper; hooks come back empty.
+
+        Args:
+            state: As returned by :meth:`__getstate__`.
+        """
+        super().__setstate__(state)
+        self.__dict__.setdefault("_cyclic_post_hooks", OrderedDict())
+        self.__dict__.setdefault("_group_keys", [])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A torch LRScheduler built on the wrapper replaces the instance's
+        # ``step`` with one marked ``_wrapped_by_lr_sched``; its lr would be
+        # overwritten by the cyclic schedule before every step, so refuse it.
+        if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
+            self._forget_scheduler_writes()
+            raise TypeError(
+                "a torch.optim.lr_scheduler cannot take a CyclicLRWrapper as its "
+                "`optimizer`: the "
+                "wrapper writes the cyclic lr before every step, so the "
+                "scheduler's lr would be silently ignored. Use one schedule: the "
+                "wrapper alone, or `wrapper.optimizer` with `wrapper.as_scheduler()`"
+                ", or a torch scheduler on the inner optimizer without the wrapper."
+            )
+        super().__setattr__(name, value)
+
+    def _note_groups(self) -> None:
+        # the groups' hyperparameters now: a refused scheduler writes keys
+        # (``initial_lr``; OneCycleLR also ``max_lr``, ``momentum``, ...) before it
+        # is refused (see __setattr__), and those writes are undone
+        self._group_keys = [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in self.optimizer.param_groups
+        ]
+
+    def _forget_scheduler_writes(self) -> None:
+        noted = self.__dict__.get("_group_keys", [])
+        for group, keys in zip(self.optimizer.param_groups, noted, strict=False):
+            for k in [k for k in group if k != "params" and k not in keys]:
+                del group[k]
+            for k, v in keys.items():
+                if not isinstance(v, torch.Tensor):
+                    group[k] = v
+        self._apply_schedule()  # a tensor lr is rewritten in place
+
+    def register_step_post_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Register a hook called after each step, while the lr is the step's.
+
+        Unlike a plain optimizer's, the hook runs inside :meth:`step`, after the
+        inner step and before the wrapper writes the next step's lr, so
+        ``param_groups[g]["lr"]`` is the lr the step used (what an attached
+        :class:`~geoopt_sgd.NoiseProbe` records).
+
+        Args:
+            hook: Called as ``hook(optimizer, args, kwargs)``.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._cyclic_post_hooks)
+        self._cyclic_post_hooks[handle.id] = hook
+        return handle
 
     def __repr__(self) -> str:
         """Return the schedule and the inner optimizer's repr.
@@ -525,7 +608,11 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         else:
             loss = self.optimizer.step(closure, **kwargs)
         self._advance()
+        args = () if closure is None else (closure,)
+        for hook in list(self._cyclic_post_hooks.values()):
+            hook(self, (self, *args), kwargs)
         self._apply_schedule()
+        self._note_groups()
         return loss
 
     # -- delegation ----------------------------------------------------------------
@@ -550,13 +637,15 @@ class CyclicLRWrapper(torch.optim.Optimizer):
 
         Raises:
             ValueError: If the bounds are missing (the wrapper was built with
-                per-group lists) or out of order.
+                per-group lists) or out of order, or a parameter is repeated or
+                already in a group.
         """
         if not self.__dict__.get("_linked", False):
             # called by Optimizer.__init__ on the unlinked copies
             super().add_param_group(param_group)
             return
         group = dict(param_group)
+        check_param_group(group, self.param_groups)
         for key, arg, name in (
             (_BASE_KEY, self._base_lr_arg, "base_lr"),
             (_MAX_KEY, self._max_lr_arg, "max_lr"),
@@ -588,6 +677,7 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         group[_STEP_KEY] = self.last_step
         self.optimizer.add_param_group(group)
         self._apply_schedule()
+        self._note_groups()
 
     def state_dict(self) -> dict[str, Any]:
         """Return the inner optimizer's state dict, schedule position included.
@@ -619,7 +709,12 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         Args:
             state_dict: A dict returned by :meth:`state_dict` (or by the inner
                 optimizer's ``state_dict``).
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict.
+            ValueError: If it is not an optimizer state dict.
         """
+        check_state_dict("state_dict", state_dict)
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -634,6 +729,7 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             for k, v in keys.items():
                 group.setdefault(k, v)
         self._apply_schedule()
+        self._note_groups()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -651,7 +747,9 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         Returns:
             A ``torch.optim.lr_scheduler.LRScheduler``.
         """
-        return _CyclicLRScheduler(self)
+        scheduler = _CyclicLRScheduler(self)
+        self._note_groups()
+        return scheduler
 
 
 class _CyclicLRScheduler(LRScheduler):

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_choice, check_int, check_number
+from .._checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_param_group,
+    check_state_dict,
+)
+from .._model import detect_reduction
 from . import noise as _noise
 from ._functional import noisy_gd_update
 from ._noise_source import (
@@ -27,6 +34,7 @@ from ._noise_source import (
     STREAM_WEIGHTS,
     NoiseSource,
     needs_minibatches,
+    preserve_global_rng,
 )
 
 __all__ = ["NoisyGD"]
@@ -74,6 +82,31 @@ def _check_source(
             f"noise={noise!r} needs `batch_size`, the SGD batch size B whose "
             "noise magnitude Tr(Σ)/B it matches; got None."
         )
+
+
+def _check_extra(extra: Any) -> None:
+    """Check the ``"noisy_gd"`` entry of a state dict before loading anything."""
+    name = f"state_dict[{_STATE_KEY!r}]"
+    if not isinstance(extra, dict):
+        raise ValueError(f"`{name}` must be a dict; got {type(extra).__name__}.")
+    missing = [k for k in ("step", "seed", "cache", "stats") if k not in extra]
+    if missing:
+        raise ValueError(
+            f"`{name}` has no {', '.join(repr(k) for k in missing)} entry; pass a "
+            "dict returned by NoisyGD.state_dict()."
+        )
+    for key in ("step", "seed"):
+        value = extra[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`{name}[{key!r}]` must be an integer >= 0; got {value!r}."
+            )
+    if not isinstance(extra["cache"], dict) or not all(
+        isinstance(v, Tensor) for v in extra["cache"].values()
+    ):
+        raise ValueError(f"`{name}['cache']` must be a dict of tensors.")
+    if not isinstance(extra["stats"], dict):
+        raise ValueError(f"`{name}['stats']` must be a dict.")
 
 
 class NoisyGD(torch.optim.Optimizer):
@@ -129,11 +162,13 @@ class NoisyGD(torch.optim.Optimizer):
           ``data`` every step (``n_backward`` counts them).
         * Noise comes from generators seeded by ``(seed, t)`` (see
           :func:`~geoopt_sgd.optim.noise.step_seed`) on the parameters' device;
-          the global RNG is never touched. The step count, the cached statistics
-          and :attr:`stats` are saved in :meth:`state_dict`, so a resumed run
-          continues bit for bit. Under ``torch.distributed`` every rank draws the
-          same noise without communication; a curvature source's ``data`` is
-          this rank's shard, and statistics are summed over ranks.
+          the global RNG is never touched (its state is saved and restored
+          around every pass over ``data``, so a shuffling ``DataLoader`` or a
+          random augmentation leaves it as it was). The step count, the cached
+          statistics and :attr:`stats` are saved in :meth:`state_dict`, so a
+          resumed run continues bit for bit. Under ``torch.distributed`` every
+          rank draws the same noise without communication; a curvature source's
+          ``data`` is this rank's shard, and statistics are summed over ranks.
         * The noise is one vector over all parameters of all groups, in order.
           Parameters whose ``.grad`` is ``None`` are skipped (no update and no
           noise), as in torch SGD. Noise options are optimizer-wide; ``lr`` and
@@ -148,6 +183,17 @@ class NoisyGD(torch.optim.Optimizer):
           ``C``-based kinds ``M`` mini-batch backward passes per refresh.
         * ``stats["target_sq_norm"]`` is NaN for ``"sgd_matched"``: its
           ``E‖ξ‖² = Tr(Σ)/B`` needs per-sample gradients, which it avoids.
+        * Non-finite values. A ``noise_schedule`` value that is NaN or
+          infinite raises ``ValueError`` (naming the step) before anything
+          changes. Non-finite gradients are applied as ``torch.optim.SGD``
+          applies them (the parameters become NaN; nothing is checked on the
+          per-step path). A refresh of the statistics that meets non-finite
+          parameters, mini-batch gradients or curvature-operator output raises
+          ``FloatingPointError`` saying which, before that step's update.
+          ``"sgd_matched"`` has no refresh: a non-finite reweighted gradient
+          propagates like a non-finite gradient.
+        * A parameter may appear only once over all groups (``ValueError``), and
+          must be floating point (``TypeError``).
         * With ``loss_reduction="sum"`` the SGD noise scales with ``n``
           (``(n/B) Σ_{i∈b} ∇L_i`` estimates ``∇L``); ``C`` and ``"sgd_matched"``
           follow that convention.
@@ -167,7 +213,8 @@ class NoisyGD(torch.optim.Optimizer):
             (Z19: 1 or 10).
         model: The curvature source's model (the optimizer's parameters must be
             parameters of it).
-        loss_fn: The curvature source's loss (reduction ``"mean"`` or ``"sum"``).
+        loss_fn: The curvature source's loss (reduction ``"mean"`` or ``"sum"``;
+            a loss whose ``reduction`` attribute is ``"none"`` is rejected here).
         data: One ``(inputs, targets)`` batch or an iterable of them (a
             ``DataLoader`` in a fixed order), the data ``C`` and ``H`` refer to.
         curvature: ``"hessian"`` or ``"ggn"`` (always PSD; SPEC §6.6).
@@ -202,8 +249,10 @@ class NoisyGD(torch.optim.Optimizer):
     Raises:
         ValueError: For an invalid value (unknown ``noise``, negative ``lr`` or
             ``noise_scale``, ``refresh_every < 1``, a kind that needs a curvature
-            source or ``batch_size`` without one, …).
-        TypeError: For an argument of the wrong type.
+            source or ``batch_size`` without one, a repeated parameter, a
+            ``loss_fn`` with ``reduction="none"``, …).
+        TypeError: For an argument of the wrong type (a non-floating-point
+            parameter, a ``noise_schedule`` or ``loss_fn`` that is not callable).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -277,6 +326,14 @@ class NoisyGD(torch.optim.Optimizer):
         _check_source(
             noise, magnitude, batch_size, model=model, loss_fn=loss_fn, data=data
         )
+        if loss_fn is not None:
+            if not callable(loss_fn):
+                raise TypeError(
+                    "`loss_fn` must be a callable (output, target) -> scalar loss; "
+                    f"got {type(loss_fn).__name__}."
+                )
+            # a loss with reduction='none' is rejected here, not at the first step
+            detect_reduction(loss_fn, loss_reduction)
         defaults = dict(
             lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach
         )
@@ -284,7 +341,9 @@ class NoisyGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.is_sparse:
-                    raise RuntimeError("NoisyGD does not support sparse parameters.")
+                    raise RuntimeError(
+                        "`params`: NoisyGD does not support sparse parameters."
+                    )
 
         self.noise = noise
         self.noise_scale = float(noise_scale)
@@ -305,6 +364,7 @@ class NoisyGD(torch.optim.Optimizer):
         self.tol = float(tol)
 
         self._step_count = 0
+        self._step_scale = 0.0
         self._cache: dict[str, Tensor] = {}
         self._src: NoiseSource | None = None
         self._workspace: dict[tuple, Tensor] = {}
@@ -331,7 +391,13 @@ class NoisyGD(torch.optim.Optimizer):
 
         Args:
             param_group: As for :meth:`torch.optim.Optimizer.add_param_group`.
+
+        Raises:
+            ValueError: If a parameter is listed twice or is already in a group
+                (it would get the update and the noise twice).
+            TypeError: If a parameter is not floating point.
         """
+        check_param_group(param_group, self.param_groups, floating=True)
         super().add_param_group(param_group)
         # the curvature source and cached statistics refer to the old P
         self._src = None
@@ -365,9 +431,18 @@ class NoisyGD(torch.optim.Optimizer):
         Args:
             state_dict: A dict from :meth:`state_dict` (a plain torch SGD state
                 dict also loads; the noise stream then restarts at step 0).
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict.
+            ValueError: If it is not an optimizer state dict, or its
+                ``"noisy_gd"`` entry is malformed (checked before anything is
+                loaded).
         """
+        check_state_dict("state_dict", state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop(_STATE_KEY, None)
+        if extra is not None:
+            _check_extra(extra)
         super().load_state_dict(state_dict)
         if extra is not None:
             self._step_count = int(extra["step"])
@@ -410,36 +485,55 @@ class NoisyGD(torch.optim.Optimizer):
     def _scale(self, t: int) -> float:
         s = self.noise_scale
         if self.noise_schedule is not None:
-            s = s * float(self.noise_schedule(t))
+            value = self.noise_schedule(t)
+            try:
+                m = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(
+                    f"`noise_schedule` must return a real number; at step {t} it "
+                    f"returned {type(value).__name__}."
+                ) from None
+            if not math.isfinite(m):
+                raise ValueError(
+                    f"`noise_schedule` must return a finite multiplier; at step {t} "
+                    f"it returned {m!r}. No parameter was changed."
+                )
+            s = s * m
         return s
 
     def _source(self) -> NoiseSource:
         if self._src is None:
-            self._src = NoiseSource(
-                self.model,  # type: ignore[arg-type]
-                self.loss_fn,  # type: ignore[arg-type]
-                self.data,
-                self._params(),
-                mode=self.mode,
-                loss_reduction=self.loss_reduction,
-            )
+            # listing `data` may draw from the global RNG (a shuffling
+            # DataLoader's sampler); the promise is that it stays untouched
+            with preserve_global_rng():
+                self._src = NoiseSource(
+                    self.model,  # type: ignore[arg-type]
+                    self.loss_fn,  # type: ignore[arg-type]
+                    self.data,
+                    self._params(),
+                    mode=self.mode,
+                    loss_reduction=self.loss_reduction,
+                )
         return self._src
 
     def _refresh(self, t: int) -> None:
         start = time.perf_counter()
-        self._cache = self._source().refresh(
-            self.noise,
-            t,
-            seed=self.seed,
-            magnitude=self.magnitude,
-            batch_size=self.batch_size,
-            k=self.k,
-            num_batches=self.num_batches,
-            curvature=self.curvature,
-            tol=self.tol,
-            previous=self._cache,
-            stats=self._stats,
-        )
+        src = self._source()
+        with preserve_global_rng():
+            cache = src.refresh(
+                self.noise,
+                t,
+                seed=self.seed,
+                magnitude=self.magnitude,
+                batch_size=self.batch_size,
+                k=self.k,
+                num_batches=self.num_batches,
+                curvature=self.curvature,
+                tol=self.tol,
+                previous=self._cache,
+                stats=self._stats,
+            )
+        self._cache = cache
         self._stats["n_refresh"] += 1
         self._stats["refresh_seconds"] += time.perf_counter() - start
 
@@ -451,7 +545,7 @@ class NoisyGD(torch.optim.Optimizer):
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             buckets.setdefault((p.device, p.dtype), []).append(i)
-        s = self._scale(t)
+        s = self._step_scale
         views: list[Tensor | None] = [None] * len(params)
         parts = []
         for b, ((device, dtype), idx) in enumerate(buckets.items()):
@@ -477,13 +571,14 @@ class NoisyGD(torch.optim.Optimizer):
     def _sample(self, t: int, numel: int) -> _noise.NoiseSample:
         """This step's flat noise of every kind but ``"none"`` and ``"isotropic"``."""
         src = self._source()
-        s = self._scale(t)
+        s = self._step_scale
         if self.noise == "sgd_matched":
             gen = _noise.make_generator(
                 self.seed, t, src.fm.device, stream=STREAM_WEIGHTS + distributed.rank()
             )
             assert self.batch_size is not None
-            xi = src.sgd_matched_noise(gen, self.batch_size, self._stats)
+            with preserve_global_rng():
+                xi = src.sgd_matched_noise(gen, self.batch_size, self._stats)
             # E‖ξ‖² = Tr(Σ)/B is not computed (it would need per-sample gradients)
             return _noise.NoiseSample(xi, s, math.nan)
         gen = _noise.make_generator(self.seed, t, src.fm.device, stream=STREAM_NOISE)
@@ -537,6 +632,12 @@ class NoisyGD(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: If a gradient is sparse.
+            ValueError: If ``noise_schedule`` returns a non-finite value (raised
+                before any parameter or statistic changes).
+            TypeError: If ``noise_schedule`` returns something not a number.
+            FloatingPointError: If a refresh of the noise statistics meets
+                non-finite parameters, mini-batch gradients or curvature-operator
+                output (raised before the update).
         """
         loss = None
         if closure is not None:
@@ -550,6 +651,9 @@ class NoisyGD(torch.optim.Optimizer):
                     "NoisyGD does not support sparse gradients; use dense "
                     "gradients (e.g. nn.Embedding(sparse=False))."
                 )
+        # noise_schedule is called once per step, and a bad value fails here,
+        # before the statistics or any parameter change
+        self._step_scale = 0.0 if self.noise == "none" else self._scale(t)
         if self.noise not in ("none", "isotropic", "sgd_matched") and (
             t % self.refresh_every == 0 or not self._cache
         ):
@@ -619,6 +723,7 @@ class NoisyGD(torch.optim.Optimizer):
         self._src = None
         self._workspace = {}
         self._pending = []
+        self._step_scale = 0.0
         super().__setstate__(state)
         if stats is not None:
             self._stats = stats

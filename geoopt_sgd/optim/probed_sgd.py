@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from .._checks import check_param_group, check_state_dict
+
 __all__ = ["ProbedSGD"]
 
 
@@ -50,7 +52,9 @@ class ProbedSGD(torch.optim.SGD):
     times the model's size) are not part of the optimizer checkpoint; save
     :meth:`NoiseProbe.state_dict` separately to keep them. Copies
     (``copy.deepcopy``, pickling) carry no probe. Validation errors are torch's
-    own messages, unchanged, so code that matches on them keeps working.
+    own messages, unchanged, so code that matches on them keeps working, with
+    one exception: a parameter listed twice is a ``ValueError`` naming
+    ``params`` (torch only warns within a group, and would update it twice).
 
     Args:
         params: Iterable of parameters, of ``(name, parameter)`` pairs, or of
@@ -72,7 +76,9 @@ class ProbedSGD(torch.optim.SGD):
     Raises:
         ValueError: For the invalid values ``torch.optim.SGD`` rejects (negative
             ``lr``, ``momentum`` or ``weight_decay``; Nesterov without momentum or
-            with dampening), with torch's messages.
+            with dampening), with torch's messages; and for a parameter that
+            appears twice, in one group or across groups.
+        TypeError: If ``probe`` is neither a NoiseProbe nor ``None``.
         RuntimeError: For ``fused`` combined with ``foreach`` or
             ``differentiable`` (torch's messages), or when ``probe`` is already
             attached to another optimizer.
@@ -104,6 +110,10 @@ class ProbedSGD(torch.optim.SGD):
         fused: bool | None = None,
         probe: Any = None,
     ) -> None:
+        if probe is not None and not callable(getattr(probe, "attach", None)):
+            raise TypeError(
+                f"`probe` must be a NoiseProbe or None; got {type(probe).__name__}."
+            )
         super().__init__(
             params,
             lr=lr,
@@ -120,6 +130,20 @@ class ProbedSGD(torch.optim.SGD):
         if probe is not None:
             probe.attach(self)
             self._probe = probe
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as torch does, rejecting repeated parameters.
+
+        Args:
+            param_group: As for :meth:`torch.optim.Optimizer.add_param_group`.
+
+        Raises:
+            ValueError: If a parameter is listed twice in the group (torch only
+                warns, then updates it twice per step) or is already in another
+                group (torch raises too, without naming ``params``).
+        """
+        check_param_group(param_group, self.param_groups)
+        super().add_param_group(param_group)
 
     @property
     def probe(self) -> Any:
@@ -150,8 +174,22 @@ class ProbedSGD(torch.optim.SGD):
         Args:
             state_dict: As returned by :meth:`state_dict` here or by
                 ``torch.optim.SGD.state_dict``.
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict.
+            ValueError: If it is not an optimizer state dict, or its ``"probe"``
+                entry lacks the counters (checked before anything is loaded).
         """
+        check_state_dict("state_dict", state_dict)
         probe_state = state_dict.get("probe")
+        if probe_state is not None and self.probe is not None:
+            if not isinstance(probe_state, dict) or not all(
+                k in probe_state for k in ("step_count", "num_probes")
+            ):
+                raise ValueError(
+                    "`state_dict['probe']` must hold the probe's 'step_count' and "
+                    "'num_probes'; pass a dict returned by ProbedSGD.state_dict()."
+                )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "probe"})
         if probe_state is not None and self.probe is not None:
             self.probe.load_state_dict(probe_state)
