@@ -12,4 +12,4 @@ mkdocs="${MKDOCS:-}"
 if [ -z "$mkdocs" ]; then
   if [ -x .venv/bin/mkdocs ]; then mkdocs=.venv/bin/mkdocs; else mkdocs=mkdocs; fi
 fi
-"$mkdocs" build --strict "$@"
+NO_MKDOCS_2_WARNING=1 "$mkdocs" build --strict "$@"
