@@ -23,20 +23,10 @@ import time
 from typing import Any
 
 import torch
+from _common import median_seconds
 from torch import nn
 
 from geoopt_sgd import NoisyGD
-
-
-def _median_ms(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _step_times(model: nn.Module, repeats: int, warmup: int) -> dict[str, float]:
@@ -128,7 +118,7 @@ def bench_noisy_gd(
             loss_fn(model(x), y).backward()
             opt.step()
 
-        iters[name] = _median_ms(iteration, max(3, repeats // 2), 1)
+        iters[name] = 1e3 * median_seconds(iteration, max(3, repeats // 2), 1)
     result["train_iteration"] = {
         "batch": batch,
         "image_size": image_size,

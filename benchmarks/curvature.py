@@ -36,8 +36,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -47,6 +45,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _common import environment  # noqa: E402
 
 from geoopt_sgd import HessianOperator, top_eigenpairs  # noqa: E402
 
@@ -188,15 +188,26 @@ def run_pyhessian(model, data, k, tol, seed):
     return vals, n, secs, f"tol={tol:g}, maxIter=100"
 
 
-def run_pyhessian_acc(model, data, k, tol, seed, ref):
-    for ptol, max_iter in PYHESSIAN_SWEEP:
-        vals, n, secs = _pyhessian(model, data, k, ptol, seed, max_iter)
+def _sweep(settings, run, ref, k):
+    """Run ``run(s)`` for each setting until one meets the accuracy bar.
+
+    Returns ``(vals, n, secs, s, reached)`` for that setting, or for the last one
+    with ``reached=False`` when none does.
+    """
+    for s in settings:
+        vals, n, secs = run(s)
         err, missed = score(vals, ref, k)
         if err <= MATCH_RTOL and missed == 0:
-            break
-    else:
-        return vals, n, secs, f"tol={ptol:g}, maxIter={max_iter}: bar not reached"
-    return vals, n, secs, f"tol={ptol:g}, maxIter={max_iter}"
+            return vals, n, secs, s, True
+    return vals, n, secs, s, False
+
+
+def run_pyhessian_acc(model, data, k, tol, seed, ref):
+    vals, n, secs, (ptol, max_iter), reached = _sweep(
+        PYHESSIAN_SWEEP, lambda s: _pyhessian(model, data, k, s[0], seed, s[1]), ref, k
+    )
+    note = f"tol={ptol:g}, maxIter={max_iter}"
+    return vals, n, secs, note if reached else f"{note}: bar not reached"
 
 
 def _eigenthings(model, data, k, tol, seed, max_iter):
@@ -226,13 +237,13 @@ def run_eigenthings(model, data, k, tol, seed):
 
 def run_eigenthings_acc(model, data, k, tol, seed, ref):
     P = sum(p.numel() for p in model.parameters())
-    for f in EIGENTHINGS_SWEEP:
-        max_iter = min(f * k, P - 1)
-        vals, n, secs = _eigenthings(model, data, k, tol, seed, max_iter)
-        err, missed = score(vals, ref, k)
-        if err <= MATCH_RTOL and missed == 0:
-            break
-    else:
+    vals, n, secs, max_iter, reached = _sweep(
+        [min(f * k, P - 1) for f in EIGENTHINGS_SWEEP],
+        lambda m: _eigenthings(model, data, k, tol, seed, m),
+        ref,
+        k,
+    )
+    if not reached:
         return vals, n, secs, f"max_iter={max_iter}: bar not reached"
     return vals, n, secs, f"max_iter={max_iter}, reorthogonalize"
 
@@ -312,27 +323,6 @@ def hvp_cost(model, data, reps):
 
 
 # --- main --------------------------------------------------------------------
-
-
-def environment():
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-        "git_sha": sha,
-    }
 
 
 def main(argv=None):
@@ -469,7 +459,7 @@ def main(argv=None):
                             flush=True,
                         )
         results["problems"].append(prob)
-    results["env"]["loadavg_end"] = os.getloadavg()
+    results["env"]["load_average_end"] = list(os.getloadavg())
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

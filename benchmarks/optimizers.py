@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -46,34 +44,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
+from _common import environment  # noqa: E402
+
 from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD  # noqa: E402
 
 TARGETS = {"noisy_isotropic": 1.2, "cyclic_sgd": 1.02}
-
-
-def _environment(device: str) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    import timm
-
-    return {
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": device,
-        "git_sha": sha,
-    }
 
 
 def _optimizers(params: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
@@ -211,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "schema_version": 1,
         "benchmark": "optimizers",
         "quick": args.quick,
-        "environment": _environment(args.device),
+        "environment": environment(args.device),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "seconds": time.perf_counter() - start,

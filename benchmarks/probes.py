@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +49,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import geoopt_sgd  # noqa: E402
+from _common import environment, median_seconds  # noqa: E402
+
 from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry  # noqa: E402
 from geoopt_sgd._model import FunctionalModel  # noqa: E402
 from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS  # noqa: E402
@@ -75,17 +74,6 @@ def make_batch(n, size, num_classes=10, seed=0):
     return x, y
 
 
-def timeit(fn, reps=3, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def grad_time(model, loss_fn, x, y, reps=3):
     """Median time of one gradient of the mean loss (eval mode, as the probes)."""
     model.eval()
@@ -94,32 +82,7 @@ def grad_time(model, loss_fn, x, y, reps=3):
     def run():
         torch.autograd.grad(loss_fn(model(x), y), params)
 
-    return timeit(run, reps=reps)
-
-
-def environment():
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        ).stdout.strip()
-    except OSError:
-        sha = None
-    import timm
-
-    return {
-        "geoopt_sgd": geoopt_sgd.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-        "load_average": list(os.getloadavg()),
-        "git_sha": sha,
-    }
+    return median_seconds(run, repeats=reps)
 
 
 # --- 1. per-sample gradients ---------------------------------------------------------
@@ -145,8 +108,11 @@ def bench_per_sample(model_name, n, size, chunk_size, reps):
             rows.append(torch.cat([t.reshape(-1) for t in g]))
         return torch.stack(rows)
 
-    out["vmap"] = {"seconds": timeit(vmap_route, reps=reps), "chunk_size": chunk_size}
-    out["loop"] = {"seconds": timeit(loop_route, reps=reps)}
+    out["vmap"] = {
+        "seconds": median_seconds(vmap_route, repeats=reps),
+        "chunk_size": chunk_size,
+    }
+    out["loop"] = {"seconds": median_seconds(loop_route, repeats=reps)}
     try:
         seconds, complete = _backpack_time(model_name, x, y, reps)
         out["backpack"] = {"seconds": seconds, "all_params_have_grad_batch": complete}
@@ -174,7 +140,7 @@ def _backpack_time(model_name, x, y, reps):
         with backpack(BatchGrad()):
             loss.backward()
 
-    seconds = timeit(run, reps=reps)
+    seconds = median_seconds(run, repeats=reps)
     complete = all(
         getattr(p, "grad_batch", None) is not None and p.grad_batch.shape[0] == len(y)
         for p in model.parameters()

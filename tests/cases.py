@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -119,3 +124,23 @@ def assert_same_state(before, after):
             assert bitwise_equal(a, b), f"grad {n} changed"
     assert before["modes"] == after["modes"], "module modes changed"
     assert torch.equal(before["rng"], after["rng"]), "global RNG changed"
+
+
+def free_port():
+    """A TCP port on localhost that is free now (for a gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank, world, port):
+    """Join a one-thread gloo process group on localhost for the ``with`` body."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .hvp import BatchTerm, DataOperator
 
@@ -116,27 +115,6 @@ class GGNOperator(DataOperator):
         tensor([[1., 0.],
                 [0., 4.]], dtype=torch.float64)
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[..., Tensor],
-        data: Any,
-        *,
-        params: Iterable[Tensor] | Iterable[str] | None = None,
-        mode: Literal["eval", "train"] = "eval",
-        loss_reduction: Literal["mean", "sum"] | None = None,
-        max_cached_batches: int = 4,
-    ) -> None:
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            mode=mode,
-            loss_reduction=loss_reduction,
-            max_cached_batches=max_cached_batches,
-        )
 
     def _make_term(self, x: Any, y: Tensor) -> BatchTerm:
         return _GGNTerm(self, x, y)

@@ -271,10 +271,10 @@ class DataOperator(LinearOperator):
         loss_fn: Callable[..., Tensor],
         data: Any,
         *,
-        params: Iterable[Tensor] | Iterable[str] | None,
-        mode: str,
-        loss_reduction: str | None,
-        max_cached_batches: int,
+        params: Iterable[Tensor] | Iterable[str] | None = None,
+        mode: Literal["eval", "train"] = "eval",
+        loss_reduction: Literal["mean", "sum"] | None = None,
+        max_cached_batches: int = 4,
     ) -> None:
         check_int("max_cached_batches", max_cached_batches, ge=0)
         if not callable(loss_fn):

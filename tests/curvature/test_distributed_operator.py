@@ -7,39 +7,23 @@ only (~1e-15 relative), checked at 1e-10.
 """
 
 import os
-import socket
-import sys
 
+import cases
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 pytestmark = pytest.mark.distributed
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _problem():
-    from cases import make_data, mlp
-
-    X, y = make_data(13)  # odd: the uneven split gives 7 and 6 samples
-    return mlp(), X, y
+    X, y = cases.make_data(13)  # odd: the uneven split gives 7 and 6 samples
+    return cases.mlp(), X, y
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with cases.gloo_group(rank, world, port):
         from geoopt_sgd.curvature import GGNOperator, HessianOperator
         from geoopt_sgd.curvature.lanczos import top_eigenpairs
 
@@ -86,15 +70,13 @@ def _worker(rank, world, port, out_dir):
             results["all_empty_error"] = torch.tensor([1.0])
             assert "empty on every rank" in str(e), str(e)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path):
     from geoopt_sgd.curvature import GGNOperator, HessianOperator
     from geoopt_sgd.testing.curvature import assert_close_report
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, cases.free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     model, X, y = _problem()

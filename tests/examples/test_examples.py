@@ -47,22 +47,20 @@ def script(name: str) -> str:
     return str(EXAMPLES / name)
 
 
+def run_example(name: str, tmp_path: Path, *args: str) -> str:
+    """Run ``examples/<name> --tiny *args`` in ``tmp_path``; return its stdout."""
+    return run([sys.executable, script(name), "--tiny", *args], tmp_path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @_needs("timm", "sklearn", "matplotlib")
 def test_timm_noise_probe(tmp_path):
     out = tmp_path / "out"
-    run(
-        [
-            sys.executable,
-            script("timm_noise_probe.py"),
-            "--tiny",
-            "--out-dir",
-            str(out),
-        ],
-        tmp_path,
-    )
-    records = [
-        json.loads(line) for line in (out / "noise.jsonl").read_text().splitlines()
-    ]
+    run_example("timm_noise_probe.py", tmp_path, "--out-dir", str(out))
+    records = read_jsonl(out / "noise.jsonl")
     assert [r["step"] for r in records] == [5, 10]
     for r in records:
         for name in ("alpha", "mu", "tr_h_sigma", "tr_h_sigma_iso", "eigenvalues"):
@@ -77,11 +75,7 @@ def test_tensorboard_noise_probe(tmp_path):
     )
 
     logdir = tmp_path / "tb"
-    run(
-        [sys.executable, script("tensorboard_noise_probe.py"), "--tiny"]
-        + ["--log-dir", str(logdir)],
-        tmp_path,
-    )
+    run_example("tensorboard_noise_probe.py", tmp_path, "--log-dir", str(logdir))
     acc = EventAccumulator(str(logdir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -92,11 +86,8 @@ def test_tensorboard_noise_probe(tmp_path):
 @_needs("lightning", "sklearn")
 def test_lightning_cyclic_lr(tmp_path):
     log = tmp_path / "noise.jsonl"
-    stdout = run(
-        [sys.executable, script("lightning_cyclic_lr.py"), "--tiny", "--out", str(log)],
-        tmp_path,
-    )
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    stdout = run_example("lightning_cyclic_lr.py", tmp_path, "--out", str(log))
+    records = read_jsonl(log)
     assert [r["step"] for r in records] == [4, 8]
     # triangular, base 0.02, max 0.1, 2 steps up: the lr of steps 4 and 8 (t = 3, 7)
     assert [r["lr"] for r in records] == pytest.approx([0.06, 0.06])
@@ -105,7 +96,7 @@ def test_lightning_cyclic_lr(tmp_path):
 
 @_needs("sklearn")
 def test_noisy_gd_hessian(tmp_path):
-    stdout = run([sys.executable, script("noisy_gd_hessian.py"), "--tiny"], tmp_path)
+    stdout = run_example("noisy_gd_hessian.py", tmp_path)
     lines = {line.split(":")[0].strip(): line for line in stdout.splitlines()}
     assert {"hessian", "isotropic_matched", "none"} <= set(lines)
     assert "HVPs 0" not in lines["hessian"]  # the Hessian kind ran its eigensolver
@@ -114,11 +105,8 @@ def test_noisy_gd_hessian(tmp_path):
 @_needs("sklearn")
 def test_track_sharpness(tmp_path):
     out = tmp_path / "sharpness.jsonl"
-    stdout = run(
-        [sys.executable, script("track_sharpness.py"), "--tiny", "--out", str(out)],
-        tmp_path,
-    )
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    stdout = run_example("track_sharpness.py", tmp_path, "--out", str(out))
+    records = read_jsonl(out)
     assert [r["step"] for r in records] == [10, 20]
     for r in records:
         assert r["converged"] and len(r["top_eigenvalues"]) == 3
@@ -136,15 +124,13 @@ def test_ddp_probe_noisy_gd(tmp_path):
         tmp_path,
     )
     assert "replicas identical: True" in stdout
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = read_jsonl(out)
     assert len(records) == 2  # rank 0 only writes
     assert all(r["num_samples"] == 128 for r in records)  # both shards of 64
 
 
 @_needs("timm")
 def test_timm_create_optimizer(tmp_path):
-    stdout = run(
-        [sys.executable, script("timm_create_optimizer.py"), "--tiny"], tmp_path
-    )
+    stdout = run_example("timm_create_optimizer.py", tmp_path)
     assert "probedsgd: ProbedSGD" in stdout
     assert "noisygd: NoisyGD" in stdout

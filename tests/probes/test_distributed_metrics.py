@@ -1,11 +1,9 @@
 import math
 import os
-import socket
 
 import cases
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -49,11 +47,7 @@ def _problem():
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with cases.gloo_group(rank, world, port):
         model, loss_fn, X, y = _problem()
         half = X.shape[0] // world
         shard = (X[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
@@ -83,20 +77,12 @@ def _worker(rank, world, port, out_dir):
                 noise_geometry(model, loss_fn, shard, **KW, route="exact")
             except ValueError as e:
                 torch.save(str(e), os.path.join(out_dir, "error.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one_process(tmp_path):
     # each rank holds half of the 12 probe samples; only (n, q) projections,
     # aggregated probe vectors, operator products and scalars are reduced
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, cases.free_port(), str(tmp_path)), nprocs=2, join=True)
     model, loss_fn, X, y = _problem()
     for name, extra in CONFIGS.items():
         ref = noise_geometry(model, loss_fn, (X, y), route="sketch", **KW, **extra)
