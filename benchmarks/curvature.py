@@ -36,19 +36,16 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
 
 import numpy as np
 import torch
+from _env import environment, load_average
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from geoopt_sgd import HessianOperator, top_eigenpairs  # noqa: E402
+from geoopt_sgd import HessianOperator, top_eigenpairs
 
 MATCH_RTOL = 1e-3  # a reference eigenvalue is "found" if a value is within this
 
@@ -314,27 +311,6 @@ def hvp_cost(model, data, reps):
 # --- main --------------------------------------------------------------------
 
 
-def environment():
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-        "git_sha": sha,
-    }
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -469,7 +445,7 @@ def main(argv=None):
                             flush=True,
                         )
         results["problems"].append(prob)
-    results["env"]["loadavg_end"] = os.getloadavg()
+    results["env"]["load_average_end"] = load_average()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -34,46 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
+from _env import environment, load_average
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD  # noqa: E402
+from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD
 
 TARGETS = {"noisy_isotropic": 1.2, "cyclic_sgd": 1.02}
-
-
-def _environment(device: str) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    import timm
-
-    return {
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": device,
-        "git_sha": sha,
-    }
 
 
 def _optimizers(params: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
@@ -201,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (15 if args.quick else 21)
     block = args.block or (20 if args.quick else 5)
 
-    load_before = os.getloadavg()
+    env = environment(args.device)
     start = time.perf_counter()
     steps = bench_steps(
         model, repeats=repeats, block=block, warmup=2, device=args.device
@@ -211,13 +181,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "schema_version": 1,
         "benchmark": "optimizers",
         "quick": args.quick,
-        "environment": _environment(args.device),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        "env": env,
         "seconds": time.perf_counter() - start,
         "step_alone": steps,
         "noisy_gd": hessian,
     }
+    env["load_average_end"] = load_average()
 
     print(f"step alone on {model} ({steps['params']:,} params), ms/step (median):")
     for name, ms in steps["ms_per_step_median"].items():
@@ -237,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     elif hessian:
         print(f"hessian noise: {hessian.get('error')}")
-    print(f"load average before/after: {load_before} / {result['load_average_after']}")
+    print(f"load average start/end: {env['load_average']} / {env['load_average_end']}")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"

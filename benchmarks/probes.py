@@ -38,22 +38,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _env import environment, load_average
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import geoopt_sgd  # noqa: E402
-from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry  # noqa: E402
-from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS  # noqa: E402
+from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry
+from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS
 
 ESCAPE = ("sharp_fraction", "loss_energy_fraction")
 
@@ -93,31 +87,6 @@ def grad_time(model, loss_fn, x, y, reps=3):
         torch.autograd.grad(loss_fn(model(x), y), params)
 
     return timeit(run, reps=reps)
-
-
-def environment():
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        ).stdout.strip()
-    except OSError:
-        sha = None
-    import timm
-
-    return {
-        "geoopt_sgd": geoopt_sgd.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-        "load_average": list(os.getloadavg()),
-        "git_sha": sha,
-    }
 
 
 # --- 1. per-sample gradients ---------------------------------------------------------
@@ -291,7 +260,7 @@ def bench_overhead(
         "values_last": {
             k_: v for k_, v in probe.history[-1].items() if isinstance(v, float)
         },
-        "load_average": list(os.getloadavg()),
+        "load_average": load_average(),
     }
 
 
@@ -424,7 +393,7 @@ def main(argv=None):
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        results["env"]["load_average_end"] = list(os.getloadavg())
+        results["env"]["load_average_end"] = load_average()
         out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     if "per_sample" in sections:

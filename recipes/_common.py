@@ -40,7 +40,6 @@ import platform
 import random
 import re
 import subprocess
-import sys
 import tempfile
 import types
 import typing
@@ -52,11 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# A recipe run from a checkout (``python recipes/x.py``) imports the package from the
-# repository root without installing it.
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
+_REPO_ROOT = Path(__file__).resolve().parent.parent  # where `git rev-parse` runs
 
 SCHEMA_VERSION = 1  # bump when results.json changes incompatibly
 

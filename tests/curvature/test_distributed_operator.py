@@ -8,15 +8,12 @@ only (~1e-15 relative), checked at 1e-10.
 
 import os
 import socket
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 pytestmark = pytest.mark.distributed
 
