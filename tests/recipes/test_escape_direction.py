@@ -329,8 +329,9 @@ def test_diverging_training_stops_with_message(tmp_path):
         ed.main(tiny(tmp_path, train_lr=1e6, train_steps=4000, checkpoint_every=1))
     step = int(re.search(r"at step (\d+),", str(e.value)).group(1))
     assert step < 50
-    state = torch.load(
+    saved = torch.load(
         tmp_path / "escape_direction" / "checkpoint.pt", weights_only=False
     )
-    assert state["train_step"] == step  # the diverged step is never checkpointed
+    state = saved["state"]["current"]["snapshot"]  # the unfinished stage "train"
+    assert state["step"] == step  # the diverged step is never checkpointed
     assert all(math.isfinite(v) for v in state["train_loss"])

@@ -75,7 +75,7 @@ def test_measures_match_dense_hessian(tiny_run):
     state = torch.load(
         tmp_path / "sharpness_report" / "checkpoint.pt", weights_only=True
     )
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["state"]["done"]["train"]["model"])
     model.eval()
     # torch.func.hessian (vectorised jacfwd of jacrev) on the flat parameters:
     # an independent dense reference, fast for P = 682
