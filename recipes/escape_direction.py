@@ -42,6 +42,7 @@ from _common import option
 from torch import Tensor, nn
 
 from geoopt_sgd import (
+    HalfSquaredError,
     HessianOperator,
     NoisyGD,
     noise_geometry,
@@ -382,9 +383,11 @@ def curvature_at_minimum(
     op = HessianOperator(model, loss_fn, (X, Y))
     eig = top_eigenpairs(op, cfg.num_eigs, tol=1e-6, seed=cfg.seed)
     fro = squared_frobenius(op, num_probes=cfg.trace_probes, seed=cfg.seed)
+    # mu_0 and g_j in the papers' convention, L_i = 1/2 (f_i - y_i)^2, asked for
+    # explicitly (the training loss is nn.MSELoss, L_i = (f_i - y_i)^2)
     geo = noise_geometry(
         model,
-        loss_fn,
+        HalfSquaredError(),
         (X, Y),
         metrics=("loss", "mu", "directional_alignment"),
         k=cfg.num_eigs,
