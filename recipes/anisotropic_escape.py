@@ -132,13 +132,11 @@ class Config:
         )
 
 
-def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
+def main(cfg: Config) -> dict[str, Any]:
     """Run the recipe and write ``config.json``, ``results.json`` and the figures.
 
     Args:
         cfg: The configuration.
-        _stop_at: Test hook: raise :class:`_common.Interrupted` at this step of the
-            first dynamic that reaches it (after its checkpoint is written).
 
     Returns:
         The results as written to ``results.json``.
@@ -159,7 +157,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
             )
             seed_state = state.setdefault("net", {}).setdefault(str(seed), {})
             stages = common.Stages(seed_state, run.save)
-            net[str(seed)] = run_net_seed(cfg, seed, data, model, stages, _stop_at)
+            net[str(seed)] = run_net_seed(cfg, seed, data, model, stages)
         metrics, rows = summarise(cfg, toy, net)
         return run.finish(metrics, {"toy": toy, "net": net}, rows, plot)
 
@@ -520,7 +518,6 @@ def run_net_seed(
     data: common.DataSplit,
     model: nn.Module,
     stages: common.Stages,
-    stop_at: int | None,
 ) -> dict[str, Any]:
     """R3 for one seed: GD to θ*_GD (stage "theta_gd"), then one stage per dynamic.
 
@@ -539,9 +536,7 @@ def run_net_seed(
 
         def dynamic(resume, snapshot, kind=kind):
             model.load_state_dict(gd["theta"])
-            return run_dynamic(
-                kind, model, loss_fn, data, cfg, seed, resume, snapshot, stop_at
-            )
+            return run_dynamic(kind, model, loss_fn, data, cfg, seed, resume, snapshot)
 
         dynamics[kind] = stages.run(kind, dynamic)
     return {"pretrain": gd["pretrain"], "at_gd": gd["at_gd"], "dynamics": dynamics}
@@ -621,7 +616,6 @@ def run_dynamic(
     seed: int,
     resume: dict | None,
     snapshot: Any,
-    stop_at: int | None,
 ) -> dict[str, Any]:
     """Continue from the model's current θ*_GD with one dynamic for ``cfg.steps``.
 
@@ -651,7 +645,7 @@ def run_dynamic(
     n = data.x_train.shape[0]
     bar = common.progress_bar(total=cfg.steps, initial=start, desc=f"{kind} s{seed}")
     for t in range(start, cfg.steps):
-        common.maybe_interrupt(t, stop_at)
+        common.maybe_interrupt(t)  # units: the dynamic's steps
         if (
             kind == "sgd"
             and cfg.geometry_every

@@ -125,14 +125,11 @@ class Config:
         )
 
 
-def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
+def main(cfg: Config) -> dict[str, Any]:
     """Run the recipe; write ``config.json``, ``results.json`` and the figures.
 
     Args:
         cfg: The configuration.
-        _stop_at: Test hook: raise :class:`_common.Interrupted` at this unit of
-            work (units are training steps, then runs), after the checkpoint of
-            the previous units.
 
     Returns:
         The results as written to ``results.json``.
@@ -149,7 +146,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         trained = stages.run(
             "train",
             lambda resume, snapshot: train_to_minimum(
-                model, loss_fn, X, Y, cfg, resume, snapshot, _stop_at
+                model, loss_fn, X, Y, cfg, resume, snapshot
             ),
         )
         model.load_state_dict(trained["model"])
@@ -170,9 +167,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         # phase 3: escape runs from theta*, one stage per arm
         arms = _arms(cfg, eta, eta_u)
         minimum = Minimum(theta_star, U, lam, L_star)
-        records = escape_arms(
-            arms, stages, model, loss_fn, X, Y, minimum, cfg, _stop_at
-        )
+        records = escape_arms(arms, stages, model, loss_fn, X, Y, minimum, cfg)
         common.set_flat_parameters(model, theta_star)
         summaries = {
             arm["name"]: summarise_arm(arm, records[arm["name"]], cfg, minimum, curv)
@@ -330,7 +325,6 @@ def train_to_minimum(
     cfg: Config,
     resume: dict[str, Any] | None,
     snapshot: Any,
-    stop_at: int | None,
 ) -> dict[str, Any]:
     """Full-batch GD to θ* (the stage "train"), a snapshot every ``checkpoint_every``.
 
@@ -351,7 +345,7 @@ def train_to_minimum(
         first, losses = resume["step"], resume["train_loss"]
     bar = common.progress_bar(total=total, initial=first, desc="GD")
     for step in range(first, total):
-        common.maybe_interrupt(step, stop_at)
+        common.maybe_interrupt(step)  # units: training steps, then runs
         lr = cfg.pre_lr if step < cfg.pre_steps else cfg.train_lr
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -485,12 +479,12 @@ def escape_arms(
     Y: Tensor,
     minimum: Minimum,
     cfg: Config,
-    stop_at: int | None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Run every arm's runs from θ*: one stage per arm, a snapshot after each run.
 
-    Units of work for ``stop_at`` continue the training steps' count: run ``r`` of
-    an arm is unit ``pre_steps + train_steps + (runs of the earlier arms) + r``.
+    Units of work (:func:`_common.maybe_interrupt`) continue the training steps'
+    count: run ``r`` of an arm is unit ``pre_steps + train_steps + (runs of the
+    earlier arms) + r``.
 
     Returns:
         Arm name → its run records.
@@ -504,7 +498,7 @@ def escape_arms(
             records = [] if resume is None else resume
             bar.update(len(records))
             for r in range(len(records), arm["runs"]):
-                common.maybe_interrupt(unit + r, stop_at)
+                common.maybe_interrupt(unit + r)
                 rec = escape_run(
                     model,
                     loss_fn,

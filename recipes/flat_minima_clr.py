@@ -103,13 +103,11 @@ class Config:
         return cls(num_seeds=1, phase_steps=60, cycles=4, trace_probes=10)
 
 
-def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
+def main(cfg: Config) -> dict[str, Any]:
     """Run the recipe; write ``config.json``, ``results.json`` and ``clr.png``.
 
     Args:
         cfg: The configuration.
-        _stop_at: Test hook: raise :class:`_common.Interrupted` at this step of the
-            first arm that reaches it (after the previous cycle's checkpoint).
 
     Returns:
         The results as written to ``results.json``. Torch's CPU thread count is
@@ -123,7 +121,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         for seed in range(cfg.seed, cfg.seed + cfg.num_seeds):
             task = first_task if seed == cfg.seed else load_task(cfg, seed, run.device)
             stages = common.Stages(state.setdefault(str(seed), {}), run.save)
-            seeds[str(seed)] = run_one_seed(cfg, seed, task, stages, _stop_at)
+            seeds[str(seed)] = run_one_seed(cfg, seed, task, stages)
         metrics, rows = summarise(seeds, cfg)
         return run.finish(metrics, seeds, rows, plot)
 
@@ -282,7 +280,7 @@ def _cos2(v: torch.Tensor, u: torch.Tensor) -> float:
 
 
 def run_one_seed(
-    cfg: Config, seed: int, task: dict, stages: common.Stages, stop_at: int | None
+    cfg: Config, seed: int, task: dict, stages: common.Stages
 ) -> dict[str, Any]:
     """Pretrain to θ_0 and measure λ_0 (stage "theta0"), then run both arms.
 
@@ -298,9 +296,7 @@ def run_one_seed(
 
         def clr(resume, snapshot, arm=arm):
             model.load_state_dict(start["theta0"])
-            return run_arm(
-                arm, model, task, cfg, seed, start, resume, snapshot, stop_at
-            )
+            return run_arm(arm, model, task, cfg, seed, start, resume, snapshot)
 
         arms[arm] = stages.run(arm, clr)
     return {
@@ -367,7 +363,6 @@ def run_arm(
     start: dict,
     resume: dict | None,
     snapshot: Any,
-    stop_at: int | None,
 ) -> dict[str, Any]:
     """Run GD+CLR or SGD+CLR from θ_0 (the model's current parameters).
 
@@ -411,7 +406,7 @@ def run_arm(
     for c in range(first, cfg.cycles):
         loss_start = rec["loss"][-1]
         theta_high, escape, loss_max = run_cycle(
-            arm, c, model, opt, gen, task, cfg, rec, theta_prev, bar, stop_at
+            arm, c, model, opt, gen, task, cfg, rec, theta_prev, bar
         )
         theta = theta_of(model)
         ev = evaluate(model, task)
@@ -469,7 +464,6 @@ def run_cycle(
     rec: dict[str, list],
     theta_prev: torch.Tensor,
     bar: Any,
-    stop_at: int | None,
 ) -> tuple[torch.Tensor, tuple[int, torch.Tensor] | None, float]:
     """Run cycle ``c``'s ``2·phase_steps`` steps, appending the per-step records.
 
@@ -483,7 +477,7 @@ def run_cycle(
     theta_high, escape = None, None
     loss_start, loss_max = rec["loss"][-1], -math.inf
     for t in range(c * period, (c + 1) * period):
-        common.maybe_interrupt(t, stop_at)
+        common.maybe_interrupt(t)  # units: the arm's steps
         model.train()
         opt.zero_grad(set_to_none=True)
         if arm == "sgd":

@@ -97,13 +97,11 @@ class Config:
         )
 
 
-def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
+def main(cfg: Config) -> dict[str, Any]:
     """Train (optionally), measure, write ``results.json`` and ``sharpness.png``.
 
     Args:
         cfg: The configuration.
-        _stop_at: Test hook: raise :class:`_common.Interrupted` at this training
-            step, after the checkpoint of the previous epoch.
 
     Returns:
         The results as written to ``results.json``.
@@ -115,9 +113,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         loss_fn = nn.CrossEntropyLoss()
         trained = stages.run(
             "train",
-            lambda resume, snapshot: train(
-                model, loss_fn, data, cfg, resume, snapshot, _stop_at
-            ),
+            lambda resume, snapshot: train(model, loss_fn, data, cfg, resume, snapshot),
         )
         model.load_state_dict(trained["model"])
         model.eval()
@@ -198,7 +194,6 @@ def train(
     cfg: Config,
     resume: dict[str, Any] | None,
     snapshot: Any,
-    stop_at: int | None,
 ) -> dict[str, Any]:
     """SGD for ``cfg.epochs`` epochs, a snapshot after each (the stage "train").
 
@@ -224,7 +219,7 @@ def train(
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         perm = torch.randperm(n, generator=gen).to(data.x_train.device)
         for b in range(per_epoch):
-            common.maybe_interrupt(epoch * per_epoch + b, stop_at)
+            common.maybe_interrupt(epoch * per_epoch + b)  # units: training steps
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])

@@ -14,8 +14,9 @@ and its ``__main__`` is :func:`cli`. Nothing is written before :meth:`Run.open`,
 a config that fails a check leaves no output folder behind.
 
 Interruptions for the resume tests: a recipe calls :func:`maybe_interrupt` at every
-unit of work (a step, a run); it raises :class:`Interrupted` at the unit a test
-asked for, after the checkpoint of the previous units has been written.
+unit of work (a step, a run); a test sets :data:`STOP_AT` (with pytest's
+``monkeypatch``) and the run raises :class:`Interrupted` at that unit, after the
+checkpoint of the previous units has been written.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ SCHEMA_VERSION = 1  # bump when results.json changes incompatibly
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # where `git rev-parse` runs
 
+STOP_AT: int | None = None  # the unit of work a test stops a run at (None: never)
+
 __all__ = [
     "SCHEMA_VERSION",
+    "STOP_AT",
     "Diverged",
     "Interrupted",
     "Run",
@@ -63,17 +67,16 @@ class Interrupted(RuntimeError):
     """Raised by :func:`maybe_interrupt` to simulate a killed run (tests only)."""
 
 
-def maybe_interrupt(step: int, stop_at: int | None) -> None:
-    """Raise :class:`Interrupted` when ``step == stop_at`` (test hook).
+def maybe_interrupt(step: int) -> None:
+    """Raise :class:`Interrupted` when ``step`` is :data:`STOP_AT` (test hook).
 
     Args:
         step: The unit of work about to run.
-        stop_at: The unit at which to stop, or ``None`` (never).
 
     Raises:
-        Interrupted: If ``step == stop_at``.
+        Interrupted: If ``step == STOP_AT``.
     """
-    if stop_at is not None and step == stop_at:
+    if STOP_AT is not None and step == STOP_AT:
         raise Interrupted(f"interrupted at step {step} (test hook)")
 
 

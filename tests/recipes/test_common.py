@@ -348,11 +348,12 @@ def test_claim_error_and_table():
     assert "| x | n/a | < 1 | FAIL |" in table
 
 
-def test_maybe_interrupt():
-    C.maybe_interrupt(3, None)
-    C.maybe_interrupt(3, 4)
+def test_maybe_interrupt(monkeypatch):
+    C.maybe_interrupt(3)  # STOP_AT is None: never
+    monkeypatch.setattr(C.run, "STOP_AT", 4)
+    C.maybe_interrupt(3)
     with pytest.raises(C.Interrupted, match="interrupted at step 4"):
-        C.maybe_interrupt(4, 4)
+        C.maybe_interrupt(4)
 
 
 def test_whiten_flattens_the_input_spectrum():
