@@ -261,12 +261,19 @@ class Run:
             checkpoint there (the global RNG states restored), else ``{}``.
 
         Raises:
-            ValueError: If the checkpoint was written with another config.
+            ValueError: If the checkpoint was written with another config, or by
+                an older layout of the recipes (no ``state`` in it).
         """
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.json", self.config)
         if self.cfg.resume:
-            saved = load_checkpoint(self.out / "checkpoint.pt", config=self.config)
+            path = self.out / "checkpoint.pt"
+            saved = load_checkpoint(path, config=self.config)
+            if saved is not None and "state" not in saved:
+                raise ValueError(
+                    f"--resume: the checkpoint {str(path)!r} was written by an older "
+                    "version of the recipes; rerun without --resume to start over."
+                )
             if saved is not None:
                 self.state = saved["state"]
         return self.state

@@ -476,3 +476,14 @@ def test_cli_exit_status(tmp_path, monkeypatch, capsys):
             C.cli("x", Cfg, main(passed), "doc")
         assert e.value.code == code
     assert "error: `note` is bad; pass another" in capsys.readouterr().err
+
+
+def test_resume_from_an_older_checkpoint_layout_says_so(tmp_path):
+    cfg = Cfg(out_dir=str(tmp_path), resume=True)
+    C.save_checkpoint(
+        tmp_path / "x" / "checkpoint.pt",
+        {"config": C.config_to_dict(cfg), "progress": {}},
+    )
+    with C.Run("x", cfg) as run:
+        with pytest.raises(ValueError, match="older version of the recipes; rerun"):
+            run.open()
