@@ -68,14 +68,9 @@ NOISE_KIND = {
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(common.RunOptions):
     part: str = option("both", "'toy' (R1), 'net' (R3) or 'both'")
     seed: int = option(0, "base seed; the net part runs seeds seed .. +num_seeds-1")
-    device: str = option("cpu", "'cpu' or 'cuda'")
-    out_dir: str = option("runs", "outputs go to <out_dir>/anisotropic_escape/")
-    resume: bool = option(
-        False, "continue from <out_dir>/anisotropic_escape/checkpoint.pt"
-    )
     # --- R1: the 2-D toy [C-Z19 2Dim]
     toy_runs: int = option(100, "independent runs per dynamic, each with fresh data")
     toy_points: int = option(100, "data points per run")
@@ -455,6 +450,22 @@ def evaluate(model: nn.Module, data: common.DataSplit, loss_fn: nn.Module) -> di
     }
 
 
+def _new_record(**extra: list) -> dict[str, list]:
+    """An empty evaluation record: steps, training loss and accuracy, test accuracy."""
+    return {"step": [], "train_loss": [], "train_acc": [], "test_acc": [], **extra}
+
+
+def _record_evaluation(
+    rec: dict[str, list], model: nn.Module, data: common.DataSplit, loss_fn, step: int
+) -> dict[str, float]:
+    """Evaluate the model, append the values at ``step`` to ``rec``; return them."""
+    ev = evaluate(model, data, loss_fn)
+    for key, v in ev.items():
+        rec[key].append(v)
+    rec["step"].append(step)
+    return ev
+
+
 def make_optimizer(
     kind: str, model: nn.Module, loss_fn: nn.Module, data, cfg: Config, seed: int
 ) -> torch.optim.Optimizer:
@@ -573,12 +584,7 @@ def pretrain_gd(
 ) -> dict[str, list]:
     """Full-batch GD at ``cfg.lr`` for ``cfg.gd_steps`` steps: θ*_GD (checkpointed)."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    rec: dict[str, list] = {
-        "step": [],
-        "train_loss": [],
-        "train_acc": [],
-        "test_acc": [],
-    }
+    rec = _new_record()
     start = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -591,10 +597,7 @@ def pretrain_gd(
         opt.step()
         bar.update(1)
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.gd_steps:
-            ev = evaluate(model, data, loss_fn)
-            for key, v in ev.items():
-                rec[key].append(v)
-            rec["step"].append(t + 1)
+            ev = _record_evaluation(rec, model, data, loss_fn, t + 1)
             bar.set_postfix(loss=f"{ev['train_loss']:.3g}", lr=cfg.lr)
             snapshot(
                 {
@@ -624,13 +627,7 @@ def run_dynamic(
     """
     opt = make_optimizer(kind, model, loss_fn, data, cfg, seed)
     gen = torch.Generator().manual_seed(20_000 + seed)  # SGD batch sampling
-    rec: dict[str, list] = {
-        "step": [],
-        "train_loss": [],
-        "train_acc": [],
-        "test_acc": [],
-    }
-    rec["geometry"] = []
+    rec = _new_record(geometry=[])
     start, v0 = 0, None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -638,10 +635,7 @@ def run_dynamic(
         gen.set_state(resume["generator"])
         rec, start = resume["record"], resume["step"]
     else:
-        rec_eval = evaluate(model, data, loss_fn)
-        for key, v in rec_eval.items():
-            rec[key].append(v)
-        rec["step"].append(0)
+        _record_evaluation(rec, model, data, loss_fn, 0)
     n = data.x_train.shape[0]
     bar = common.progress_bar(total=cfg.steps, initial=start, desc=f"{kind} s{seed}")
     for t in range(start, cfg.steps):
@@ -666,10 +660,7 @@ def run_dynamic(
         opt.step()
         bar.update(1)
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
-            ev = evaluate(model, data, loss_fn)
-            for key, v in ev.items():
-                rec[key].append(v)
-            rec["step"].append(t + 1)
+            ev = _record_evaluation(rec, model, data, loss_fn, t + 1)
             bar.set_postfix(loss=f"{ev['train_loss']:.3g}", lr=cfg.lr)
             snapshot(
                 {
@@ -686,7 +677,7 @@ def run_dynamic(
     out["final_test_acc"] = sum(last) / len(last)
     out["final_train_acc"] = rec["train_acc"][-1]
     out["expected_sharpness"] = _expected_sharpness(model, loss_fn, data, cfg, seed)
-    if hasattr(opt, "stats"):
+    if isinstance(opt, NoisyGD):
         # wall-clock fields are left out so that a resumed run's results are equal
         out["noise_stats"] = {
             k: float(v) for k, v in opt.stats.items() if not k.endswith("seconds")

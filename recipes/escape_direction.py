@@ -56,7 +56,7 @@ DTYPES = ("float64", "float32")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(common.RunOptions):
     # model and data
     model: str = option("mlp", "'mlp' (R5 FCN), 'cnn', 'linear' or a timm name")
     model_kwargs: tuple[str, ...] = option(
@@ -104,13 +104,6 @@ class Config:
     )
     perturbation: float = option(1e-8, "std of the start perturbation (eta' arms)")
     growth_steps: int = option(3, "early steps over which the loss growth is read")
-    # run
-    seed: int = option(0, "seed of the init, the data split and every run")
-    device: str = option("cpu", "'cpu' or 'cuda'")
-    out_dir: str = option("runs", "outputs go to <out_dir>/escape_direction/")
-    resume: bool = option(
-        False, "continue from <out_dir>/escape_direction/checkpoint.pt"
-    )
 
     @classmethod
     def quick(cls) -> Config:

@@ -56,14 +56,9 @@ PER_CYCLE = (
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(common.RunOptions):
     seed: int = option(0, "base seed; runs seeds seed .. seed+num_seeds-1")
     num_seeds: int = option(3, "seeds (the verdict averages them)")
-    device: str = option("cpu", "'cpu' or 'cuda'")
-    out_dir: str = option("runs", "outputs go to <out_dir>/flat_minima_clr/")
-    resume: bool = option(
-        False, "continue from <out_dir>/flat_minima_clr/checkpoint.pt"
-    )
     dataset: str = option(
         "digits", "'digits' (offline), 'fashion_mnist', 'mnist', 'cifar10'"
     )

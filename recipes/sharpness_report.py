@@ -47,7 +47,7 @@ NATIVE_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(common.RunOptions):
     # model and data
     model: str = option("test_byobnet", "any timm name, or 'mlp' / 'cnn' / 'linear'")
     width: int = option(128, "hidden width of 'mlp' / channels of 'cnn'")
@@ -77,11 +77,6 @@ class Config:
     sharpness_samples: int = option(20, "draws of the expected sharpness")
     # run
     seed: int = option(0, "seed of the split, the init, the batches, the probes")
-    device: str = option("cpu", "'cpu' or 'cuda'")
-    out_dir: str = option("runs", "outputs go to <out_dir>/sharpness_report/")
-    resume: bool = option(
-        False, "continue from <out_dir>/sharpness_report/checkpoint.pt"
-    )
 
     @classmethod
     def quick(cls) -> Config:

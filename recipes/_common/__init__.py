@@ -18,6 +18,7 @@ re-exported here.
 
 from .config import (
     DEVICES,
+    RunOptions,
     check_choice,
     check_config_basics,
     check_device,
@@ -76,6 +77,7 @@ __all__ = [
     "Diverged",
     "Interrupted",
     "Run",
+    "RunOptions",
     "Stages",
     "check_choice",
     "check_config_basics",

@@ -34,6 +34,7 @@ DEVICES = ("cpu", "cuda")
 
 __all__ = [
     "DEVICES",
+    "RunOptions",
     "check_choice",
     "check_config_basics",
     "check_device",
@@ -57,6 +58,20 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - argparse's name
         A :func:`dataclasses.field` with ``metadata={"help": help}``.
     """
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The fields every recipe's ``Config`` starts with (what :class:`Run` reads).
+
+    A recipe subclasses it; redeclaring ``seed`` there changes its help text, not
+    its place on the command line.
+    """
+
+    seed: int = option(0, "seed of the data split, the initialisation and every run")
+    device: str = option("cpu", "'cpu' or 'cuda'")
+    out_dir: str = option("runs", "outputs go to <out_dir>/<recipe>/")
+    resume: bool = option(False, "continue from <out_dir>/<recipe>/checkpoint.pt")
 
 
 # --------------------------------------------------------------------------------------

@@ -219,8 +219,8 @@ class Run:
 
     Args:
         recipe: The recipe's name; outputs go to ``<cfg.out_dir>/<recipe>/``.
-        cfg: The recipe's config (fields ``seed``, ``device``, ``out_dir``,
-            ``resume``).
+        cfg: The recipe's config, a :class:`~_common.config.RunOptions` (fields
+            ``seed``, ``device``, ``out_dir``, ``resume``).
         threads: Torch CPU threads during the run (``None``: leave as is).
 
     Attributes:
