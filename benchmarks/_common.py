@@ -19,6 +19,14 @@ import torch
 import geoopt_sgd
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``None`` where the OS has none)."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
 def git_sha() -> str:
     """Short commit of the checkout holding this folder, ``""`` if unknown."""
     try:
@@ -34,11 +42,12 @@ def git_sha() -> str:
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:
-    """The one environment record every benchmark writes into its results.
+    """The one environment record every benchmark writes beside its numbers.
 
     Keys: package versions (``timm`` is ``None`` when it is not installed), the
-    machine, the thread count, the device, the load average at the start and the
-    git commit. Scripts add ``load_average_end`` when they finish.
+    machine, the thread count, the device (and the GPU's name on CUDA), the load
+    average at the start and the git commit. Scripts add ``load_average_end``
+    (:func:`load_average`) when they finish.
     """
     try:
         import timm
@@ -46,7 +55,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         timm_version = timm.__version__
     except ImportError:
         timm_version = None
-    return {
+    env: dict[str, Any] = {
         "geoopt_sgd": geoopt_sgd.__version__,
         "torch": torch.__version__,
         "timm": timm_version,
@@ -54,10 +63,13 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "load_average": list(os.getloadavg()),
+        "device": str(device),
+        "load_average": load_average(),
         "git_sha": git_sha(),
     }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:

@@ -179,4 +179,6 @@ def bench_noisy_gd(
 
 
 if __name__ == "__main__":
-    print(json.dumps(bench_noisy_gd(), indent=2))
+    from _common import environment
+
+    print(json.dumps({"env": environment(), **bench_noisy_gd()}, indent=2))

@@ -42,13 +42,10 @@ import traceback
 
 import numpy as np
 import torch
+from _common import environment, load_average
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from _common import environment  # noqa: E402
-
-from geoopt_sgd import HessianOperator, top_eigenpairs  # noqa: E402
+from geoopt_sgd import HessianOperator, top_eigenpairs
 
 MATCH_RTOL = 1e-3  # a reference eigenvalue is "found" if a value is within this
 
@@ -459,7 +456,7 @@ def main(argv=None):
                             flush=True,
                         )
         results["problems"].append(prob)
-    results["env"]["load_average_end"] = list(os.getloadavg())
+    results["env"]["load_average_end"] = load_average()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -35,18 +35,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
 import torch
+from _common import environment, load_average
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from _common import environment  # noqa: E402
-
-from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD  # noqa: E402
+from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD
 
 TARGETS = {"noisy_isotropic": 1.2, "cyclic_sgd": 1.02}
 
@@ -176,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (15 if args.quick else 21)
     block = args.block or (20 if args.quick else 5)
 
-    load_before = os.getloadavg()
+    load_before = load_average()
     start = time.perf_counter()
     steps = bench_steps(
         model, repeats=repeats, block=block, warmup=2, device=args.device
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "environment": environment(args.device),
         "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        "load_average_after": load_average(),
         "seconds": time.perf_counter() - start,
         "step_alone": steps,
         "noisy_gd": hessian,

@@ -38,23 +38,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import environment, load_average, median_seconds
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import environment, median_seconds  # noqa: E402
-
-from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry  # noqa: E402
-from geoopt_sgd._model import FunctionalModel  # noqa: E402
-from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS  # noqa: E402
-from geoopt_sgd.probes.primitives import ProbeSet  # noqa: E402
+from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry
+from geoopt_sgd._model import FunctionalModel
+from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS
+from geoopt_sgd.probes.primitives import ProbeSet
 
 ESCAPE = ("sharp_fraction", "loss_energy_fraction")
 
@@ -259,7 +254,7 @@ def bench_overhead(
         "values_last": {
             k_: v for k_, v in probe.history[-1].items() if isinstance(v, float)
         },
-        "load_average": list(os.getloadavg()),
+        "load_average": load_average(),
     }
 
 
@@ -389,7 +384,7 @@ def main(argv=None):
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        results["env"]["load_average_end"] = list(os.getloadavg())
+        results["env"]["load_average_end"] = load_average()
         out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     if "per_sample" in sections:

@@ -1,36 +1,20 @@
 """Anisotropic noise escapes sharp minima (Zhu et al. 2019; SPEC R1 and R3).
 
-Two experiments from Z19 ("The Anisotropic Noise in SGD", ICML 2019):
+Claim (Z19, "The Anisotropic Noise in SGD"): noise aligned with the Hessian (SGD's
+own, or GLD's with C, H or u_1) leaves sharp minima for flat ones; isotropic noise of
+the same size does not.
 
 * **R1, the 2-D toy (Fig. 2).** A sharp basin at (1, 1) (Hessian eigenvalues 20 and
-  200, stiff axis along (1, 1)/√2) and a flat one at (-1, -1) (Hessian 2I). From
-  w = (1, 1), gradient descent plus parameter-unit noise of total variance 0.01 per
-  step, in six flavours: none (GD), isotropic (GLD-const), diag(C), C (GLD-lead),
-  H (GLD-Hess) and u_1 only (GLD-1eig). Success: w ends in the flat basin. The toy's
-  per-point loss is a min of two quadratics, so H and the per-sample gradient
-  covariance C are exact 2×2 matrices; the dynamics are written out here, vectorised
-  over the 100 runs (the library's NoisyGD needs a model, loss and data set and
-  would run the 600 trajectories one by one; the tests check that
-  ``NoisyGD(noise_units="param", magnitude="unit")`` realises the same noise).
+  200) and a flat one at (-1, -1) (2I). From w = (1, 1), GD plus noise of total
+  variance 0.01 per step in six flavours (none, isotropic, diag(C), C, H, u_1),
+  100 runs each, written out vectorised here. Success: w ends in the flat basin.
 * **R3, escaping a GD minimum (Figs. 3, 5).** Z19's FashionMNIST setting on the
-  offline ``digits`` (1,000 clean + 200 random-label training images, standardised;
-  an MLP 64→32→32→10 with ReLU, softmax CE): GD to a minimum θ*_GD, then every
-  dynamic of SPEC §3 continues from it with the same lr (0.2 here: Z19's 0.07 left
-  GD far from a minimum on digits within the CPU budget; with 0.2 GD fits 99.7% of
-  the corrupted training set in 2k steps)
-  (GD, GLD-const, GLD-dyn, GLD-diag, GLD-lead, GLD-Hess, GLD-1eig through
-  :class:`geoopt_sgd.NoisyGD`, and mini-batch SGD). Measured: train/test accuracy,
-  expected sharpness (:func:`geoopt_sgd.expected_sharpness`), and along SGD
-  Tr(HΣ) vs Tr(HΣ̄) and the projection coefficient â
-  (:func:`geoopt_sgd.noise_geometry`).
+  offline ``digits`` (1,000 clean + 200 random-label images; MLP 64→32→32→10, ReLU,
+  CE): GD to θ*_GD, then each dynamic of SPEC §3 (GD, the GLD variants through
+  :class:`geoopt_sgd.NoisyGD`, mini-batch SGD) from it at the same lr. Measured:
+  accuracies, expected sharpness, and along SGD Tr(HΣ)/Tr(HΣ̄) and â.
 
-Verdict (SPEC R1): GD never escapes; GLD-const and GLD-diag escape in ≤ 5% of runs;
-GLD-lead, GLD-Hess and GLD-1eig in ≥ 20%; Tr(HC) > Tr(HC̄) at (1, 1). (SPEC R3):
-the anisotropic group (SGD, lead, Hess, 1eig) ends ≥ 1 pp more accurate on the
-test set and flatter (lower expected sharpness) than the isotropic group (GD,
-const, dyn, diag); Tr(HΣ)/Tr(HΣ̄) ≥ 5 and â > 1 along SGD.
-
-Commands (from the repository root)::
+Commands (from the repository root; outputs under ``<out-dir>/anisotropic_escape/``)::
 
     python recipes/anisotropic_escape.py --quick            # CI setting
     python recipes/anisotropic_escape.py                    # full: 3 seeds
@@ -38,24 +22,32 @@ Commands (from the repository root)::
     python recipes/anisotropic_escape.py --dataset fashion_mnist \\
         --data-dir ~/data --download --model cnn            # the paper's data
 
-Outputs go to ``<out-dir>/anisotropic_escape/``: ``config.json``,
-``results.json`` and ``toy.png`` / ``net.png``, redrawn from the JSON by
-:func:`plot`. Runtime on 2 CPU cores and expected numbers: see
-``recipes/README.md``.
+Expected: every verdict row PASS. R1: GD never escapes, GLD-const and GLD-diag in
+≤ 5% of runs, GLD-lead/Hess/1eig in ≥ 20%, Tr(HC) > Tr(HC̄) at (1, 1). R3: the
+anisotropic group (SGD, lead, Hess, 1eig) ends ≥ 1 pp more accurate and flatter
+than the isotropic one (GD, const, dyn, diag); Tr(HΣ)/Tr(HΣ̄) ≥ 5 and â > 1 along
+SGD. Figures ``toy.png`` / ``net.png``; runtimes and numbers: recipes/README.md.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import _common as common
 import torch
+from _common import option
 from torch import Tensor, nn
+
+from geoopt_sgd import (
+    HessianOperator,
+    NoisyGD,
+    expected_sharpness,
+    noise_geometry,
+    top_eigenpairs,
+)
 
 RECIPE = "anisotropic_escape"
 
@@ -76,46 +68,49 @@ NOISE_KIND = {
 
 
 @dataclass(frozen=True)
-class Config:
-    part: str = "both"  # 'toy' (R1), 'net' (R3) or 'both'
-    seed: int = 0  # base seed; the net part runs seeds seed .. seed+num_seeds-1
-    device: str = "cpu"  # 'cpu' or 'cuda'
-    out_dir: str = "runs"  # outputs go to <out_dir>/anisotropic_escape/
-    resume: bool = False  # continue from <out_dir>/anisotropic_escape/checkpoint.pt
+class Config(common.RunOptions):
+    part: str = option("both", "'toy' (R1), 'net' (R3) or 'both'")
+    seed: int = option(0, "base seed; the net part runs seeds seed .. +num_seeds-1")
     # --- R1: the 2-D toy [C-Z19 2Dim]
-    toy_runs: int = 100  # independent runs per dynamic, each with fresh data
-    toy_points: int = 100  # data points per run
-    toy_steps: int = 500  # iterations per run
-    toy_lr: float = 0.005  # step size
-    toy_noise_var: float = (
-        0.01  # total noise variance E||eps||^2 per step (param units)
+    toy_runs: int = option(100, "independent runs per dynamic, each with fresh data")
+    toy_points: int = option(100, "data points per run")
+    toy_steps: int = option(500, "iterations per run")
+    toy_lr: float = option(0.005, "step size")
+    toy_noise_var: float = option(
+        0.01, "total noise variance E||eps||^2 per step (param units)"
     )
-    toy_traj_runs: int = 4  # trajectories per dynamic kept for the figure
+    toy_traj_runs: int = option(4, "trajectories per dynamic kept for the figure")
     # --- R3: escaping a GD minimum [C-Z19, SPEC R3]
-    dataset: str = "digits"  # 'digits' (offline), 'fashion_mnist', 'mnist', 'cifar10'
-    data_dir: str | None = None  # where torchvision data lives (with --download)
-    download: bool = False  # download a missing torchvision dataset into data_dir
-    model: str = "mlp"  # 'mlp', 'cnn', 'linear' or any timm name (e.g. 'test_vit')
-    width: int = 32  # hidden width / channels of the small models
-    activation: str = "relu"  # 'relu' or 'tanh' (mlp)
-    image_size: int | None = None  # input side for image models (None: native)
-    num_train: int = 1200  # training samples (the last num_corrupt get random labels)
-    num_corrupt: int = 200  # training labels replaced by uniform random labels
-    lr: float = 0.2  # step size of GD to theta*_GD and of every dynamic (Z19: 0.07)
-    gd_steps: int = 3000  # GD iterations to reach theta*_GD [P]
-    steps: int = 1000  # iterations of each dynamic from theta*_GD (code: 20k)
-    batch_size: int = 20  # SGD batch; noise magnitudes are matched to it [C-Z19]
-    dynamics: tuple[str, ...] = NET_DYNAMICS  # subset of NET_DYNAMICS to run
-    k: int = 20  # eigenpairs of GLD-lead / GLD-Hess [C-Z19]
-    refresh_every: int = 10  # steps between noise-statistics refreshes [C-Z19]
-    const_noise: float = 1e-3  # GLD-const std per coordinate, rho [C-Z19]
-    eval_every: int = 100  # steps between accuracy evaluations
-    sharpness_sigma: float = 0.01  # expected-sharpness radius delta [P]
-    sharpness_samples: int = 1000  # Monte-Carlo draws of expected sharpness [P]
-    geometry_every: int = 500  # steps between Tr(H Sigma) / a-hat probes along SGD
-    geometry_k: int = 10  # Lanczos pairs of the probe (u_1, lambda_1)
-    top_k: int = 50  # Hessian eigenvalues reported at theta*_GD (Fig. 5 left: 400)
-    num_seeds: int = 3  # seeds of the net part (the verdict averages them)
+    dataset: str = option(
+        "digits", "'digits' (offline), 'fashion_mnist', 'mnist', 'cifar10'"
+    )
+    data_dir: str | None = option(None, "where torchvision data lives")
+    download: bool = option(False, "download a missing torchvision dataset")
+    model: str = option("mlp", "'mlp', 'cnn', 'linear' or any timm name")
+    width: int = option(32, "hidden width / channels of the small models")
+    activation: str = option("relu", "'relu' or 'tanh' (mlp)")
+    image_size: int | None = option(None, "input side for image models (None: native)")
+    num_train: int = option(
+        1200, "training samples (the last num_corrupt get random labels)"
+    )
+    num_corrupt: int = option(200, "training labels replaced by random labels")
+    lr: float = option(0.2, "step size of GD to theta*_GD and of every dynamic")
+    gd_steps: int = option(3000, "GD iterations to reach theta*_GD")
+    steps: int = option(1000, "iterations of each dynamic from theta*_GD")
+    batch_size: int = option(20, "SGD batch; noise magnitudes are matched to it")
+    dynamics: tuple[str, ...] = option(NET_DYNAMICS, "subset of the dynamics to run")
+    k: int = option(20, "eigenpairs of GLD-lead / GLD-Hess")
+    refresh_every: int = option(10, "steps between noise-statistics refreshes")
+    const_noise: float = option(1e-3, "GLD-const std per coordinate, rho")
+    eval_every: int = option(100, "steps between accuracy evaluations")
+    sharpness_sigma: float = option(0.01, "expected-sharpness radius delta")
+    sharpness_samples: int = option(1000, "Monte-Carlo draws of expected sharpness")
+    geometry_every: int = option(
+        500, "steps between Tr(H Sigma) / a-hat probes along SGD"
+    )
+    geometry_k: int = option(10, "Lanczos pairs of the probe (u_1, lambda_1)")
+    top_k: int = option(50, "Hessian eigenvalues reported at theta*_GD")
+    num_seeds: int = option(3, "seeds of the net part (the verdict averages them)")
 
     @classmethod
     def quick(cls) -> Config:
@@ -129,6 +124,72 @@ class Config:
             geometry_every=200,
             top_k=20,
             toy_traj_runs=3,
+        )
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Run the recipe and write ``config.json``, ``results.json`` and the figures.
+
+    Args:
+        cfg: The configuration.
+
+    Returns:
+        The results as written to ``results.json``.
+    """
+    validate(cfg)
+    with common.Run(RECIPE, cfg) as run:
+        net_parts = cfg.part in ("net", "both")
+        seeds = range(cfg.seed, cfg.seed + cfg.num_seeds) if net_parts else []
+        first = prepare_net(cfg, cfg.seed, run.device) if net_parts else None
+        state = run.open()
+        toy = {}
+        if cfg.part in ("toy", "both"):
+            toy = run_toy(cfg, common.Stages(state.setdefault("toy", {}), run.save))
+        net = {}
+        for seed in seeds:
+            data, model = (
+                first if seed == cfg.seed else prepare_net(cfg, seed, run.device)
+            )
+            seed_state = state.setdefault("net", {}).setdefault(str(seed), {})
+            stages = common.Stages(seed_state, run.save)
+            net[str(seed)] = run_net_seed(cfg, seed, data, model, stages)
+        metrics, rows = summarise(cfg, toy, net)
+        return run.finish(metrics, {"toy": toy, "net": net}, rows, plot)
+
+
+def validate(cfg: Config) -> None:
+    """Check the config alone, before anything is loaded, built or written.
+
+    Raises:
+        ValueError: On an invalid field (unknown part, model, dataset or dynamic;
+            non-positive lr; counts < 1; a batch above half the training set).
+    """
+    common.check_choice(cfg, "part", ("toy", "net", "both"))
+    common.check_config_basics(cfg)
+    common.check_min(
+        cfg, ("toy_runs", "toy_points", "toy_steps", "num_seeds", "batch_size"), 1
+    )
+    for name in ("toy_noise_var", "const_noise"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"`{name}` must be >= 0; got {getattr(cfg, name)}.")
+    common.check_min(
+        cfg, ("k", "geometry_k", "top_k", "eval_every", "refresh_every"), 1
+    )
+    bad = [d for d in cfg.dynamics if d not in NET_DYNAMICS]
+    if bad or not cfg.dynamics:
+        raise ValueError(
+            "`dynamics` must be a non-empty subset of "
+            f"{', '.join(map(repr, NET_DYNAMICS))}; got {cfg.dynamics!r}."
+        )
+    if not 0 <= cfg.num_corrupt < cfg.num_train:
+        raise ValueError(
+            f"`num_corrupt` must be in [0, num_train) = [0, {cfg.num_train}); "
+            f"got {cfg.num_corrupt}."
+        )
+    if cfg.part != "toy" and cfg.batch_size > cfg.num_train // 2:
+        raise ValueError(
+            f"`batch_size` must be <= num_train/2 = {cfg.num_train // 2} (the "
+            f"noise statistics need >= 2 batches); got {cfg.batch_size}."
         )
 
 
@@ -291,9 +352,46 @@ def toy_alignment_ratio(x: Tensor) -> float:
     return float(ratio.mean())
 
 
+def run_toy(cfg: Config, stages: common.Stages) -> dict[str, Any]:
+    """R1: every toy dynamic on the same data sets, one stage per dynamic."""
+    x = toy_data(cfg.toy_runs, cfg.toy_points, torch.Generator().manual_seed(cfg.seed))
+    ratio = toy_alignment_ratio(x)
+    dynamics = {}
+    for i, kind in enumerate(common.progress_bar(TOY_DYNAMICS, desc="toy")):
+        dynamics[kind] = stages.run(
+            kind,
+            lambda resume, snapshot, i=i, kind=kind: run_toy_dynamic(
+                kind, x, cfg, seed=1000 * cfg.seed + i + 1
+            ),
+        )
+    return {"tr_hc_ratio": ratio, "dynamics": dynamics}
+
+
 # ======================================================================================
 # R3: escaping a GD minimum
 # ======================================================================================
+
+
+def prepare_net(
+    cfg: Config, seed: int, device: torch.device
+) -> tuple[common.DataSplit, nn.Module]:
+    """Load one seed's data and build its model.
+
+    Raises:
+        ValueError: If ``k``, ``geometry_k`` or ``top_k`` exceeds the parameter
+            count, or the data cannot be loaded.
+        FileNotFoundError: If a torchvision dataset is missing without --download.
+    """
+    data = load_net_data(cfg, seed, device)
+    model = build_model(cfg, data, seed)
+    num_params = sum(p.numel() for p in model.parameters())
+    for name in ("k", "geometry_k", "top_k"):
+        if getattr(cfg, name) > num_params:
+            raise ValueError(
+                f"`{name}` must be <= the parameter count {num_params}; "
+                f"got {getattr(cfg, name)}."
+            )
+    return data, model
 
 
 def load_net_data(cfg: Config, seed: int, device: torch.device) -> common.DataSplit:
@@ -352,12 +450,26 @@ def evaluate(model: nn.Module, data: common.DataSplit, loss_fn: nn.Module) -> di
     }
 
 
+def _new_record(**extra: list) -> dict[str, list]:
+    """An empty evaluation record: steps, training loss and accuracy, test accuracy."""
+    return {"step": [], "train_loss": [], "train_acc": [], "test_acc": [], **extra}
+
+
+def _record_evaluation(
+    rec: dict[str, list], model: nn.Module, data: common.DataSplit, loss_fn, step: int
+) -> dict[str, float]:
+    """Evaluate the model, append the values at ``step`` to ``rec``; return them."""
+    ev = evaluate(model, data, loss_fn)
+    for key, v in ev.items():
+        rec[key].append(v)
+    rec["step"].append(step)
+    return ev
+
+
 def make_optimizer(
     kind: str, model: nn.Module, loss_fn: nn.Module, data, cfg: Config, seed: int
 ) -> torch.optim.Optimizer:
     """Return the optimizer of one dynamic (SPEC §3): NoisyGD, or torch SGD for SGD."""
-    from geoopt_sgd import NoisyGD
-
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr)
     noise = NOISE_KIND[kind]
@@ -377,8 +489,6 @@ def make_optimizer(
 
 
 def _expected_sharpness(model, loss_fn, data, cfg: Config, seed: int) -> float:
-    from geoopt_sgd import expected_sharpness
-
     est = expected_sharpness(
         model,
         loss_fn,
@@ -387,12 +497,10 @@ def _expected_sharpness(model, loss_fn, data, cfg: Config, seed: int) -> float:
         num_samples=cfg.sharpness_samples,
         seed=seed,
     )
-    return float(getattr(est, "value", est))
+    return float(est.value)
 
 
 def _geometry(model, loss_fn, data, cfg: Config, seed: int, v0) -> tuple[dict, Any]:
-    from geoopt_sgd import noise_geometry
-
     ng = noise_geometry(
         model,
         loss_fn,
@@ -410,11 +518,96 @@ def _geometry(model, loss_fn, data, cfg: Config, seed: int, v0) -> tuple[dict, A
 
 
 def _top_spectrum(model, loss_fn, data, cfg: Config, seed: int) -> list[float]:
-    from geoopt_sgd import HessianOperator, top_eigenpairs
-
     op = HessianOperator(model, loss_fn, (data.x_train, data.y_train))
     res = top_eigenpairs(op, cfg.top_k, seed=seed)
     return [float(v) for v in res.eigenvalues]
+
+
+def run_net_seed(
+    cfg: Config,
+    seed: int,
+    data: common.DataSplit,
+    model: nn.Module,
+    stages: common.Stages,
+) -> dict[str, Any]:
+    """R3 for one seed: GD to θ*_GD (stage "theta_gd"), then one stage per dynamic.
+
+    Returns:
+        ``{"pretrain", "at_gd", "dynamics"}`` (the seed's arrays).
+    """
+    loss_fn = nn.CrossEntropyLoss()
+    gd = stages.run(
+        "theta_gd",
+        lambda resume, snapshot: reach_theta_gd(
+            model, loss_fn, data, cfg, seed, resume, snapshot
+        ),
+    )
+    dynamics = {}
+    for kind in cfg.dynamics:
+
+        def dynamic(resume, snapshot, kind=kind):
+            model.load_state_dict(gd["theta"])
+            return run_dynamic(kind, model, loss_fn, data, cfg, seed, resume, snapshot)
+
+        dynamics[kind] = stages.run(kind, dynamic)
+    return {"pretrain": gd["pretrain"], "at_gd": gd["at_gd"], "dynamics": dynamics}
+
+
+def reach_theta_gd(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: common.DataSplit,
+    cfg: Config,
+    seed: int,
+    resume: dict | None,
+    snapshot: Any,
+) -> dict[str, Any]:
+    """GD to θ*_GD, then its top spectrum, expected sharpness and accuracies."""
+    pretrain = pretrain_gd(model, loss_fn, data, cfg, resume, snapshot)
+    theta = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    at_gd = {
+        "top_eigenvalues": _top_spectrum(model, loss_fn, data, cfg, seed),
+        "expected_sharpness": _expected_sharpness(model, loss_fn, data, cfg, seed),
+        **evaluate(model, data, loss_fn),
+    }
+    return {"pretrain": pretrain, "theta": theta, "at_gd": at_gd}
+
+
+def pretrain_gd(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: common.DataSplit,
+    cfg: Config,
+    resume: dict | None,
+    snapshot: Any,
+) -> dict[str, list]:
+    """Full-batch GD at ``cfg.lr`` for ``cfg.gd_steps`` steps: θ*_GD (checkpointed)."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    rec = _new_record()
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        rec, start = resume["record"], resume["step"]
+    bar = common.progress_bar(total=cfg.gd_steps, initial=start, desc="GD to theta*")
+    for t in range(start, cfg.gd_steps):
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(data.x_train), data.y_train).backward()
+        opt.step()
+        bar.update(1)
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.gd_steps:
+            ev = _record_evaluation(rec, model, data, loss_fn, t + 1)
+            bar.set_postfix(loss=f"{ev['train_loss']:.3g}", lr=cfg.lr)
+            snapshot(
+                {
+                    "step": t + 1,
+                    "model": model.state_dict(),
+                    "record": rec,
+                }
+            )
+    bar.close()
+    return rec
 
 
 def run_dynamic(
@@ -425,23 +618,16 @@ def run_dynamic(
     cfg: Config,
     seed: int,
     resume: dict | None,
-    save: Any,
-    stop_at: int | None,
+    snapshot: Any,
 ) -> dict[str, Any]:
     """Continue from the model's current θ*_GD with one dynamic for ``cfg.steps``.
 
-    Saves a checkpoint (through ``save(current)``) after every evaluation block,
-    so an interrupted run resumes bit for bit.
+    Saves a snapshot after every evaluation block, so an interrupted run resumes
+    bit for bit.
     """
     opt = make_optimizer(kind, model, loss_fn, data, cfg, seed)
     gen = torch.Generator().manual_seed(20_000 + seed)  # SGD batch sampling
-    rec: dict[str, list] = {
-        "step": [],
-        "train_loss": [],
-        "train_acc": [],
-        "test_acc": [],
-    }
-    rec["geometry"] = []
+    rec = _new_record(geometry=[])
     start, v0 = 0, None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -449,14 +635,11 @@ def run_dynamic(
         gen.set_state(resume["generator"])
         rec, start = resume["record"], resume["step"]
     else:
-        rec_eval = evaluate(model, data, loss_fn)
-        for key, v in rec_eval.items():
-            rec[key].append(v)
-        rec["step"].append(0)
+        _record_evaluation(rec, model, data, loss_fn, 0)
     n = data.x_train.shape[0]
-    bar = common.progress(total=cfg.steps, initial=start, desc=f"{kind} s{seed}")
+    bar = common.progress_bar(total=cfg.steps, initial=start, desc=f"{kind} s{seed}")
     for t in range(start, cfg.steps):
-        common.maybe_interrupt(t, stop_at)
+        common.maybe_interrupt(t)  # units: the dynamic's steps
         if (
             kind == "sgd"
             and cfg.geometry_every
@@ -477,15 +660,10 @@ def run_dynamic(
         opt.step()
         bar.update(1)
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
-            ev = evaluate(model, data, loss_fn)
-            for key, v in ev.items():
-                rec[key].append(v)
-            rec["step"].append(t + 1)
+            ev = _record_evaluation(rec, model, data, loss_fn, t + 1)
             bar.set_postfix(loss=f"{ev['train_loss']:.3g}", lr=cfg.lr)
-            save(
+            snapshot(
                 {
-                    "kind": kind,
-                    "seed": seed,
                     "step": t + 1,
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -499,7 +677,7 @@ def run_dynamic(
     out["final_test_acc"] = sum(last) / len(last)
     out["final_train_acc"] = rec["train_acc"][-1]
     out["expected_sharpness"] = _expected_sharpness(model, loss_fn, data, cfg, seed)
-    if hasattr(opt, "stats"):
+    if isinstance(opt, NoisyGD):
         # wall-clock fields are left out so that a resumed run's results are equal
         out["noise_stats"] = {
             k: float(v) for k, v in opt.stats.items() if not k.endswith("seconds")
@@ -507,205 +685,131 @@ def run_dynamic(
     return out
 
 
-def pretrain_gd(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    data: common.DataSplit,
-    cfg: Config,
-    resume: dict | None,
-    save: Any,
-) -> dict[str, list]:
-    """Full-batch GD at ``cfg.lr`` for ``cfg.gd_steps`` steps: θ*_GD (checkpointed)."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    rec: dict[str, list] = {
-        "step": [],
-        "train_loss": [],
-        "train_acc": [],
-        "test_acc": [],
-    }
-    start = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        rec, start = resume["record"], resume["step"]
-    bar = common.progress(total=cfg.gd_steps, initial=start, desc="GD to theta*")
-    for t in range(start, cfg.gd_steps):
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(data.x_train), data.y_train).backward()
-        opt.step()
-        bar.update(1)
-        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.gd_steps:
-            ev = evaluate(model, data, loss_fn)
-            for key, v in ev.items():
-                rec[key].append(v)
-            rec["step"].append(t + 1)
-            bar.set_postfix(loss=f"{ev['train_loss']:.3g}", lr=cfg.lr)
-            save(
-                {
-                    "kind": "pretrain",
-                    "step": t + 1,
-                    "model": model.state_dict(),
-                    "record": rec,
-                }
-            )
-    bar.close()
-    return rec
-
-
-def run_net_seed(
-    cfg: Config, seed: int, device: torch.device, progress: dict, save: Any, stop_at
-) -> dict[str, Any]:
-    """Run the net part for one seed; ``progress`` holds what is already done."""
-    data = load_net_data(cfg, seed, device)
-    loss_fn = nn.CrossEntropyLoss()
-    model = build_model(cfg, data, seed)
-    done = progress.setdefault("done", {})
-    current = progress.get("current")
-
-    def save_current(cur):
-        progress["current"] = cur
-        save()
-
-    if "theta_gd" not in progress:
-        resume = current if current and current["kind"] == "pretrain" else None
-        progress["pretrain"] = pretrain_gd(
-            model, loss_fn, data, cfg, resume, save_current
-        )
-        progress["theta_gd"] = {k: v.clone() for k, v in model.state_dict().items()}
-        progress["current"] = current = None
-        model.eval()
-        progress["at_gd"] = {
-            "top_eigenvalues": _top_spectrum(model, loss_fn, data, cfg, seed),
-            "expected_sharpness": _expected_sharpness(model, loss_fn, data, cfg, seed),
-            **evaluate(model, data, loss_fn),
-        }
-        save()
-    for kind in cfg.dynamics:
-        if kind in done:
-            continue
-        model.load_state_dict(progress["theta_gd"])
-        resume = current if current and current["kind"] == kind else None
-        done[kind] = run_dynamic(
-            kind, model, loss_fn, data, cfg, seed, resume, save_current, stop_at
-        )
-        progress["current"] = current = None
-        save()
-    return progress
-
-
 def _group_mean(net: dict, group: tuple[str, ...], key: str) -> float:
     vals = [
-        seed_res["done"][k][key]
+        seed_res["dynamics"][k][key]
         for seed_res in net.values()
         for k in group
-        if k in seed_res["done"]
+        if k in seed_res["dynamics"]
     ]
     return sum(vals) / len(vals) if vals else math.nan
 
 
 def summarise(cfg: Config, toy: dict, net: dict) -> tuple[dict, list[dict]]:
-    """Summary metrics and the verdict rows (SPEC R1, R3)."""
+    """Summary metrics and the verdict rows (SPEC R1, R3) of the parts that ran."""
     metrics: dict[str, Any] = {}
     rows: list[dict] = []
     if toy:
-        rates = {k: toy["dynamics"][k]["success_rate"] for k in toy["dynamics"]}
-        metrics["toy_success_rate"] = rates
-        metrics["toy_tr_hc_ratio_at_start"] = toy["tr_hc_ratio"]
-        src = "SPEC R1"
-        rows.append(
-            common.claim("toy: GD never escapes", rates["gd"], "<=", 0, source=src)
-        )
-        for k in ("const", "diag"):
-            rows.append(
-                common.claim(
-                    f"toy: GLD-{k} rarely escapes (success rate)",
-                    rates[k],
-                    "<=",
-                    0.05,
-                    source=src,
-                )
-            )
-        for k in ("lead", "hess", "1eig"):
-            rows.append(
-                common.claim(
-                    f"toy: GLD-{k} escapes often (success rate)",
-                    rates[k],
-                    ">=",
-                    0.20,
-                    source=src,
-                )
-            )
-        rows.append(
-            common.claim(
-                "toy: Tr(HC) > Tr(HC_iso) at (1,1) (ratio)",
-                toy["tr_hc_ratio"],
-                ">",
-                1.0,
-                source="SPEC R1/§2.4",
-                note="re-run of the released code: about 1.7",
-            )
-        )
+        rows += _toy_verdict(toy, metrics)
     if net:
-        iso, aniso = ISOTROPIC_GROUP, ANISOTROPIC_GROUP
-        acc_iso = _group_mean(net, iso, "final_test_acc")
-        acc_aniso = _group_mean(net, aniso, "final_test_acc")
-        sh_iso = _group_mean(net, iso, "expected_sharpness")
-        sh_aniso = _group_mean(net, aniso, "expected_sharpness")
-        geo = [
-            g
-            for s in net.values()
-            for g in s["done"].get("sgd", {}).get("geometry", [])
-        ]
-        ratio = _median([g["tr_ratio"] for g in geo])
-        a_hat = _median([g.get("projection_coefficient", math.nan) for g in geo])
-        metrics.update(
-            test_acc_isotropic_group=acc_iso,
-            test_acc_anisotropic_group=acc_aniso,
-            expected_sharpness_isotropic_group=sh_iso,
-            expected_sharpness_anisotropic_group=sh_aniso,
-            tr_ratio_median_along_sgd=ratio,
-            projection_coefficient_median_along_sgd=a_hat,
-        )
-        per_dyn = {}
-        for k in cfg.dynamics:
-            per_dyn[k] = {
-                key: _group_mean(net, (k,), key)
-                for key in ("final_test_acc", "final_train_acc", "expected_sharpness")
-            }
-        metrics["per_dynamic"] = per_dyn
-        src = "SPEC R3"
-        rows += [
-            common.claim(
-                "net: anisotropic group ends more accurate (test acc gain, pp)",
-                100 * (acc_aniso - acc_iso),
-                ">=",
-                1.0,
-                source=src,
-                note=f"groups {aniso} vs {iso}; mean of the last 3 evaluations",
-            ),
-            common.claim(
-                "net: anisotropic group ends flatter (exp. sharpness ratio)",
-                sh_aniso / sh_iso if sh_iso else math.nan,
-                "<",
-                1.0,
-                source=src,
-            ),
-            common.claim(
-                "net: Tr(H Sigma) >> Tr(H Sigma_iso) along SGD (median ratio)",
-                ratio,
-                ">=",
-                5.0,
-                source="SPEC R3/§2.4 (threshold of R2)",
-            ),
-            common.claim(
-                "net: projection coefficient a-hat > 1 along SGD (median)",
-                a_hat,
-                ">",
-                1.0,
-                source="SPEC §2.5",
-            ),
-        ]
+        rows += _net_verdict(cfg, net, metrics)
     return metrics, rows
+
+
+def _toy_verdict(toy: dict, metrics: dict[str, Any]) -> list[dict]:
+    """R1's rows; adds the toy's success rates and Tr(HC) ratio to ``metrics``."""
+    rows: list[dict] = []
+    rates = {k: toy["dynamics"][k]["success_rate"] for k in toy["dynamics"]}
+    metrics["toy_success_rate"] = rates
+    metrics["toy_tr_hc_ratio_at_start"] = toy["tr_hc_ratio"]
+    src = "SPEC R1"
+    rows.append(common.claim("toy: GD never escapes", rates["gd"], "<=", 0, source=src))
+    for k in ("const", "diag"):
+        rows.append(
+            common.claim(
+                f"toy: GLD-{k} rarely escapes (success rate)",
+                rates[k],
+                "<=",
+                0.05,
+                source=src,
+            )
+        )
+    for k in ("lead", "hess", "1eig"):
+        rows.append(
+            common.claim(
+                f"toy: GLD-{k} escapes often (success rate)",
+                rates[k],
+                ">=",
+                0.20,
+                source=src,
+            )
+        )
+    rows.append(
+        common.claim(
+            "toy: Tr(HC) > Tr(HC_iso) at (1,1) (ratio)",
+            toy["tr_hc_ratio"],
+            ">",
+            1.0,
+            source="SPEC R1/§2.4",
+            note="re-run of the released code: about 1.7",
+        )
+    )
+    return rows
+
+
+def _net_verdict(cfg: Config, net: dict, metrics: dict[str, Any]) -> list[dict]:
+    """R3's rows; adds the group means and the SGD probes' medians to ``metrics``."""
+    rows: list[dict] = []
+    iso, aniso = ISOTROPIC_GROUP, ANISOTROPIC_GROUP
+    acc_iso = _group_mean(net, iso, "final_test_acc")
+    acc_aniso = _group_mean(net, aniso, "final_test_acc")
+    sh_iso = _group_mean(net, iso, "expected_sharpness")
+    sh_aniso = _group_mean(net, aniso, "expected_sharpness")
+    geo = [
+        g
+        for s in net.values()
+        for g in s["dynamics"].get("sgd", {}).get("geometry", [])
+    ]
+    ratio = _median([g["tr_ratio"] for g in geo])
+    a_hat = _median([g.get("projection_coefficient", math.nan) for g in geo])
+    metrics.update(
+        test_acc_isotropic_group=acc_iso,
+        test_acc_anisotropic_group=acc_aniso,
+        expected_sharpness_isotropic_group=sh_iso,
+        expected_sharpness_anisotropic_group=sh_aniso,
+        tr_ratio_median_along_sgd=ratio,
+        projection_coefficient_median_along_sgd=a_hat,
+    )
+    per_dyn = {}
+    for k in cfg.dynamics:
+        per_dyn[k] = {
+            key: _group_mean(net, (k,), key)
+            for key in ("final_test_acc", "final_train_acc", "expected_sharpness")
+        }
+    metrics["per_dynamic"] = per_dyn
+    src = "SPEC R3"
+    rows += [
+        common.claim(
+            "net: anisotropic group ends more accurate (test acc gain, pp)",
+            100 * (acc_aniso - acc_iso),
+            ">=",
+            1.0,
+            source=src,
+            note=f"groups {aniso} vs {iso}; mean of the last 3 evaluations",
+        ),
+        common.claim(
+            "net: anisotropic group ends flatter (exp. sharpness ratio)",
+            sh_aniso / sh_iso if sh_iso else math.nan,
+            "<",
+            1.0,
+            source=src,
+        ),
+        common.claim(
+            "net: Tr(H Sigma) >> Tr(H Sigma_iso) along SGD (median ratio)",
+            ratio,
+            ">=",
+            5.0,
+            source="SPEC R3/§2.4 (threshold of R2)",
+        ),
+        common.claim(
+            "net: projection coefficient a-hat > 1 along SGD (median)",
+            a_hat,
+            ">",
+            1.0,
+            source="SPEC §2.5",
+        ),
+    ]
+    return rows
 
 
 def _median(values: list[float]) -> float:
@@ -714,138 +818,6 @@ def _median(values: list[float]) -> float:
         return math.nan
     m = len(vals) // 2
     return vals[m] if len(vals) % 2 else 0.5 * (vals[m - 1] + vals[m])
-
-
-def validate(cfg: Config) -> None:
-    """Check the config before any work starts.
-
-    Raises:
-        ValueError: On an invalid field (unknown part, model, dataset or dynamic;
-            non-positive lr; k larger than the parameter count; missing data).
-        FileNotFoundError: If a torchvision dataset is missing without --download.
-    """
-    if cfg.part not in ("toy", "net", "both"):
-        raise ValueError(
-            f"`part` must be one of 'toy', 'net', 'both'; got {cfg.part!r}."
-        )
-    common.check_config_basics(cfg)
-    for name in ("toy_runs", "toy_points", "toy_steps", "num_seeds", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"`{name}` must be >= 1; got {getattr(cfg, name)}.")
-    for name in ("toy_noise_var", "const_noise"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"`{name}` must be >= 0; got {getattr(cfg, name)}.")
-    for name in ("k", "geometry_k", "top_k", "eval_every", "refresh_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"`{name}` must be >= 1; got {getattr(cfg, name)}.")
-    bad = [d for d in cfg.dynamics if d not in NET_DYNAMICS]
-    if bad or not cfg.dynamics:
-        raise ValueError(
-            "`dynamics` must be a non-empty subset of "
-            f"{', '.join(map(repr, NET_DYNAMICS))}; got {cfg.dynamics!r}."
-        )
-    if not 0 <= cfg.num_corrupt < cfg.num_train:
-        raise ValueError(
-            f"`num_corrupt` must be in [0, num_train) = [0, {cfg.num_train}); "
-            f"got {cfg.num_corrupt}."
-        )
-    if cfg.part != "toy":
-        device = common.resolve_device(cfg.device)
-        data = load_net_data(cfg, cfg.seed, torch.device("cpu"))
-        num_params = sum(
-            p.numel() for p in build_model(cfg, data, cfg.seed).parameters()
-        )
-        for name in ("k", "geometry_k", "top_k"):
-            if getattr(cfg, name) > num_params:
-                raise ValueError(
-                    f"`{name}` must be <= the parameter count {num_params}; "
-                    f"got {getattr(cfg, name)}."
-                )
-        if cfg.batch_size > cfg.num_train // 2:
-            raise ValueError(
-                f"`batch_size` must be <= num_train/2 = {cfg.num_train // 2} (the "
-                f"noise statistics need >= 2 batches); got {cfg.batch_size}."
-            )
-        del device
-
-
-def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
-    """Run the recipe and write ``config.json``, ``results.json`` and the figures.
-
-    Args:
-        cfg: The configuration.
-        _stop_at: Test hook: raise :class:`_common.Interrupted` at this step of the
-            first dynamic that reaches it (after its checkpoint is written).
-
-    Returns:
-        The results dict (also in ``results.json``).
-    """
-    validate(cfg)
-    t_start = time.perf_counter()
-    device = common.resolve_device(cfg.device)
-    out = common.recipe_dir(cfg.out_dir, RECIPE)
-    cfg_dict = common.config_to_dict(cfg)
-    common.write_json(out / "config.json", cfg_dict)
-    ckpt = out / "checkpoint.pt"
-    progress: dict[str, Any] = {"toy": {}, "net": {}}
-    if cfg.resume:
-        saved = common.load_checkpoint(ckpt, config=cfg_dict)
-        if saved is not None:
-            progress = saved["progress"]
-    else:
-        common.seed_everything(cfg.seed)
-
-    def save() -> None:
-        common.save_checkpoint(ckpt, {"config": cfg_dict, "progress": progress})
-
-    # --- R1 -----------------------------------------------------------------------
-    toy: dict[str, Any] = {}
-    if cfg.part in ("toy", "both"):
-        toy = progress["toy"]
-        gen = torch.Generator().manual_seed(cfg.seed)
-        x = toy_data(cfg.toy_runs, cfg.toy_points, gen)
-        toy["tr_hc_ratio"] = toy_alignment_ratio(x)
-        dyn = toy.setdefault("dynamics", {})
-        for i, kind in enumerate(progress_iter(TOY_DYNAMICS, "toy")):
-            if kind not in dyn:
-                dyn[kind] = run_toy_dynamic(kind, x, cfg, seed=1000 * cfg.seed + i + 1)
-                save()
-    # --- R3 -----------------------------------------------------------------------
-    net: dict[str, Any] = {}
-    if cfg.part in ("net", "both"):
-        for seed in range(cfg.seed, cfg.seed + cfg.num_seeds):
-            key = str(seed)
-            state = progress["net"].setdefault(key, {})
-            run_net_seed(cfg, seed, device, state, save, _stop_at)
-            net[key] = state
-    metrics, rows = summarise(cfg, toy, net)
-    metrics["wall_time_s"] = time.perf_counter() - t_start
-    arrays = {
-        "toy": toy,
-        "net": {
-            s: {
-                "pretrain": v["pretrain"],
-                "at_gd": v["at_gd"],
-                "dynamics": v["done"],
-            }
-            for s, v in net.items()
-        },
-    }
-    results = common.results_payload(
-        RECIPE,
-        cfg,
-        env=common.environment(device),
-        metrics=metrics,
-        arrays=arrays,
-        verdict=rows,
-    )
-    path = common.write_json(out / "results.json", results)
-    plot(path)
-    return common.read_json(path)  # as written: NaN became null
-
-
-def progress_iter(items, desc):
-    return common.progress(items, desc=desc)
 
 
 # ======================================================================================
@@ -870,113 +842,112 @@ def plot(results_path: str | Path) -> list[Path]:
     res = common.read_json(results_path)
     out = Path(results_path).parent
     paths = []
-    toy = res["arrays"]["toy"]
-    if toy:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        basins = toy_basins()
-        g = torch.linspace(-1.6, 1.6, 161, dtype=torch.float64)
-        ww = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-        loss, _, _ = toy_terms(
-            ww, torch.zeros(ww.shape[0], 1, 2, dtype=torch.float64), basins
-        )
-        ax = axes[0]
-        ax.contour(
-            g,
-            g,
-            loss.reshape(161, 161).log10(),
-            levels=20,
-            cmap="Greys",
-            linewidths=0.5,
-        )
-        for i, (kind, d) in enumerate(toy["dynamics"].items()):
-            for j, tr in enumerate(d["trajectories"]):
-                t = torch.tensor(tr)
-                ax.plot(
-                    t[:, 0],
-                    t[:, 1],
-                    lw=0.6,
-                    color=f"C{i}",
-                    label=LABELS[kind] if j == 0 else None,
-                )
-        ax.set(
-            title="trajectories over the loss contours (noise-free data)",
-            xlabel="w1",
-            ylabel="w2",
-        )
-        ax.legend(fontsize=7)
-        kinds = list(toy["dynamics"])
-        axes[1].bar(
-            [LABELS[k] for k in kinds],
-            [100 * toy["dynamics"][k]["success_rate"] for k in kinds],
-            color=[f"C{i}" for i in range(len(kinds))],
-        )
-        axes[1].axhline(20, ls="--", c="k", lw=0.8)
-        axes[1].axhline(5, ls=":", c="k", lw=0.8)
-        axes[1].set(title="escapes to the flat minimum (%)", ylabel="success rate (%)")
-        axes[1].tick_params(axis="x", rotation=45)
-        for i, k in enumerate(kinds):
-            axes[2].plot(
-                toy["dynamics"][k]["tr_hs"], color=f"C{i}", label=LABELS[k], lw=0.8
-            )
-        axes[2].set(
-            title="Tr(H_t S_t) (mean over runs)", xlabel="iteration", yscale="symlog"
-        )
-        axes[2].legend(fontsize=7)
-        p = out / "toy.png"
-        common.save_figure(fig, p)
-        paths.append(p)
-    net = res["arrays"]["net"]
-    if net:
-        fig, axes = plt.subplots(1, 5, figsize=(22, 4))
-        seed0 = next(iter(net.values()))
-        for i, (kind, d) in enumerate(seed0["dynamics"].items()):
-            axes[0].plot(
-                d["step"],
-                [100 * a for a in d["test_acc"]],
-                color=f"C{i}",
-                label=LABELS[kind],
-            )
-            axes[1].plot(
-                d["step"],
-                [100 * a for a in d["train_acc"]],
-                color=f"C{i}",
-                label=LABELS[kind],
-            )
-        axes[0].set(title="test accuracy (%), from theta*_GD", xlabel="iteration")
-        axes[1].set(title="train accuracy (%), noisy labels", xlabel="iteration")
-        axes[0].legend(fontsize=7)
-        per = res["metrics"]["per_dynamic"]
-        kinds = list(per)
-        axes[2].bar(
-            [LABELS[k] for k in kinds],
-            [per[k]["expected_sharpness"] for k in kinds],
-            color=["C0" if k in ISOTROPIC_GROUP else "C3" for k in kinds],
-        )
-        axes[2].set(title="final expected sharpness (blue: isotropic)")
-        plt.setp(axes[2].get_xticklabels(), rotation=45, ha="right")
-        geo = seed0["dynamics"].get("sgd", {}).get("geometry", [])
-        if geo:
-            steps = [g["step"] for g in geo]
-            axes[3].plot(
-                steps, [g["tr_h_sigma"] for g in geo], "o-", label="Tr(H Sigma)"
-            )
-            axes[3].plot(
-                steps, [g["tr_h_sigma_iso"] for g in geo], "o:", label="Tr(H Sigma_iso)"
-            )
-            axes[3].set(yscale="log", title="Tr(H Sigma) along SGD", xlabel="iteration")
-            axes[3].legend(fontsize=7)
-        top = seed0["at_gd"]["top_eigenvalues"]
-        axes[4].plot(range(1, len(top) + 1), top, "o-", ms=3)
-        axes[4].set(title="top Hessian eigenvalues at theta*_GD", xlabel="index")
-        p = out / "net.png"
-        common.save_figure(fig, p)
-        paths.append(p)
+    if res["arrays"]["toy"]:
+        paths.append(_plot_toy(plt, res["arrays"]["toy"], out))
+    if res["arrays"]["net"]:
+        paths.append(_plot_net(plt, res, out))
     return paths
 
 
+def _plot_toy(plt: Any, toy: dict, out: Path) -> Path:
+    """``toy.png``: trajectories over the loss contours, success rates, Tr(H_t S_t)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    basins = toy_basins()
+    g = torch.linspace(-1.6, 1.6, 161, dtype=torch.float64)
+    ww = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    loss, _, _ = toy_terms(
+        ww, torch.zeros(ww.shape[0], 1, 2, dtype=torch.float64), basins
+    )
+    ax = axes[0]
+    ax.contour(
+        g,
+        g,
+        loss.reshape(161, 161).log10(),
+        levels=20,
+        cmap="Greys",
+        linewidths=0.5,
+    )
+    for i, (kind, d) in enumerate(toy["dynamics"].items()):
+        for j, tr in enumerate(d["trajectories"]):
+            t = torch.tensor(tr)
+            ax.plot(
+                t[:, 0],
+                t[:, 1],
+                lw=0.6,
+                color=f"C{i}",
+                label=LABELS[kind] if j == 0 else None,
+            )
+    ax.set(
+        title="trajectories over the loss contours (noise-free data)",
+        xlabel="w1",
+        ylabel="w2",
+    )
+    ax.legend(fontsize=7)
+    kinds = list(toy["dynamics"])
+    axes[1].bar(
+        [LABELS[k] for k in kinds],
+        [100 * toy["dynamics"][k]["success_rate"] for k in kinds],
+        color=[f"C{i}" for i in range(len(kinds))],
+    )
+    axes[1].axhline(20, ls="--", c="k", lw=0.8)
+    axes[1].axhline(5, ls=":", c="k", lw=0.8)
+    axes[1].set(title="escapes to the flat minimum (%)", ylabel="success rate (%)")
+    axes[1].tick_params(axis="x", rotation=45)
+    for i, k in enumerate(kinds):
+        axes[2].plot(
+            toy["dynamics"][k]["tr_hs"], color=f"C{i}", label=LABELS[k], lw=0.8
+        )
+    axes[2].set(
+        title="Tr(H_t S_t) (mean over runs)", xlabel="iteration", yscale="symlog"
+    )
+    axes[2].legend(fontsize=7)
+    return common.save_figure(fig, out / "toy.png")
+
+
+def _plot_net(plt: Any, res: dict, out: Path) -> Path:
+    """``net.png``: accuracies, expected sharpness, Tr(HΣ) along SGD, top spectrum."""
+    net = res["arrays"]["net"]
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    seed0 = next(iter(net.values()))
+    for i, (kind, d) in enumerate(seed0["dynamics"].items()):
+        axes[0].plot(
+            d["step"],
+            [100 * a for a in d["test_acc"]],
+            color=f"C{i}",
+            label=LABELS[kind],
+        )
+        axes[1].plot(
+            d["step"],
+            [100 * a for a in d["train_acc"]],
+            color=f"C{i}",
+            label=LABELS[kind],
+        )
+    axes[0].set(title="test accuracy (%), from theta*_GD", xlabel="iteration")
+    axes[1].set(title="train accuracy (%), noisy labels", xlabel="iteration")
+    axes[0].legend(fontsize=7)
+    per = res["metrics"]["per_dynamic"]
+    kinds = list(per)
+    axes[2].bar(
+        [LABELS[k] for k in kinds],
+        [per[k]["expected_sharpness"] for k in kinds],
+        color=["C0" if k in ISOTROPIC_GROUP else "C3" for k in kinds],
+    )
+    axes[2].set(title="final expected sharpness (blue: isotropic)")
+    plt.setp(axes[2].get_xticklabels(), rotation=45, ha="right")
+    geo = seed0["dynamics"].get("sgd", {}).get("geometry", [])
+    if geo:
+        steps = [g["step"] for g in geo]
+        axes[3].plot(steps, [g["tr_h_sigma"] for g in geo], "o-", label="Tr(H Sigma)")
+        axes[3].plot(
+            steps, [g["tr_h_sigma_iso"] for g in geo], "o:", label="Tr(H Sigma_iso)"
+        )
+        axes[3].set(yscale="log", title="Tr(H Sigma) along SGD", xlabel="iteration")
+        axes[3].legend(fontsize=7)
+    top = seed0["at_gd"]["top_eigenvalues"]
+    axes[4].plot(range(1, len(top) + 1), top, "o-", ms=3)
+    axes[4].set(title="top Hessian eigenvalues at theta*_GD", xlabel="index")
+    return common.save_figure(fig, out / "net.png")
+
+
 if __name__ == "__main__":
-    cfg = common.parse_config(Config, description=__doc__)
-    res = main(cfg)
-    print(common.verdict_table(res["verdict"]))
-    print(f"results: {Path(cfg.out_dir) / RECIPE / 'results.json'}")
-    sys.exit(0 if res["passed"] else 1)
+    common.cli(RECIPE, Config, main, __doc__)

@@ -1,76 +1,19 @@
 """How GD and SGD leave a GD-stable minimum (SPEC R7 + R10; WWS22 Fig. 4, WW23).
 
-Train with full-batch GD to a minimum θ* that GD is stable at (``train_lr·λ_1 < 2``),
-compute the top-K Hessian eigenpairs there, then start many short runs from θ*:
+Claim: from a minimum θ* that GD is stable at, GD at an unstable lr escapes along
+the sharpest Hessian direction u_1, while SGD at a GD-stable lr escapes through its
+noise, along flat directions, with the loss growing by WWS22 Thm 3.5's factor
+``γ_0 = η² μ_0 ‖H‖_F² / B`` per step.
 
-* **SGD** at ``η = lr_factor·2/λ_1`` (GD-stable) and batch ``B``: noise-driven
-  escape. WWS22 Thm 3.5 predicts ``E L_t ≥ γ_0^t L(θ*)`` with
-  ``γ_0 = η² μ_0 ‖H‖_F² / B`` (``μ_0`` = μ at θ*, ``‖H‖_F²`` by Hutchinson; the
-  factor ``(n−B)/(n−1)`` of sampling without replacement is included).
-* **control**: SGD at the same η with a larger batch, ``γ_0 < 1``: no escape.
-* **gd_unstable** / **sgd_unstable**: GD and SGD at ``η' = unstable_factor·2/λ_1``
-  from ``θ* + perturbation·N(0, I)``: lr-driven escape, along ``u_1`` for GD.
-* **NoisyGD** arms (``noisy_kinds``) at η, matched to SGD's noise at batch B:
-  isotropic, Hessian top-k, and Gaussian with SGD's exact covariance.
-
-Tracked per step (SPEC §2.6): the loss, the sharp fraction
-``ρ_k = ‖U_kᵀδ‖²/‖δ‖²`` (``δ = θ_t − θ*``), per-direction shares
-``s_j = (u_jᵀδ)²/‖δ‖²`` and loss shares ``ℓ_j = λ_j(u_jᵀδ)²/Σ_i λ_i(u_iᵀδ)²``,
-with the §2.6 Perron profile ``m_j ∝ g_jλ_j/(r* − (1−ηλ_j)²)`` (``g_j``: WW23
-directional alignment on ``u_j``; the bulk beyond K enters the growth-rate equation
-as ``μ_0(‖H‖_F² − Σ_j λ_j²)/(r* − 1)``) overlaid. A run has escaped when
-``L ≥ escape_factor·L(θ*)`` or ``‖δ‖ ≥ escape_distance·‖θ*‖``; shares are read at
-that step.
-
-Verdict: θ* is GD-stable; GD at η' escapes along u_1 (``ρ_1 ≥ 0.9``); SGD's
-displacement lies largely outside the top directions (``ρ_20 ≤ 0.5``); with
-``γ_0 > 1`` SGD escapes and its mean loss grows by a factor within ×2 of ``γ_0`` per
-step early on; the ``γ_0 < 1`` control does not escape.
-
-Setting, and why (tuned on 2 CPU cores): the R5 FCN (``mlp``: 64 → 64 → 64 → 1,
-tanh, float64) on 256 digits with **even/odd ±1 targets and MSE** (the square-loss
-setting of WWS22/WW23), inputs **ZCA-whitened**. Two measured reasons:
-
-* With 10 one-hot outputs the top ~9 Hessian eigenvalues are nearly equal (class
-  outliers, λ_2/λ_1 ≈ 0.99), so GD at 1.1·2/λ_1 is unstable along several
-  directions and ``ρ_1`` stays far below 0.9. One output gives a gap.
-* Raw digits have a low effective input dimension: the top-20 Hessian eigenvalues
-  hold ~90% of Tr H, and the Perron profile then puts ``ρ_20 ≈ 0.85`` for every B.
-  Whitening spreads the spectrum (top-20 ≈ 43% of Tr H), the high-dimensional
-  regime WW23's claim is about.
-* No timm ``test_*`` model passes every row robustly yet, so the default is the
-  paper model. The closest (measured on 1 thread, quick setting): ``test_vit`` as a
-  one-token residual MLP, ``--model test_vit --model-kwargs
-  img_size=8,patch_size=8,class_token=False,global_pool=avg,weight_init=jax,depth=2
-  --train-lr 0.03 --train-steps 3000`` (88k parameters, float64, zero-initialised
-  head; ~100 s). GD reaches ``L(θ*) ≈ 1e-8`` and the GD row passes
-  (``ρ_1 = 0.998``), but ``ρ_20`` sits at the threshold: 0.485 / 0.521 / 0.494 for
-  seeds 0 / 1 / 2 (0.54, 0.55 at ``B`` = 10, 20); seed 1 also has ``μ_0 = 0.18``
-  (``γ_0 = 0.25`` against a measured growth of 1.44). Its top spectrum falls
-  faster than the MLP's (``λ_20/λ_1 ≈ 0.29`` against 0.65). ``embed_dim=128,
-  depth=1`` flattens it (0.44) but gives ``ρ_20`` = 0.53 / 0.52 at ``B`` = 16 / 24. With
-  ``train_lr = 0.05`` GD ends at its edge of stability (``λ_2/λ_1 = 0.996``) and
-  ``ρ_1`` drops to 0.69. More samples (``--num-train`` 384 / 512) do not help:
-  GD stops at ``L(θ*) ≈ 1e-6`` (512 needs 6000 steps, 216 s), ``ρ_20`` is
-  0.45–0.54 and ``γ_0 < 1`` in 4 of 5 runs (``μ_0`` 0.42–0.85) while the loss grows
-  1.5–2.3× per step. ``test_efficientnet_gn`` stalls at the constant
-  predictor; ``pre_lr``/``pre_steps`` add a first GD stage for slow models.
-  ``final_norm=False`` and ``embed_dim=128`` raise ``ρ_20`` (0.52–0.58);
-  ``patch_size=4`` (4 tokens) gives ``ρ_20 ≈ 0.18`` only in runs that never escape
-  (``γ_0`` 0.4–0.5 at ``B = 16``); at ``B = 5`` SGD escapes and ``ρ_20`` is
-  0.57–0.63 (recipes/README.md).
-  A screen of 14 timm settings (exact kernel spectrum at θ*, recipes/README.md)
-  finds 52–62% of Tr H in the top 20 eigenvalues for the ViTs (the MLP: 43%;
-  ``test_byobnet``: 93%), and the Perron profile then predicts ``ρ_20`` 0.43–0.57.
-* ``B = 16`` gives ``γ_0 ≈ 3``, a fast escape with ``ρ_20 ≈ 0.41``; the control
-  ``B = 128`` gives ``γ_0 ≈ 0.2``.
-* Escape is read at ``L ≥ 10⁴·L(θ*)``, not the SPEC's proposed 100×: θ* is not an
-  exact fixed point, and GD at η' first keeps descending along the flat directions
-  where the residual loss sits. That drift is of size ``√(L*/λ_flat)`` and at
-  100·L* it is as large as the u_1 component (ρ_1 ≈ 0.5, measured); at 10⁴·L* the
-  u_1 growth dominates. The start perturbation is ``1e-8`` (SPEC: ``1e-6``,
-  proposed) so that it stays far below the displacement at escape
-  (``1e-16·P ≈ 1e-12`` against ``2·10⁴·L*/λ_1 ≈ 1e-6``).
+Protocol: full-batch GD to θ* (``train_lr·λ_1 < 2``); the top-K Hessian eigenpairs,
+``‖H‖_F²`` and the alignment μ_0 there; then short runs from θ*: SGD at
+``η = lr_factor·2/λ_1`` with batch B (``γ_0 > 1``), the same with a larger batch
+(control, ``γ_0 < 1``), GD and SGD at ``η' = unstable_factor·2/λ_1`` from a
+perturbed θ*, and NoisyGD arms matched to SGD's noise. Per step: the loss, the sharp
+fractions ``ρ_k = ‖U_kᵀδ‖²/‖δ‖²`` (``δ = θ_t − θ*``) and, at escape
+(``L ≥ escape_factor·L(θ*)``), the per-direction shares against the Perron profile
+of the second-moment recursion. Setting: the R5 FCN on 256 ZCA-whitened digits with
+±1 even/odd targets; why this one, and the timm settings tried: recipes/README.md.
 
 Commands (outputs under ``<out-dir>/escape_direction/``)::
 
@@ -78,26 +21,28 @@ Commands (outputs under ``<out-dir>/escape_direction/``)::
     python recipes/escape_direction.py           # full: 20 runs per arm, K = 50
     python recipes/escape_direction.py --resume  # continue an interrupted run
 
-Expected: every verdict row PASS; ``escape_loss.png`` shows straight lines on the
-log axis for SGD and flat curves for the control; ``escape_direction.png`` shows
-``ρ_1 → 1`` for GD and ``ρ_20 < 0.5`` for SGD.
+Expected: every verdict row PASS (θ* GD-stable; GD's ``ρ_1 ≥ 0.9``; SGD's
+``ρ_20 ≤ 0.5``; ``γ_0 > 1``, SGD escapes and its early growth is within ×2 of γ_0;
+the control does not escape). ``escape_loss.png`` shows straight lines on the log
+axis for SGD and flat curves for the control; ``escape_direction.png`` ``ρ_1 → 1``
+for GD and ``ρ_20 < 0.5`` for SGD.
 """
 
 from __future__ import annotations
 
 import ast
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import _common as common
 import torch
+from _common import option
 from torch import Tensor, nn
 
 from geoopt_sgd import (
+    HalfSquaredError,
     HessianOperator,
     NoisyGD,
     noise_geometry,
@@ -111,51 +56,54 @@ DTYPES = ("float64", "float32")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(common.RunOptions):
     # model and data
-    model: str = "mlp"  # 'mlp' (R5 FCN), 'cnn', 'linear' or a timm name
-    model_kwargs: tuple[str, ...] = ()  # extra timm.create_model args, 'key=value'
-    width: int = 64  # hidden width (mlp) or channels (cnn)
-    depth: int = 2  # hidden layers of the mlp
-    activation: str = "tanh"  # 'tanh' or 'relu' (mlp)
-    dataset: str = "digits"  # 'digits' (offline), 'mnist', 'fashion_mnist', 'cifar10'
-    data_dir: str | None = None  # where torchvision datasets live
-    download: bool = False  # download a missing torchvision dataset
-    num_train: int = 256  # training samples n; the loss L is their mean
-    image_size: int = 8  # input side for image models (digits are 8x8)
-    whiten: bool = True  # ZCA-whiten the inputs (high effective dimension)
-    target: str = "parity"  # 'parity' (even/odd -> +-1, one output) or 'onehot'
-    dtype: str = "float64"  # 'float64' or 'float32'
+    model: str = option("mlp", "'mlp' (R5 FCN), 'cnn', 'linear' or a timm name")
+    model_kwargs: tuple[str, ...] = option(
+        (), "extra timm.create_model args, 'key=value'"
+    )
+    width: int = option(64, "hidden width (mlp) or channels (cnn)")
+    depth: int = option(2, "hidden layers of the mlp")
+    activation: str = option("tanh", "'tanh' or 'relu' (mlp)")
+    dataset: str = option(
+        "digits", "'digits' (offline), 'mnist', 'fashion_mnist', 'cifar10'"
+    )
+    data_dir: str | None = option(None, "where torchvision datasets live")
+    download: bool = option(False, "download a missing torchvision dataset")
+    num_train: int = option(256, "training samples n; the loss L is their mean")
+    image_size: int = option(8, "input side for image models (digits are 8x8)")
+    whiten: bool = option(True, "ZCA-whiten the inputs (high effective dimension)")
+    target: str = option("parity", "'parity' (even/odd -> +-1, one output) or 'onehot'")
+    dtype: str = option("float64", "'float64' or 'float32'")
     # phase 1: full-batch GD to theta*
-    pre_lr: float | None = None  # GD lr of a first stage (None: no first stage)
-    pre_steps: int = 0  # GD steps of the first stage, before the train_lr steps
-    train_lr: float = 0.1  # GD lr of the final stage; theta* is GD-stable at it
-    train_steps: int = 2000  # GD steps at train_lr (after the pre_steps)
-    checkpoint_every: int = 200  # training steps between checkpoints
+    pre_lr: float | None = option(None, "GD lr of a first stage (None: no first stage)")
+    pre_steps: int = option(0, "GD steps of the first stage, before train_lr's")
+    train_lr: float = option(0.1, "GD lr of the final stage; theta* is stable at it")
+    train_steps: int = option(2000, "GD steps at train_lr (after the pre_steps)")
+    checkpoint_every: int = option(200, "training steps between checkpoints")
     # phase 2: curvature and noise at theta*
-    num_eigs: int = 50  # K: top Hessian eigenpairs at theta*
-    ks: tuple[int, ...] = (1, 5, 20, 50)  # k of the sharp fractions rho_k (<= K)
-    trace_probes: int = 50  # Hutchinson probes for ||H||_F^2
+    num_eigs: int = option(50, "K: top Hessian eigenpairs at theta*")
+    ks: tuple[int, ...] = option((1, 5, 20, 50), "k of the sharp fractions rho_k")
+    trace_probes: int = option(50, "Hutchinson probes for ||H||_F^2")
     # phase 3: escape runs from theta*
-    lr_factor: float = 0.9  # eta = lr_factor * 2/lambda_1 (< 1: GD-stable)
-    unstable_factor: float = 1.1  # eta' = unstable_factor * 2/lambda_1 (> 1)
-    batch_size: int = 16  # B of the SGD arms (gamma_0 > 1)
-    control_batch_size: int = 128  # B of the control arm (gamma_0 < 1)
-    runs: int = 20  # runs of each SGD arm
-    gd_runs: int = 3  # runs of the GD arm (differ only in the perturbation)
-    noisy_runs: int = 5  # runs of each NoisyGD arm
-    noisy_kinds: tuple[str, ...] = ("isotropic_matched", "hessian", "sgd_matched")
-    max_steps: int = 100  # steps of each run
-    stop_loss: float = 1.0  # stop a run once L exceeds this (high-loss region)
-    escape_factor: float = 1e4  # escaped when L >= escape_factor * L(theta*)
-    escape_distance: float = 0.1  # ... or ||delta|| >= escape_distance * ||theta*||
-    perturbation: float = 1e-8  # std of the start perturbation of the eta' arms
-    growth_steps: int = 3  # early steps over which the loss growth factor is read
-    # run
-    seed: int = 0  # seed of the initialisation, the data split and every run
-    device: str = "cpu"  # 'cpu' or 'cuda'
-    out_dir: str = "runs"  # outputs go to <out_dir>/escape_direction/
-    resume: bool = False  # continue from <out_dir>/escape_direction/checkpoint.pt
+    lr_factor: float = option(0.9, "eta = lr_factor * 2/lambda_1 (< 1: GD-stable)")
+    unstable_factor: float = option(1.1, "eta' = unstable_factor * 2/lambda_1 (> 1)")
+    batch_size: int = option(16, "B of the SGD arms (gamma_0 > 1)")
+    control_batch_size: int = option(128, "B of the control arm (gamma_0 < 1)")
+    runs: int = option(20, "runs of each SGD arm")
+    gd_runs: int = option(3, "runs of the GD arm (differ only in the perturbation)")
+    noisy_runs: int = option(5, "runs of each NoisyGD arm")
+    noisy_kinds: tuple[str, ...] = option(
+        ("isotropic_matched", "hessian", "sgd_matched"), "NoisyGD noise kinds"
+    )
+    max_steps: int = option(100, "steps of each run")
+    stop_loss: float = option(1.0, "stop a run once L exceeds this")
+    escape_factor: float = option(1e4, "escaped when L >= escape_factor * L(theta*)")
+    escape_distance: float = option(
+        0.1, "... or ||delta|| >= escape_distance * ||theta*||"
+    )
+    perturbation: float = option(1e-8, "std of the start perturbation (eta' arms)")
+    growth_steps: int = option(3, "early steps over which the loss growth is read")
 
     @classmethod
     def quick(cls) -> Config:
@@ -170,24 +118,73 @@ class Config:
         )
 
 
-# ---------------------------------------------------------------------- validation
+def main(cfg: Config) -> dict[str, Any]:
+    """Run the recipe; write ``config.json``, ``results.json`` and the figures.
+
+    Args:
+        cfg: The configuration.
+
+    Returns:
+        The results as written to ``results.json``.
+
+    Raises:
+        _common.Diverged: If the GD training phase diverges.
+    """
+    validate(cfg)
+    with common.Run(RECIPE, cfg) as run:
+        model, X, Y = build(cfg, run.device)
+        stages = common.Stages(run.open(), run.save)
+        loss_fn = nn.MSELoss()
+        # phase 1: full-batch GD to theta*
+        trained = stages.run(
+            "train",
+            lambda resume, snapshot: train_to_minimum(
+                model, loss_fn, X, Y, cfg, resume, snapshot
+            ),
+        )
+        model.load_state_dict(trained["model"])
+        theta_star = common.flat_parameters(model)
+        L_star = common.full_batch_loss(model, loss_fn, X, Y)
+        if not math.isfinite(L_star) or not bool(torch.isfinite(theta_star).all()):
+            raise common.Diverged(_diverged(cfg, f"L(theta*) = {L_star}"))
+        # phase 2: curvature and noise geometry at theta*
+        curv = stages.run(
+            "curvature",
+            lambda resume, snapshot: curvature_at_minimum(model, loss_fn, X, Y, cfg),
+        )
+        lam = curv["lam"].to(run.device)
+        U = curv["U"].to(run.device, theta_star.dtype)
+        lam1 = float(lam[0])
+        eta = cfg.lr_factor * 2 / lam1
+        eta_u = cfg.unstable_factor * 2 / lam1
+        # phase 3: escape runs from theta*, one stage per arm
+        arms = _arms(cfg, eta, eta_u)
+        minimum = Minimum(theta_star, U, lam, L_star)
+        records = escape_arms(arms, stages, model, loss_fn, X, Y, minimum, cfg)
+        common.set_flat_parameters(model, theta_star)
+        summaries = {
+            arm["name"]: summarise_arm(arm, records[arm["name"]], cfg, minimum, curv)
+            for arm in arms
+        }
+        metrics = summary_metrics(minimum, curv, cfg, summaries)
+        arrays = {
+            "train_loss": trained["train_loss"],
+            "eigenvalues": lam.tolist(),
+            "directional_alignment": curv["g"].tolist(),
+            "arms": summaries,
+        }
+        return run.finish(metrics, arrays, verdict(summaries, metrics, cfg), plot)
 
 
 def validate(cfg: Config) -> None:
-    """Check the config before anything is built or trained.
+    """Check the config alone, before anything is loaded, built or written.
 
     Raises:
         ValueError: On the first invalid field.
     """
     common.check_config_basics(cfg)
-    if cfg.target not in TARGETS:
-        raise ValueError(
-            f"`target` must be one of 'parity', 'onehot'; got {cfg.target!r}."
-        )
-    if cfg.dtype not in DTYPES:
-        raise ValueError(
-            f"`dtype` must be one of 'float64', 'float32'; got {cfg.dtype!r}."
-        )
+    common.check_choice(cfg, "target", TARGETS)
+    common.check_choice(cfg, "dtype", DTYPES)
     if not 0 < cfg.lr_factor < 1:
         raise ValueError(
             f"`lr_factor` must be in (0, 1) (eta < 2/lambda_1: GD-stable); "
@@ -195,32 +192,26 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.unstable_factor > 1:
         raise ValueError(f"`unstable_factor` must be > 1; got {cfg.unstable_factor!r}.")
-    for name in ("train_steps", "num_eigs", "runs", "max_steps", "growth_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"`{name}` must be >= 1; got {getattr(cfg, name)!r}.")
-    for name in (
-        "gd_runs",
-        "noisy_runs",
-        "checkpoint_every",
-        "trace_probes",
-        "pre_steps",
-    ):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"`{name}` must be >= 0; got {getattr(cfg, name)!r}.")
+    common.check_min(
+        cfg, ("train_steps", "num_eigs", "runs", "max_steps", "growth_steps"), 1
+    )
+    common.check_min(
+        cfg,
+        ("gd_runs", "noisy_runs", "checkpoint_every", "trace_probes", "pre_steps"),
+        0,
+    )
     if cfg.pre_steps > 0 and cfg.pre_lr is None:
         raise ValueError(
             f"`pre_lr` must be set when `pre_steps` > 0; got pre_steps="
             f"{cfg.pre_steps!r} and pre_lr=None."
         )
     model_kwargs(cfg)
-    if cfg.trace_probes < 2:
-        raise ValueError(f"`trace_probes` must be >= 2; got {cfg.trace_probes!r}.")
+    common.check_min(cfg, ("trace_probes",), 2)
     if not cfg.ks or min(cfg.ks) < 1 or max(cfg.ks) > cfg.num_eigs:
         raise ValueError(
             f"`ks` must hold values in [1, num_eigs={cfg.num_eigs}]; got {cfg.ks!r}."
         )
-    if cfg.num_train < 2:
-        raise ValueError(f"`num_train` must be >= 2; got {cfg.num_train!r}.")
+    common.check_min(cfg, ("num_train",), 2)
     for name in ("batch_size", "control_batch_size"):
         b = getattr(cfg, name)
         if not 1 <= b < cfg.num_train:
@@ -237,9 +228,6 @@ def validate(cfg: Config) -> None:
             f"({', '.join(repr(k) for k in NoisyGD.NOISE_KINDS if k != 'none')}); "
             f"got {bad[0]!r}."
         )
-
-
-# ---------------------------------------------------------------------- setup
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -316,186 +304,122 @@ def build(cfg: Config, device: torch.device) -> tuple[nn.Module, Tensor, Tensor]
         )
     X = data.x_train.to(device)
     if cfg.target == "parity":
-        Y = (1.0 - 2.0 * (data.y_train % 2)).to(dtype).unsqueeze(1)
+        Y = common.parity_targets(data.y_train, dtype)
     else:
         Y = common.make_targets("mse", data.y_train, data.num_classes, dtype)
     return model, X, Y.to(device)
 
 
-def flat_params(model: nn.Module) -> Tensor:
-    """All parameters as one detached vector ``(P,)`` (the operators' order)."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def set_flat(model: nn.Module, theta: Tensor) -> None:
-    """Write the vector ``theta`` ``(P,)`` into the model's parameters."""
-    torch.nn.utils.vector_to_parameters(theta, list(model.parameters()))
-
-
-def full_loss(model: nn.Module, loss_fn: nn.Module, X: Tensor, Y: Tensor) -> float:
-    """The training loss ``L(θ)`` (mean over all n samples)."""
-    with torch.no_grad():
-        return float(loss_fn(model(X), Y))
-
-
-def run_seed(seed: int, arm: int, run: int) -> int:
-    """A distinct, order-independent seed for run ``run`` of arm ``arm``."""
-    return (seed * 1_000_003 + arm * 10_007 + run) % (2**62)
-
-
-# ---------------------------------------------------------------------- theory
-
-
-def perron_profile(
-    lam: Tensor, g: Tensor, eta: float, batch: float, bulk: float, mu: float
-) -> tuple[float, Tensor]:
-    """Solve the §2.6 second-moment recursion for its growth rate and profile.
-
-    ``1 = (η²/B)[Σ_j g_jλ_j²/(r − c_j) + μ·bulk/(r − 1)]`` with
-    ``c_j = (1 − ηλ_j)²`` (bulk directions: ``ηλ ≪ 1``, ``c ≈ 1``), solved by
-    bisection for ``r* > max(c_j, 1)``; the profile is ``m_j ∝ g_jλ_j/(r* − c_j)``,
-    normalised over the top K.
-
-    Args:
-        lam: Top-K eigenvalues ``(K,)``.
-        g: Directional alignment on each eigenvector ``(K,)``.
-        eta: Learning rate.
-        batch: Effective batch size ``B (n−1)/(n−B)``.
-        bulk: ``‖H‖_F² − Σ_j λ_j²`` (clamped at 0).
-        mu: ``μ_0``, the alignment of the bulk.
-
-    Returns:
-        ``(r*, m)`` with ``m`` ``(K,)`` summing to 1.
-    """
-    lam, g = lam.double().clamp_min(0), g.double().clamp_min(0)
-    c = (1 - eta * lam) ** 2
-    w = g * lam**2
-
-    def f(r: float) -> float:
-        return (eta**2 / batch) * (float((w / (r - c)).sum()) + mu * bulk / (r - 1)) - 1
-
-    lo = max(float(c.max()), 1.0) + 1e-12
-    hi = lo + 1.0
-    while f(hi) > 0 and hi < 1e12:
-        hi = 2 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
-    r = 0.5 * (lo + hi)
-    m = g * lam / (r - c)
-    return r, m / m.sum().clamp_min(1e-300)
-
-
-# ---------------------------------------------------------------------- one run
-
-
-def escape_run(
+def train_to_minimum(
     model: nn.Module,
     loss_fn: nn.Module,
     X: Tensor,
     Y: Tensor,
-    theta_star: Tensor,
-    U: Tensor,
-    lam: Tensor,
-    *,
-    kind: str,
-    lr: float,
-    batch: int | None,
-    seed: int,
     cfg: Config,
-    L_star: float,
+    resume: dict[str, Any] | None,
+    snapshot: Any,
 ) -> dict[str, Any]:
-    """Run one trajectory from θ* and record loss, ρ_k and shares per step.
+    """Full-batch GD to θ* (the stage "train"), a snapshot every ``checkpoint_every``.
 
-    Args:
-        model: The model (its parameters are overwritten).
-        loss_fn: The loss.
-        X: Training inputs.
-        Y: Training targets.
-        theta_star: ``θ*`` ``(P,)``.
-        U: Top-K eigenvectors ``(P, K)``.
-        lam: Top-K eigenvalues ``(K,)``.
-        kind: ``"sgd"``, ``"gd"`` or a NoisyGD noise kind.
-        lr: Learning rate.
-        batch: SGD batch size (``None`` for GD).
-        seed: Seed of this run.
-        cfg: The config.
-        L_star: ``L(θ*)``.
+    A first stage at ``pre_lr`` (if any), then plain GD at ``train_lr``, so that θ*
+    is a fixed point of GD at ``train_lr``; the lr is a pure function of the step.
 
     Returns:
-        The run's record (plain lists and floats).
+        ``{"train_loss": per-step losses, "model": θ*'s state dict}``.
+
+    Raises:
+        _common.Diverged: At the first non-finite loss (never checkpointed).
     """
-    n = len(Y)
-    gen = torch.Generator().manual_seed(seed)
-    theta = theta_star.clone()
-    if kind == "gd":
-        noise = torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
-        theta = theta + cfg.perturbation * noise.to(theta.device)
-    set_flat(model, theta)
-    params = list(model.parameters())
-    if kind in ("sgd", "gd"):
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr)
-    else:
-        opt = NoisyGD(
-            params,
-            lr=lr,
-            noise=kind,
-            batch_size=batch,
-            k=min(20, len(lam)),
-            model=model,
-            loss_fn=loss_fn,
-            data=(X, Y),
-            curvature="hessian",
-            seed=seed % (2**31),
-        )
-    norm_star = float(theta_star.norm())
-    ks = cfg.ks
-    losses, rho = [], {k: [] for k in ks}
-    escape_step, shares, loss_shares = None, None, None
-    for t in range(cfg.max_steps):
+    total = cfg.pre_steps + cfg.train_steps
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.train_lr)
+    first, losses = 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        first, losses = resume["step"], resume["train_loss"]
+    bar = common.progress_bar(total=total, initial=first, desc="GD")
+    for step in range(first, total):
+        common.maybe_interrupt(step)  # units: training steps, then runs
+        lr = cfg.pre_lr if step < cfg.pre_steps else cfg.train_lr
+        opt.param_groups[0]["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        if kind == "sgd":
-            idx = torch.randperm(n, generator=gen)[:batch].to(X.device)
-            loss = loss_fn(model(X[idx]), Y[idx])
-        else:
-            loss = loss_fn(model(X), Y)
+        loss = loss_fn(model(X), Y)
+        value = loss.item()  # one device sync per step
+        if not math.isfinite(value):  # stop now, not after every step
+            bar.close()
+            raise common.Diverged(_diverged(cfg, f"at step {step}, loss {value}"))
         loss.backward()
         opt.step()
-        L = full_loss(model, loss_fn, X, Y)
-        delta = flat_params(model) - theta_star
-        c2 = (U.T @ delta) ** 2
-        d2 = float(delta @ delta)
-        losses.append(L)
-        for k in ks:
-            rho[k].append(float(c2[:k].sum()) / max(d2, 1e-300))
-        escaped = L >= cfg.escape_factor * L_star or math.sqrt(d2) >= (
-            cfg.escape_distance * norm_star
-        )
-        stop = not math.isfinite(L) or L >= cfg.stop_loss
-        if escape_step is None and (escaped or stop or t == cfg.max_steps - 1):
-            shares = (c2 / max(d2, 1e-300)).tolist()
-            loss_shares = (
-                lam.clamp_min(0) * c2 / (lam.clamp_min(0) * c2).sum()
-            ).tolist()
-            if escaped:
-                escape_step = t + 1
-            rho_at = {k: rho[k][-1] for k in ks}
-        if stop:
-            break
+        losses.append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.3e}", lr=lr)
+        if (step + 1) % max(cfg.checkpoint_every, 1) == 0 or step + 1 == total:
+            snapshot(
+                {"step": step + 1, "model": model.state_dict(), "train_loss": losses}
+            )
+    bar.close()
     return {
-        "loss": losses,
-        "rho": {str(k): v for k, v in rho.items()},
-        "escape_step": escape_step,
-        "rho_at_escape": {str(k): v for k, v in rho_at.items()},
-        "shares_at_escape": shares,
-        "loss_shares_at_escape": loss_shares,
+        "train_loss": losses,
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
     }
 
 
-# ---------------------------------------------------------------------- main
+def curvature_at_minimum(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, Y: Tensor, cfg: Config
+) -> dict[str, Any]:
+    """Top-K eigenpairs, ``‖H‖_F²``, μ_0 and the directional alignment g_j at θ*."""
+    op = HessianOperator(model, loss_fn, (X, Y))
+    eig = top_eigenpairs(op, cfg.num_eigs, tol=1e-6, seed=cfg.seed)
+    fro = squared_frobenius(op, num_probes=cfg.trace_probes, seed=cfg.seed)
+    # mu_0 and g_j in the papers' convention, L_i = 1/2 (f_i - y_i)^2, asked for
+    # explicitly (the training loss is nn.MSELoss, L_i = (f_i - y_i)^2)
+    geo = noise_geometry(
+        model,
+        HalfSquaredError(),
+        (X, Y),
+        metrics=("loss", "mu", "directional_alignment"),
+        k=cfg.num_eigs,
+        curvature="hessian",
+        v0=eig.eigenvectors,
+        max_samples=len(Y),
+        seed=cfg.seed,
+    )
+    # g_j on OUR eigenvectors: noise_geometry's own (warm-started) basis may
+    # order or sign them differently, so match by eigenvalue order only when
+    # its eigenvalues agree; otherwise fall back to mu for every direction.
+    g = geo.directional_alignment
+    if g is None or g.numel() != cfg.num_eigs:
+        g = torch.full((cfg.num_eigs,), geo.values["mu"])
+    return {
+        "lam": eig.eigenvalues.detach().cpu(),
+        "U": eig.eigenvectors.detach().cpu(),
+        "eig_converged": bool(eig.converged),
+        "n_hvp_eig": int(eig.n_matvec),
+        "fro2": float(fro.value),
+        "fro2_stderr": float(fro.stderr),
+        "mu": float(geo.values["mu"]),
+        "g": g.detach().double().cpu(),
+    }
+
+
+@dataclass
+class Minimum:
+    """θ* and what the escape runs are measured against.
+
+    Attributes:
+        theta: ``θ*`` ``(P,)``.
+        U: Top-K eigenvectors ``(P, K)``.
+        lam: Top-K eigenvalues ``(K,)``.
+        loss: ``L(θ*)``.
+    """
+
+    theta: Tensor
+    U: Tensor
+    lam: Tensor
+    loss: float
 
 
 def _arms(cfg: Config, eta: float, eta_u: float) -> list[dict[str, Any]]:
+    """The escape arms: name, kind (``"sgd"``, ``"gd"`` or a NoisyGD kind), lr, B."""
     arms = [
         {
             "name": "sgd",
@@ -539,9 +463,215 @@ def _arms(cfg: Config, eta: float, eta_u: float) -> list[dict[str, Any]]:
     return [a for a in arms if a["runs"] > 0]
 
 
-def _summarise_arm(
-    arm: dict[str, Any], records: list[dict], cfg: Config, L_star: float
-):
+def escape_arms(
+    arms: list[dict[str, Any]],
+    stages: common.Stages,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    Y: Tensor,
+    minimum: Minimum,
+    cfg: Config,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every arm's runs from θ*: one stage per arm, a snapshot after each run.
+
+    Units of work (:func:`_common.maybe_interrupt`) continue the training steps'
+    count: run ``r`` of an arm is unit ``pre_steps + train_steps + (runs of the
+    earlier arms) + r``.
+
+    Returns:
+        Arm name → its run records.
+    """
+    unit = cfg.pre_steps + cfg.train_steps
+    bar = common.progress_bar(total=sum(a["runs"] for a in arms), desc="runs")
+    out = {}
+    for a_idx, arm in enumerate(arms):
+
+        def runs(resume, snapshot, a_idx=a_idx, arm=arm, unit=unit):
+            records = [] if resume is None else resume
+            bar.update(len(records))
+            for r in range(len(records), arm["runs"]):
+                common.maybe_interrupt(unit + r)
+                rec = escape_run(
+                    model,
+                    loss_fn,
+                    X,
+                    Y,
+                    minimum,
+                    kind=arm["kind"],
+                    lr=arm["lr"],
+                    batch=arm["batch"],
+                    seed=escape_run_seed(cfg.seed, a_idx, r),
+                    cfg=cfg,
+                )
+                records.append(rec)
+                snapshot(records)
+                bar.update(1)
+                bar.set_postfix(arm=arm["name"], lr=f"{arm['lr']:.3g}")
+            return records
+
+        out[arm["name"]] = stages.run(f"runs:{arm['name']}", runs)
+        unit += arm["runs"]
+    bar.close()
+    return out
+
+
+def escape_run_seed(seed: int, arm: int, run: int) -> int:
+    """A distinct, order-independent seed for run ``run`` of arm ``arm``."""
+    return (seed * 1_000_003 + arm * 10_007 + run) % (2**62)
+
+
+def perron_profile(
+    lam: Tensor, g: Tensor, eta: float, batch: float, bulk: float, mu: float
+) -> tuple[float, Tensor]:
+    """Solve the §2.6 second-moment recursion for its growth rate and profile.
+
+    ``1 = (η²/B)[Σ_j g_jλ_j²/(r − c_j) + μ·bulk/(r − 1)]`` with
+    ``c_j = (1 − ηλ_j)²`` (bulk directions: ``ηλ ≪ 1``, ``c ≈ 1``), solved by
+    bisection for ``r* > max(c_j, 1)``; the profile is ``m_j ∝ g_jλ_j/(r* − c_j)``,
+    normalised over the top K.
+
+    Args:
+        lam: Top-K eigenvalues ``(K,)``.
+        g: Directional alignment on each eigenvector ``(K,)``.
+        eta: Learning rate.
+        batch: Effective batch size ``B (n−1)/(n−B)``.
+        bulk: ``‖H‖_F² − Σ_j λ_j²`` (clamped at 0).
+        mu: ``μ_0``, the alignment of the bulk.
+
+    Returns:
+        ``(r*, m)`` with ``m`` ``(K,)`` summing to 1.
+    """
+    lam, g = lam.double().clamp_min(0), g.double().clamp_min(0)
+    c = (1 - eta * lam) ** 2
+    w = g * lam**2
+
+    def f(r: float) -> float:
+        return (eta**2 / batch) * (float((w / (r - c)).sum()) + mu * bulk / (r - 1)) - 1
+
+    lo = max(float(c.max()), 1.0) + 1e-12
+    hi = lo + 1.0
+    while f(hi) > 0 and hi < 1e12:
+        hi = 2 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+    r = 0.5 * (lo + hi)
+    m = g * lam / (r - c)
+    return r, m / m.sum().clamp_min(1e-300)
+
+
+def escape_run(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    Y: Tensor,
+    minimum: Minimum,
+    *,
+    kind: str,
+    lr: float,
+    batch: int | None,
+    seed: int,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Run one trajectory from θ* and record loss, ρ_k and shares per step.
+
+    Args:
+        model: The model (its parameters are overwritten).
+        loss_fn: The loss.
+        X: Training inputs.
+        Y: Training targets.
+        minimum: θ*, its top-K eigenpairs and ``L(θ*)``.
+        kind: ``"sgd"``, ``"gd"`` or a NoisyGD noise kind.
+        lr: Learning rate.
+        batch: SGD batch size (``None`` for GD).
+        seed: Seed of this run.
+        cfg: The config.
+
+    Returns:
+        The run's record (plain lists and floats).
+    """
+    theta_star, U, lam, L_star = minimum.theta, minimum.U, minimum.lam, minimum.loss
+    n = len(Y)
+    gen = torch.Generator().manual_seed(seed)
+    theta = theta_star.clone()
+    if kind == "gd":
+        noise = torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
+        theta = theta + cfg.perturbation * noise.to(theta.device)
+    common.set_flat_parameters(model, theta)
+    params = list(model.parameters())
+    if kind in ("sgd", "gd"):
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr)
+    else:
+        opt = NoisyGD(
+            params,
+            lr=lr,
+            noise=kind,
+            batch_size=batch,
+            k=min(20, len(lam)),
+            model=model,
+            loss_fn=loss_fn,
+            data=(X, Y),
+            curvature="hessian",
+            seed=seed % (2**31),
+        )
+    norm_star = float(theta_star.norm())
+    ks = cfg.ks
+    losses, rho = [], {k: [] for k in ks}
+    escape_step, shares, loss_shares = None, None, None
+    for t in range(cfg.max_steps):
+        opt.zero_grad(set_to_none=True)
+        if kind == "sgd":
+            idx = torch.randperm(n, generator=gen)[:batch].to(X.device)
+            loss = loss_fn(model(X[idx]), Y[idx])
+        else:
+            loss = loss_fn(model(X), Y)
+        loss.backward()
+        opt.step()
+        L = common.full_batch_loss(model, loss_fn, X, Y)
+        delta = common.flat_parameters(model) - theta_star
+        c2 = (U.T @ delta) ** 2
+        d2 = float(delta @ delta)
+        losses.append(L)
+        for k in ks:
+            rho[k].append(float(c2[:k].sum()) / max(d2, 1e-300))
+        escaped = L >= cfg.escape_factor * L_star or math.sqrt(d2) >= (
+            cfg.escape_distance * norm_star
+        )
+        stop = not math.isfinite(L) or L >= cfg.stop_loss
+        if escape_step is None and (escaped or stop or t == cfg.max_steps - 1):
+            shares = (c2 / max(d2, 1e-300)).tolist()
+            loss_shares = (
+                lam.clamp_min(0) * c2 / (lam.clamp_min(0) * c2).sum()
+            ).tolist()
+            if escaped:
+                escape_step = t + 1
+            rho_at = {k: rho[k][-1] for k in ks}
+        if stop:
+            break
+    return {
+        "loss": losses,
+        "rho": {str(k): v for k, v in rho.items()},
+        "escape_step": escape_step,
+        "rho_at_escape": {str(k): v for k, v in rho_at.items()},
+        "shares_at_escape": shares,
+        "loss_shares_at_escape": loss_shares,
+    }
+
+
+def summarise_arm(
+    arm: dict[str, Any],
+    records: list[dict],
+    cfg: Config,
+    minimum: Minimum,
+    curv: dict[str, Any],
+) -> dict[str, Any]:
+    """One arm's summary: mean loss, escapes, mean ρ_k and shares at escape.
+
+    SGD arms also get ``γ_0`` (WWS22 Thm 3.5, with the ``(n−B)/(n−1)`` of sampling
+    without replacement) and the Perron growth rate and profile.
+    """
+    L_star = minimum.loss
     steps = cfg.max_steps
     # mean loss per step over runs; a stopped run keeps its last loss (it stopped in
     # the high-loss region, so this under-states the mean)
@@ -567,6 +697,20 @@ def _summarise_arm(
     )
     t = min(cfg.growth_steps, len(mean_loss))
     out["growth_factor"] = (mean_loss[t - 1] / L_star) ** (1.0 / t)
+    if arm["kind"] == "sgd" and arm["batch"] is not None:
+        n, B, lr, mu, fro2 = (
+            cfg.num_train,
+            arm["batch"],
+            arm["lr"],
+            curv["mu"],
+            curv["fro2"],
+        )
+        out["gamma0"] = lr**2 * mu * fro2 / B * (n - B) / (n - 1)
+        lam = minimum.lam
+        bulk = max(fro2 - float((lam.double() ** 2).sum()), 0.0)
+        B_eff = B * (n - 1) / (n - B)
+        r_star, m = perron_profile(lam.cpu(), curv["g"], lr, B_eff, bulk, mu)
+        out["perron_rate"], out["perron_profile"] = r_star, m.tolist()
     return out
 
 
@@ -591,175 +735,46 @@ def _diverged(cfg: Config, where: str) -> str:
     )
 
 
-def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
-    """Run the recipe; write ``config.json``, ``results.json`` and the figures.
+def summary_metrics(
+    minimum: Minimum, curv: dict[str, Any], cfg: Config, summaries: dict[str, dict]
+) -> dict[str, Any]:
+    """The summary numbers of ``results.json``: θ*, its curvature, the lrs, γ_0s."""
+    lam, L_star, theta_star = minimum.lam, minimum.loss, minimum.theta
+    lam1 = float(lam[0])
+    return {
+        "L_star": L_star,
+        "theta_star_norm": float(theta_star.norm()),
+        "lambda_1": lam1,
+        "lambda_2": float(lam[1]) if len(lam) > 1 else None,
+        "fro2": curv["fro2"],
+        "fro2_stderr": curv["fro2_stderr"],
+        "mu_0": curv["mu"],
+        "eta": cfg.lr_factor * 2 / lam1,
+        "eta_unstable": cfg.unstable_factor * 2 / lam1,
+        "eig_converged": curv["eig_converged"],
+        "n_hvp_eig": curv["n_hvp_eig"],
+        "num_params": int(theta_star.numel()),
+        **{f"gamma0_{a}": s["gamma0"] for a, s in summaries.items() if "gamma0" in s},
+        **{
+            f"escaped_fraction_{a}": s["escaped_fraction"] for a, s in summaries.items()
+        },
+    }
 
-    Args:
-        cfg: The configuration.
-        _stop_at: Test hook: raise :class:`_common.Interrupted` at this unit of
-            work (units are training steps, then runs), after the checkpoint of
-            the previous units.
 
-    Returns:
-        The results dict (also in ``results.json``).
-
-    Raises:
-        RuntimeError: If the GD training phase diverges.
-    """
-    validate(cfg)
-    t_start = time.perf_counter()
-    device = common.resolve_device(cfg.device)
-    out = common.recipe_dir(cfg.out_dir, RECIPE)
-    cfg_d = common.config_to_dict(cfg)
-    common.write_json(out / "config.json", cfg_d)
-    ckpt_path = out / "checkpoint.pt"
-    common.seed_everything(cfg.seed)
-    model, X, Y = build(cfg, device)
-    loss_fn = nn.MSELoss()
-    state = common.load_checkpoint(ckpt_path, config=cfg_d) if cfg.resume else None
-    state = state or {"config": cfg_d, "train_step": 0, "train_loss": [], "runs": {}}
-    unit = 0
-
-    def save() -> None:
-        common.save_checkpoint(ckpt_path, state)
-
-    # ---- phase 1: full-batch GD to theta*
-    if "model" in state:
-        model.load_state_dict(state["model"])
-    # a first stage at pre_lr (if any), then plain GD at train_lr, so that theta*
-    # is a fixed point of GD at train_lr; the lr is a pure function of the step
-    total_steps = cfg.pre_steps + cfg.train_steps
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.train_lr)
-    bar = common.progress(total=total_steps, initial=state["train_step"], desc="GD")
-    for step in range(state["train_step"], total_steps):
-        common.maybe_interrupt(step, _stop_at)
-        lr = cfg.pre_lr if step < cfg.pre_steps else cfg.train_lr
-        opt.param_groups[0]["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(X), Y)
-        value = loss.item()  # one device sync per step
-        if not math.isfinite(value):  # stop now, not after every step
-            bar.close()
-            raise RuntimeError(_diverged(cfg, f"at step {step}, loss {value}"))
-        loss.backward()
-        opt.step()
-        state["train_loss"].append(value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.3e}", lr=lr)
-        if (step + 1) % max(cfg.checkpoint_every, 1) == 0 or step + 1 == total_steps:
-            state.update(train_step=step + 1, model=model.state_dict())
-            save()
-    bar.close()
-    unit = total_steps
-    theta_star = flat_params(model).clone()
-    L_star = full_loss(model, loss_fn, X, Y)
-    if not math.isfinite(L_star) or not bool(torch.isfinite(theta_star).all()):
-        raise RuntimeError(_diverged(cfg, f"L(theta*) = {L_star}"))
-
-    # ---- phase 2: curvature and noise geometry at theta*
-    if "lam" not in state:
-        op = HessianOperator(model, loss_fn, (X, Y))
-        eig = top_eigenpairs(op, cfg.num_eigs, tol=1e-6, seed=cfg.seed)
-        fro = squared_frobenius(op, num_probes=cfg.trace_probes, seed=cfg.seed)
-        geo = noise_geometry(
-            model,
-            loss_fn,
-            (X, Y),
-            metrics=("loss", "mu", "directional_alignment"),
-            k=cfg.num_eigs,
-            curvature="hessian",
-            v0=eig.eigenvectors,
-            max_samples=len(Y),
-            seed=cfg.seed,
-        )
-        # g_j on OUR eigenvectors: noise_geometry's own (warm-started) basis may
-        # order or sign them differently, so match by eigenvalue order only when
-        # its eigenvalues agree; otherwise fall back to mu for every direction.
-        g = geo.directional_alignment
-        if g is None or g.numel() != cfg.num_eigs:
-            g = torch.full((cfg.num_eigs,), geo.values["mu"])
-        state.update(
-            lam=eig.eigenvalues.detach().cpu(),
-            U=eig.eigenvectors.detach().cpu(),
-            eig_converged=bool(eig.converged),
-            n_hvp_eig=int(eig.n_matvec),
-            fro2=float(fro.value),
-            fro2_stderr=float(fro.stderr),
-            mu=float(geo.values["mu"]),
-            g=g.detach().double().cpu(),
-        )
-        save()
-    lam, U = state["lam"].to(device), state["U"].to(device, theta_star.dtype)
-    lam1, fro2, mu = float(lam[0]), state["fro2"], state["mu"]
-    eta = cfg.lr_factor * 2 / lam1
-    eta_u = cfg.unstable_factor * 2 / lam1
-    n = len(Y)
-
-    def gamma0(lr: float, B: int) -> float:
-        # SPEC §2.8 Thm 3.5, with the (n-B)/(n-1) of sampling without replacement
-        return lr**2 * mu * fro2 / B * (n - B) / (n - 1)
-
-    bulk = max(fro2 - float((lam.double() ** 2).sum()), 0.0)
-
-    def perron(lr: float, B: int) -> tuple[float, Tensor]:
-        B_eff = B * (n - 1) / (n - B)
-        return perron_profile(lam.cpu(), state["g"], lr, B_eff, bulk, mu)
-
-    # ---- phase 3: escape runs
-    arms = _arms(cfg, eta, eta_u)
-    total = sum(a["runs"] for a in arms)
-    done = sum(len(v) for v in state["runs"].values())
-    bar = common.progress(total=total, initial=done, desc="runs")
-    for a_idx, arm in enumerate(arms):
-        records = state["runs"].setdefault(arm["name"], [])
-        for r in range(arm["runs"]):
-            if r < len(records):
-                unit += 1
-                continue
-            common.maybe_interrupt(unit, _stop_at)
-            rec = escape_run(
-                model,
-                loss_fn,
-                X,
-                Y,
-                theta_star,
-                U,
-                lam,
-                kind=arm["kind"],
-                lr=arm["lr"],
-                batch=arm["batch"],
-                seed=run_seed(cfg.seed, a_idx, r),
-                cfg=cfg,
-                L_star=L_star,
-            )
-            records.append(rec)
-            save()
-            unit += 1
-            bar.update(1)
-            bar.set_postfix(arm=arm["name"], lr=f"{arm['lr']:.3g}")
-    bar.close()
-    set_flat(model, theta_star)
-
-    # ---- summary, verdict, files
-    summaries = {}
-    for arm in arms:
-        s = _summarise_arm(arm, state["runs"][arm["name"]], cfg, L_star)
-        if arm["kind"] == "sgd" and arm["batch"] is not None:
-            s["gamma0"] = gamma0(arm["lr"], arm["batch"])
-            r_star, m = perron(arm["lr"], arm["batch"])
-            s["perron_rate"], s["perron_profile"] = r_star, m.tolist()
-        summaries[arm["name"]] = s
-    sgd, ctrl, gdu = (
-        summaries["sgd"],
-        summaries["control"],
-        summaries.get("gd_unstable"),
-    )
+def verdict(
+    summaries: dict[str, dict[str, Any]], metrics: dict[str, Any], cfg: Config
+) -> list[dict[str, Any]]:
+    """The verdict rows (SPEC R7, R10, §2.8)."""
+    sgd, ctrl = summaries["sgd"], summaries["control"]
+    gdu = summaries.get("gd_unstable")
+    mu, fro2 = metrics["mu_0"], metrics["fro2"]
     k20 = str(20 if 20 in cfg.ks else max(cfg.ks))
+    growth = sgd["growth_factor"] / sgd["gamma0"]
     C = common.claim
-    verdict = [
+    return [
         C(
             "theta* is GD-stable: train_lr * lambda_1(theta*) < 2",
-            cfg.train_lr * lam1,
+            cfg.train_lr * metrics["lambda_1"],
             "<",
             2.0,
             source="SPEC R7",
@@ -797,7 +812,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         ),
         C(
             "SGD loss grows exponentially: early growth factor / gamma_0",
-            sgd["growth_factor"] / sgd["gamma0"],
+            growth,
             ">=",
             0.5,
             source="SPEC R7 (proposed pass)",
@@ -805,7 +820,7 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
         ),
         C(
             "... and not faster than 2 gamma_0: early growth factor / gamma_0",
-            sgd["growth_factor"] / sgd["gamma0"],
+            growth,
             "<=",
             2.0,
             source="SPEC R7 (proposed pass)",
@@ -826,45 +841,6 @@ def main(cfg: Config, *, _stop_at: int | None = None) -> dict[str, Any]:
             source="SPEC R7",
         ),
     ]
-    metrics = {
-        "L_star": L_star,
-        "theta_star_norm": float(theta_star.norm()),
-        "lambda_1": lam1,
-        "lambda_2": float(lam[1]) if len(lam) > 1 else None,
-        "fro2": fro2,
-        "fro2_stderr": state["fro2_stderr"],
-        "mu_0": mu,
-        "eta": eta,
-        "eta_unstable": eta_u,
-        "eig_converged": state["eig_converged"],
-        "n_hvp_eig": state["n_hvp_eig"],
-        "num_params": int(theta_star.numel()),
-        "seconds": time.perf_counter() - t_start,
-        **{f"gamma0_{a}": s["gamma0"] for a, s in summaries.items() if "gamma0" in s},
-        **{
-            f"escaped_fraction_{a}": s["escaped_fraction"] for a, s in summaries.items()
-        },
-    }
-    arrays = {
-        "train_loss": state["train_loss"],
-        "eigenvalues": lam.tolist(),
-        "directional_alignment": state["g"].tolist(),
-        "arms": summaries,
-    }
-    results = common.results_payload(
-        RECIPE,
-        cfg,
-        env=common.environment(device),
-        metrics=metrics,
-        arrays=arrays,
-        verdict=verdict,
-    )
-    path = common.write_json(out / "results.json", results)
-    plot(path)
-    return results
-
-
-# ---------------------------------------------------------------------- figures
 
 
 def plot(results_path: str | Path) -> list[Path]:
@@ -943,11 +919,4 @@ def plot(results_path: str | Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    config = common.parse_config(Config, description=__doc__)
-    try:
-        result = main(config)
-    except (ValueError, FileNotFoundError) as err:  # bad configuration: no traceback
-        sys.exit(f"error: {err}")
-    print(common.verdict_table(result["verdict"]))
-    print(f"results: {Path(config.out_dir) / RECIPE / 'results.json'}")
-    sys.exit(0 if result["passed"] else 1)
+    common.cli(RECIPE, Config, main, __doc__)

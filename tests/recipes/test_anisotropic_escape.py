@@ -172,7 +172,7 @@ def test_toy_verdict_full_runs(tmp_path):
 
 
 @pytest.mark.slow  # three recipe runs: ~30 s alone, minutes on shared cores
-def test_net_smoke_schema_png_and_resume(tmp_path):
+def test_net_smoke_schema_png_and_resume(tmp_path, interrupt_at):
     cfg = tiny_net(tmp_path / "a")
     res = R.main(cfg)
     out = tmp_path / "a" / "anisotropic_escape"
@@ -186,8 +186,8 @@ def test_net_smoke_schema_png_and_resume(tmp_path):
     assert len(res["verdict"]) == 4
     # interrupt in the middle of the first dynamic, then resume
     cfg_b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"))
-    with pytest.raises(C.Interrupted):
-        R.main(cfg_b, _stop_at=12)
+    with interrupt_at(12):
+        R.main(cfg_b)
     res_b = R.main(dataclasses.replace(cfg_b, resume=True))
     assert res_b["arrays"] == res["arrays"]
     assert res_b["verdict"] == res["verdict"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -12,14 +13,15 @@ import torch
 
 @dataclass(frozen=True)
 class Cfg:
-    model: str = "mlp"  # model name
-    lr: float = 0.1  # learning rate
-    steps: int = 10  # number of steps
-    ks: tuple[int, ...] = (1, 5)  # k values
-    resume: bool = False  # resume from checkpoint
-    note: str | None = None  # optional note
-    device: str = "cpu"  # cpu or cuda
-    seed: int = 0  # seed
+    model: str = C.option("mlp", "model name")
+    lr: float = C.option(0.1, "learning rate")
+    steps: int = C.option(10, "number of steps")
+    ks: tuple[int, ...] = C.option((1, 5), "k values")
+    resume: bool = C.option(False, "resume from checkpoint")
+    note: str | None = C.option(None, "optional note")
+    device: str = C.option("cpu", "cpu or cuda")
+    seed: int = C.option(0, "seed")
+    out_dir: str = C.option("runs", "outputs go to <out_dir>/x/")
 
     @classmethod
     def quick(cls):
@@ -48,12 +50,13 @@ def test_parse_config_types():
     assert C.parse_config(Cfg, ["--resume", "--no-resume"]).resume is False
 
 
-def test_parse_config_help_uses_comments(capsys):
+def test_parse_config_help_is_the_field_metadata(capsys):
     with pytest.raises(SystemExit):
         C.parse_config(Cfg, ["--help"])
-    out = capsys.readouterr().out
-    assert "--learning-rate" not in out and "learning rate" in out
-    assert "--steps" in out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "--learning-rate" not in out and "--lr X learning rate (default: 0.1)" in out
+    assert "--steps X number of steps (default: 10)" in out
+    assert Cfg.__dataclass_fields__["lr"].metadata == {"help": "learning rate"}
 
 
 def test_parse_config_errors(tmp_path, capsys):
@@ -345,11 +348,12 @@ def test_claim_error_and_table():
     assert "| x | n/a | < 1 | FAIL |" in table
 
 
-def test_maybe_interrupt():
-    C.maybe_interrupt(3, None)
-    C.maybe_interrupt(3, 4)
+def test_maybe_interrupt(monkeypatch):
+    C.maybe_interrupt(3)  # STOP_AT is None: never
+    monkeypatch.setattr(C.run, "STOP_AT", 4)
+    C.maybe_interrupt(3)
     with pytest.raises(C.Interrupted, match="interrupted at step 4"):
-        C.maybe_interrupt(4, 4)
+        C.maybe_interrupt(4)
 
 
 def test_whiten_flattens_the_input_spectrum():
@@ -366,3 +370,120 @@ def test_whiten_flattens_the_input_spectrum():
     assert raw[0] / raw[39] > 10
     assert white[0] / white[39] < 1.5
     assert C.model_wants_flat("mlp") and not C.model_wants_flat("test_resnet")
+
+
+def test_check_choice_and_min_messages():
+    with pytest.raises(
+        ValueError, match=r"^`model` must be one of 'a', 'b'; got 'mlp'.$"
+    ):
+        C.check_choice(Cfg(), "model", ("a", "b"))
+    C.check_choice(Cfg(), "model", ("mlp",))
+    with pytest.raises(ValueError, match=r"^`steps` must be >= 11; got 10.$"):
+        C.check_min(Cfg(seed=20), ("seed", "steps"), 11)  # the first field below
+    C.check_min(Cfg(), ("seed", "steps"), 0)
+
+
+def test_parity_targets_and_flat_parameters():
+    y = torch.tensor([0, 1, 2, 7])
+    t = C.parity_targets(y, torch.float64)
+    assert t.dtype == torch.float64
+    assert torch.equal(t, torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]).double())
+    model = torch.nn.Linear(3, 2)
+    theta = C.flat_parameters(model)
+    expect = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    assert torch.equal(theta, expect)
+    C.set_flat_parameters(model, theta + 1)
+    assert torch.equal(C.flat_parameters(model), expect + 1)
+    assert torch.equal(theta, expect), "the vector is a copy"
+
+
+def test_make_loss_mse_is_the_half_squared_error():
+    from geoopt_sgd import HalfSquaredError
+
+    assert isinstance(C.make_loss("mse"), HalfSquaredError)
+    assert isinstance(C.make_loss("ce"), torch.nn.CrossEntropyLoss)
+
+
+# ---------------------------------------------------------------- run, stages
+
+
+def test_run_writes_nothing_before_open_and_restores_threads(tmp_path):
+    cfg = Cfg(out_dir=str(tmp_path), seed=3)
+    before = torch.get_num_threads()
+    with C.Run("x", cfg, threads=1) as run:
+        assert torch.get_num_threads() == 1
+        drawn = torch.rand(2)  # seeded with cfg.seed on entry
+        torch.manual_seed(3)
+        assert torch.equal(drawn, torch.rand(2))
+        assert not (tmp_path / "x").exists()
+        assert run.open() == {} and (tmp_path / "x" / "config.json").exists()
+        res = run.finish(
+            {"m": math.nan}, {"a": (1, 2)}, [C.claim("c", 1.0, ">=", 0)], lambda p: None
+        )
+    assert torch.get_num_threads() == before
+    # returned as written: NaN became null, tuples lists; the wall time is added
+    assert res["metrics"]["m"] is None and res["arrays"] == {"a": [1, 2]}
+    assert res["metrics"]["seconds"] >= 0 and res["passed"] is True
+    assert res == C.read_json(tmp_path / "x" / "results.json")
+
+
+def test_stages_run_once_and_resume_from_their_snapshot(tmp_path):
+    cfg = Cfg(out_dir=str(tmp_path))
+    calls = []
+
+    def counting(resume, snapshot):
+        done = [] if resume is None else list(resume)
+        calls.append(list(done))
+        for i in range(len(done), 4):
+            if i == 2 and len(calls) == 1:
+                raise C.Interrupted("killed")
+            done.append(i)
+            snapshot(done)
+        return sum(done)
+
+    with C.Run("x", cfg) as run:
+        stages = C.Stages(run.open(), run.save)
+        assert stages.run("first", lambda resume, snapshot: "a") == "a"
+        with pytest.raises(C.Interrupted):
+            stages.run("second", counting)
+    with C.Run("x", dataclasses.replace(cfg, resume=True)) as run:
+        stages = C.Stages(run.open(), run.save)
+        assert stages.run("first", lambda resume, snapshot: "not run") == "a"
+        assert stages.run("second", counting) == 0 + 1 + 2 + 3
+    assert calls == [[], [0, 1]]  # resumed from its own last snapshot
+    assert stages.state == {"done": {"first": "a", "second": 6}, "current": None}
+
+
+def test_cli_exit_status(tmp_path, monkeypatch, capsys):
+    def main(passed):
+        def run(cfg):
+            if cfg.note == "bad":
+                raise ValueError("`note` is bad; pass another")
+            return {
+                "verdict": [C.claim("c", 1.0 if passed else -1.0, ">=", 0)],
+                "passed": passed,
+            }
+
+        return run
+
+    for argv, passed, code in (
+        ([], True, 0),
+        ([], False, 1),
+        (["--note", "bad"], True, 2),
+    ):
+        monkeypatch.setattr("sys.argv", ["x.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            C.cli("x", Cfg, main(passed), "doc")
+        assert e.value.code == code
+    assert "error: `note` is bad; pass another" in capsys.readouterr().err
+
+
+def test_resume_from_an_older_checkpoint_layout_says_so(tmp_path):
+    cfg = Cfg(out_dir=str(tmp_path), resume=True)
+    C.save_checkpoint(
+        tmp_path / "x" / "checkpoint.pt",
+        {"config": C.config_to_dict(cfg), "progress": {}},
+    )
+    with C.Run("x", cfg) as run:
+        with pytest.raises(ValueError, match="older version of the recipes; rerun"):
+            run.open()

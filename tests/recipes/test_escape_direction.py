@@ -109,21 +109,21 @@ def test_eta_is_gd_stable_and_rho_consistent(tiny_run):
 
 
 @pytest.mark.parametrize("stop_at", [15, 30 + 3], ids=["in-training", "in-runs"])
-def test_resume_matches_uninterrupted(tmp_path, tiny_run, stop_at):
+def test_resume_matches_uninterrupted(tmp_path, tiny_run, stop_at, interrupt_at):
     ref = tiny_run[1]
     cfg = tiny(tmp_path / "cut")
-    with pytest.raises(common.Interrupted):
-        ed.main(cfg, _stop_at=stop_at)
+    with interrupt_at(stop_at):
+        ed.main(cfg)
     assert (tmp_path / "cut" / "escape_direction" / "checkpoint.pt").exists()
     assert not (tmp_path / "cut" / "escape_direction" / "results.json").exists()
     resumed = ed.main(dataclasses.replace(cfg, resume=True))
     assert _comparable(resumed) == _comparable(ref)
 
 
-def test_resume_rejects_other_config(tmp_path):
+def test_resume_rejects_other_config(tmp_path, interrupt_at):
     cfg = tiny(tmp_path)
-    with pytest.raises(common.Interrupted):
-        ed.main(cfg, _stop_at=12)
+    with interrupt_at(12):
+        ed.main(cfg)
     other = dataclasses.replace(cfg, resume=True, batch_size=8)
     with pytest.raises(ValueError, match=r"different config \(fields 'batch_size'\)"):
         ed.main(other)
@@ -264,11 +264,11 @@ def test_pre_stage_runs_first_at_pre_lr(tmp_path):
     assert res["verdict"][0]["value"] == pytest.approx(0.1 * lam1, rel=1e-12)
 
 
-def test_resume_inside_pre_stage(tmp_path):
+def test_resume_inside_pre_stage(tmp_path, interrupt_at):
     cfg = tiny(tmp_path / "cut", pre_lr=0.02, pre_steps=15, train_steps=15)
     ref = ed.main(dataclasses.replace(cfg, out_dir=str(tmp_path / "ref")))
-    with pytest.raises(common.Interrupted):
-        ed.main(cfg, _stop_at=12)
+    with interrupt_at(12):
+        ed.main(cfg)
     resumed = ed.main(dataclasses.replace(cfg, resume=True))
     assert _comparable(resumed) == _comparable(ref)
 
@@ -329,8 +329,9 @@ def test_diverging_training_stops_with_message(tmp_path):
         ed.main(tiny(tmp_path, train_lr=1e6, train_steps=4000, checkpoint_every=1))
     step = int(re.search(r"at step (\d+),", str(e.value)).group(1))
     assert step < 50
-    state = torch.load(
+    saved = torch.load(
         tmp_path / "escape_direction" / "checkpoint.pt", weights_only=False
     )
-    assert state["train_step"] == step  # the diverged step is never checkpointed
+    state = saved["state"]["current"]["snapshot"]  # the unfinished stage "train"
+    assert state["step"] == step  # the diverged step is never checkpointed
     assert all(math.isfinite(v) for v in state["train_loss"])

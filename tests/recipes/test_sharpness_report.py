@@ -75,7 +75,7 @@ def test_measures_match_dense_hessian(tiny_run):
     state = torch.load(
         tmp_path / "sharpness_report" / "checkpoint.pt", weights_only=True
     )
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["state"]["done"]["train"]["model"])
     model.eval()
     # torch.func.hessian (vectorised jacfwd of jacrev) on the flat parameters:
     # an independent dense reference, fast for P = 682
@@ -109,10 +109,10 @@ def test_timm_default_builds():
     assert model(data.x_train[:2]).shape == (2, 10)
 
 
-def test_resume_matches_uninterrupted(tmp_path, tiny_run):
+def test_resume_matches_uninterrupted(tmp_path, tiny_run, interrupt_at):
     cfg = tiny(tmp_path)
-    with pytest.raises(common.Interrupted):
-        sr.main(cfg, _stop_at=4)  # in the second epoch
+    with interrupt_at(4):  # in the second epoch
+        sr.main(cfg)
     resumed = sr.main(dataclasses.replace(cfg, resume=True))
     assert _comparable(resumed) == _comparable(tiny_run[1])
 
