@@ -582,15 +582,14 @@ class NoisyGD(torch.optim.Optimizer):
             # E‖ξ‖² = Tr(Σ)/B is not computed (it would need per-sample gradients)
             return _noise.NoiseSample(xi, s, math.nan)
         gen = _noise.make_generator(self.seed, t, src.fm.device, stream=STREAM_NOISE)
-        return _noise.SAMPLERS[self.noise](
-            self._cache,
-            s,
+        options = _noise.DrawOptions(
             numel=numel,
             magnitude=self.magnitude,
             batch_size=self.batch_size,
             generator=gen,
             dtype=src.fm.dtype,
         )
+        return _noise.SAMPLERS[self.noise](self._cache, s, options)
 
     def _noise_for_step(
         self, t: int, params: list[Tensor]
