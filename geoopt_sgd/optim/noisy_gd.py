@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -264,18 +264,7 @@ class NoisyGD(torch.optim.Optimizer):
         1
     """
 
-    NOISE_KINDS: tuple[str, ...] = (
-        "none",
-        "isotropic",
-        "isotropic_matched",
-        "diagonal",
-        "sgd_leading",
-        "hessian",
-        "top_eigvec",
-        "sgd_matched",
-        "geometry_aware",
-        "geometry_aware_isotropic",
-    )
+    NOISE_KINDS: tuple[str, ...] = get_args(NoiseKind)
 
     def __init__(
         self,
