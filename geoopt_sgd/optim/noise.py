@@ -13,7 +13,8 @@ Draws of a given covariance:
 * :func:`low_rank_noise`: ``s² Σ_j λ_j u_j u_jᵀ`` (negative ``λ_j`` clamped to 0).
 
 One sampler per noise kind of :class:`~geoopt_sgd.NoisyGD` that draws from
-refreshed statistics (:data:`SAMPLERS`, all with one signature): each turns the
+refreshed statistics (:data:`SAMPLERS`, all called as
+``sampler(stats, scale, options)`` with :class:`DrawOptions`): each turns the
 statistics (``Tr C``, ``diag C``, eigenpairs, ``L``, ``Tr H``) and the
 ``magnitude`` option into a :class:`NoiseSample`.
 
@@ -44,7 +45,9 @@ from .._checks import check_int, check_number
 
 __all__ = [
     "SAMPLERS",
+    "DrawOptions",
     "NoiseSample",
+    "Sampler",
     "clamp_eigenvalues",
     "diagonal_noise",
     "geometry_aware_isotropic_variance",
@@ -392,10 +395,33 @@ def reweighting_weights(
 
 # ------------------------------------------------- one sampler per noise kind
 # Every sampler takes the statistics of the last refresh (``stats``: the tensors
-# named below), the multiplier ``s`` and the same keywords, so that NoisyGD
-# dispatches through SAMPLERS; a sampler ignores the keywords it does not need.
+# each names), the multiplier ``s`` and one DrawOptions, so that NoisyGD
+# dispatches through SAMPLERS; a sampler ignores the options it does not need.
 
-Sampler = Callable[..., NoiseSample]
+
+class DrawOptions(NamedTuple):
+    """What every sampler of :data:`SAMPLERS` is given besides the statistics.
+
+    Attributes:
+        numel: ``P``, the number of parameters.
+        magnitude: ``"sgd"``, ``"unit"`` or ``"raw"``: the trace of the kinds
+            matched to SGD (ISO and GEO have their own magnitude).
+        batch_size: ``B``, for the kinds whose magnitude involves it.
+        generator: The source of randomness, on the statistics' device.
+        dtype: The noise dtype, for the kinds that draw ``P`` normals (the others
+            take the statistics' dtype).
+    """
+
+    numel: int
+    magnitude: str
+    batch_size: int | None
+    generator: torch.Generator
+    dtype: torch.dtype
+
+
+Sampler = Callable[[Mapping[str, Tensor], float, DrawOptions], NoiseSample]
+"""``sampler(stats, scale, options) -> NoiseSample``: ``stats`` the statistics of
+the last refresh, ``scale`` the multiplier ``s`` of the draw."""
 
 
 def geometry_aware_isotropic_variance(
@@ -417,85 +443,54 @@ def geometry_aware_isotropic_variance(
 
 
 def sample_isotropic_matched(
-    stats: Mapping[str, Tensor],
-    scale: float,
-    *,
-    numel: int,
-    magnitude: str,
-    batch_size: int | None,
-    generator: torch.Generator,
-    dtype: torch.dtype,
+    stats: Mapping[str, Tensor], scale: float, options: DrawOptions
 ) -> NoiseSample:
     """``"isotropic_matched"``: covariance ``s² (Tr C / P) I`` (``s²/P I`` for "unit").
 
-    Args:
-        stats: Holds ``"trace_c"``, ``Tr C``.
-        scale: ``s``.
-        numel: ``P``.
-        magnitude: ``"sgd"``, ``"raw"`` (both ``Tr C``) or ``"unit"`` (trace 1).
-        batch_size: Unused.
-        generator: The source of randomness (``P`` normals are drawn).
-        dtype: The noise dtype.
+    Reads ``stats["trace_c"]`` (``Tr C``; ``magnitude`` ``"sgd"`` and ``"raw"``
+    both keep it) and draws ``P`` normals.
 
     Returns:
         ``NoiseSample(z, s sqrt(Tr C / P), s² Tr C)``.
     """
-    trace = 1.0 if magnitude == "unit" else float(stats["trace_c"])
+    numel = options.numel
+    trace = 1.0 if options.magnitude == "unit" else float(stats["trace_c"])
     return isotropic_noise(
-        numel, scale, variance=trace / numel, generator=generator, dtype=dtype
+        numel,
+        scale,
+        variance=trace / numel,
+        generator=options.generator,
+        dtype=options.dtype,
     )
 
 
 def sample_geometry_aware_isotropic(
-    stats: Mapping[str, Tensor],
-    scale: float,
-    *,
-    numel: int,
-    magnitude: str,
-    batch_size: int | None,
-    generator: torch.Generator,
-    dtype: torch.dtype,
+    stats: Mapping[str, Tensor], scale: float, options: DrawOptions
 ) -> NoiseSample:
     """``"geometry_aware_isotropic"`` (ISO): covariance ``s² (2L/B) (Tr H / P) I``.
 
-    Args:
-        stats: Holds ``"loss"`` and ``"trace_h"`` (see
-            :func:`geometry_aware_isotropic_variance`).
-        scale: ``s``.
-        numel: ``P``.
-        magnitude: Unused (ISO has its own magnitude).
-        batch_size: ``B``.
-        generator: The source of randomness (``P`` normals are drawn).
-        dtype: The noise dtype.
+    Reads ``stats["loss"]`` and ``stats["trace_h"]`` (see
+    :func:`geometry_aware_isotropic_variance`) and draws ``P`` normals;
+    ``magnitude`` is unused (ISO has its own).
 
     Returns:
         ``NoiseSample(z, s sqrt(v), s² v P)`` with ``v`` the ISO variance.
     """
+    numel, batch_size = options.numel, options.batch_size
     assert batch_size is not None
     var = geometry_aware_isotropic_variance(stats, batch_size, numel)
-    return isotropic_noise(numel, scale, variance=var, generator=generator, dtype=dtype)
+    return isotropic_noise(
+        numel, scale, variance=var, generator=options.generator, dtype=options.dtype
+    )
 
 
 def sample_diagonal(
-    stats: Mapping[str, Tensor],
-    scale: float,
-    *,
-    numel: int,
-    magnitude: str,
-    batch_size: int | None,
-    generator: torch.Generator,
-    dtype: torch.dtype,
+    stats: Mapping[str, Tensor], scale: float, options: DrawOptions
 ) -> NoiseSample:
     """``"diagonal"`` (GLD-diag): covariance ``s² diag(C)`` (trace ``s²`` for "unit").
 
-    Args:
-        stats: Holds ``"variance"``, ``diag C`` ``(P,)``.
-        scale: ``s``.
-        numel: Unused.
-        magnitude: ``"sgd"`` or ``"raw"`` (``diag C``) or ``"unit"``.
-        batch_size: Unused.
-        generator: The source of randomness, on the variance's device.
-        dtype: Unused (the variance's dtype).
+    Reads ``stats["variance"]`` (``diag C``, shape ``(P,)``; ``magnitude``
+    ``"sgd"`` and ``"raw"`` both keep it) and draws in its dtype.
 
     Returns:
         ``NoiseSample(sqrt(diag C) ⊙ z, s a, (s a)² Tr C)``, ``a = 1`` or
@@ -503,11 +498,11 @@ def sample_diagonal(
     """
     variance = stats["variance"]
     total = float(variance.sum())
-    if magnitude == "unit":
+    if options.magnitude == "unit":
         a = 1.0 / math.sqrt(total) if total > 0 else 0.0
     else:
         a = 1.0
-    xi = diagonal_noise(variance, generator=generator)
+    xi = diagonal_noise(variance, generator=options.generator)
     return NoiseSample(xi, scale * a, (scale * a) ** 2 * total)
 
 
@@ -539,31 +534,16 @@ def _matched_factor(stats: Mapping[str, Tensor], magnitude: str) -> Callable:
 
 
 def sample_sgd_leading(
-    stats: Mapping[str, Tensor],
-    scale: float,
-    *,
-    numel: int,
-    magnitude: str,
-    batch_size: int | None,
-    generator: torch.Generator,
-    dtype: torch.dtype,
+    stats: Mapping[str, Tensor], scale: float, options: DrawOptions
 ) -> NoiseSample:
     """``"sgd_leading"`` (GLD-lead) and ``"hessian"`` (GLD-Hess): top-``k`` eigenpairs.
 
     Covariance ``s² a² Σ_j λ_j u_j u_jᵀ`` with ``a² = Tr C / Σ_j λ_j``
     (``"sgd"``), ``1 / Σ_j λ_j`` (``"unit"``) or ``1`` (``"raw"``); ``(λ_j, u_j)``
     are the top eigenpairs of ``C`` (``"sgd_leading"``) or of the curvature
-    (``"hessian"``).
-
-    Args:
-        stats: Holds ``"eigenvalues"`` ``(k,)``, ``"eigenvectors"`` ``(P, k)`` and,
-            for ``"sgd"``, ``"trace_c"``.
-        scale: ``s``.
-        numel: Unused.
-        magnitude: ``"sgd"``, ``"unit"`` or ``"raw"``.
-        batch_size: Unused.
-        generator: The source of randomness (``k`` normals are drawn).
-        dtype: Unused (the eigenvectors' dtype).
+    (``"hessian"``). Reads ``stats["eigenvalues"]`` ``(k,)``,
+    ``stats["eigenvectors"]`` ``(P, k)`` and, for ``"sgd"``, ``stats["trace_c"]``;
+    draws ``k`` normals in the eigenvectors' dtype.
 
     Returns:
         ``NoiseSample(Σ_j sqrt(λ_j) z_j u_j, s a, s² a² Σ_j λ_j)``.
@@ -572,8 +552,8 @@ def sample_sgd_leading(
         stats["eigenvalues"],
         stats["eigenvectors"],
         scale,
-        _matched_factor(stats, magnitude),
-        generator,
+        _matched_factor(stats, options.magnitude),
+        options.generator,
     )
 
 
@@ -581,28 +561,13 @@ sample_hessian = sample_sgd_leading
 
 
 def sample_top_eigvec(
-    stats: Mapping[str, Tensor],
-    scale: float,
-    *,
-    numel: int,
-    magnitude: str,
-    batch_size: int | None,
-    generator: torch.Generator,
-    dtype: torch.dtype,
+    stats: Mapping[str, Tensor], scale: float, options: DrawOptions
 ) -> NoiseSample:
     """``"top_eigvec"`` (GLD-1eig): covariance ``s² a² λ_1 u_1 u_1ᵀ``.
 
     With ``a² = Tr C / λ_1`` (``"sgd"``: ``s² Tr C u_1 u_1ᵀ``), ``1/λ_1``
-    (``"unit"``) or ``1`` (``"raw"``).
-
-    Args:
-        stats: As for :func:`sample_sgd_leading`; only the first pair is used.
-        scale: ``s``.
-        numel: Unused.
-        magnitude: ``"sgd"``, ``"unit"`` or ``"raw"``.
-        batch_size: Unused.
-        generator: The source of randomness (one normal is drawn).
-        dtype: Unused.
+    (``"unit"``) or ``1`` (``"raw"``). Reads what :func:`sample_sgd_leading`
+    reads but uses only the first pair; draws one normal.
 
     Returns:
         ``NoiseSample(sqrt(λ_1) z u_1, s a, s² a² λ_1)``.
@@ -611,36 +576,24 @@ def sample_top_eigvec(
         stats["eigenvalues"][:1],
         stats["eigenvectors"][:, :1],
         scale,
-        _matched_factor(stats, magnitude),
-        generator,
+        _matched_factor(stats, options.magnitude),
+        options.generator,
     )
 
 
 def sample_geometry_aware(
-    stats: Mapping[str, Tensor],
-    scale: float,
-    *,
-    numel: int,
-    magnitude: str,
-    batch_size: int | None,
-    generator: torch.Generator,
-    dtype: torch.dtype,
+    stats: Mapping[str, Tensor], scale: float, options: DrawOptions
 ) -> NoiseSample:
     """``"geometry_aware"`` (GEO): covariance ``s² (2L/B) Σ_j λ_j u_j u_jᵀ``.
 
-    Args:
-        stats: Holds ``"eigenvalues"``, ``"eigenvectors"`` and ``"loss"`` (``L``;
-            a negative loss counts as 0).
-        scale: ``s``.
-        numel: Unused.
-        magnitude: Unused (GEO has its own magnitude).
-        batch_size: ``B``.
-        generator: The source of randomness (``k`` normals are drawn).
-        dtype: Unused.
+    Reads ``stats["eigenvalues"]``, ``stats["eigenvectors"]`` and
+    ``stats["loss"]`` (``L``; a negative loss counts as 0); draws ``k`` normals;
+    ``magnitude`` is unused (GEO has its own).
 
     Returns:
         ``NoiseSample(Σ_j sqrt(λ_j) z_j u_j, s sqrt(2L/B), s² (2L/B) Σ_j λ_j)``.
     """
+    batch_size = options.batch_size
     assert batch_size is not None
     loss = max(float(stats["loss"]), 0.0)
     return _low_rank_sample(
@@ -648,7 +601,7 @@ def sample_geometry_aware(
         stats["eigenvectors"],
         scale,
         lambda mass: 2.0 * loss / batch_size,
-        generator,
+        options.generator,
     )
 
 

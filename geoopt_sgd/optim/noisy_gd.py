@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -264,18 +264,7 @@ class NoisyGD(torch.optim.Optimizer):
         1
     """
 
-    NOISE_KINDS: tuple[str, ...] = (
-        "none",
-        "isotropic",
-        "isotropic_matched",
-        "diagonal",
-        "sgd_leading",
-        "hessian",
-        "top_eigvec",
-        "sgd_matched",
-        "geometry_aware",
-        "geometry_aware_isotropic",
-    )
+    NOISE_KINDS: tuple[str, ...] = get_args(NoiseKind)
 
     def __init__(
         self,
@@ -582,15 +571,14 @@ class NoisyGD(torch.optim.Optimizer):
             # E‖ξ‖² = Tr(Σ)/B is not computed (it would need per-sample gradients)
             return _noise.NoiseSample(xi, s, math.nan)
         gen = _noise.make_generator(self.seed, t, src.fm.device, stream=STREAM_NOISE)
-        return _noise.SAMPLERS[self.noise](
-            self._cache,
-            s,
+        options = _noise.DrawOptions(
             numel=numel,
             magnitude=self.magnitude,
             batch_size=self.batch_size,
             generator=gen,
             dtype=src.fm.dtype,
         )
+        return _noise.SAMPLERS[self.noise](self._cache, s, options)
 
     def _noise_for_step(
         self, t: int, params: list[Tensor]

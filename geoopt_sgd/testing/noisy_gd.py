@@ -16,23 +16,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..optim.noisy_gd import NoisyGD
 from .curvature import dense_ggn, dense_hessian
 from .noise import per_sample_gradients_loop
 
 __all__ = ["noisy_gd_covariance"]
 
-_KINDS = (
-    "none",
-    "isotropic",
-    "isotropic_matched",
-    "diagonal",
-    "sgd_leading",
-    "hessian",
-    "top_eigvec",
-    "sgd_matched",
-    "geometry_aware",
-    "geometry_aware_isotropic",
-)
 # kinds whose covariance involves the mini-batch covariance C
 _USES_C = ("isotropic_matched", "diagonal", "sgd_leading")
 
@@ -94,10 +83,9 @@ def noisy_gd_covariance(
         >>> S.shape
         torch.Size([3, 3])
     """
-    if kind not in _KINDS:
-        raise ValueError(
-            f"`kind` must be one of {', '.join(map(repr, _KINDS))}; got {kind!r}."
-        )
+    if kind not in NoisyGD.NOISE_KINDS:
+        kinds = ", ".join(map(repr, NoisyGD.NOISE_KINDS))
+        raise ValueError(f"`kind` must be one of {kinds}; got {kind!r}.")
     grads = per_sample_gradients_loop(model, loss_fn, inputs, targets).double()
     n, P = grads.shape
     centred = grads - grads.mean(0)

@@ -286,16 +286,14 @@ def test_post_hook_sees_the_lr_the_step_used():
     assert pickle.loads(pickle.dumps(opt))._cyclic_post_hooks == {}
 
 
-def test_noise_probe_on_wrapper_records_the_step_lr():
+def test_noise_probe_on_wrapper_records_the_step_lr(measure):
     model, X, y, opt = _wrapper()
 
     class Result:
         values = {"loss": 0.0}
 
-    def measure(*args, **kwargs):
-        return Result()
-
-    probe = NoiseProbe(model, nn.MSELoss(), (X, y), every=2, k=2, _measure=measure)
+    measure(lambda *args, **kwargs: Result())
+    probe = NoiseProbe(model, nn.MSELoss(), (X, y), every=2, k=2)
     probe.attach(opt)
     for _ in range(6):
         _grad(model, X, y)

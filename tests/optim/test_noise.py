@@ -286,11 +286,13 @@ def test_each_sampler_realises_its_covariance(kind, magnitude):
     S = 1.5**2 * _dense_covariance(kind, magnitude, C, B=4)
     sampler = N.SAMPLERS[kind]
     g = _gen(7)
-    kw = dict(numel=5, magnitude=magnitude, batch_size=4, dtype=torch.float64)
-    first = sampler(stats, 1.5, generator=g, **kw)
+    options = N.DrawOptions(
+        numel=5, magnitude=magnitude, batch_size=4, generator=g, dtype=torch.float64
+    )
+    first = sampler(stats, 1.5, options)
     assert first.target_sq_norm == pytest.approx(float(S.trace()), rel=1e-10)
     num = 20000
-    draws = [first] + [sampler(stats, 1.5, generator=g, **kw) for _ in range(num - 1)]
+    draws = [first] + [sampler(stats, 1.5, options) for _ in range(num - 1)]
     samples = torch.stack([d.alpha * d.direction for d in draws])
     assert (_second_moment(samples) - S).abs().max() < _moment_tolerance(S, num)
 
@@ -301,8 +303,8 @@ def test_samplers_draw_from_the_generator_only():
     kw = dict(numel=5, magnitude="sgd", batch_size=4, dtype=torch.float64)
     before = torch.get_rng_state()
     for kind, sampler in N.SAMPLERS.items():
-        a = sampler(stats, 0.5, generator=_gen(1, 3), **kw)
-        b = sampler(stats, 0.5, generator=_gen(1, 3), **kw)
+        a = sampler(stats, 0.5, N.DrawOptions(generator=_gen(1, 3), **kw))
+        b = sampler(stats, 0.5, N.DrawOptions(generator=_gen(1, 3), **kw))
         assert torch.equal(a.direction, b.direction), kind
         assert (a.alpha, a.target_sq_norm) == (b.alpha, b.target_sq_norm), kind
     assert torch.equal(before, torch.get_rng_state())
@@ -314,8 +316,7 @@ def test_low_rank_samplers_with_no_positive_mass_give_zero_noise_not_nan():
     kw = dict(numel=5, batch_size=4, dtype=torch.float64)
     for kind in ("sgd_leading", "hessian", "top_eigvec"):
         for magnitude in ("sgd", "unit"):
-            out = N.SAMPLERS[kind](
-                stats, 1.0, generator=_gen(), magnitude=magnitude, **kw
-            )
+            options = N.DrawOptions(generator=_gen(), magnitude=magnitude, **kw)
+            out = N.SAMPLERS[kind](stats, 1.0, options)
             assert out.alpha == 0.0 and out.target_sq_norm == 0.0
             assert torch.equal(out.direction, torch.zeros(5, dtype=torch.float64))
