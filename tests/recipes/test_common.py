@@ -334,7 +334,7 @@ def test_results_payload_and_environment():
     ],
 )
 def test_claim(value, op, thr, ok):
-    row = C.claim("c", value, op, thr, source="SPEC R10")
+    row = C.claim("c", value, op, thr, source="Wang & Wu 2023, arXiv:2310.00692")
     assert row["passed"] is ok and row["threshold"] == thr
 
 
