@@ -31,8 +31,11 @@ from .config import (
 )
 from .data import DATASETS, DataSplit, check_dataset, load_data
 from .files import (
+    DirLock,
+    OutDirBusy,
     load_checkpoint,
     read_json,
+    remove_stale_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -74,8 +77,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "SMALL_MODELS",
     "DataSplit",
+    "DirLock",
     "Diverged",
     "Interrupted",
+    "OutDirBusy",
     "Run",
     "RunOptions",
     "Stages",
@@ -105,6 +110,7 @@ __all__ = [
     "progress_bar",
     "pyplot",
     "read_json",
+    "remove_stale_temp_files",
     "resolve_device",
     "results_payload",
     "rng_state",

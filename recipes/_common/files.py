@@ -2,8 +2,12 @@
 
 Every file is written to a temporary name and renamed into place
 (:func:`atomic_write`), so a killed run leaves the previous file or the new one,
-never half of one. A checkpoint carries the global RNG states
-(:func:`rng_state`) and loads with ``torch.load(weights_only=True)``.
+never half of one (and at most a hidden temporary file, which
+:func:`remove_stale_temp_files` deletes when the next run starts). Files get the
+mode a plain ``open()`` would give them (``0o666`` less the umask). A checkpoint
+carries the global RNG states (:func:`rng_state`) and loads with
+``torch.load(weights_only=True)``; a damaged one is reported as such.
+:class:`DirLock` keeps two runs from writing one output folder at once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,9 +26,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DirLock",
+    "OutDirBusy",
     "atomic_write",
     "load_checkpoint",
     "read_json",
+    "remove_stale_temp_files",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -99,11 +107,31 @@ def _clean_floats(obj: Any) -> Any:
     return obj
 
 
+# The temporary names of atomic_write: ".<name>.<8 characters of mkstemp>.tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    # read by setting it; 0o077 in between, so a file another thread creates
+    # meanwhile is at worst private, never world-writable
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` through ``write(fh)`` on a temporary file, then rename it."""
+    """Write ``path`` through ``write(fh)`` on a temporary file, then rename it.
+
+    The file gets mode ``0o666`` less the umask, as with a plain ``open()``
+    (``mkstemp`` alone would leave it ``0o600``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
+        else:  # Windows: only the read-only bit exists
+            os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -113,6 +141,117 @@ def atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder``.
+
+    A run killed during a write (``SIGKILL``, power loss) leaves its hidden
+    ``.<name>.<random>.tmp`` behind. Call this only while holding the folder's
+    :class:`DirLock`, so that no live run's temporary file is removed.
+
+    Args:
+        folder: The output folder (not searched recursively).
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        if _TEMP_NAME.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+class OutDirBusy(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
+class DirLock:
+    """An exclusive lock on a folder, held by one process at a time.
+
+    The lock is an OS lock (``flock`` on POSIX, ``msvcrt.locking`` on Windows) on
+    ``<folder>/.lock``, which holds the owner's pid for the message. The OS
+    releases it when the owner exits, however it exits, so a lock file left by a
+    killed run is no obstacle: the next run takes it over.
+
+    Args:
+        folder: The folder to lock (it must exist).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self._fh: Any = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fh is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise at once if another run holds it.
+
+        Raises:
+            OutDirBusy: If the lock is held (by another process, or by another
+                :class:`DirLock` of this one).
+        """
+        if self._fh is not None:
+            return
+        fh = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            _lock(fh)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            who = f"the run with pid {holder}" if holder.isdigit() else "another run"
+            raise OutDirBusy(
+                f"--out-dir: {str(self.path.parent)!r} is in use by {who} (lock "
+                f"{str(self.path)!r}); wait for that run to finish, or pass another "
+                "--out-dir."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        """Release the lock (the file stays; it is reused by the next run)."""
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            _unlock(fh)
+        finally:
+            fh.close()
+
+
+if os.name == "nt":  # pragma: no cover - not exercised on the CI's Linux
+    import msvcrt
+
+    def _lock(fh: Any) -> None:
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+
+    def _unlock(fh: Any) -> None:
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock(fh: Any) -> None:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock(fh: Any) -> None:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -176,13 +315,26 @@ def load_checkpoint(
         The saved dict, or ``None`` if ``path`` does not exist.
 
     Raises:
-        ValueError: If ``config`` differs from the checkpoint's.
+        ValueError: If ``config`` differs from the checkpoint's, or the file is
+            not a readable checkpoint (truncated, empty, another file, a dict
+            without the config or with invalid RNG states); the message names
+            the file and what to do. Nothing (the RNG states included) has
+            changed then.
     """
     path = Path(path)
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if config is not None and "config" in state:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means a damaged file
+        raise ValueError(
+            _damaged(path, f"it cannot be read: {type(err).__name__}")
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(_damaged(path, f"it holds a {type(state).__name__}"))
+    if config is not None and not isinstance(state.get("config"), dict):
+        raise ValueError(_damaged(path, "it has no config"))
+    if config is not None:
         ignore = {"resume", "device", "out_dir"}
         diff = sorted(
             k
@@ -196,5 +348,17 @@ def load_checkpoint(
                 "config, or without --resume to start over."
             )
     if restore_rng and "rng" in state:
-        set_rng_state(state["rng"])
+        before = rng_state()
+        try:
+            set_rng_state(state["rng"])
+        except Exception:  # noqa: BLE001 - malformed states: leave the RNGs as they were
+            set_rng_state(before)
+            raise ValueError(_damaged(path, "its RNG states are invalid")) from None
     return state
+
+
+def _damaged(path: Path, why: str) -> str:
+    return (
+        f"--resume: the checkpoint {str(path)!r} is damaged or not a checkpoint of "
+        f"this recipe ({why}). Delete it, or rerun without --resume to start over."
+    )

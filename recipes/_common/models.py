@@ -1,8 +1,9 @@
 """Models, losses and targets of the recipes.
 
 :func:`make_model` builds any timm model with ``timm.create_model(name,
-pretrained=False, ...)`` or one of the papers' small models (``mlp``: the R5 FCN,
-``cnn``, ``linear``), with seeded initialisation. :func:`make_loss` and
+pretrained=False, ...)`` or one of the papers' small models (``mlp``: the fully
+connected net of Wu, Wang & Su 2022, ``cnn``, ``linear``), with seeded
+initialisation. :func:`make_loss` and
 :func:`make_targets` pair a loss name with the targets it takes;
 :func:`parity_targets` are the papers' one-output ±1 even/odd targets.
 :func:`flat_parameters` and :func:`set_flat_parameters` read and write the
@@ -99,8 +100,9 @@ def make_model(
 ) -> nn.Module:
     """Build a recipe model, with seeded initialisation.
 
-    * ``"mlp"``: the FCN of SPEC R5, ``input_dim → width (×depth) → num_classes``
-      with ``activation`` (``"tanh"`` or ``"relu"``); needs flat inputs.
+    * ``"mlp"``: the fully connected net of Wu, Wang & Su 2022 (arXiv:2207.02628),
+      ``input_dim → width (×depth) → num_classes`` with ``activation`` (``"tanh"``
+      or ``"relu"``); needs flat inputs.
     * ``"cnn"``: two 3×3 conv layers of ``width`` channels with ReLU and 2×2
       pooling, then a linear head; needs ``image_size``.
     * ``"linear"``: one linear layer on flat inputs.

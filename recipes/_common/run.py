@@ -11,7 +11,10 @@ Every recipe's ``main`` follows the same protocol::
         return run.finish(metrics, arrays, verdict, plot)
 
 and its ``__main__`` is :func:`cli`. Nothing is written before :meth:`Run.open`, so
-a config that fails a check leaves no output folder behind.
+a config that fails a check leaves no output folder behind. From :meth:`Run.open`
+to the end of the ``with`` block the run holds its output folder's lock
+(:class:`~_common.files.DirLock`): a second run on the same folder stops at once
+with a message instead of interleaving its files with the first's.
 
 Interruptions for the resume tests: a recipe calls :func:`maybe_interrupt` at every
 unit of work (a step, a run); a test sets :data:`STOP_AT` (with pytest's
@@ -34,7 +37,15 @@ from typing import Any, NoReturn
 import torch
 
 from .config import config_to_dict, parse_config, resolve_device
-from .files import load_checkpoint, read_json, save_checkpoint, write_json
+from .files import (
+    DirLock,
+    OutDirBusy,
+    load_checkpoint,
+    read_json,
+    remove_stale_temp_files,
+    save_checkpoint,
+    write_json,
+)
 from .verdict import verdict_table
 
 SCHEMA_VERSION = 1  # bump when results.json changes incompatibly
@@ -215,7 +226,8 @@ class Run:
     """One run of a recipe: device, seeds, output folder, checkpoint, results.
 
     Used as a context manager: entering seeds the global RNGs with ``cfg.seed``
-    and, with ``threads``, sets torch's CPU thread count (restored on exit).
+    and, with ``threads``, sets torch's CPU thread count (restored on exit);
+    leaving releases the output folder's lock taken by :meth:`open`.
 
     Args:
         recipe: The recipe's name; outputs go to ``<cfg.out_dir>/<recipe>/``.
@@ -239,6 +251,7 @@ class Run:
         self.state: dict[str, Any] = {}
         self._threads = threads
         self._threads_before: int | None = None
+        self._lock = DirLock(self.out)
         self._start = time.perf_counter()
 
     def __enter__(self) -> Run:
@@ -250,21 +263,29 @@ class Run:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
 
     def open(self) -> dict[str, Any]:
-        """Create the output folder, write ``config.json``, load ``--resume`` state.
+        """Lock the output folder, write ``config.json``, load ``--resume`` state.
+
+        Creates the folder, takes its lock (held until the ``with`` block ends)
+        and deletes the temporary files of writes a killed run left there.
 
         Returns:
             :attr:`state`: the checkpoint's state with ``cfg.resume`` and a
             checkpoint there (the global RNG states restored), else ``{}``.
 
         Raises:
-            ValueError: If the checkpoint was written with another config, or by
-                an older layout of the recipes (no ``state`` in it).
+            OutDirBusy: If another run holds the folder's lock.
+            ValueError: If the checkpoint was written with another config, by
+                an older layout of the recipes (no ``state`` in it), or is
+                damaged.
         """
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        remove_stale_temp_files(self.out)
         write_json(self.out / "config.json", self.config)
         if self.cfg.resume:
             path = self.out / "checkpoint.pt"
@@ -273,6 +294,12 @@ class Run:
                 raise ValueError(
                     f"--resume: the checkpoint {str(path)!r} was written by an older "
                     "version of the recipes; rerun without --resume to start over."
+                )
+            if saved is not None and not isinstance(saved["state"], dict):
+                raise ValueError(
+                    f"--resume: the checkpoint {str(path)!r} is damaged or not a "
+                    "checkpoint of this recipe (its state is not a dict). Delete it, "
+                    "or rerun without --resume to start over."
                 )
             if saved is not None:
                 self.state = saved["state"]
@@ -377,7 +404,8 @@ def cli(
     Prints ``report(results)`` (if given), the verdict table and the results
     path. Exit status: 0 when every verdict row passes, 1 when one fails, 2 when
     the run stops on an error its message tells the user how to fix (a bad
-    config, a missing dataset, a diverged training), printed without a traceback.
+    config, a missing dataset, a diverged training, a damaged checkpoint, an
+    output folder in use by another run), printed without a traceback.
 
     Args:
         recipe: The recipe's name.
@@ -392,7 +420,7 @@ def cli(
     cfg = parse_config(config_cls, description=doc)
     try:
         results = main(cfg)
-    except (ValueError, FileNotFoundError, Diverged) as err:
+    except (ValueError, FileNotFoundError, Diverged, OutDirBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if report is not None:

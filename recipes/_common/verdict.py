@@ -33,8 +33,10 @@ def claim(
         claim: The paper's claim in words (e.g. "GD escapes along u_1").
         value: The measured value.
         op: One of ``">="``, ``">"``, ``"<="``, ``"<"``.
-        threshold: The threshold from the SPEC.
-        source: Where the claim and threshold come from (e.g. "SPEC R10").
+        threshold: The threshold (from the paper, or our choice).
+        source: Where the claim and threshold come from: the paper (authors, year,
+            arXiv id, figure or theorem), or "ours (docs/recipes/<recipe>.md)"
+            where the threshold is our choice.
         note: Anything a reader needs (e.g. which arm, which k).
 
     Returns:

@@ -102,7 +102,7 @@ def test_toy_noise_has_the_target_variance(kind):
     c = A @ A.transpose(1, 2)
     h = A.transpose(1, 2) @ A + torch.eye(2, dtype=torch.float64)
     s = R.toy_noise_covariance(kind, c, h, 0.01)
-    # every non-GD dynamic injects E||eps||^2 = 0.01 exactly (SPEC R1)
+    # every non-GD dynamic injects E||eps||^2 = 0.01 exactly (Z19 Fig. 2)
     torch.testing.assert_close(
         s.diagonal(dim1=1, dim2=2).sum(-1), torch.full((5,), 0.01, dtype=torch.float64)
     )
@@ -268,7 +268,7 @@ def test_toy_noise_agrees_with_noisy_gd(kind, noise):
         model.parameters(),
         lr=0.005,
         noise=noise,
-        noise_scale=0.1,  # total variance 0.1^2 = 0.01 (SPEC R1)
+        noise_scale=0.1,  # total variance 0.1^2 = 0.01 (Z19 Fig. 2)
         k=2,
         refresh_every=1,
         model=model,

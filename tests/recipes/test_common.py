@@ -334,7 +334,7 @@ def test_results_payload_and_environment():
     ],
 )
 def test_claim(value, op, thr, ok):
-    row = C.claim("c", value, op, thr, source="SPEC R10")
+    row = C.claim("c", value, op, thr, source="Wang & Wu 2023, arXiv:2310.00692")
     assert row["passed"] is ok and row["threshold"] == thr
 
 
@@ -487,3 +487,190 @@ def test_resume_from_an_older_checkpoint_layout_says_so(tmp_path):
     with C.Run("x", cfg) as run:
         with pytest.raises(ValueError, match="older version of the recipes; rerun"):
             run.open()
+
+
+# ---------------------------------------------------------------- out dir: damaged
+# checkpoints, a second run on the same folder, files of a killed run (#13)
+
+
+def _open_main(cfg):
+    with C.Run("x", cfg) as run:
+        run.open()
+    return {"verdict": [C.claim("c", 1.0, ">=", 0)], "passed": True}
+
+
+def _write_damaged(path, kind):
+    cfg = C.config_to_dict(Cfg(resume=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "truncated":
+        C.save_checkpoint(path, {"config": cfg, "state": {"w": torch.zeros(1000)}})
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random bytes":
+        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy())
+    elif kind == "a pickled object":  # torch.load(weights_only=True) refuses it
+        torch.save(Cfg(), path)
+    elif kind == "a list":
+        torch.save([1, 2], path)
+    elif kind == "no config":
+        torch.save({"state": {}}, path)
+    elif kind == "state not a dict":
+        torch.save({"config": cfg, "state": [1]}, path)
+    elif kind == "bad rng":
+        torch.save({"config": cfg, "state": {}, "rng": {"torch": torch.zeros(3)}}, path)
+
+
+DAMAGED = [
+    "truncated",
+    "empty",
+    "random bytes",
+    "a pickled object",
+    "a list",
+    "no config",
+    "state not a dict",
+    "bad rng",
+]
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_resume_from_a_damaged_checkpoint_names_it_and_exits_2(
+    tmp_path, monkeypatch, capsys, kind
+):
+    path = tmp_path / "x" / "checkpoint.pt"
+    _write_damaged(path, kind)
+    monkeypatch.setattr("sys.argv", ["x.py", "--out-dir", str(tmp_path), "--resume"])
+    with pytest.raises(SystemExit) as e:
+        C.cli("x", Cfg, _open_main, "doc")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: the checkpoint {str(path)!r} is damaged")
+    assert "Delete it, or rerun without --resume to start over." in err
+    assert "Traceback" not in err and "weights_only" not in err
+    # the lock was released: a run without --resume starts over on the same folder
+    monkeypatch.setattr("sys.argv", ["x.py", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        C.cli("x", Cfg, _open_main, "doc")
+    assert e.value.code == 0
+
+
+def test_a_damaged_checkpoint_leaves_the_rng_states_alone(tmp_path):
+    path = tmp_path / "x" / "checkpoint.pt"
+    _write_damaged(path, "bad rng")
+    torch.manual_seed(7)
+    random.seed(7)
+    expect = (torch.rand(3), random.random())
+    torch.manual_seed(7)
+    random.seed(7)
+    with pytest.raises(ValueError, match="its RNG states are invalid"):
+        C.load_checkpoint(path, config=C.config_to_dict(Cfg()))
+    assert torch.equal(torch.rand(3), expect[0]) and random.random() == expect[1]
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, monkeypatch, capsys):
+    import os
+
+    cfg = Cfg(out_dir=str(tmp_path))
+    with C.Run("x", cfg) as first:
+        first.open()
+        lock = tmp_path / "x" / ".lock"
+        assert lock.read_text().strip() == str(os.getpid())
+        with C.Run("x", cfg) as second:
+            with pytest.raises(
+                C.OutDirBusy, match=rf"in use by the run with pid {os.getpid()}"
+            ):
+                second.open()
+        # the same through the command line: exit status 2, no traceback
+        monkeypatch.setattr("sys.argv", ["x.py", "--out-dir", str(tmp_path)])
+        with pytest.raises(SystemExit) as e:
+            C.cli("x", Cfg, _open_main, "doc")
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: --out-dir: {str(tmp_path / 'x')!r} is in use" in err
+        assert "pass another --out-dir" in err and "Traceback" not in err
+        assert first.open() == {}  # the holder itself is not locked out
+    # released on leaving the block, even through an exception
+    with pytest.raises(C.Interrupted):
+        with C.Run("x", cfg) as run:
+            run.open()
+            raise C.Interrupted("killed")
+    with C.Run("x", cfg) as run:
+        assert run.open() == {}
+    # a different recipe in the same --out-dir has its own folder, its own lock
+    with C.Run("x", cfg) as a, C.Run("y", cfg) as b:
+        a.open()
+        b.open()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "x"
+    folder.mkdir()
+    holder = subprocess.Popen(  # another process takes the lock, as a run would
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            f"fh = open({str(folder / '.lock')!r}, 'a+')\n"
+            "fcntl.flock(fh, fcntl.LOCK_EX)\n"
+            "fh.write(str(os.getpid())); fh.flush()\n"
+            "print('locked', flush=True); sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with C.Run("x", Cfg(out_dir=str(tmp_path))) as run:
+            with pytest.raises(C.OutDirBusy, match=f"pid {holder.pid}"):
+                run.open()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    # the dead run's lock file (with its pid) is still there; the next run takes it
+    assert (folder / ".lock").read_text() == str(holder.pid)
+    with C.Run("x", Cfg(out_dir=str(tmp_path))) as run:
+        assert run.open() == {}
+        assert (folder / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_open_removes_the_temp_files_of_a_killed_write(tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    stale = [".toy.png.k3_9zqa1.tmp", ".checkpoint.pt.abcdefgh.tmp"]
+    kept = ["notes.tmp", ".keep.tmp", "toy.png", ".results.json.short.tmp"]
+    for name in stale + kept:
+        (folder / name).write_bytes(b"x")
+    with C.Run("x", Cfg(out_dir=str(tmp_path), resume=True)) as run:
+        run.open()
+    names = {p.name for p in folder.iterdir()}
+    assert not names & set(stale)
+    assert set(kept) <= names
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        C.write_json(tmp_path / "a.json", {"a": 1})
+        C.save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(2)})
+        plt = C.pyplot()
+        C.save_figure(plt.figure(), tmp_path / "f.png")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == want
+    for name in ("a.json", "c.pt", "f.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name

@@ -37,11 +37,12 @@ def tiny(tmp_path, **kw):
     return R.Config(**base)
 
 
-def test_half_squared_error_is_the_spec_convention():
+def test_half_squared_error_is_the_papers_convention():
     gen = torch.Generator().manual_seed(0)
     f = torch.randn(6, 3, generator=gen, dtype=torch.float64)
     y = torch.randn(6, 3, generator=gen, dtype=torch.float64)
-    # SPEC §1: L = (1/n) sum_i 1/2 ||f_i - y_i||^2 (sum over outputs); exact in float64
+    # the papers' square loss (docs/science/conventions.md):
+    # L = (1/n) sum_i 1/2 ||f_i - y_i||^2 (sum over outputs); exact in float64
     ref = sum(0.5 * float(((f[i] - y[i]) ** 2).sum()) for i in range(6)) / 6
     loss_fn = R.load_task(R.Config(), 0, torch.device("cpu"))["loss_fn"]
     assert math.isclose(float(loss_fn(f, y)), ref, rel_tol=1e-14)
@@ -60,7 +61,8 @@ def test_schedule_follows_the_square_wave_around_2_over_lambda0(tmp_path):
     s = res["arrays"]["0"]
     lam0 = s["lambda0"]
     eta_min, eta_max = s["lrs"]
-    # SPEC §4 defaults: eta = 0.5 * 2/lambda_0 and 1.5 * 2/lambda_0
+    # the recipe's defaults (docs/recipes/flat_minima_clr.md):
+    # eta = 0.5 * 2/lambda_0 and 1.5 * 2/lambda_0
     assert math.isclose(eta_min, 1.0 / lam0, rel_tol=1e-12)
     assert math.isclose(eta_max, 3.0 / lam0, rel_tol=1e-12)
     lr = s["arms"]["gd"]["lr"]
