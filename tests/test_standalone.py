@@ -11,8 +11,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # Built from pieces so that this file does not match its own patterns.
@@ -45,11 +43,6 @@ def _tracked_files() -> list[Path]:
         ]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="library docstrings, recipes and CHANGELOG still cite the outside "
-    "specification; removed in the pass that follows the documentation (#17)",
-)
 def test_no_reference_outside_the_repository():
     pattern = re.compile("|".join(PATTERNS))
     hits = []

@@ -251,7 +251,7 @@ class NoiseSource:
     def sgd_matched_noise(
         self, generator: torch.Generator, batch_size: int, stats: dict
     ) -> Tensor:
-        """``ξ = Σ_i w_i ∇L_i`` with the weights of SPEC §2.0.6 (Cov = Σ/B).
+        """``ξ = Σ_i w_i ∇L_i`` with the reweighting weights (Cov = Σ/B).
 
         One backward pass per data batch; the weights come from
         :func:`~geoopt_sgd.optim.noise.reweighting_weights` of ``n`` normals

@@ -1,6 +1,6 @@
 """Cyclical learning rates: a pure schedule and a wrapper around any optimizer.
 
-:func:`cyclic_lr` is the closed-form schedule of SPEC §4 (Smith 2017), a pure
+:func:`cyclic_lr` is the closed-form schedule of Smith (2017, arXiv:1506.01186), a pure
 function of the step. :class:`CyclicLRWrapper` wraps any
 :class:`torch.optim.Optimizer` (SGD, :class:`~geoopt_sgd.ProbedSGD`,
 :class:`~geoopt_sgd.NoisyGD`, Adam, SAM-style wrappers) and writes
@@ -93,7 +93,7 @@ def cyclic_lr(
     mode: Mode = "triangular",
     gamma: float = 1.0,
 ) -> float:
-    r"""Return the cyclical learning rate used at step ``step`` (SPEC §4).
+    r"""Return the cyclical learning rate used at step ``step``.
 
     With :math:`t` the step, :math:`s_u, s_d` the two half-cycle lengths,
     :math:`T = s_u + s_d`, :math:`c = \lfloor 1 + t/T \rfloor` the cycle (from 1)
@@ -115,8 +115,8 @@ def cyclic_lr(
       (one step at ``base_lr``, then cosine annealing from ``max_lr``).
     - ``"square"``: piecewise constant, ``max_lr`` for the first ``step_size_up``
       steps of each cycle (the high phase), then ``base_lr`` for
-      ``step_size_down`` steps (the low phase), for mechanism studies (SPEC §4,
-      R11): a cycle ends at the end of a low phase.
+      ``step_size_down`` steps (the low phase), for mechanism studies (Wang & Wu
+      2023's flat-minima experiment): a cycle ends at the end of a low phase.
 
     The first three modes equal ``torch.optim.lr_scheduler.CyclicLR`` with
     ``cycle_momentum=False`` bit for bit: the lr it sets before the ``t``-th

@@ -1,10 +1,10 @@
 """Noise models for :class:`~geoopt_sgd.NoisyGD`: pure samplers given a generator.
 
-Every sampler here is a pure function of its inputs and a
-:class:`torch.Generator`; none touches the global RNG. Samples are flat vectors
-``(P,)`` over all parameters. The covariance each sampler realises is stated in
-its docstring in the notation of SPEC §3 (``C`` the covariance of mini-batch
-gradients, ``H`` the curvature, ``(λ_j, u_j)`` its top eigenpairs).
+Every sampler here is a pure function of its inputs and a :class:`torch.Generator`; none
+touches the global RNG. Samples are flat vectors ``(P,)`` over all parameters. The
+covariance each sampler realises is stated in its docstring in the notation of
+``docs/science/dynamics.md`` (``C`` the covariance of mini-batch gradients, ``H`` the
+curvature, ``(λ_j, u_j)`` its top eigenpairs).
 
 Draws of a given covariance:
 
@@ -25,7 +25,7 @@ Statistics:
   matrix is formed);
 * :func:`clamp_eigenvalues`: a PSD spectrum from Ritz values;
 * :func:`reweighting_weights`: the per-sample weights whose reweighted-loss
-  gradient has exactly the covariance ``Σ/B`` of mini-batch SGD (SPEC §2.0.6).
+  gradient has exactly the covariance ``Σ/B`` of mini-batch SGD.
 
 Streams are derived from ``(seed, step)`` by :func:`step_seed`, so a resumed run
 needs only the integer step count to continue bit for bit, and every rank of a
@@ -226,7 +226,7 @@ def clamp_eigenvalues(eigenvalues: Tensor) -> tuple[Tensor, int]:
     """Clamp negative (or NaN) eigenvalues to zero and count them.
 
     Away from a minimum the Hessian is indefinite; a covariance must be PSD.
-    Z19's code takes ``|λ|``; we drop negative directions instead (SPEC §6.6),
+    Z19's code takes ``|λ|``; we drop negative directions instead,
     so noise never points along directions of negative curvature, and we count
     them so the user can audit how much of the spectrum was discarded.
 
@@ -280,8 +280,8 @@ def low_rank_noise(
 def minibatch_statistics(batch_gradients: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, diagonal and trace of the mini-batch gradient covariance ``C``.
 
-    ``C = (1/M) Σ_b g_b g_bᵀ - ḡ ḡᵀ`` over ``M`` mini-batch gradients (SPEC §1,
-    the ZYT estimator with ``1/M``); with disjoint batches of size ``B`` it
+    ``C = (1/M) Σ_b g_b g_bᵀ - ḡ ḡᵀ`` over ``M`` mini-batch gradients (the
+    ZYT estimator with ``1/M``); with disjoint batches of size ``B`` it
     estimates the SGD noise covariance ``Σ/B``.
 
     Args:
@@ -360,7 +360,7 @@ def reweighting_weights(
         ξ = \sum_i w_i ∇L_i = (nB)^{-1/2} \sum_i z_i (∇L_i - ∇L),
         \qquad \operatorname{Cov} ξ = Σ / B
 
-    exactly (SPEC §2.0.6; ``Σ`` the per-sample gradient covariance with
+    exactly (``Σ`` the per-sample gradient covariance with
     ``1/n``), and ``ξ`` is one backward pass of ``Σ_i w_i L_i``: no per-sample
     gradient is formed.
 

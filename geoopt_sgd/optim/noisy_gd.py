@@ -1,4 +1,4 @@
-r"""NoisyGD: gradient descent plus injected Gaussian noise (SPEC §3).
+r"""NoisyGD: gradient descent plus injected Gaussian noise.
 
 A drop-in :class:`torch.optim.Optimizer`: the user computes a gradient
 (full-batch or not), then calls :meth:`NoisyGD.step`, which adds noise ``ξ_t`` of
@@ -119,10 +119,10 @@ class NoisyGD(torch.optim.Optimizer):
         \quad\text{or}\quad
         θ_{t+1} = θ_t - η d_t + ξ_t \ \text{(param units)},
 
-    with ``ξ_t ~ N(0, S)`` and ``S`` set by ``noise`` (SPEC §3; ``C`` is the
-    covariance of mini-batch gradients at batch size ``B``, which estimates
-    ``Σ/B``; ``(λ_j, u_j)`` the top-``k`` eigenpairs of the curvature; ``s``
-    = ``noise_scale`` times ``noise_schedule(t)``):
+    with ``ξ_t ~ N(0, S)`` and ``S`` set by ``noise`` (``docs/science/dynamics.md``;
+    ``C`` is the covariance of mini-batch gradients at batch size ``B``, which estimates
+    ``Σ/B``; ``(λ_j, u_j)`` the top-``k`` eigenpairs of the curvature; ``s`` =
+    ``noise_scale`` times ``noise_schedule(t)``):
 
     ==============================  =========================================
     ``noise``                       ``S`` (with ``magnitude="sgd"``)
@@ -140,7 +140,7 @@ class NoisyGD(torch.optim.Optimizer):
     ==============================  =========================================
 
     ``magnitude`` changes the five matched kinds: ``"sgd"`` (default) gives them
-    the SGD noise magnitude ``E‖ξ‖² = Tr C`` (SPEC §3: comparisons are fair);
+    the SGD noise magnitude ``E‖ξ‖² = Tr C`` (so that comparisons are fair);
     ``"unit"`` normalises their covariance to trace 1, so that ``noise_scale²``
     is the total variance (the Z19 2-D toy); ``"raw"`` leaves the covariance
     unnormalised (``diag(C)``, ``Σ_j e_j v_j v_jᵀ``, ``Σ_j λ_j u_j u_jᵀ``,
@@ -150,7 +150,7 @@ class NoisyGD(torch.optim.Optimizer):
         * Low-rank kinds carry only the top-``k`` part of the curvature; the
           remainder (the bulk) is dropped, and the matched kinds renormalise
           the top-``k`` mass to the target. For ``"geometry_aware"`` the lost
-          mass is not restored (SPEC §3, GEO): its total variance is
+          mass is not restored (GEO): its total variance is
           ``2L Σ_{j≤k} λ_j / B``, below the ``2L Tr H / B`` of its isotropic
           twin (``stats["target_sq_norm"]`` holds the top-``k`` value).
         * Negative Ritz values (indefinite Hessian) are clamped to 0, the count
@@ -217,7 +217,7 @@ class NoisyGD(torch.optim.Optimizer):
             a loss whose ``reduction`` attribute is ``"none"`` is rejected here).
         data: One ``(inputs, targets)`` batch or an iterable of them (a
             ``DataLoader`` in a fixed order), the data ``C`` and ``H`` refer to.
-        curvature: ``"hessian"`` or ``"ggn"`` (always PSD; SPEC §6.6).
+        curvature: ``"hessian"`` or ``"ggn"`` (always PSD).
         noise_units: ``"grad"`` (``ξ`` added to the gradient) or ``"param"``
             (added to the parameters after the step, in parameter units).
         seed: Seed of the noise streams (``>= 0``).

@@ -38,7 +38,7 @@ def _infos(opt_info_cls: Any) -> list[Any]:
             opt_class=NoisyGD,
             description=(
                 "geoopt_sgd NoisyGD: gradient descent plus injected noise "
-                "(isotropic, diagonal, Hessian-aligned, SGD-like; SPEC section 3)"
+                "(isotropic, diagonal, Hessian-aligned, SGD-like)"
             ),
             has_eps=False,
             has_momentum=False,
