@@ -88,6 +88,51 @@ def _count_nonfinite(values: Any) -> int:
     return 0
 
 
+def _check_sinks(sinks: Any) -> tuple[list[str], list[Any]]:
+    """Split ``sinks`` into JSON-lines paths (parent folders created) and writers."""
+    if isinstance(sinks, (str, os.PathLike)):
+        sinks = [sinks]  # one path, not a sequence of one-letter paths
+    elif not isinstance(sinks, Iterable) or isinstance(sinks, (bytes, dict)):
+        raise TypeError(
+            "`sinks` must be a path or a sequence of paths and writers with "
+            f"add_scalar; got {type(sinks).__name__}."
+        )
+    paths: list[str] = []
+    writers: list[Any] = []
+    for sink in sinks:
+        if isinstance(sink, (str, os.PathLike)):
+            path = os.fspath(sink)
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"`sinks`: {sink!r} is not a usable file path.")
+            if os.path.isdir(path):
+                raise ValueError(
+                    f"`sinks`: {path!r} is a directory; give a file path such as "
+                    f"{os.path.join(path, 'noise.jsonl')!r}."
+                )
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(
+                    f"`sinks`: cannot create the folder {parent!r} of {path!r}: {exc}"
+                ) from exc
+            paths.append(path)
+        elif callable(getattr(sink, "add_scalar", None)):
+            writers.append(sink)
+        else:
+            raise ValueError(
+                "each sink must be a path (str or os.PathLike) for a JSON-lines "
+                "file or a writer with add_scalar(tag, value, step) such as a "
+                f"TensorBoard SummaryWriter; got {type(sink).__name__} in `sinks`."
+            )
+    return paths, writers
+
+
+def _append_line(path: str, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
 class NoiseProbe:
     """Measure the noise geometry of a training run every ``every`` optimizer steps.
 
@@ -114,6 +159,10 @@ class NoiseProbe:
     (list entries as ``<name>/<i>``); ``callback(record)`` is called last. Under
     ``torch.distributed`` every rank measures (the metrics reduce across ranks) and
     keeps the history; only rank 0 writes to ``sinks`` and calls ``callback``.
+    A path's parent folders are created when the probe is built. A sink (or the
+    callback) that raises while writing never stops training: the error is
+    appended to :attr:`sink_errors`, one ``RuntimeWarning`` is issued per probe
+    object, and the record stays in :attr:`history`.
 
     The trajectory is never changed: the global CPU RNG (and every CUDA device's
     RNG, if CUDA is initialised) is saved and restored around the probe; each
@@ -139,7 +188,8 @@ class NoiseProbe:
         metrics: Metric names (from ``geoopt_sgd.probes.metrics.METRICS``);
             ``None`` means the default, affordable set ``DEFAULT_METRICS``.
         k: Number of top curvature eigenpairs. Default: ``10``.
-        sinks: Paths of JSON-lines files and/or writers with ``add_scalar``.
+        sinks: Paths of JSON-lines files and/or writers with ``add_scalar``; a
+            single ``str`` or ``os.PathLike`` is one path.
         callback: Called with each record, after the other sinks.
         seed: Base seed of the measurement's private generator; probe ``j`` (from
             0) uses ``seed + j``. Default: ``0``.
@@ -155,18 +205,22 @@ class NoiseProbe:
         step_count: Optimizer steps seen.
         num_probes: Probes run.
         num_nonfinite: Probes with at least one non-finite value.
+        sink_errors: One line per failed sink write (``"step <t>: <sink>:
+            <error>"``), oldest first.
         last_result: The last :class:`~geoopt_sgd.NoiseGeometry`, or ``None``.
 
     Raises:
         ValueError: If ``every < 1`` or ``k < 1``, ``probe_data`` is empty, a
             metric name is unknown (the message lists the valid ones),
             ``options`` names an argument that
-            :func:`~geoopt_sgd.noise_geometry` does not take or one set here, or a
-            sink is neither a path nor a writer.
+            :func:`~geoopt_sgd.noise_geometry` does not take or one set here, a
+            sink is neither a path nor a writer, a sink path is a directory or
+            its folder cannot be created.
         TypeError: If ``every`` or ``k`` is not an integer, ``metrics`` is not a
             sequence of names, ``callback`` is not callable, or ``probe_data`` is
             neither a batch nor a re-iterable of batches (one-shot iterators are
-            refused: the first probe would exhaust them).
+            refused: the first probe would exhaust them), or ``sinks`` is neither
+            a path nor an iterable of sinks.
 
     Example:
         Three lines in an existing training loop::
@@ -186,7 +240,7 @@ class NoiseProbe:
         every: int = 100,
         metrics: Sequence[str] | None = None,
         k: int = 10,
-        sinks: Sequence[Any] = (),
+        sinks: Sequence[Any] | str | os.PathLike[str] = (),
         callback: Callable[[dict[str, Any]], Any] | None = None,
         seed: int = 0,
         warm_start: bool = True,
@@ -228,20 +282,10 @@ class NoiseProbe:
         self.tag_prefix = str(tag_prefix)
         self.options = dict(options)
         self.callback = callback
-        self._paths: list[str] = []
-        self._writers: list[Any] = []
-        for sink in sinks:
-            if isinstance(sink, (str, os.PathLike)):
-                self._paths.append(os.fspath(sink))
-            elif callable(getattr(sink, "add_scalar", None)):
-                self._writers.append(sink)
-            else:
-                raise ValueError(
-                    "each sink must be a path (str or os.PathLike) for a JSON-lines "
-                    "file or a writer with add_scalar(tag, value, step) such as a "
-                    f"TensorBoard SummaryWriter; got {type(sink).__name__}."
-                )
+        self._paths, self._writers = _check_sinks(sinks)
         self.history: list[dict[str, Any]] = []
+        self.sink_errors: list[str] = []
+        self._sink_warned = False
         self.step_count = 0
         self.num_probes = 0
         self.num_nonfinite = 0
@@ -453,8 +497,7 @@ class NoiseProbe:
         if self._paths:
             line = json.dumps(_nan_to_none(record), allow_nan=False)
             for path in self._paths:
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
+                self._write(path, lambda path=path: _append_line(path, line))
         if self._writers:
             step = record["step"]
             scalars = [
@@ -463,10 +506,33 @@ class NoiseProbe:
                 if tag not in ("step", "probe_seconds")
             ]
             for writer in self._writers:
-                for tag, value in scalars:
-                    writer.add_scalar(f"{self.tag_prefix}/{tag}", value, step)
+                self._write(
+                    type(writer).__name__,
+                    lambda writer=writer: [
+                        writer.add_scalar(f"{self.tag_prefix}/{tag}", value, step)
+                        for tag, value in scalars
+                    ],
+                )
         if self.callback is not None:
-            self.callback(record)
+            callback = self.callback
+            self._write("callback", lambda: callback(record))
+
+    def _write(self, sink: str, write: Callable[[], Any]) -> None:
+        """Run one sink's write; a failure is recorded and warned once, not raised."""
+        try:
+            write()
+        except Exception as exc:  # a sink must never stop training
+            message = f"step {self.step_count}: {sink}: {type(exc).__name__}: {exc}"
+            self.sink_errors.append(message)
+            if not self._sink_warned:
+                self._sink_warned = True
+                warnings.warn(
+                    f"NoiseProbe: a sink failed ({message}); the record is kept in "
+                    "probe.history and training continues. Warned once; see "
+                    "probe.sink_errors.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def __repr__(self) -> str:
         return (

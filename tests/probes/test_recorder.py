@@ -452,3 +452,84 @@ def test_cuda_rng_restored(measure):
     probe.measure()
     after = torch.cuda.get_rng_state_all()
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# --- sinks: paths made at construction, failures never raised (#13) ---------------
+def test_sink_folder_created_and_str_is_one_path(tmp_path, measure, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": 0.5}))
+    nested = tmp_path / "runs" / "deep" / "noise.jsonl"
+    probe = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), every=1, sinks=[nested]
+    )
+    assert nested.parent.is_dir()  # made when the probe is built
+    single = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), every=1, sinks="run.jsonl"
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    single.attach(opt)
+    _loop(model, opt, 2, X, y)
+    assert len(nested.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl", "runs"]
+    assert len((tmp_path / "run.jsonl").read_text().splitlines()) == 2
+    assert probe.sink_errors == [] and single.sink_errors == []
+
+
+@pytest.mark.parametrize(
+    "sinks, exc, match",
+    [
+        (3, TypeError, "`sinks` must be a path or a sequence"),
+        (b"x.jsonl", TypeError, "`sinks` must be a path or a sequence"),
+        ([None], ValueError, "in `sinks`"),
+        ("DIR", ValueError, "`sinks`: .* is a directory"),
+        ("FILE/x.jsonl", ValueError, "`sinks`: cannot create the folder"),
+    ],
+    ids=["int", "bytes", "None-item", "directory", "parent-is-file"],
+)
+def test_bad_sinks(tmp_path, sinks, exc, match):
+    (tmp_path / "FILE").write_text("")
+    if isinstance(sinks, str):
+        sinks = str(tmp_path / sinks.replace("DIR", ""))
+    with pytest.raises(exc, match=match):
+        _probe(sinks=sinks)
+
+
+def test_failing_sinks_never_raise(tmp_path, measure):
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": 0.5}))
+    path = tmp_path / "noise.jsonl"
+
+    class BadWriter:
+        def add_scalar(self, tag, value, step):
+            raise OSError("disk full")
+
+    def bad_callback(record):
+        raise RuntimeError("callback bug")
+
+    probe = NoiseProbe(
+        model,
+        nn.CrossEntropyLoss(),
+        (X, y),
+        every=1,
+        sinks=[path, BadWriter()],
+        callback=bad_callback,
+    )
+    path.mkdir()  # the file cannot be opened any more
+    opt = ProbedSGD(model.parameters(), lr=0.1, probe=probe)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loop(model, opt, 3, X, y)
+    sink_warnings = [w for w in caught if "a sink failed" in str(w.message)]
+    assert len(sink_warnings) == 1 and sink_warnings[0].category is RuntimeWarning
+    assert len(probe.history) == 3 and probe.history[2]["step"] == 3
+    assert len(probe.sink_errors) == 9  # 3 sinks x 3 probes
+    assert "noise.jsonl: IsADirectoryError" in probe.sink_errors[0]
+    assert "BadWriter: OSError: disk full" in probe.sink_errors[1]
+    assert "callback: RuntimeError: callback bug" in probe.sink_errors[2]
+    after = list(model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
