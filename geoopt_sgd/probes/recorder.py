@@ -29,6 +29,8 @@ from .metrics import DEFAULT_METRICS, METRICS, noise_geometry
 
 __all__ = ["NoiseProbe"]
 
+# metrics undefined by construction with one eigenpair (a fit, a rank correlation)
+_NEED_TWO_EIGENPAIRS = ("power_law_exponent", "power_law_r2", "spearman")
 # noise_geometry's own arguments, set by NoiseProbe itself rather than forwarded
 _RESERVED = ("model", "loss_fn", "data", "metrics", "k", "v0", "seed")
 
@@ -173,10 +175,16 @@ class NoiseProbe:
     ``step()`` returns, outside the step's autograd graph.
 
     Non-finite values never stop training: a metric that is NaN or infinite is
-    recorded as NaN, and a probe whose parameters are non-finite, or whose
-    measurement raises while the probe loss or the parameters are non-finite, is
-    recorded with every metric NaN. The first such probe issues a single
-    ``RuntimeWarning`` per probe object; :attr:`num_nonfinite` counts them. An
+    recorded as NaN (an undefined ratio too, e.g. ``mu`` when the curvature is
+    exactly zero on a saturated network), and a probe whose parameters are
+    non-finite, or whose measurement raises while the probe loss or the
+    parameters are non-finite, is recorded with every metric NaN. Every record
+    carries ``n_nonfinite``, its number of NaN metrics. The first probe with a
+    NaN metric issues a single ``RuntimeWarning`` per probe object, naming the
+    metrics and the cause; :attr:`num_nonfinite` counts such probes. With
+    ``k = 1``, ``power_law_exponent``, ``power_law_r2`` and ``spearman`` (a fit
+    and a rank correlation over the eigenpairs) are undefined by construction:
+    they are recorded as NaN (and in ``n_nonfinite``) without a warning. An
     exception raised on finite inputs (a genuine bug) propagates.
 
     Args:
@@ -187,7 +195,8 @@ class NoiseProbe:
         every: Probe after every ``every``-th optimizer step. Default: ``100``.
         metrics: Metric names (from ``geoopt_sgd.probes.metrics.METRICS``);
             ``None`` means the default, affordable set ``DEFAULT_METRICS``.
-        k: Number of top curvature eigenpairs. Default: ``10``.
+        k: Number of top curvature eigenpairs, at most the number of measured
+            parameters. Default: ``10``.
         sinks: Paths of JSON-lines files and/or writers with ``add_scalar``; a
             single ``str`` or ``os.PathLike`` is one path.
         callback: Called with each record, after the other sinks.
@@ -292,6 +301,8 @@ class NoiseProbe:
         self.last_result: Any = None
         self._v0: Tensor | None = None
         self._warned = False
+        # at k = 1 the power-law fit and the rank correlation have one point
+        self._undefined = frozenset(_NEED_TWO_EIGENPAIRS if k < 2 else ())
         self._optimizer: torch.optim.Optimizer | None = None
         self._handle: Any = None
 
@@ -426,10 +437,18 @@ class NoiseProbe:
         record: dict[str, Any] = {"step": self.step_count, "lr": _lr(optimizer)}
         if result is None:
             values: dict[str, Any] = {name: math.nan for name in self._names()}
-            nonfinite = True
+            values["n_nonfinite"] = float(len(values))
+            bad = list(values)
         else:
             values = _to_json_value(_as_dict(result))
-            nonfinite = _count_nonfinite(values) > 0 or _result_nonfinite(result)
+            if "n_nonfinite" not in values:
+                values["n_nonfinite"] = float(_count_nonfinite(values))
+            # metrics undefined by construction at this k are NaN, not a problem
+            bad = [
+                name
+                for name, value in values.items()
+                if _count_nonfinite(value) and name not in self._undefined
+            ]
             vecs = getattr(result, "eigenvectors", None)
             if (
                 self.warm_start
@@ -442,15 +461,12 @@ class NoiseProbe:
             if key not in ("step", "lr"):
                 record[key] = value
         record["probe_seconds"] = seconds
-        if nonfinite:
+        if bad:
             self.num_nonfinite += 1
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"NoiseProbe: non-finite values at step {self.step_count} "
-                    "(NaN loss or infinite gradients on the probe batch, or "
-                    "non-finite parameters); recorded as NaN, training continues. "
-                    "Warned once; see probe.num_nonfinite.",
+                    _nonfinite_message(self.step_count, result is None, bad, values),
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -548,15 +564,30 @@ def _as_dict(result: Any) -> dict[str, Any]:
     return dict(getattr(result, "values", {}))
 
 
-def _result_nonfinite(result: Any) -> bool:
-    values = getattr(result, "values", None)
-    if isinstance(values, dict):
-        if values.get("n_nonfinite", 0):
-            return True
-        return any(
-            isinstance(v, float) and not math.isfinite(v) for v in values.values()
+def _nonfinite_message(
+    step: int, no_result: bool, bad: list[str], values: dict[str, Any]
+) -> str:
+    """The warning of the first probe with non-finite values: what and why."""
+    if no_result:
+        why = (
+            "the parameters, or the probe loss or gradients, are not finite; "
+            "every metric is recorded as NaN"
         )
-    return False
+    else:
+        loss = values.get("loss")
+        if isinstance(loss, float) and math.isfinite(loss):
+            cause = (
+                "the probe loss is finite, so these are undefined ratios: a zero "
+                "denominator, e.g. a zero curvature or noise covariance on a "
+                "saturated network"
+            )
+        else:
+            cause = "NaN loss or infinite gradients on the probe batch"
+        why = f"{', '.join(bad)} recorded as NaN ({cause})"
+    return (
+        f"NoiseProbe: non-finite values at step {step}: {why}; training continues. "
+        "Warned once; see probe.num_nonfinite and each record's n_nonfinite."
+    )
 
 
 def _lr(optimizer: Any) -> float | list[float] | None:

@@ -533,3 +533,78 @@ def test_failing_sinks_never_raise(tmp_path, measure):
     assert "callback: RuntimeError: callback bug" in probe.sink_errors[2]
     after = list(model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# --- undefined ratios on a saturated network; k = 1 (#13) ---------------------------
+def _saturated():
+    """A tanh net whose units all saturate: the GGN and Sigma are exactly zero."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Tanh())
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e6)
+    X = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    return model, X, y
+
+
+@pytest.mark.parametrize("route", ["exact", "sketch"])
+def test_saturated_noise_geometry_gives_nan_ratios(route):
+    from geoopt_sgd import noise_geometry
+
+    model, X, y = _saturated()
+    res = noise_geometry(model, nn.MSELoss(), (X, y), k=2, route=route)
+    v = res.values
+    assert math.isfinite(v["loss"]) and v["tr_sigma"] == 0.0
+    for name in ("alpha", "beta", "mu", "mu1", "mu2", "projection_coefficient"):
+        assert math.isnan(v[name]), name
+    assert v["n_nonfinite"] == sum(math.isnan(x) for x in v.values())
+
+
+def test_saturated_probe_keeps_training_and_writes(tmp_path):
+    model, X, y = _saturated()
+    path = tmp_path / "noise.jsonl"
+    probe = NoiseProbe(
+        model, nn.MSELoss(), (X, y), every=1, k=2, metrics=["loss", "mu"], sinks=path
+    )
+    opt = ProbedSGD(model.parameters(), lr=0.1, probe=probe)
+    with pytest.warns(RuntimeWarning, match="mu recorded as NaN .*probe loss is finite"):
+        _loop(model, opt, 2, X, y, loss_fn=nn.MSELoss())
+    assert len(probe.history) == 2 and probe.num_nonfinite == 2
+    rec = probe.history[-1]
+    assert math.isnan(rec["mu"]) and rec["n_nonfinite"] == 1.0
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["mu"] is None and lines[0]["n_nonfinite"] == 1
+
+
+def test_every_record_has_n_nonfinite(measure):
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": 0.5}))
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1)
+    assert probe.measure()["n_nonfinite"] == 0.0
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="parameters, or the probe loss"):
+        rec = probe.measure()
+    assert rec["n_nonfinite"] == len(probe._names()) and math.isnan(rec["mu"])
+
+
+def test_k1_undefined_metrics_do_not_warn():
+    model = mlp()
+    X, y = make_data()
+    probe = NoiseProbe(
+        model,
+        nn.CrossEntropyLoss(),
+        (X, y),
+        every=1,
+        k=1,
+        metrics=["loss", "mu", "power_law_exponent", "spearman", "eigen_alignment"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec = probe.measure()
+    assert math.isnan(rec["power_law_exponent"]) and math.isnan(rec["spearman"])
+    assert math.isfinite(rec["mu"]) and math.isfinite(rec["eigen_alignment"])
+    assert rec["n_nonfinite"] == 3.0 and probe.num_nonfinite == 0
