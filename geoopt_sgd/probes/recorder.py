@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int
-from .._model import FunctionalModel, as_batches, unwrap_model
+from .._model import (
+    FunctionalModel,
+    as_batches,
+    detect_reduction,
+    full_precision,
+    unwrap_model,
+)
+from . import metrics as _metrics
 from .metrics import DEFAULT_METRICS, METRICS, noise_geometry
 
 __all__ = ["NoiseProbe"]
@@ -130,6 +137,45 @@ def _check_sinks(sinks: Any) -> tuple[list[str], list[Any]]:
     return paths, writers
 
 
+def _check_measurement(
+    model: Any,
+    loss_fn: Any,
+    metrics: Sequence[str] | None,
+    k: int,
+    options: dict[str, Any],
+) -> None:
+    """Check at construction what the first probe would reject."""
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable; got {type(loss_fn).__name__}.")
+    detect_reduction(loss_fn, None)  # the rule of sharpness and the operators
+    try:
+        sig = inspect.signature(_metrics.noise_geometry)
+        defaults = {
+            name: p.default
+            for name, p in sig.parameters.items()
+            if p.default is not p.empty
+        }
+    except (TypeError, ValueError):  # pragma: no cover - always a Python function
+        defaults = {}
+    args = {**defaults, **options}
+    wanted = _metrics._wanted(metrics, args.get("displacement"))
+    _metrics._check_arguments(
+        wanted,
+        k=k,
+        **{
+            name: args[name]
+            for name in inspect.signature(_metrics._check_arguments).parameters
+            if name not in ("wanted", "k")
+        },
+    )
+    fm = FunctionalModel(model, args.get("params"), mode=args.get("mode", "eval"))
+    if wanted & _metrics._EIGEN and k > fm.numel:
+        raise ValueError(
+            f"`k` must be <= P = {fm.numel} (the number of measured parameters); "
+            f"got {k}."
+        )
+
+
 def _append_line(path: str, line: str) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
@@ -219,13 +265,20 @@ class NoiseProbe:
         last_result: The last :class:`~geoopt_sgd.NoiseGeometry`, or ``None``.
 
     Raises:
-        ValueError: If ``every < 1`` or ``k < 1``, ``probe_data`` is empty, a
-            metric name is unknown (the message lists the valid ones),
+        ValueError: If ``every < 1``, ``k < 1`` or ``k`` exceeds the number of
+            measured parameters (when an eigenbasis metric is asked for),
+            ``probe_data`` is empty or a batch's inputs and targets differ in
+            length, ``model`` has no parameters, ``loss_fn``'s ``reduction`` is
+            not ``"mean"`` or ``"sum"``, an option
+            :func:`~geoopt_sgd.noise_geometry` would reject (``curvature``,
+            ``cov``, ``route``, ...), a metric name is unknown (the message lists
+            the valid ones),
             ``options`` names an argument that
             :func:`~geoopt_sgd.noise_geometry` does not take or one set here, a
             sink is neither a path nor a writer, a sink path is a directory or
             its folder cannot be created.
-        TypeError: If ``every`` or ``k`` is not an integer, ``metrics`` is not a
+        TypeError: If ``every`` or ``k`` is not an integer, ``model`` is not a
+            module, ``loss_fn`` is not callable, ``metrics`` is not a
             sequence of names, ``callback`` is not callable, or ``probe_data`` is
             neither a batch nor a re-iterable of batches (one-shot iterators are
             refused: the first probe would exhaust them), or ``sinks`` is neither
@@ -280,6 +333,9 @@ class NoiseProbe:
             )
         as_batches(probe_data)
         self._check_options(options)
+        if isinstance(options.get("params"), Iterator):
+            options["params"] = list(options["params"])  # read twice below
+        _check_measurement(model, loss_fn, metrics, k, options)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.probe_data = probe_data
@@ -416,6 +472,7 @@ class NoiseProbe:
             self._v0 = None if v is None else v.detach().clone()
 
     # --- measuring ---------------------------------------------------------------
+    @full_precision
     def measure(self, optimizer: Any = None) -> dict[str, Any]:
         """Run one probe now, record it and send it to the sinks.
 

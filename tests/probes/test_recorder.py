@@ -461,9 +461,7 @@ def test_sink_folder_created_and_str_is_one_path(tmp_path, measure, monkeypatch)
     X, y = make_data()
     measure(Vandal({"loss": 0.5}))
     nested = tmp_path / "runs" / "deep" / "noise.jsonl"
-    probe = NoiseProbe(
-        model, nn.CrossEntropyLoss(), (X, y), every=1, sinks=[nested]
-    )
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, sinks=[nested])
     assert nested.parent.is_dir()  # made when the probe is built
     single = NoiseProbe(
         model, nn.CrossEntropyLoss(), (X, y), every=1, sinks="run.jsonl"
@@ -569,7 +567,9 @@ def test_saturated_probe_keeps_training_and_writes(tmp_path):
         model, nn.MSELoss(), (X, y), every=1, k=2, metrics=["loss", "mu"], sinks=path
     )
     opt = ProbedSGD(model.parameters(), lr=0.1, probe=probe)
-    with pytest.warns(RuntimeWarning, match="mu recorded as NaN .*probe loss is finite"):
+    with pytest.warns(
+        RuntimeWarning, match="mu recorded as NaN .*probe loss is finite"
+    ):
         _loop(model, opt, 2, X, y, loss_fn=nn.MSELoss())
     assert len(probe.history) == 2 and probe.num_nonfinite == 2
     rec = probe.history[-1]
