@@ -608,3 +608,38 @@ def test_k1_undefined_metrics_do_not_warn():
     assert math.isnan(rec["power_law_exponent"]) and math.isnan(rec["spearman"])
     assert math.isfinite(rec["mu"]) and math.isfinite(rec["eigen_alignment"])
     assert rec["n_nonfinite"] == 3.0 and probe.num_nonfinite == 0
+
+
+# --- autocast: a probe step inside torch.autocast (#13) -----------------------------
+def _conv_problem():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    )
+    X = torch.randn(8, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return model, X, y
+
+
+def test_probe_step_inside_autocast():
+    from geoopt_sgd import noise_geometry
+
+    model, X, y = _conv_problem()
+    loss_fn = nn.CrossEntropyLoss()
+    ref = noise_geometry(model, loss_fn, (X, y), k=2, seed=0)
+    probe = NoiseProbe(model, loss_fn, (X, y), every=1, k=2, warm_start=False)
+    opt = ProbedSGD(model.parameters(), lr=0.0, probe=probe)  # lr 0: same point
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
+            got = noise_geometry(model, loss_fn, (X, y), k=2, seed=0)
+    assert got.values == ref.values  # bit for bit, in float32
+    assert torch.equal(got.eigenvectors, ref.eigenvectors)
+    assert got.eigenvectors.dtype == torch.float32
+    rec = probe.history[0]
+    assert rec["n_nonfinite"] == 0.0 and probe.num_nonfinite == 0
+    assert rec["mu"] == ref.values["mu"]
