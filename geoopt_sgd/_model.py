@@ -10,6 +10,12 @@ sources. The policy (documented once here, referenced everywhere):
   dropout-like modules (``*Dropout*``, ``DropPath``, ``DropBlock``) stay off so the
   operator is a fixed symmetric matrix.
 
+Whatever autocast context the caller is in (``torch.autocast`` on the CPU, CUDA or
+the parameters' device), autocast is disabled for the evaluation and for the
+package's curvature and probe computations, so they run in the parameters' dtype:
+a measurement taken inside a mixed-precision training step equals the one taken
+outside it, bit for bit.
+
 Either way the model is evaluated with :func:`torch.func.functional_call` on
 *cloned* buffers, so its running statistics (``num_batches_tracked`` included),
 its ``training`` flags and its ``.grad`` fields are untouched afterwards, and no
@@ -20,8 +26,10 @@ global RNG is consumed. The model is never modified (no
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +44,11 @@ Batch = tuple[Any, Tensor]
 
 __all__ = [
     "FunctionalModel",
+    "autocast_off",
+    "full_precision",
     "as_batches",
     "batch_size",
+    "check_batch",
     "detect_reduction",
     "to_device",
     "unwrap_model",
@@ -68,6 +79,41 @@ def batch_size(targets: Tensor) -> int:
     return int(targets.shape[0])
 
 
+def check_batch(
+    inputs: Any, targets: Any, *, name: str = "data", index: int | None = None
+) -> None:
+    """Check that every input tensor has as many samples as ``targets``.
+
+    Args:
+        inputs: A tensor, or a tuple/list of tensors (multi-input models).
+        targets: The targets tensor.
+        name: The argument named in the message.
+        index: The batch's position in ``name``, shown in the message.
+
+    Raises:
+        TypeError: If ``targets`` is not a tensor.
+        ValueError: If an input tensor's leading size differs from the targets'.
+    """
+    where = f"`{name}`" if index is None else f"`{name}` (batch {index})"
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"{where}: the targets must be a tensor; got {type(targets).__name__}."
+        )
+    if targets.dim() == 0:
+        raise ValueError(
+            f"{where}: the targets must have a leading batch dimension; got a "
+            "0-dimensional tensor."
+        )
+    n = int(targets.shape[0])
+    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    for t in tensors:
+        if isinstance(t, Tensor) and t.dim() >= 1 and int(t.shape[0]) != n:
+            raise ValueError(
+                f"{where}: the inputs have {int(t.shape[0])} samples but the "
+                f"targets {n}; inputs and targets must have the same leading size."
+            )
+
+
 def as_batches(data: Any) -> list[Batch] | Iterable[Batch]:
     """Normalise ``data`` to an iterable of ``(inputs, targets)`` batches.
 
@@ -80,18 +126,31 @@ def as_batches(data: Any) -> list[Batch] | Iterable[Batch]:
 
     Raises:
         TypeError: If ``data`` is neither a batch nor an iterable of batches.
-        ValueError: If ``data`` is a single empty batch or an empty sequence.
+        ValueError: If ``data`` is a single empty batch or an empty sequence, or
+            a batch's inputs and targets differ in length (checked for a batch
+            or a list/tuple of batches; a loader's batches are checked as they
+            are used).
     """
     if (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and all(isinstance(d, Tensor) for d in data)
     ):
-        if batch_size(data[1]) == 0:
+        if data[1].dim() >= 1 and batch_size(data[1]) == 0:
             raise ValueError("`data` is empty: the batch has 0 samples.")
+        check_batch(data[0], data[1])
         return [(data[0], data[1])]
     if isinstance(data, (list, tuple)) and len(data) == 0:
         raise ValueError("`data` is empty: got an empty sequence of batches.")
+    if isinstance(data, (list, tuple)):
+        for i, batch in enumerate(data):
+            if (
+                isinstance(batch, (tuple, list))
+                and len(batch) == 2
+                and isinstance(batch[1], Tensor)
+                and batch[1].dim() >= 1
+            ):
+                check_batch(batch[0], batch[1], index=i)
     if not isinstance(data, Iterable):
         raise TypeError(
             "`data` must be an (inputs, targets) batch of tensors or an iterable of "
@@ -148,6 +207,53 @@ def detect_reduction(
 
 
 @contextlib.contextmanager
+def autocast_off(*device_types: str) -> Iterator[None]:
+    """Disable ``torch.autocast`` for the CPU, CUDA and ``device_types``.
+
+    Curvature and probes compute in the parameters' dtype whatever autocast
+    context they are called from (the module docstring).
+    """
+    kinds = {"cpu", *device_types}
+    if torch.cuda.is_available():
+        kinds.add("cuda")
+    with contextlib.ExitStack() as stack:
+        for kind in sorted(kinds):
+            if kind != "meta" and torch.amp.is_autocast_available(kind):
+                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        yield
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _autocast_enabled() -> bool:
+    return torch.is_autocast_enabled("cpu") or (
+        torch.cuda.is_available() and torch.is_autocast_enabled("cuda")
+    )
+
+
+def full_precision(fn: _F) -> _F:
+    """Decorate a public function so it runs under :func:`autocast_off`.
+
+    The wrapper keeps ``fn``'s name, docstring, signature and module globals (so
+    doctest still finds its examples).
+    """
+    off, enabled = autocast_off, _autocast_enabled
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not enabled():
+            return fn(*args, **kwargs)
+        with off():
+            return fn(*args, **kwargs)
+
+    out = types.FunctionType(
+        wrapper.__code__, fn.__globals__, fn.__name__, None, wrapper.__closure__
+    )
+    functools.update_wrapper(out, fn)
+    return out  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
 def _mode_policy(model: nn.Module, mode: Mode) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
     try:
@@ -181,8 +287,10 @@ class FunctionalModel:
         numel: Total number of selected entries, ``P``.
 
     Raises:
-        ValueError: If ``mode`` is unknown, the selection is empty or names a
-            tensor that is not a parameter of ``model``.
+        TypeError: If ``model`` is not an ``nn.Module``.
+        ValueError: If ``mode`` is unknown, ``model`` has no parameters, the
+            selection is empty or names a tensor that is not a parameter of
+            ``model``.
     """
 
     def __init__(
@@ -193,9 +301,18 @@ class FunctionalModel:
         mode: Mode = "eval",
     ) -> None:
         check_choice("mode", mode, ("eval", "train"))
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"`model` must be a torch.nn.Module; got {type(model).__name__}."
+            )
         self.model = unwrap_model(model)
         self.mode = mode
         named = dict(self.model.named_parameters(remove_duplicate=True))
+        if not named:
+            raise ValueError(
+                f"`model` ({type(self.model).__name__}) has no parameters to "
+                "measure or differentiate."
+            )
         if params is None:
             names = [n for n, p in named.items() if p.requires_grad]
         else:
@@ -240,8 +357,12 @@ class FunctionalModel:
 
     @contextlib.contextmanager
     def policy(self) -> Iterator[None]:
-        """Apply the mode policy to the model for the duration of the block."""
-        with _mode_policy(self.model, self.mode):
+        """Apply the mode policy to the model for the duration of the block.
+
+        Autocast is disabled inside (see :func:`autocast_off`): the model is
+        evaluated in its parameters' dtype.
+        """
+        with _mode_policy(self.model, self.mode), autocast_off(self.device.type):
             yield
 
     def __call__(self, params: Sequence[Tensor], inputs: Any) -> Tensor:

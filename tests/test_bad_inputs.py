@@ -1,10 +1,12 @@
-"""Bad inputs to the optimizers: a clear error naming the argument, no side effects.
+"""Bad inputs to the public API: a clear error naming the argument, no side effects.
 
 Each row calls a public entry point (NoisyGD, ProbedSGD, CyclicLRWrapper,
-cyclic_lr) with one mistake and gives the exception type and a substring of the
-message that names the argument. After each row the model's parameters, every
-optimizer's ``state_dict()`` and torch's global RNG state must be bit-identical
-to what they were before the call.
+cyclic_lr, NoiseProbe, noise_geometry, per_sample_gradients, the curvature
+operators, sharpness, the eigensolvers and spectral_density) with one mistake
+and gives the exception type and a substring of the message that names the
+argument. After each row the model's parameters, every optimizer's
+``state_dict()`` and torch's global RNG state must be bit-identical to what
+they were before the call.
 """
 
 import copy
@@ -15,7 +17,21 @@ import pytest
 import torch
 from torch import nn
 
-from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD, cyclic_lr
+from geoopt_sgd import (
+    CyclicLRWrapper,
+    DenseOperator,
+    GGNOperator,
+    HessianOperator,
+    NoiseProbe,
+    NoisyGD,
+    ProbedSGD,
+    cyclic_lr,
+    noise_geometry,
+    per_sample_gradients,
+    sharpness,
+    spectral_density,
+    top_eigenpairs,
+)
 
 NAN, INF = math.nan, math.inf
 
@@ -570,6 +586,294 @@ def _add_group_to_per_group_wrapper(e):
         torch.optim.SGD([e.w], lr=0.1), base_lr=[0.01], max_lr=[0.1], step_size_up=2
     )
     opt.add_param_group({"params": [e.b]})
+
+
+# ------------------------------------------------- probes and curvature (#13)
+class _NaNOperator(DenseOperator):
+    """A finite matrix whose products come out NaN (a NaN loss, say)."""
+
+    def _matmat(self, V):
+        return super()._matmat(V) * NAN
+
+
+def _nan_op(e):
+    return _NaNOperator(torch.eye(6, dtype=torch.float64))
+
+
+def _probe(e, **kw):
+    return NoiseProbe(e.model, e.loss_fn, e.data, **kw)
+
+
+def _ng(e, **kw):
+    args = dict(model=e.model, loss_fn=e.loss_fn, data=e.data, k=2)
+    args.update(kw)
+    return noise_geometry(
+        args.pop("model"), args.pop("loss_fn"), args.pop("data"), **args
+    )
+
+
+def _hess(e, **kw):
+    args = dict(model=e.model, loss_fn=e.loss_fn, data=e.data)
+    args.update(kw)
+    return HessianOperator(
+        args.pop("model"), args.pop("loss_fn"), args.pop("data"), **args
+    )
+
+
+def _ggn(e, **kw):
+    args = dict(model=e.model, loss_fn=e.loss_fn, data=e.data)
+    args.update(kw)
+    return GGNOperator(args.pop("model"), args.pop("loss_fn"), args.pop("data"), **args)
+
+
+def _sharp(e, **kw):
+    args = dict(model=e.model, loss_fn=e.loss_fn, data=e.data, k=1, trace_probes=0)
+    args.update(kw)
+    return sharpness(args.pop("model"), args.pop("loss_fn"), args.pop("data"), **args)
+
+
+def _P(e):
+    return sum(p.numel() for p in e.model.parameters())
+
+
+_SHORT = lambda e: (e.X, e.y[:15])  # noqa: E731  16 inputs, 15 targets
+_NONE = nn.MSELoss(reduction="none")
+
+ROWS += [
+    # NoiseProbe: everything the first probe would reject, at construction
+    ("probe/k>P", lambda e: _probe(e, k=1000), ValueError, "`k`"),
+    (
+        "probe/curvature",
+        lambda e: _probe(e, curvature="fisher"),
+        ValueError,
+        "`curvature`",
+    ),
+    ("probe/cov", lambda e: _probe(e, cov="full"), ValueError, "`cov`"),
+    ("probe/route", lambda e: _probe(e, route="fast"), ValueError, "`route`"),
+    ("probe/tol<0", lambda e: _probe(e, tol=-1.0), ValueError, "`tol`"),
+    (
+        "probe/minibatch-no-B",
+        lambda e: _probe(e, cov="minibatch"),
+        ValueError,
+        "`batch_size`",
+    ),
+    ("probe/mode", lambda e: _probe(e, mode="test"), ValueError, "`mode`"),
+    (
+        "probe/model-None",
+        lambda e: NoiseProbe(None, e.loss_fn, e.data),
+        TypeError,
+        "`model`",
+    ),
+    (
+        "probe/no-params",
+        lambda e: NoiseProbe(nn.ReLU(), e.loss_fn, e.data),
+        ValueError,
+        "`model`",
+    ),
+    (
+        "probe/loss_fn-None",
+        lambda e: NoiseProbe(e.model, None, e.data),
+        TypeError,
+        "`loss_fn`",
+    ),
+    (
+        "probe/reduction-none",
+        lambda e: NoiseProbe(e.model, _NONE, e.data),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "probe/len-mismatch",
+        lambda e: NoiseProbe(e.model, e.loss_fn, _SHORT(e)),
+        ValueError,
+        "`data`",
+    ),
+    (
+        "probe/len-mismatch-list",
+        lambda e: NoiseProbe(e.model, e.loss_fn, [e.data, _SHORT(e)]),
+        ValueError,
+        "`data` (batch 1)",
+    ),
+    ("probe/sinks-int", lambda e: _probe(e, sinks=3), TypeError, "`sinks`"),
+    ("probe/sinks-None-item", lambda e: _probe(e, sinks=[None]), ValueError, "`sinks`"),
+    (
+        "probe/sinks-directory",
+        lambda e: _probe(e, sinks=__import__("tempfile").gettempdir()),
+        ValueError,
+        "`sinks`",
+    ),
+    (
+        "probe/params-foreign",
+        lambda e: _probe(e, params=[torch.ones(2, requires_grad=True)]),
+        ValueError,
+        "`params`",
+    ),
+    ("probe/every-neg", lambda e: _probe(e, every=-1), ValueError, "`every`"),
+    # noise_geometry
+    ("ng/model-None", lambda e: _ng(e, model=None), TypeError, "`model`"),
+    ("ng/no-params", lambda e: _ng(e, model=nn.ReLU()), ValueError, "`model`"),
+    ("ng/loss_fn-None", lambda e: _ng(e, loss_fn=None), TypeError, "`loss_fn`"),
+    ("ng/reduction-none", lambda e: _ng(e, loss_fn=_NONE), ValueError, "`loss_fn`"),
+    ("ng/len-mismatch", lambda e: _ng(e, data=_SHORT(e)), ValueError, "`data`"),
+    (
+        "ng/list-target",
+        lambda e: _ng(e, data=[(e.X, e.y.tolist())]),
+        TypeError,
+        "`data`",
+    ),
+    ("ng/k>P", lambda e: _ng(e, k=1000), ValueError, "`k`"),
+    ("ng/curvature", lambda e: _ng(e, curvature="fisher"), ValueError, "`curvature`"),
+    (
+        "ng/displacement-nan",
+        lambda e: _ng(e, displacement=torch.full((_P(e),), NAN)),
+        ValueError,
+        "`displacement`",
+    ),
+    (
+        "ng/displacement-list-inf",
+        lambda e: _ng(e, displacement=[torch.full_like(p, INF) for p in e.params()]),
+        ValueError,
+        "`displacement`",
+    ),
+    (
+        "ng/displacement-shape",
+        lambda e: _ng(e, displacement=torch.ones(3)),
+        ValueError,
+        "`displacement`",
+    ),
+    # per_sample_gradients
+    (
+        "psg/len-mismatch",
+        lambda e: per_sample_gradients(e.model, e.loss_fn, e.X, e.y[:15]),
+        ValueError,
+        "`targets`",
+    ),
+    (
+        "psg/list-target",
+        lambda e: per_sample_gradients(e.model, e.loss_fn, e.X, e.y.tolist()),
+        TypeError,
+        "`targets`",
+    ),
+    (
+        "psg/loss_fn-None",
+        lambda e: per_sample_gradients(e.model, None, e.X, e.y),
+        TypeError,
+        "`loss_fn`",
+    ),
+    (
+        "psg/model-None",
+        lambda e: per_sample_gradients(None, e.loss_fn, e.X, e.y),
+        TypeError,
+        "`model`",
+    ),
+    # HessianOperator / GGNOperator
+    ("hess/model-None", lambda e: _hess(e, model=None), TypeError, "`model`"),
+    ("hess/no-params", lambda e: _hess(e, model=nn.ReLU()), ValueError, "`model`"),
+    ("hess/loss_fn-None", lambda e: _hess(e, loss_fn=None), TypeError, "`loss_fn`"),
+    ("hess/reduction-none", lambda e: _hess(e, loss_fn=_NONE), ValueError, "`loss_fn`"),
+    ("hess/len-mismatch", lambda e: _hess(e, data=_SHORT(e)), ValueError, "`data`"),
+    (
+        "hess/len-mismatch-loader",
+        lambda e: _hess(e, data=(b for b in [_SHORT(e)])),
+        ValueError,
+        "`data`",
+    ),
+    ("ggn/model-None", lambda e: _ggn(e, model=None), TypeError, "`model`"),
+    ("ggn/loss_fn-None", lambda e: _ggn(e, loss_fn=None), TypeError, "`loss_fn`"),
+    ("ggn/len-mismatch", lambda e: _ggn(e, data=_SHORT(e)), ValueError, "`data`"),
+    (
+        "hess/matvec-complex",
+        lambda e: _hess(e).matvec(torch.ones(_P(e), dtype=torch.complex64)),
+        TypeError,
+        "`v`",
+    ),
+    (
+        "hess/matvec-meta",
+        lambda e: _hess(e).matvec(torch.ones(_P(e), device="meta")),
+        ValueError,
+        "`v`",
+    ),
+    (
+        "hess/matmat-complex",
+        lambda e: _hess(e).matmat(torch.ones(_P(e), 2, dtype=torch.complex64)),
+        TypeError,
+        "`V`",
+    ),
+    # sharpness
+    ("sharp/model-None", lambda e: _sharp(e, model=None), TypeError, "`model`"),
+    ("sharp/loss_fn-None", lambda e: _sharp(e, loss_fn=None), TypeError, "`loss_fn`"),
+    ("sharp/len-mismatch", lambda e: _sharp(e, data=_SHORT(e)), ValueError, "`data`"),
+    (
+        "sharp/v0-nan",
+        lambda e: _sharp(e, v0=torch.full((_P(e),), NAN)),
+        ValueError,
+        "`v0`",
+    ),
+    ("sharp/v0-shape", lambda e: _sharp(e, v0=torch.ones(3)), ValueError, "`v0`"),
+    # DenseOperator, eigensolvers, spectral density
+    (
+        "dense/numpy",
+        lambda e: DenseOperator(torch.eye(3).numpy()),
+        TypeError,
+        "`matrix`",
+    ),
+    (
+        "dense/complex",
+        lambda e: DenseOperator(torch.eye(3, dtype=torch.complex64)),
+        TypeError,
+        "`matrix`",
+    ),
+    (
+        "dense/matvec-complex",
+        lambda e: DenseOperator(torch.eye(3)).matvec(
+            torch.ones(3, dtype=torch.complex64)
+        ),
+        TypeError,
+        "`v`",
+    ),
+    (
+        "dense/matvec-meta",
+        lambda e: DenseOperator(torch.eye(3)).matvec(torch.ones(3, device="meta")),
+        ValueError,
+        "`v`",
+    ),
+    (
+        "eig/nan-operator",
+        lambda e: top_eigenpairs(_nan_op(e), 2),
+        ValueError,
+        "operator's output is non-finite",
+    ),
+    (
+        "eig/nan-operator-k=P",
+        lambda e: top_eigenpairs(_nan_op(e), 6),
+        ValueError,
+        "operator's output is non-finite",
+    ),
+    (
+        "eig/v0-nan",
+        lambda e: top_eigenpairs(
+            DenseOperator(torch.eye(6)), 2, v0=torch.full((6,), NAN)
+        ),
+        ValueError,
+        "`v0`",
+    ),
+    (
+        "density/grid-nan",
+        lambda e: spectral_density(
+            DenseOperator(torch.eye(6)), grid=torch.tensor([0.0, NAN])
+        ),
+        ValueError,
+        "`grid`",
+    ),
+    (
+        "density/grid-complex",
+        lambda e: spectral_density(
+            DenseOperator(torch.eye(6)), grid=torch.ones(3, dtype=torch.complex64)
+        ),
+        TypeError,
+        "`grid`",
+    ),
+]
 
 
 def _equal(a, b):

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from .._checks import check_int, check_number
+from .._checks import check_finite_tensor, check_int, check_number
 from .._linalg import coldot64
+from .._model import full_precision
 from .linop import LinearOperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -95,6 +96,7 @@ def _block_lanczos_tridiag(
     return alpha, beta, steps
 
 
+@full_precision
 def spectral_density(
     operator: LinearOperator,
     *,
@@ -129,10 +131,10 @@ def spectral_density(
 
     Raises:
         TypeError: If ``operator`` is not a :class:`LinearOperator`, ``grid`` is
-            not a tensor, or an integer argument is not an integer.
+            not a real tensor with data, or an integer argument is not an integer.
         ValueError: If ``num_probes``, ``num_steps`` or ``chunk_size`` is ``< 1``,
             ``num_points < 2``, ``sigma <= 0``, ``seed < 0`` or ``grid`` is not
-            one-dimensional.
+            one-dimensional or has non-finite entries.
 
     Example:
         >>> import torch
@@ -162,6 +164,12 @@ def spectral_density(
             raise ValueError(
                 f"`grid` must be one-dimensional (G,); got shape {tuple(grid.shape)}."
             )
+        if grid.is_complex() or grid.dtype == torch.bool or grid.is_meta:
+            raise TypeError(
+                f"`grid` must be a real tensor with data; got dtype {grid.dtype} on "
+                f"{grid.device}."
+            )
+        check_finite_tensor("grid", grid)
     P = operator.shape[0]
     m = min(num_steps, P)
     n_mv0 = operator.n_matvec

@@ -35,6 +35,7 @@ from .._model import (
     Batch,
     FunctionalModel,
     batch_size,
+    check_batch,
     detect_reduction,
     local_batches,
     to_device,
@@ -320,7 +321,8 @@ class DataOperator(LinearOperator):
         # it afterwards, so the caller's RNG is untouched and every pass sees the
         # same batches (a fixed operator, also in train mode).
         with torch.random.fork_rng(devices=[]):
-            for x, y in self._data:
+            for i, (x, y) in enumerate(self._data):
+                check_batch(x, y, index=i)
                 if batch_size(y) > 0:
                     yield to_device(x, dev), to_device(y, dev)
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import distributed
 from .._checks import check_choice, check_int, check_number, check_vector_shape
 from .._linalg import CHUNK, rowdot64
+from .._model import full_precision
 from .linop import LinearOperator
 
 __all__ = ["EigenResult", "bottom_eigenpairs", "top_eigenpairs"]
@@ -205,6 +206,7 @@ def thick_restart_lanczos(
     while True:
         w = operator.matvec(Vt[j])
         n_mv += 1
+        check_operator_output(w)
         h, beta = _orthogonalize(Vt[: j + 1], w)
         anorm = max(anorm, math.sqrt(float(h.square().sum()) + beta * beta))
         H[: j + 1, j] = h.cpu()
@@ -315,15 +317,37 @@ def _validate(
             raise ValueError("`v0` must be finite; it has non-finite entries.")
 
 
+def check_operator_output(w: Tensor) -> None:
+    """Raise if a product ``A v`` holds NaN or infinite entries.
+
+    Raises:
+        ValueError: Naming the operator's output (not the vector ``v``), so a
+            non-finite operator is never reported as a bad argument nor as
+            converged.
+    """
+    if w.is_floating_point() and bool(torch.isfinite(w.sum())):
+        return
+    n_bad = int((~torch.isfinite(w)).sum())
+    if n_bad:
+        raise ValueError(
+            f"the operator's output is non-finite ({n_bad} NaN or infinite entries "
+            "in A v): the operator is not finite here (e.g. a NaN or infinite "
+            "loss, or non-finite parameters); no eigenpairs can be computed."
+        )
+
+
 def _dense(operator: LinearOperator) -> tuple[Tensor, Tensor, Tensor]:
     """Dense eigendecomposition via ``P`` products (ascending)."""
-    A = operator.to_dense().double()
+    A = operator.to_dense()
+    check_operator_output(A)
+    A = A.double()
     A = (A + A.T) / 2
     lam, U = torch.linalg.eigh(A)
     R = (A @ U - U * lam).norm(dim=0)
     return lam.cpu(), U, R.cpu()
 
 
+@full_precision
 def top_eigenpairs(
     operator: LinearOperator,
     k: int,
@@ -384,7 +408,9 @@ def top_eigenpairs(
             tensor, or an integer argument is not an integer.
         ValueError: If ``k`` is not in ``[1, P]``, ``which`` is unknown, ``tol <= 0``,
             ``max_matvecs < 1``, ``max_basis < min(k + 2, P)``, ``seed < 0``, or
-            ``v0`` has the wrong shape or non-finite entries.
+            ``v0`` has the wrong shape or non-finite entries; or if the
+            operator's output is non-finite (a NaN operator is never returned
+            as converged).
 
     Example:
         >>> import torch
@@ -454,6 +480,7 @@ def top_eigenpairs(
     )
 
 
+@full_precision
 def bottom_eigenpairs(
     operator: LinearOperator,
     k: int,

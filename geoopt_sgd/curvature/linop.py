@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite_tensor
+from .._model import full_precision
 
 __all__ = ["DenseOperator", "LinearOperator"]
 
@@ -100,9 +101,20 @@ class LinearOperator:
                 f"`{name}`: expected leading dimension P = {self._size}, "
                 f"got shape {tuple(V.shape)}."
             )
+        if V.is_complex():
+            raise TypeError(
+                f"`{name}` must be real; got dtype {V.dtype} (the operator is real "
+                "symmetric: apply it to the real and imaginary parts separately)."
+            )
+        if V.is_meta:
+            raise ValueError(
+                f"`{name}` is on the meta device (it has no data); pass a tensor on "
+                f"{self.device}."
+            )
         check_finite_tensor(name, V)
         return V.to(device=self.device, dtype=self.dtype)
 
+    @full_precision
     def matvec(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
         """Apply the operator to one vector.
 
@@ -113,8 +125,9 @@ class LinearOperator:
             ``A v`` in the same form as ``v``, in the operator's dtype and device.
 
         Raises:
-            TypeError: If ``v`` is not a tensor or a list of tensors.
-            ValueError: If ``v`` has the wrong length or non-finite entries.
+            TypeError: If ``v`` is not a tensor or a list of tensors, or is complex.
+            ValueError: If ``v`` has the wrong length or non-finite entries, or
+                is on the meta device.
         """
         if isinstance(v, (list, tuple)):
             return self.unflatten(self.matvec(self.flatten(v)))
@@ -129,6 +142,7 @@ class LinearOperator:
         self.n_matvec += 1
         return out
 
+    @full_precision
     def matmat(self, V: Tensor) -> Tensor:
         """Apply the operator to a block of vectors.
 
@@ -139,8 +153,9 @@ class LinearOperator:
             ``A V``, shape ``(P, k)``.
 
         Raises:
-            TypeError: If ``V`` is not a tensor.
-            ValueError: If ``V`` is not ``(P, k)`` or has non-finite entries.
+            TypeError: If ``V`` is not a tensor, or is complex.
+            ValueError: If ``V`` is not ``(P, k)``, has non-finite entries or is on
+                the meta device.
         """
         if not isinstance(V, Tensor):
             raise TypeError(f"`V` must be a torch.Tensor; got {type(V).__name__}.")
@@ -161,6 +176,7 @@ class LinearOperator:
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @full_precision
     def to_dense(self) -> Tensor:
         """Materialise the operator as a dense ``(P, P)`` matrix (P products).
 
@@ -183,6 +199,7 @@ class DenseOperator(LinearOperator):
         matrix: A symmetric ``(P, P)`` tensor.
 
     Raises:
+        TypeError: If ``matrix`` is not a tensor, or is complex.
         ValueError: If ``matrix`` is not square.
 
     Example:
@@ -193,6 +210,13 @@ class DenseOperator(LinearOperator):
     """
 
     def __init__(self, matrix: Tensor) -> None:
+        if not isinstance(matrix, Tensor):
+            raise TypeError(
+                f"`matrix` must be a torch.Tensor; got {type(matrix).__name__} "
+                "(convert with torch.as_tensor)."
+            )
+        if matrix.is_complex():
+            raise TypeError(f"`matrix` must be real; got dtype {matrix.dtype}.")
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(
                 f"`matrix` must be square (P, P); got shape {tuple(matrix.shape)}."

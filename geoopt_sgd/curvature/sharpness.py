@@ -19,17 +19,23 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_int, check_number, check_vector_shape
+from .._checks import (
+    check_finite_tensor,
+    check_int,
+    check_number,
+    check_vector_shape,
+)
 from .._linalg import coldot64
 from .._model import (
     FunctionalModel,
     as_batches,
     batch_size,
     detect_reduction,
+    full_precision,
     to_device,
 )
 from .hessian import HessianOperator
-from .lanczos import thick_restart_lanczos
+from .lanczos import check_operator_output, thick_restart_lanczos
 from .trace import Estimate, mean_stderr, rademacher_probes
 
 __all__ = ["SharpnessReport", "expected_sharpness", "sharpness"]
@@ -91,6 +97,7 @@ class SharpnessReport:
         }
 
 
+@full_precision
 def sharpness(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -141,7 +148,8 @@ def sharpness(
         TypeError: If an integer argument is not an integer or ``v0`` is not a
             tensor.
         ValueError: If ``k < 1`` or ``k > P``, ``lr <= 0``, ``tol <= 0``,
-            ``trace_probes < 0``, ``seed < 0`` or ``v0`` has the wrong shape (and
+            ``trace_probes < 0``, ``seed < 0`` or ``v0`` has the wrong shape or
+            non-finite entries (as in :func:`~geoopt_sgd.top_eigenpairs`; and
             the operator's own errors, e.g. an unknown ``method``).
     """
     t0 = time.perf_counter()
@@ -166,9 +174,12 @@ def sharpness(
             raise ValueError(f"`k` must be <= P = {P} (the parameter count); got {k}.")
         if v0 is not None:
             check_vector_shape("v0", v0, P)
+            check_finite_tensor("v0", v0)
         n0 = op.n_matvec
         if k + 1 >= P:
-            A = op.to_dense().double()
+            A = op.to_dense()
+            check_operator_output(A)
+            A = A.double()
             lam, U = torch.linalg.eigh((A + A.T) / 2)
             top = lam.flip(0)[:k].cpu()
             vecs = U.flip(1)[:, :k].to(op.dtype)
@@ -246,6 +257,7 @@ def _full_loss(
     return float(total[0])
 
 
+@full_precision
 def expected_sharpness(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .._checks import check_int, check_number
 from .._linalg import coldot64
+from .._model import full_precision
 from .linop import LinearOperator
 
 __all__ = [
@@ -160,6 +161,7 @@ def _scalar_estimator(
     return Estimate(mean, se, operator.n_matvec - n_mv0, n)
 
 
+@full_precision
 def hutchinson_trace(
     operator: LinearOperator,
     *,
@@ -203,6 +205,7 @@ def hutchinson_trace(
     )
 
 
+@full_precision
 def squared_frobenius(
     operator: LinearOperator,
     *,
@@ -243,6 +246,7 @@ def squared_frobenius(
     )
 
 
+@full_precision
 def hutchinson_diagonal(
     operator: LinearOperator,
     *,
@@ -292,6 +296,7 @@ def hutchinson_diagonal(
     return Estimate(mean, se, operator.n_matvec - n_mv0, n)
 
 
+@full_precision
 def hutchpp_trace(
     operator: LinearOperator,
     *,

@@ -18,7 +18,17 @@ from torch import Tensor
 from .. import distributed
 from .primitives import CurvatureOperator, OutputTangents, ProbeSet
 
-__all__ = ["ProbeContext", "Traces", "chunks", "ratio_metrics"]
+__all__ = ["ProbeContext", "Traces", "chunks", "div", "ratio_metrics"]
+
+
+def div(a: float, b: float) -> float:
+    """``a / b`` for Python floats, NaN where the ratio is undefined (``b == 0``).
+
+    On a saturated network the curvature is exactly zero, so ratios such as
+    ``Tr(Sigma H) / ||H||_F^2`` are undefined: they come out NaN (and counted in
+    ``n_nonfinite``), never a ``ZeroDivisionError``.
+    """
+    return a / b if b != 0 else math.nan
 
 
 def chunks(n: int, c: int) -> Iterable[slice]:
@@ -151,12 +161,12 @@ def ratio_metrics(
     fro_s = math.sqrt(fro2_s) if fro2_s >= 0 else math.nan
     den = 2 * L * st.fro2_c
     return {
-        "alpha": st.tr_sc / (fro_c * fro_s),
-        "beta": fro_s / (2 * L * fro_c),
-        "mu": st.tr_sc / den,
-        "mu1": st.tr_s1c / den,
-        "mu2": st.tr_s2c / den,
-        "loss_alignment": st.tr_s1c / den,
+        "alpha": div(st.tr_sc, fro_c * fro_s),
+        "beta": div(fro_s, 2 * L * fro_c),
+        "mu": div(st.tr_sc, den),
+        "mu1": div(st.tr_s1c, den),
+        "mu2": div(st.tr_s2c, den),
+        "loss_alignment": div(st.tr_s1c, den),
         "tr_h_sigma": st.tr_sc,
-        "tr_h_sigma_iso": st.tr_c * tr_s / P,
+        "tr_h_sigma_iso": div(st.tr_c * tr_s, P),
     }

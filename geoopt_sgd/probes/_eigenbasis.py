@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..curvature.lanczos import top_eigenpairs
-from ._context import ProbeContext, Traces
+from ._context import ProbeContext, Traces, div
 from ._stats import fro, haar, linregress, random_directions, spearman
 from .primitives import OutputTangents
 
@@ -165,10 +165,10 @@ def eigen_metrics(
         values["directional_alignment_random"] = float(
             (energies[kk:] / (2 * L * quad[kk:])).mean()
         )
-    proj = float(diag64[0]) / float(lam64[0])
+    proj = div(float(diag64[0]), float(lam64[0]))
     if "projection_coefficient" in wanted:
         tr_c = traces[curvature].tr_c
-        values["projection_coefficient"] = proj * tr_c / tr_sigma
+        values["projection_coefficient"] = div(proj * tr_c, tr_sigma)
     _zyt_metrics(lam64, diag64, Ct64, eig.rots, wanted, values)
     return arrays, proj
 
@@ -231,9 +231,9 @@ def escape_metrics(
     arrays["direction_shares"] = (cvec * cvec / dd).to(ctx.dtype)
     arrays["loss_shares"] = (lc / lc.sum()).to(ctx.dtype)
     if "sharp_fraction" in wanted:
-        values["sharp_fraction"] = float((cvec * cvec).sum()) / dd
+        values["sharp_fraction"] = div(float((cvec * cvec).sum()), dd)
     if "loss_energy_fraction" in wanted:
         Hd = ctx.matmat(curvature, delta.reshape(ctx.P, 1))[:, 0]
-        values["loss_energy_fraction"] = float(lc.sum()) / float(
-            delta.double() @ Hd.double()
+        values["loss_energy_fraction"] = div(
+            float(lc.sum()), float(delta.double() @ Hd.double())
         )

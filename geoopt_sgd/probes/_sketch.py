@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import distributed
 from .._linalg import gram64
-from ._context import ProbeContext, Traces, chunks, ratio_metrics
+from ._context import ProbeContext, Traces, chunks, div, ratio_metrics
 from ._eigenbasis import Eigenbasis
 from ._stats import jackknife, random_directions
 from .primitives import OutputTangents
@@ -270,6 +270,6 @@ def sketch_standard_errors(
             rep.update(ratio_metrics(st, tr_s, float(loo["fro2_sigma"][t]), L, P))
             chi = loo["chi"][:, t]
             rep["gradient_uniformity"] = float(chi.min() / chi.mean())
-            rep["projection_coefficient"] = proj * st.tr_c / tr_s
+            rep["projection_coefficient"] = div(proj * st.tr_c, tr_s)
         reps.append(rep)
     return jackknife(reps)

@@ -105,8 +105,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_choice, check_int, check_number
-from .._model import FunctionalModel, batch_size, local_batches, to_device
+from .._checks import check_choice, check_finite_tensor, check_int, check_number
+from .._model import (
+    FunctionalModel,
+    batch_size,
+    check_batch,
+    detect_reduction,
+    full_precision,
+    local_batches,
+    to_device,
+)
 from ._context import ProbeContext, Traces, ratio_metrics
 from ._eigenbasis import eigen_metrics, eigenbasis, escape_metrics
 from ._exact import exact_traces
@@ -305,7 +313,8 @@ def _collect(
 ) -> list[tuple[Any, Tensor]]:
     out, count = [], 0
     # an empty shard joins with zeros; all ranks empty fails the sample count
-    for x, y in local_batches(data):
+    for i, (x, y) in enumerate(local_batches(data)):
+        check_batch(x, y, index=i)
         b = batch_size(y)
         if b == 0:
             continue
@@ -330,7 +339,9 @@ def _flatten_displacement(displacement: Any, fm: FunctionalModel) -> Tensor:
                 "`displacement` as a list must hold one tensor per selected parameter, "
                 f"shaped {[tuple(s) for s in fm.shapes]}."
             )
-        return torch.cat([t.reshape(-1) for t in displacement]).to(fm.device, fm.dtype)
+        out = torch.cat([t.reshape(-1) for t in displacement]).to(fm.device, fm.dtype)
+        check_finite_tensor("displacement", out)
+        return out
     if not isinstance(displacement, Tensor):
         raise TypeError(
             "`displacement` must be a (P,) tensor or a list of per-parameter tensors; "
@@ -341,9 +352,12 @@ def _flatten_displacement(displacement: Any, fm: FunctionalModel) -> Tensor:
             f"`displacement`: expected shape ({fm.numel},), "
             f"got {tuple(displacement.shape)}."
         )
-    return displacement.to(fm.device, fm.dtype)
+    out = displacement.to(fm.device, fm.dtype)
+    check_finite_tensor("displacement", out)
+    return out
 
 
+@full_precision
 def noise_geometry(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -455,8 +469,12 @@ def noise_geometry(
         ValueError: On an unknown metric, curvature, cov, mode or route; ``k < 1``
             or ``k > P``; fewer than 2 samples (or batches) for a covariance;
             ``cov="minibatch"`` without ``batch_size``; ``route="exact"`` under
-            ``torch.distributed``; a displacement of the wrong shape.
-        TypeError: On non-integer counts or a displacement of the wrong type.
+            ``torch.distributed``; a displacement of the wrong shape or with
+            non-finite entries; a ``loss_fn`` whose ``reduction`` is not
+            ``"mean"`` or ``"sum"``; a model without parameters; a batch whose
+            inputs and targets differ in length.
+        TypeError: On non-integer counts, a displacement of the wrong type, a
+            ``loss_fn`` that is not callable or a ``model`` that is not a module.
 
     Example:
         One weight, ``f = w x`` with ``w = 1``, inputs 1 and 2, targets 0, the
@@ -492,6 +510,9 @@ def noise_geometry(
         tol=tol,
         chunk_size=chunk_size,
     )
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable; got {type(loss_fn).__name__}.")
+    detect_reduction(loss_fn, None)  # one rule: reduction='none' is refused
     fm = FunctionalModel(model, params, mode=mode)
     P = fm.numel
     if wanted & _EIGEN and k > P:

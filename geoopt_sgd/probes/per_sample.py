@@ -10,12 +10,13 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from .._losses import per_sample_loss
-from .._model import FunctionalModel, to_device
+from .._model import FunctionalModel, check_batch, full_precision, to_device
 from .primitives import per_sample_loss_gradients
 
 __all__ = ["per_sample_gradients"]
 
 
+@full_precision
 def per_sample_gradients(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -73,8 +74,10 @@ def per_sample_gradients(
         ``(N, P)`` tensor in the parameters' dtype, on their device.
 
     Raises:
-        ValueError: If ``mode`` is unknown, ``chunk_size < 1`` or the batch is empty.
-        TypeError: If ``chunk_size`` is not an integer.
+        ValueError: If ``mode`` is unknown, ``chunk_size < 1``, the batch is empty
+            or ``inputs`` and ``targets`` differ in length.
+        TypeError: If ``chunk_size`` is not an integer, ``targets`` is not a
+            tensor or ``loss_fn`` is not callable.
 
     Example:
         >>> import torch
@@ -89,6 +92,9 @@ def per_sample_gradients(
     """
     check_int("chunk_size", chunk_size, ge=1, allow_none=True)
     fm = FunctionalModel(model, params, mode=mode)
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable; got {type(loss_fn).__name__}.")
+    check_batch(inputs, targets, name="targets")
     if int(targets.shape[0]) == 0:
         raise ValueError("`targets` is empty: the batch has 0 samples.")
     inputs = to_device(inputs, fm.device)

@@ -24,11 +24,20 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int
-from .._model import FunctionalModel, as_batches, unwrap_model
+from .._model import (
+    FunctionalModel,
+    as_batches,
+    detect_reduction,
+    full_precision,
+    unwrap_model,
+)
+from . import metrics as _metrics
 from .metrics import DEFAULT_METRICS, METRICS, noise_geometry
 
 __all__ = ["NoiseProbe"]
 
+# metrics undefined by construction with one eigenpair (a fit, a rank correlation)
+_NEED_TWO_EIGENPAIRS = ("power_law_exponent", "power_law_r2", "spearman")
 # noise_geometry's own arguments, set by NoiseProbe itself rather than forwarded
 _RESERVED = ("model", "loss_fn", "data", "metrics", "k", "v0", "seed")
 
@@ -88,6 +97,90 @@ def _count_nonfinite(values: Any) -> int:
     return 0
 
 
+def _check_sinks(sinks: Any) -> tuple[list[str], list[Any]]:
+    """Split ``sinks`` into JSON-lines paths (parent folders created) and writers."""
+    if isinstance(sinks, (str, os.PathLike)):
+        sinks = [sinks]  # one path, not a sequence of one-letter paths
+    elif not isinstance(sinks, Iterable) or isinstance(sinks, (bytes, dict)):
+        raise TypeError(
+            "`sinks` must be a path or a sequence of paths and writers with "
+            f"add_scalar; got {type(sinks).__name__}."
+        )
+    paths: list[str] = []
+    writers: list[Any] = []
+    for sink in sinks:
+        if isinstance(sink, (str, os.PathLike)):
+            path = os.fspath(sink)
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"`sinks`: {sink!r} is not a usable file path.")
+            if os.path.isdir(path):
+                raise ValueError(
+                    f"`sinks`: {path!r} is a directory; give a file path such as "
+                    f"{os.path.join(path, 'noise.jsonl')!r}."
+                )
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(
+                    f"`sinks`: cannot create the folder {parent!r} of {path!r}: {exc}"
+                ) from exc
+            paths.append(path)
+        elif callable(getattr(sink, "add_scalar", None)):
+            writers.append(sink)
+        else:
+            raise ValueError(
+                "each sink must be a path (str or os.PathLike) for a JSON-lines "
+                "file or a writer with add_scalar(tag, value, step) such as a "
+                f"TensorBoard SummaryWriter; got {type(sink).__name__} in `sinks`."
+            )
+    return paths, writers
+
+
+def _check_measurement(
+    model: Any,
+    loss_fn: Any,
+    metrics: Sequence[str] | None,
+    k: int,
+    options: dict[str, Any],
+) -> None:
+    """Check at construction what the first probe would reject."""
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable; got {type(loss_fn).__name__}.")
+    detect_reduction(loss_fn, None)  # the rule of sharpness and the operators
+    try:
+        sig = inspect.signature(_metrics.noise_geometry)
+        defaults = {
+            name: p.default
+            for name, p in sig.parameters.items()
+            if p.default is not p.empty
+        }
+    except (TypeError, ValueError):  # pragma: no cover - always a Python function
+        defaults = {}
+    args = {**defaults, **options}
+    wanted = _metrics._wanted(metrics, args.get("displacement"))
+    _metrics._check_arguments(
+        wanted,
+        k=k,
+        **{
+            name: args[name]
+            for name in inspect.signature(_metrics._check_arguments).parameters
+            if name not in ("wanted", "k")
+        },
+    )
+    fm = FunctionalModel(model, args.get("params"), mode=args.get("mode", "eval"))
+    if wanted & _metrics._EIGEN and k > fm.numel:
+        raise ValueError(
+            f"`k` must be <= P = {fm.numel} (the number of measured parameters); "
+            f"got {k}."
+        )
+
+
+def _append_line(path: str, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
 class NoiseProbe:
     """Measure the noise geometry of a training run every ``every`` optimizer steps.
 
@@ -114,6 +207,10 @@ class NoiseProbe:
     (list entries as ``<name>/<i>``); ``callback(record)`` is called last. Under
     ``torch.distributed`` every rank measures (the metrics reduce across ranks) and
     keeps the history; only rank 0 writes to ``sinks`` and calls ``callback``.
+    A path's parent folders are created when the probe is built. A sink (or the
+    callback) that raises while writing never stops training: the error is
+    appended to :attr:`sink_errors`, one ``RuntimeWarning`` is issued per probe
+    object, and the record stays in :attr:`history`.
 
     The trajectory is never changed: the global CPU RNG (and every CUDA device's
     RNG, if CUDA is initialised) is saved and restored around the probe; each
@@ -124,10 +221,16 @@ class NoiseProbe:
     ``step()`` returns, outside the step's autograd graph.
 
     Non-finite values never stop training: a metric that is NaN or infinite is
-    recorded as NaN, and a probe whose parameters are non-finite, or whose
-    measurement raises while the probe loss or the parameters are non-finite, is
-    recorded with every metric NaN. The first such probe issues a single
-    ``RuntimeWarning`` per probe object; :attr:`num_nonfinite` counts them. An
+    recorded as NaN (an undefined ratio too, e.g. ``mu`` when the curvature is
+    exactly zero on a saturated network), and a probe whose parameters are
+    non-finite, or whose measurement raises while the probe loss or the
+    parameters are non-finite, is recorded with every metric NaN. Every record
+    carries ``n_nonfinite``, its number of NaN metrics. The first probe with a
+    NaN metric issues a single ``RuntimeWarning`` per probe object, naming the
+    metrics and the cause; :attr:`num_nonfinite` counts such probes. With
+    ``k = 1``, ``power_law_exponent``, ``power_law_r2`` and ``spearman`` (a fit
+    and a rank correlation over the eigenpairs) are undefined by construction:
+    they are recorded as NaN (and in ``n_nonfinite``) without a warning. An
     exception raised on finite inputs (a genuine bug) propagates.
 
     Args:
@@ -138,8 +241,10 @@ class NoiseProbe:
         every: Probe after every ``every``-th optimizer step. Default: ``100``.
         metrics: Metric names (from ``geoopt_sgd.probes.metrics.METRICS``);
             ``None`` means the default, affordable set ``DEFAULT_METRICS``.
-        k: Number of top curvature eigenpairs. Default: ``10``.
-        sinks: Paths of JSON-lines files and/or writers with ``add_scalar``.
+        k: Number of top curvature eigenpairs, at most the number of measured
+            parameters. Default: ``10``.
+        sinks: Paths of JSON-lines files and/or writers with ``add_scalar``; a
+            single ``str`` or ``os.PathLike`` is one path.
         callback: Called with each record, after the other sinks.
         seed: Base seed of the measurement's private generator; probe ``j`` (from
             0) uses ``seed + j``. Default: ``0``.
@@ -155,18 +260,29 @@ class NoiseProbe:
         step_count: Optimizer steps seen.
         num_probes: Probes run.
         num_nonfinite: Probes with at least one non-finite value.
+        sink_errors: One line per failed sink write (``"step <t>: <sink>:
+            <error>"``), oldest first.
         last_result: The last :class:`~geoopt_sgd.NoiseGeometry`, or ``None``.
 
     Raises:
-        ValueError: If ``every < 1`` or ``k < 1``, ``probe_data`` is empty, a
-            metric name is unknown (the message lists the valid ones),
+        ValueError: If ``every < 1``, ``k < 1`` or ``k`` exceeds the number of
+            measured parameters (when an eigenbasis metric is asked for),
+            ``probe_data`` is empty or a batch's inputs and targets differ in
+            length, ``model`` has no parameters, ``loss_fn``'s ``reduction`` is
+            not ``"mean"`` or ``"sum"``, an option
+            :func:`~geoopt_sgd.noise_geometry` would reject (``curvature``,
+            ``cov``, ``route``, ...), a metric name is unknown (the message lists
+            the valid ones),
             ``options`` names an argument that
-            :func:`~geoopt_sgd.noise_geometry` does not take or one set here, or a
-            sink is neither a path nor a writer.
-        TypeError: If ``every`` or ``k`` is not an integer, ``metrics`` is not a
+            :func:`~geoopt_sgd.noise_geometry` does not take or one set here, a
+            sink is neither a path nor a writer, a sink path is a directory or
+            its folder cannot be created.
+        TypeError: If ``every`` or ``k`` is not an integer, ``model`` is not a
+            module, ``loss_fn`` is not callable, ``metrics`` is not a
             sequence of names, ``callback`` is not callable, or ``probe_data`` is
             neither a batch nor a re-iterable of batches (one-shot iterators are
-            refused: the first probe would exhaust them).
+            refused: the first probe would exhaust them), or ``sinks`` is neither
+            a path nor an iterable of sinks.
 
     Example:
         Three lines in an existing training loop::
@@ -186,7 +302,7 @@ class NoiseProbe:
         every: int = 100,
         metrics: Sequence[str] | None = None,
         k: int = 10,
-        sinks: Sequence[Any] = (),
+        sinks: Sequence[Any] | str | os.PathLike[str] = (),
         callback: Callable[[dict[str, Any]], Any] | None = None,
         seed: int = 0,
         warm_start: bool = True,
@@ -217,6 +333,9 @@ class NoiseProbe:
             )
         as_batches(probe_data)
         self._check_options(options)
+        if isinstance(options.get("params"), Iterator):
+            options["params"] = list(options["params"])  # read twice below
+        _check_measurement(model, loss_fn, metrics, k, options)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.probe_data = probe_data
@@ -228,26 +347,18 @@ class NoiseProbe:
         self.tag_prefix = str(tag_prefix)
         self.options = dict(options)
         self.callback = callback
-        self._paths: list[str] = []
-        self._writers: list[Any] = []
-        for sink in sinks:
-            if isinstance(sink, (str, os.PathLike)):
-                self._paths.append(os.fspath(sink))
-            elif callable(getattr(sink, "add_scalar", None)):
-                self._writers.append(sink)
-            else:
-                raise ValueError(
-                    "each sink must be a path (str or os.PathLike) for a JSON-lines "
-                    "file or a writer with add_scalar(tag, value, step) such as a "
-                    f"TensorBoard SummaryWriter; got {type(sink).__name__}."
-                )
+        self._paths, self._writers = _check_sinks(sinks)
         self.history: list[dict[str, Any]] = []
+        self.sink_errors: list[str] = []
+        self._sink_warned = False
         self.step_count = 0
         self.num_probes = 0
         self.num_nonfinite = 0
         self.last_result: Any = None
         self._v0: Tensor | None = None
         self._warned = False
+        # at k = 1 the power-law fit and the rank correlation have one point
+        self._undefined = frozenset(_NEED_TWO_EIGENPAIRS if k < 2 else ())
         self._optimizer: torch.optim.Optimizer | None = None
         self._handle: Any = None
 
@@ -361,6 +472,7 @@ class NoiseProbe:
             self._v0 = None if v is None else v.detach().clone()
 
     # --- measuring ---------------------------------------------------------------
+    @full_precision
     def measure(self, optimizer: Any = None) -> dict[str, Any]:
         """Run one probe now, record it and send it to the sinks.
 
@@ -382,10 +494,18 @@ class NoiseProbe:
         record: dict[str, Any] = {"step": self.step_count, "lr": _lr(optimizer)}
         if result is None:
             values: dict[str, Any] = {name: math.nan for name in self._names()}
-            nonfinite = True
+            values["n_nonfinite"] = float(len(values))
+            bad = list(values)
         else:
             values = _to_json_value(_as_dict(result))
-            nonfinite = _count_nonfinite(values) > 0 or _result_nonfinite(result)
+            if "n_nonfinite" not in values:
+                values["n_nonfinite"] = float(_count_nonfinite(values))
+            # metrics undefined by construction at this k are NaN, not a problem
+            bad = [
+                name
+                for name, value in values.items()
+                if _count_nonfinite(value) and name not in self._undefined
+            ]
             vecs = getattr(result, "eigenvectors", None)
             if (
                 self.warm_start
@@ -398,15 +518,12 @@ class NoiseProbe:
             if key not in ("step", "lr"):
                 record[key] = value
         record["probe_seconds"] = seconds
-        if nonfinite:
+        if bad:
             self.num_nonfinite += 1
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"NoiseProbe: non-finite values at step {self.step_count} "
-                    "(NaN loss or infinite gradients on the probe batch, or "
-                    "non-finite parameters); recorded as NaN, training continues. "
-                    "Warned once; see probe.num_nonfinite.",
+                    _nonfinite_message(self.step_count, result is None, bad, values),
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -453,8 +570,7 @@ class NoiseProbe:
         if self._paths:
             line = json.dumps(_nan_to_none(record), allow_nan=False)
             for path in self._paths:
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
+                self._write(path, lambda path=path: _append_line(path, line))
         if self._writers:
             step = record["step"]
             scalars = [
@@ -463,10 +579,33 @@ class NoiseProbe:
                 if tag not in ("step", "probe_seconds")
             ]
             for writer in self._writers:
-                for tag, value in scalars:
-                    writer.add_scalar(f"{self.tag_prefix}/{tag}", value, step)
+                self._write(
+                    type(writer).__name__,
+                    lambda writer=writer: [
+                        writer.add_scalar(f"{self.tag_prefix}/{tag}", value, step)
+                        for tag, value in scalars
+                    ],
+                )
         if self.callback is not None:
-            self.callback(record)
+            callback = self.callback
+            self._write("callback", lambda: callback(record))
+
+    def _write(self, sink: str, write: Callable[[], Any]) -> None:
+        """Run one sink's write; a failure is recorded and warned once, not raised."""
+        try:
+            write()
+        except Exception as exc:  # a sink must never stop training
+            message = f"step {self.step_count}: {sink}: {type(exc).__name__}: {exc}"
+            self.sink_errors.append(message)
+            if not self._sink_warned:
+                self._sink_warned = True
+                warnings.warn(
+                    f"NoiseProbe: a sink failed ({message}); the record is kept in "
+                    "probe.history and training continues. Warned once; see "
+                    "probe.sink_errors.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def __repr__(self) -> str:
         return (
@@ -482,15 +621,30 @@ def _as_dict(result: Any) -> dict[str, Any]:
     return dict(getattr(result, "values", {}))
 
 
-def _result_nonfinite(result: Any) -> bool:
-    values = getattr(result, "values", None)
-    if isinstance(values, dict):
-        if values.get("n_nonfinite", 0):
-            return True
-        return any(
-            isinstance(v, float) and not math.isfinite(v) for v in values.values()
+def _nonfinite_message(
+    step: int, no_result: bool, bad: list[str], values: dict[str, Any]
+) -> str:
+    """The warning of the first probe with non-finite values: what and why."""
+    if no_result:
+        why = (
+            "the parameters, or the probe loss or gradients, are not finite; "
+            "every metric is recorded as NaN"
         )
-    return False
+    else:
+        loss = values.get("loss")
+        if isinstance(loss, float) and math.isfinite(loss):
+            cause = (
+                "the probe loss is finite, so these are undefined ratios: a zero "
+                "denominator, e.g. a zero curvature or noise covariance on a "
+                "saturated network"
+            )
+        else:
+            cause = "NaN loss or infinite gradients on the probe batch"
+        why = f"{', '.join(bad)} recorded as NaN ({cause})"
+    return (
+        f"NoiseProbe: non-finite values at step {step}: {why}; training continues. "
+        "Warned once; see probe.num_nonfinite and each record's n_nonfinite."
+    )
 
 
 def _lr(optimizer: Any) -> float | list[float] | None:

@@ -232,3 +232,47 @@ def test_expected_sharpness_invalid(kwargs, err, match):
         warnings.simplefilter("error")
         with pytest.raises(err, match=match):
             expected_sharpness(model, loss_fn, data, **kwargs)
+
+
+# --- autocast: curvature computes in the parameters' dtype (#13) --------------------
+def _conv_problem():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4 * 4, 3),
+    )
+    X = torch.randn(8, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return model, torch.nn.CrossEntropyLoss(), (X, y)
+
+
+def test_sharpness_under_autocast_is_bitwise_the_same():
+    from geoopt_sgd import sharpness
+
+    model, loss_fn, data = _conv_problem()
+    ref = sharpness(model, loss_fn, data, k=2, trace_probes=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sharpness(model, loss_fn, data, k=2, trace_probes=3)
+    assert torch.equal(got.top_eigenvalues, ref.top_eigenvalues)
+    assert got.lambda_min == ref.lambda_min and got.trace == ref.trace
+    assert torch.equal(got.eigenvectors, ref.eigenvectors)
+    assert got.eigenvectors.dtype == torch.float32
+
+
+def test_operators_and_eigensolver_under_autocast_are_bitwise_the_same():
+    from geoopt_sgd import GGNOperator, HessianOperator, top_eigenpairs
+
+    model, loss_fn, data = _conv_problem()
+    P = sum(p.numel() for p in model.parameters())
+    v = torch.randn(P, generator=torch.Generator().manual_seed(1))
+    for Op in (HessianOperator, GGNOperator):
+        op = Op(model, loss_fn, data)
+        ref, ref_eig = op.matvec(v), top_eigenpairs(op, 2, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, got_eig = op.matvec(v), top_eigenpairs(op, 2, seed=0)
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+        assert torch.equal(got_eig.eigenvalues, ref_eig.eigenvalues)
+        assert torch.equal(got_eig.eigenvectors, ref_eig.eigenvectors)

@@ -452,3 +452,194 @@ def test_cuda_rng_restored(measure):
     probe.measure()
     after = torch.cuda.get_rng_state_all()
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# --- sinks: paths made at construction, failures never raised (#13) ---------------
+def test_sink_folder_created_and_str_is_one_path(tmp_path, measure, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": 0.5}))
+    nested = tmp_path / "runs" / "deep" / "noise.jsonl"
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, sinks=[nested])
+    assert nested.parent.is_dir()  # made when the probe is built
+    single = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), every=1, sinks="run.jsonl"
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    single.attach(opt)
+    _loop(model, opt, 2, X, y)
+    assert len(nested.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl", "runs"]
+    assert len((tmp_path / "run.jsonl").read_text().splitlines()) == 2
+    assert probe.sink_errors == [] and single.sink_errors == []
+
+
+@pytest.mark.parametrize(
+    "sinks, exc, match",
+    [
+        (3, TypeError, "`sinks` must be a path or a sequence"),
+        (b"x.jsonl", TypeError, "`sinks` must be a path or a sequence"),
+        ([None], ValueError, "in `sinks`"),
+        ("DIR", ValueError, "`sinks`: .* is a directory"),
+        ("FILE/x.jsonl", ValueError, "`sinks`: cannot create the folder"),
+    ],
+    ids=["int", "bytes", "None-item", "directory", "parent-is-file"],
+)
+def test_bad_sinks(tmp_path, sinks, exc, match):
+    (tmp_path / "FILE").write_text("")
+    if isinstance(sinks, str):
+        sinks = str(tmp_path / sinks.replace("DIR", ""))
+    with pytest.raises(exc, match=match):
+        _probe(sinks=sinks)
+
+
+def test_failing_sinks_never_raise(tmp_path, measure):
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": 0.5}))
+    path = tmp_path / "noise.jsonl"
+
+    class BadWriter:
+        def add_scalar(self, tag, value, step):
+            raise OSError("disk full")
+
+    def bad_callback(record):
+        raise RuntimeError("callback bug")
+
+    probe = NoiseProbe(
+        model,
+        nn.CrossEntropyLoss(),
+        (X, y),
+        every=1,
+        sinks=[path, BadWriter()],
+        callback=bad_callback,
+    )
+    path.mkdir()  # the file cannot be opened any more
+    opt = ProbedSGD(model.parameters(), lr=0.1, probe=probe)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loop(model, opt, 3, X, y)
+    sink_warnings = [w for w in caught if "a sink failed" in str(w.message)]
+    assert len(sink_warnings) == 1 and sink_warnings[0].category is RuntimeWarning
+    assert len(probe.history) == 3 and probe.history[2]["step"] == 3
+    assert len(probe.sink_errors) == 9  # 3 sinks x 3 probes
+    assert "noise.jsonl: IsADirectoryError" in probe.sink_errors[0]
+    assert "BadWriter: OSError: disk full" in probe.sink_errors[1]
+    assert "callback: RuntimeError: callback bug" in probe.sink_errors[2]
+    after = list(model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# --- undefined ratios on a saturated network; k = 1 (#13) ---------------------------
+def _saturated():
+    """A tanh net whose units all saturate: the GGN and Sigma are exactly zero."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Tanh())
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e6)
+    X = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    return model, X, y
+
+
+@pytest.mark.parametrize("route", ["exact", "sketch"])
+def test_saturated_noise_geometry_gives_nan_ratios(route):
+    from geoopt_sgd import noise_geometry
+
+    model, X, y = _saturated()
+    res = noise_geometry(model, nn.MSELoss(), (X, y), k=2, route=route)
+    v = res.values
+    assert math.isfinite(v["loss"]) and v["tr_sigma"] == 0.0
+    for name in ("alpha", "beta", "mu", "mu1", "mu2", "projection_coefficient"):
+        assert math.isnan(v[name]), name
+    assert v["n_nonfinite"] == sum(math.isnan(x) for x in v.values())
+
+
+def test_saturated_probe_keeps_training_and_writes(tmp_path):
+    model, X, y = _saturated()
+    path = tmp_path / "noise.jsonl"
+    probe = NoiseProbe(
+        model, nn.MSELoss(), (X, y), every=1, k=2, metrics=["loss", "mu"], sinks=path
+    )
+    opt = ProbedSGD(model.parameters(), lr=0.1, probe=probe)
+    with pytest.warns(
+        RuntimeWarning, match="mu recorded as NaN .*probe loss is finite"
+    ):
+        _loop(model, opt, 2, X, y, loss_fn=nn.MSELoss())
+    assert len(probe.history) == 2 and probe.num_nonfinite == 2
+    rec = probe.history[-1]
+    assert math.isnan(rec["mu"]) and rec["n_nonfinite"] == 1.0
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["mu"] is None and lines[0]["n_nonfinite"] == 1
+
+
+def test_every_record_has_n_nonfinite(measure):
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": 0.5}))
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1)
+    assert probe.measure()["n_nonfinite"] == 0.0
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="parameters, or the probe loss"):
+        rec = probe.measure()
+    assert rec["n_nonfinite"] == len(probe._names()) and math.isnan(rec["mu"])
+
+
+def test_k1_undefined_metrics_do_not_warn():
+    model = mlp()
+    X, y = make_data()
+    probe = NoiseProbe(
+        model,
+        nn.CrossEntropyLoss(),
+        (X, y),
+        every=1,
+        k=1,
+        metrics=["loss", "mu", "power_law_exponent", "spearman", "eigen_alignment"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec = probe.measure()
+    assert math.isnan(rec["power_law_exponent"]) and math.isnan(rec["spearman"])
+    assert math.isfinite(rec["mu"]) and math.isfinite(rec["eigen_alignment"])
+    assert rec["n_nonfinite"] == 3.0 and probe.num_nonfinite == 0
+
+
+# --- autocast: a probe step inside torch.autocast (#13) -----------------------------
+def _conv_problem():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    )
+    X = torch.randn(8, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return model, X, y
+
+
+def test_probe_step_inside_autocast():
+    from geoopt_sgd import noise_geometry
+
+    model, X, y = _conv_problem()
+    loss_fn = nn.CrossEntropyLoss()
+    ref = noise_geometry(model, loss_fn, (X, y), k=2, seed=0)
+    probe = NoiseProbe(model, loss_fn, (X, y), every=1, k=2, warm_start=False)
+    opt = ProbedSGD(model.parameters(), lr=0.0, probe=probe)  # lr 0: same point
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
+            got = noise_geometry(model, loss_fn, (X, y), k=2, seed=0)
+    assert got.values == ref.values  # bit for bit, in float32
+    assert torch.equal(got.eigenvectors, ref.eigenvectors)
+    assert got.eigenvectors.dtype == torch.float32
+    rec = probe.history[0]
+    assert rec["n_nonfinite"] == 0.0 and probe.num_nonfinite == 0
+    assert rec["mu"] == ref.values["mu"]
