@@ -497,7 +497,7 @@ class NoiseProbe:
             values["n_nonfinite"] = float(len(values))
             bad = list(values)
         else:
-            values = _to_json_value(_as_dict(result))
+            values = _to_json_value(dict(result.as_dict()))
             if "n_nonfinite" not in values:
                 values["n_nonfinite"] = float(_count_nonfinite(values))
             # metrics undefined by construction at this k are NaN, not a problem
@@ -506,7 +506,7 @@ class NoiseProbe:
                 for name, value in values.items()
                 if _count_nonfinite(value) and name not in self._undefined
             ]
-            vecs = getattr(result, "eigenvectors", None)
+            vecs = result.eigenvectors
             if (
                 self.warm_start
                 and isinstance(vecs, Tensor)
@@ -613,12 +613,6 @@ class NoiseProbe:
             f"step_count={self.step_count}, num_probes={self.num_probes}, "
             f"attached={self.attached})"
         )
-
-
-def _as_dict(result: Any) -> dict[str, Any]:
-    if hasattr(result, "as_dict"):
-        return dict(result.as_dict())
-    return dict(getattr(result, "values", {}))
 
 
 def _nonfinite_message(

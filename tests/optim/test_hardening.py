@@ -291,6 +291,10 @@ def test_noise_probe_on_wrapper_records_the_step_lr(measure):
 
     class Result:
         values = {"loss": 0.0}
+        eigenvectors = None
+
+        def as_dict(self):
+            return dict(self.values)
 
     measure(lambda *args, **kwargs: Result())
     probe = NoiseProbe(model, nn.MSELoss(), (X, y), every=2, k=2)
