@@ -343,7 +343,7 @@ def _lanczos(
         T = torch.triu(H[:j, :j]) + torch.triu(H[:j, :j], 1).T
         theta, S = torch.linalg.eigh(T)
         anorm = max(anorm, float(theta.abs().max()))
-        R = (H[: n + 1, :j] @ S - torch.cat([S, torch.zeros(n + 1 - j, j)]) * theta)
+        R = H[: n + 1, :j] @ S - torch.cat([S, torch.zeros(n + 1 - j, j)]) * theta
         R = R.norm(dim=0)
         denom = theta.abs().clamp_min(floor * anorm)
         want = _select(theta, w_top, w_bot, magnitude)
@@ -425,7 +425,6 @@ def _lanczos(
         H[lk : lk + p, :lk] = coupling
         j, n = lk, lk + p
 
-
     # final wanted pairs
     assert theta is not None and S is not None and R is not None
     final = _select(theta, n_top, n_bottom, magnitude)
@@ -446,7 +445,9 @@ def _lanczos(
     Sf = S[:, final].to(device=device, dtype=dtype)
     Y = Vt[:j].T @ Sf
     checked = verified if verify else j >= P
-    return _Solve(theta[final].clone(), Y, rel, n_mv, ok and verified, checked, next_value)
+    return _Solve(
+        theta[final].clone(), Y, rel, n_mv, ok and verified, checked, next_value
+    )
 
 
 def _goodness(vals: Tensor, n_top: int, magnitude: bool) -> Tensor:
