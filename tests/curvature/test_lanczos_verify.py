@@ -1,0 +1,188 @@
+"""The Lanczos skip check on clustered spectra, against the exact eigenvalues."""
+
+import math
+
+import pytest
+import torch
+
+from geoopt_sgd import DenseOperator, bottom_eigenpairs, top_eigenpairs
+from geoopt_sgd.curvature import lanczos
+
+TOL = 1e-3
+K = 20
+
+
+def small_cluster(width, P=1000, seed=0):
+    """16 values 3% apart, a run of 6 spaced ``width * TOL`` (relative) across
+    lambda_17..lambda_22, 40 values 0.5% apart below, and a bulk: as on the
+    digits MLP of the issue, where lambda_19..lambda_22 sit 0.2% apart."""
+    g = torch.Generator().manual_seed(100 + seed)
+    top = 2.0 * 0.97 ** torch.arange(16, dtype=torch.float64)
+    run = top[-1] * 0.97 * (1 - width * TOL) ** torch.arange(6, dtype=torch.float64)
+    rest = run[-1] * 0.99 * 0.995 ** torch.arange(40, dtype=torch.float64)
+    bulk = 0.6 * rest[-1] * torch.rand(P - 62, generator=g, dtype=torch.float64)
+    return torch.cat([top, run, rest, bulk])
+
+
+def max_rel_err(values, ref):
+    return float(((values - ref).abs() / ref.abs()).max())
+
+
+@pytest.mark.parametrize("width", [pytest.param(0.5, marks=pytest.mark.slow), 1.0])
+def test_clustered_top_k_found_or_flagged(width):
+    # 20 start vectors: each result matches the true top 20 to TOL, or says it
+    # could not verify. The previous guard rule alone (verify=False, identical
+    # to it) skipped one for 5 (width 0.5) and 4 (width 1) of these 20.
+    lam = small_cluster(width)
+    A = DenseOperator(torch.diag(lam))
+    ref = lam.sort(descending=True).values[:K]
+    for seed in range(20):
+        res = top_eigenpairs(A, K, tol=TOL, seed=seed, verify=True)
+        if res.converged:
+            assert res.verified
+            assert max_rel_err(res.eigenvalues, ref) <= TOL, seed
+        # next_eigenvalue is a Ritz value beyond the k: below lambda_{k+1}
+        assert res.next_eigenvalue <= float(lam.sort(descending=True).values[K]) + 1e-12
+
+
+@pytest.mark.parametrize("width", [pytest.param(0.5, marks=pytest.mark.slow), 1.0])
+def test_previous_guard_rule_skips_on_the_same_spectra(width):
+    # the test above fails without the check: verify=False is the previous solver
+    lam = small_cluster(width)
+    A = DenseOperator(torch.diag(lam))
+    ref = lam.sort(descending=True).values[:K]
+    skipped = 0
+    for seed in range(20):
+        res = top_eigenpairs(A, K, tol=TOL, seed=seed, verify=False)
+        assert res.converged and not res.verified
+        skipped += max_rel_err(res.eigenvalues, ref) > TOL
+    assert skipped >= 3
+
+
+@pytest.mark.slow
+def test_wider_cluster_fewer_skipped_not_none():
+    # a run spaced 2 * TOL: a skipped value costs 2 * TOL, and the check, whose
+    # fresh direction must climb through the 40 values 0.5% apart below the run,
+    # does not always resolve it in max(10, k) products: 2 of these 20 start
+    # vectors still skip one unflagged, against 5 without the check
+    lam = small_cluster(2.0)
+    A = DenseOperator(torch.diag(lam))
+    ref = lam.sort(descending=True).values[:K]
+    missed = {True: 0, False: 0}
+    for seed in range(20):
+        for verify in (True, False):
+            res = top_eigenpairs(A, K, tol=TOL, seed=seed, verify=verify)
+            missed[verify] += res.converged and max_rel_err(res.eigenvalues, ref) > TOL
+    assert missed[True] <= 2 and missed[False] >= 4
+
+
+def test_rotated_cluster_and_bottom_end():
+    # the same spectrum in a random basis, and negated for "SA" / bottom_eigenpairs
+    lam = small_cluster(1.0, P=500)
+    g = torch.Generator().manual_seed(7)
+    Q, _ = torch.linalg.qr(torch.randn(500, 500, generator=g, dtype=torch.float64))
+    A = (Q * lam) @ Q.T
+    ref = torch.linalg.eigvalsh(A).flip(0)[:K]
+    for seed in range(4):
+        res = top_eigenpairs(DenseOperator(A), K, tol=TOL, seed=seed, verify=True)
+        assert res.converged and res.verified
+        assert max_rel_err(res.eigenvalues, ref) <= TOL
+        bot = bottom_eigenpairs(DenseOperator(-A), K, tol=TOL, seed=seed, verify=True)
+        assert bot.converged and bot.verified
+        assert max_rel_err(bot.eigenvalues, -ref) <= TOL
+        # for the bottom end the next value lies above lambda_{P-k}
+        assert bot.next_eigenvalue >= -float(torch.linalg.eigvalsh(A)[-K - 1]) - 1e-12
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "BE", "LM"])
+def test_every_end_checked_and_exact(which):
+    lam = torch.cat(
+        [
+            torch.linspace(10, 8, 8, dtype=torch.float64),
+            torch.linspace(-1, 1, 280, dtype=torch.float64),
+            -torch.linspace(9, 7, 8, dtype=torch.float64),
+        ]
+    )
+    A = DenseOperator(torch.diag(lam))
+    res = top_eigenpairs(A, 6, which=which, tol=1e-8, verify=True)
+    assert res.converged and res.verified
+    s = lam.sort(descending=True).values
+    if which == "LA":
+        expect = s[:6]
+    elif which == "SA":
+        expect = s[-6:]
+    elif which == "BE":
+        expect = torch.cat([s[:3], s[-3:]])
+    else:
+        expect = (
+            lam[lam.abs().argsort(descending=True)[:6]].sort(descending=True).values
+        )
+    torch.testing.assert_close(res.eigenvalues, expect, rtol=1e-9, atol=0)
+    # the check costs max(10, k) products beyond the unchecked solve, or more
+    plain = top_eigenpairs(A, 6, which=which, tol=1e-8, verify=False)
+    assert res.n_matvec >= plain.n_matvec + 10
+    torch.testing.assert_close(plain.eigenvalues, expect, rtol=1e-9, atol=0)
+
+
+def test_next_eigenvalue_is_lambda_k_plus_1():
+    lam = torch.cat(
+        [
+            torch.linspace(20, 10, 6, dtype=torch.float64),
+            torch.rand(
+                200, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+            ),
+        ]
+    )
+    res = top_eigenpairs(DenseOperator(torch.diag(lam)), 4, tol=1e-10, verify=True)
+    # the guard (lambda_5 = 12) converges with the check's extra products
+    assert res.next_eigenvalue == pytest.approx(12.0, rel=1e-6)
+    full = top_eigenpairs(
+        DenseOperator(torch.eye(3, dtype=torch.float64)), 3, verify=True
+    )
+    assert full.verified and math.isnan(full.next_eigenvalue)
+
+
+def test_budget_spent_during_the_check_says_so():
+    lam = small_cluster(1.0, P=400)
+    A = DenseOperator(torch.diag(lam))
+    plain = top_eigenpairs(A, K, tol=TOL, verify=False)
+    with pytest.warns(RuntimeWarning, match="could not verify"):
+        res = top_eigenpairs(A, K, tol=TOL, max_matvecs=plain.n_matvec + 3, verify=True)
+    assert not res.converged and not res.verified
+    assert res.n_matvec == plain.n_matvec + 3
+    # the pairs themselves are the converged ones
+    assert bool((res.residuals <= TOL).all())
+
+
+def test_check_is_deterministic_and_leaves_global_rng():
+    A = DenseOperator(torch.diag(small_cluster(2.0, P=300)))
+    state = torch.get_rng_state()
+    a = top_eigenpairs(A, 8, seed=3, verify=True)
+    b = top_eigenpairs(A, 8, seed=3, verify=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.eigenvectors, b.eigenvectors) and a.n_matvec == b.n_matvec
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_band_core_with_a_block_start_is_exact(monkeypatch, rows):
+    # the band core (several pending vectors) keeps A V_j = V_n H[:n, :j]:
+    # reported residuals are the true ones and the values are exact
+    monkeypatch.setattr(lanczos, "_START_ROWS", rows)
+    lam = small_cluster(2.0, P=300)
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    A = (Q * lam) @ Q.T
+    ref = torch.linalg.eigvalsh(A).flip(0)[:8]
+    v0 = torch.randn(300, rows, generator=g, dtype=torch.float64)
+    for mb in (None, 20):
+        res = top_eigenpairs(
+            DenseOperator(A), 8, tol=1e-9, v0=v0, max_basis=mb, verify=True
+        )
+        assert res.converged
+        torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-10, atol=0)
+        Y = res.eigenvectors
+        true = (A @ Y - Y * res.eigenvalues).norm(dim=0) / res.eigenvalues.abs()
+        torch.testing.assert_close(res.residuals, true, rtol=1e-6, atol=1e-14)
+        torch.testing.assert_close(
+            Y.T @ Y, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0
+        )
