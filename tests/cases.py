@@ -144,3 +144,34 @@ def gloo_group(rank, world, port):
         yield
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------- recipe results
+
+RESULT_KEYS = frozenset(
+    {"schema_version", "recipe", "config", "seed", "env", "metrics", "arrays"}
+    | {"verdict", "passed"}
+)
+VERDICT_KEYS = frozenset(
+    {"claim", "value", "op", "threshold", "passed", "source", "note"}
+)
+
+
+def check_results(out_dir, recipe: str) -> dict:
+    """Read ``out_dir/results.json`` and check the layout every recipe writes.
+
+    The schema version and recipe name, the top-level keys, the config (equal to
+    ``config.json`` beside it) and the keys of every verdict row.
+    """
+    import json
+
+    import _common  # the recipes' package, on pytest's pythonpath
+
+    on_disk = json.loads((out_dir / "results.json").read_text())
+    assert on_disk["schema_version"] == _common.SCHEMA_VERSION
+    assert on_disk["recipe"] == recipe
+    assert set(on_disk) >= RESULT_KEYS
+    assert on_disk["config"] == json.loads((out_dir / "config.json").read_text())
+    for row in on_disk["verdict"]:
+        assert set(row) == VERDICT_KEYS
+    return on_disk

@@ -218,8 +218,8 @@ def _start_block(
 
 
 @dataclass
-class _Solve:
-    """What the Lanczos core found (internal)."""
+class LanczosSolve:
+    """What :func:`thick_restart_lanczos` found: the wanted pairs and their checks."""
 
     theta: Tensor  # wanted Ritz values, order of selection
     Y: Tensor  # their vectors (P, n)
@@ -242,43 +242,8 @@ def thick_restart_lanczos(
     seed: int | None,
     v0: Tensor | None,
     bottom_absolute: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, int, bool]:
-    """Thick-restart Lanczos core without the skip check: the wanted pairs.
-
-    Returns:
-        Ritz values (float64, order of selection), Ritz vectors ``(P, n)``,
-        relative residuals, products used, and whether all converged.
-    """
-    r = _lanczos(
-        operator,
-        n_top,
-        n_bottom,
-        magnitude=magnitude,
-        tol=tol,
-        max_matvecs=max_matvecs,
-        max_basis=max_basis,
-        seed=seed,
-        v0=v0,
-        bottom_absolute=bottom_absolute,
-        verify=False,
-    )
-    return r.theta, r.Y, r.rel, r.n_mv, r.ok
-
-
-def _lanczos(
-    operator: LinearOperator,
-    n_top: int,
-    n_bottom: int,
-    *,
-    magnitude: bool,
-    tol: float,
-    max_matvecs: int | None,
-    max_basis: int | None,
-    seed: int | None,
-    v0: Tensor | None,
-    bottom_absolute: bool = False,
-    verify: bool = True,
-) -> _Solve:
+    verify: bool = False,
+) -> LanczosSolve:
     """Band thick-restart Lanczos with an optional skip check (see module doc).
 
     The basis ``Vt[:n]`` holds ``j`` vectors whose products are known and
@@ -447,7 +412,7 @@ def _lanczos(
     Sf = S[:, final].to(device=device, dtype=dtype)
     Y = Vt[:j].T @ Sf
     checked = verified if verify else j >= P
-    return _Solve(
+    return LanczosSolve(
         theta[final].clone(), Y, rel, n_mv, ok and verified, checked, next_value
     )
 
@@ -640,7 +605,7 @@ def top_eigenpairs(
         n_top, n_bottom = (k + 1) // 2, k // 2
     else:
         n_top, n_bottom = k, 0
-    sol = _lanczos(
+    sol = thick_restart_lanczos(
         operator,
         n_top,
         n_bottom,

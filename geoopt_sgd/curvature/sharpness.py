@@ -185,7 +185,7 @@ def sharpness(
             vecs = U.flip(1)[:, :k].to(op.dtype)
             lam_min, ok = float(lam[0]), True
         else:
-            vals, Y, _, _, ok = thick_restart_lanczos(
+            sol = thick_restart_lanczos(
                 op,
                 k,
                 1,
@@ -197,7 +197,8 @@ def sharpness(
                 v0=v0,
                 bottom_absolute=True,
             )
-            top, vecs, lam_min = vals[:k], Y[:, :k], float(vals[k])
+            vals, ok = sol.theta, sol.ok
+            top, vecs, lam_min = vals[:k], sol.Y[:, :k], float(vals[k])
             if not ok:
                 warnings.warn(
                     f"sharpness: the eigensolver did not reach tol={tol} within "

@@ -5,22 +5,10 @@ import math
 
 import _common as C
 import anisotropic_escape as R
+import cases
 import pytest
 import torch
 from torch.func import hessian
-
-TOP_KEYS = {
-    "schema_version",
-    "recipe",
-    "config",
-    "seed",
-    "env",
-    "metrics",
-    "arrays",
-    "verdict",
-    "passed",
-}
-VERDICT_KEYS = {"claim", "value", "op", "threshold", "passed", "source", "note"}
 
 
 def tiny_net(tmp_path, **kw):
@@ -142,14 +130,9 @@ def test_toy_alignment_ratio_against_dense_loop():
 def test_toy_smoke_schema_and_png(tmp_path):
     res = R.main(tiny_toy(tmp_path))
     out = tmp_path / "anisotropic_escape"
-    assert set(res) >= TOP_KEYS
-    assert C.read_json(out / "results.json")["config"] == C.read_json(
-        out / "config.json"
-    )
+    cases.check_results(out, "anisotropic_escape")
     assert (out / "toy.png").stat().st_size > 0
     assert len(res["verdict"]) == 7
-    for row in res["verdict"]:
-        assert set(row) == VERDICT_KEYS
     dyn = res["arrays"]["toy"]["dynamics"]
     assert set(dyn) == set(R.TOY_DYNAMICS)
     assert len(dyn["lead"]["tr_hs"]) == 30
@@ -177,7 +160,7 @@ def test_net_smoke_schema_png_and_resume(tmp_path, interrupt_at):
     res = R.main(cfg)
     out = tmp_path / "a" / "anisotropic_escape"
     assert (out / "net.png").stat().st_size > 0
-    assert set(res) >= TOP_KEYS
+    assert set(res) >= cases.RESULT_KEYS
     net = res["arrays"]["net"]["0"]
     assert set(net["dynamics"]) == set(cfg.dynamics)
     assert len(net["at_gd"]["top_eigenvalues"]) == 3

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 
 import _common as common
+import cases
 import escape_direction as ed
 import pytest
 import torch
@@ -53,11 +53,8 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_schema_and_figures(tiny_run):
     tmp_path, res = tiny_run
     out = tmp_path / "escape_direction"
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["schema_version"] == common.SCHEMA_VERSION
-    assert on_disk["recipe"] == "escape_direction" and on_disk["seed"] == 0
-    for key in ("config", "env", "metrics", "arrays", "verdict", "passed"):
-        assert key in on_disk
+    on_disk = cases.check_results(out, "escape_direction")
+    assert on_disk["seed"] == 0
     for key in ("torch", "timm", "device", "git_sha"):
         assert key in on_disk["env"]
     for key in ("L_star", "lambda_1", "fro2", "mu_0", "eta", "gamma0_sgd"):

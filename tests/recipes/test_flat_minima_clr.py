@@ -4,21 +4,10 @@ import dataclasses
 import math
 
 import _common as C
+import cases
 import flat_minima_clr as R
 import pytest
 import torch
-
-TOP_KEYS = {
-    "schema_version",
-    "recipe",
-    "config",
-    "seed",
-    "env",
-    "metrics",
-    "arrays",
-    "verdict",
-    "passed",
-}
 
 
 def tiny(tmp_path, **kw):
@@ -101,7 +90,7 @@ def test_smoke_schema_png_and_resume(tmp_path, interrupt_at):
     cfg = tiny(tmp_path / "a", escape_factor=1.01)
     res = R.main(cfg)
     out = tmp_path / "a" / "flat_minima_clr"
-    assert set(res) >= TOP_KEYS
+    cases.check_results(out, "flat_minima_clr")
     assert C.read_json(out / "config.json") == res["config"]
     assert (out / "clr.png").stat().st_size > 0
     assert len(res["verdict"]) == 4
