@@ -229,8 +229,11 @@ class CyclicLRWrapper(torch.optim.Optimizer):
     ``lr_at(last_step - 1)``. Step post-hooks registered on the wrapper (an
     attached :class:`~geoopt_sgd.NoiseProbe`) run before the next lr is
     written, so they see the lr the step used. A torch ``LRScheduler`` built on
-    the wrapper raises ``TypeError`` (its lr would be overwritten every step);
-    use :meth:`as_scheduler` for an ``(optimizer, scheduler)`` pair. The
+    the wrapper raises ``TypeError`` (its lr would be overwritten every step),
+    and an lr written from outside between steps (``ReduceLROnPlateau``, a
+    scheduler on the inner optimizer, a manual change) makes the next
+    :meth:`step` raise ``RuntimeError`` before anything changes; use
+    :meth:`as_scheduler` for an ``(optimizer, scheduler)`` pair. The
     wrapper changes nothing else: unlike
     ``torch.optim.lr_scheduler.CyclicLR`` (``cycle_momentum=True`` by
     default, which turns ``SGD(momentum=0)`` into momentum-0.9 SGD), momentum is
@@ -483,6 +486,29 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             for g in self.optimizer.param_groups
         ]
 
+    def _check_lr_unchanged(self) -> None:
+        # Something else wrote a group's lr since the wrapper's last write: a
+        # ReduceLROnPlateau on the wrapper, a torch scheduler on the inner
+        # optimizer, a manual change. The cyclic lr would silently replace it.
+        # (A tensor lr is written in place and cannot be told apart.)
+        noted = self.__dict__.get("_group_keys", [])
+        for i, (group, keys) in enumerate(
+            zip(self.optimizer.param_groups, noted, strict=False)
+        ):
+            was, now = keys.get("lr"), group.get("lr")
+            if was is None or isinstance(was, torch.Tensor):
+                continue
+            if isinstance(now, torch.Tensor) or now != was:
+                raise RuntimeError(
+                    f"param_groups[{i}]['lr'] was changed to {now!r} outside the "
+                    f"CyclicLRWrapper (it wrote {was!r}): a torch lr scheduler on "
+                    "the wrapper or on `wrapper.optimizer` (e.g. ReduceLROnPlateau), "
+                    "or a manual change, would be overwritten by the cyclic schedule "
+                    "before this step. Use one schedule: the wrapper alone, or "
+                    "`wrapper.optimizer` with `wrapper.as_scheduler()`, or a torch "
+                    "scheduler without the wrapper. Nothing was stepped."
+                )
+
     def _forget_scheduler_writes(self) -> None:
         noted = self.__dict__.get("_group_keys", [])
         for group, keys in zip(self.optimizer.param_groups, noted, strict=False):
@@ -602,6 +628,7 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             Whatever the inner optimizer's ``step`` returns (the closure's loss,
             or ``None``).
         """
+        self._check_lr_unchanged()
         self._apply_schedule()
         if closure is None:
             loss = self.optimizer.step(**kwargs)

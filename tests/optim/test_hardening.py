@@ -374,3 +374,41 @@ def test_sgd_matched_non_finite_propagates(noise):
     _grad(model, X, y)
     opt.step()  # no refresh: no error, the noise is non-finite as SGD's would be
     assert not all(p.isfinite().all() for p in model.parameters())
+
+
+def _plateau(opt):
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    for loss in (1.0, 2.0, 3.0):  # no improvement: the lr is halved
+        sched.step(loss)
+
+
+def _inner_step_lr(opt):
+    sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
+    sched.step()
+
+
+def _manual(opt):
+    opt.param_groups[0]["lr"] = 0.123
+
+
+@pytest.mark.parametrize(
+    "writer", [_plateau, _inner_step_lr, _manual], ids=["plateau", "inner", "manual"]
+)
+def test_an_outside_lr_write_is_refused_at_the_next_step(writer):
+    # ReduceLROnPlateau builds without touching the step, a scheduler on the inner
+    # optimizer never sees the wrapper, a manual write neither: all three would be
+    # overwritten silently, so the next step refuses before changing anything
+    model, X, y, opt = _wrapper()
+    for _ in range(2):
+        _grad(model, X, y)
+        opt.step()
+    writer(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    step_before = opt.last_step
+    _grad(model, X, y)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['lr'\] was changed"):
+        opt.step()
+    assert all(
+        torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True)
+    )
+    assert opt.last_step == step_before
