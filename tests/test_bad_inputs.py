@@ -21,6 +21,7 @@ from geoopt_sgd import (
     CyclicLRWrapper,
     DenseOperator,
     GGNOperator,
+    HalfSquaredError,
     HessianOperator,
     NoiseProbe,
     NoisyGD,
@@ -858,6 +859,24 @@ ROWS += [
         "`v0`",
     ),
     (
+        "eig/verify-str",
+        lambda e: top_eigenpairs(DenseOperator(torch.eye(6)), 2, verify="yes"),
+        TypeError,
+        "`verify`",
+    ),
+    (
+        "eig/which",
+        lambda e: top_eigenpairs(DenseOperator(torch.eye(6)), 2, which="XX"),
+        ValueError,
+        "`which`",
+    ),
+    (
+        "losses/half-squared-none",
+        lambda e: HalfSquaredError(reduction="none"),
+        ValueError,
+        "`reduction`",
+    ),
+    (
         "density/grid-nan",
         lambda e: spectral_density(
             DenseOperator(torch.eye(6)), grid=torch.tensor([0.0, NAN])
@@ -915,7 +934,7 @@ def _snapshot(e):
 
 
 def test_enough_rows():
-    assert len(ROWS) >= 50
+    assert len(ROWS) >= 150
     assert len({r[0] for r in ROWS}) == len(ROWS)
 
 

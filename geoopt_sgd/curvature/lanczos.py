@@ -580,6 +580,8 @@ def top_eigenpairs(
     """
     t0 = time.perf_counter()
     _validate(operator, k, which, tol, max_matvecs, max_basis, seed, v0)
+    if not isinstance(verify, bool):
+        raise TypeError(f"`verify` must be True or False; got {verify!r}.")
     P = operator.shape[0]
     if k == P:
         lam, U, R = _dense(operator)
