@@ -336,7 +336,7 @@ class NoiseProbe:
                 "DataLoader); got a one-shot iterator, which the first probe would "
                 "exhaust. Pass list(...) of it."
             )
-        batches = as_batches(probe_data, options.get("batch_fn"), name="probe_data")
+        batches = as_batches(probe_data, options.get("batch_fn"))
         if not isinstance(batches, list):
             # check a loader's first batch now, not at the first probe; its
             # sampler may draw from the global RNG, which is restored
