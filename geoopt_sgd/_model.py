@@ -21,6 +21,25 @@ Either way the model is evaluated with :func:`torch.func.functional_call` on
 its ``training`` flags and its ``.grad`` fields are untouched afterwards, and no
 global RNG is consumed. The model is never modified (no
 ``replace_all_batch_norm_modules_``).
+
+Batches and ``batch_fn`` (documented once here, referenced by every entry point
+that takes data): ``data`` is one batch or a re-iterable of batches (a list, a
+``DataLoader``). A batch is a pair ``(inputs, targets)``: ``targets`` a tensor with
+a leading batch dimension, ``inputs`` one of
+
+* a tensor: the model is called as ``model(inputs)``;
+* a tuple or list of tensors (a multi-input model): ``model(*inputs)``;
+* a dict of tensors (keyword arguments, HF-style): ``model(**inputs)``.
+
+Every input tensor has as many samples (leading size) as ``targets``. A loader
+that yields any other structure (a dict with the label among the inputs, a
+triple, ...) is used through ``batch_fn``: a callable mapping one batch *as the
+loader yields it* to such a pair ``(inputs, targets)``, e.g.
+``batch_fn=lambda b: ({"input_ids": b["input_ids"], "mask": b["mask"]},
+b["label"])``. With ``batch_fn``, ``data`` is a re-iterable of batches, or a
+single batch given as a dict. Without it, a batch that is not an
+``(inputs, targets)`` pair raises a ``TypeError`` naming ``data`` as the batch is
+read (a list's batches when the entry point is called or built).
 """
 
 from __future__ import annotations
@@ -28,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -45,6 +64,7 @@ Batch = tuple[Any, Tensor]
 __all__ = [
     "FunctionalModel",
     "autocast_off",
+    "map_inputs",
     "full_precision",
     "as_batches",
     "batch_size",
@@ -85,7 +105,8 @@ def check_batch(
     """Check that every input tensor has as many samples as ``targets``.
 
     Args:
-        inputs: A tensor, or a tuple/list of tensors (multi-input models).
+        inputs: A tensor, a tuple/list of tensors (multi-input models) or a dict
+            of tensors (keyword inputs); see the module docstring.
         targets: The targets tensor.
         name: The argument named in the message.
         index: The batch's position in ``name``, shown in the message.
@@ -98,6 +119,7 @@ def check_batch(
     if not isinstance(targets, Tensor):
         raise TypeError(
             f"{where}: the targets must be a tensor; got {type(targets).__name__}."
+            f"{_BATCH_FN_HINT if name != 'targets' else ''}"
         )
     if targets.dim() == 0:
         raise ValueError(
@@ -105,7 +127,10 @@ def check_batch(
             "0-dimensional tensor."
         )
     n = int(targets.shape[0])
-    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    if isinstance(inputs, Mapping):
+        tensors: Any = list(inputs.values())
+    else:
+        tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     for t in tensors:
         if isinstance(t, Tensor) and t.dim() >= 1 and int(t.shape[0]) != n:
             raise ValueError(
@@ -114,52 +139,157 @@ def check_batch(
             )
 
 
-def as_batches(data: Any) -> list[Batch] | Iterable[Batch]:
+_BATCH_FN_HINT = (
+    " A batch must be an (inputs, targets) pair; for any other structure pass "
+    "`batch_fn=` mapping one batch to (inputs, targets) (see geoopt_sgd._model)."
+)
+
+
+def map_inputs(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of ``inputs`` (a tensor, tuple/list or dict).
+
+    Non-tensor entries of a tuple/list/dict are kept as they are.
+    """
+    if isinstance(inputs, Tensor):
+        return fn(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(fn(x) if isinstance(x, Tensor) else x for x in inputs)
+    if isinstance(inputs, Mapping):
+        return {k: fn(v) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    raise TypeError(
+        "inputs must be a tensor, a tuple/list of tensors or a dict of tensors; "
+        f"got {type(inputs).__name__}."
+    )
+
+
+def _pair(batch: Any, name: str, index: int | None, mapped: bool) -> tuple[Any, Tensor]:
+    """Check that ``batch`` is an ``(inputs, targets)`` pair and return it."""
+    where = f"`{name}`" if index is None else f"`{name}` (batch {index})"
+    source = "`batch_fn` returned" if mapped else "got"
+    hint = "" if mapped else _BATCH_FN_HINT
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"{where}: {source} a dict with keys {sorted(map(str, batch))}, not an "
+            f"(inputs, targets) pair.{hint}"
+        )
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = (
+            f"a {type(batch).__name__} of length {len(batch)}"
+            if isinstance(batch, (tuple, list))
+            else f"a {type(batch).__name__}"
+        )
+        raise TypeError(
+            f"{where}: {source} {what}, not an (inputs, targets) pair.{hint}"
+        )
+    inputs, targets = batch
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"{where}: {source} targets of type {type(targets).__name__}; the "
+            f"targets must be a tensor.{hint}"
+        )
+    if not isinstance(inputs, (Tensor, tuple, list, Mapping)):
+        raise TypeError(
+            f"{where}: {source} inputs of type {type(inputs).__name__}; the inputs "
+            f"must be a tensor, a tuple/list of tensors or a dict of tensors.{hint}"
+        )
+    return inputs, targets
+
+
+class _CheckedBatches:
+    """A re-iterable view of ``data`` yielding checked ``(inputs, targets)`` pairs."""
+
+    def __init__(
+        self, data: Iterable[Any], batch_fn: Callable[[Any], Any] | None, name: str
+    ) -> None:
+        self.data, self.batch_fn, self.name = data, batch_fn, name
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, batch in enumerate(self.data):
+            if self.batch_fn is not None:
+                batch = self.batch_fn(batch)
+            yield _pair(batch, self.name, i, self.batch_fn is not None)
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+
+def _check_batch_fn(batch_fn: Any) -> None:
+    if batch_fn is not None and not callable(batch_fn):
+        raise TypeError(
+            f"`batch_fn` must be callable or None; got {type(batch_fn).__name__}."
+        )
+
+
+def as_batches(
+    data: Any,
+    batch_fn: Callable[[Any], Any] | None = None,
+    *,
+    name: str = "data",
+) -> list[Batch] | Iterable[Batch]:
     """Normalise ``data`` to an iterable of ``(inputs, targets)`` batches.
 
     Args:
-        data: One ``(inputs, targets)`` batch (inputs a tensor, targets a tensor)
-            or any re-iterable of such batches (a list, a ``DataLoader``).
+        data: One ``(inputs, targets)`` batch or any re-iterable of batches (a
+            list, a ``DataLoader``); the batch structure and ``batch_fn`` are
+            described in the module docstring.
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` to
+            ``(inputs, targets)``.
+        name: The argument named in messages.
 
     Returns:
-        A re-iterable of batches.
+        A re-iterable of ``(inputs, targets)`` batches: a list when ``data`` is a
+        batch or a list/tuple of batches (checked now), else a view checking each
+        batch as it is read.
 
     Raises:
-        TypeError: If ``data`` is neither a batch nor an iterable of batches.
+        TypeError: If ``data`` is neither a batch nor an iterable of batches, a
+            batch (after ``batch_fn``) is not an ``(inputs, targets)`` pair, or
+            ``batch_fn`` is not callable.
         ValueError: If ``data`` is a single empty batch or an empty sequence, or
             a batch's inputs and targets differ in length (checked for a batch
             or a list/tuple of batches; a loader's batches are checked as they
             are used).
     """
-    if (
-        isinstance(data, (tuple, list))
+    _check_batch_fn(batch_fn)
+    if batch_fn is not None and isinstance(data, Mapping):
+        data = [data]  # one batch given as a dict
+    elif (
+        batch_fn is None
+        and isinstance(data, (tuple, list))
         and len(data) == 2
-        and all(isinstance(d, Tensor) for d in data)
+        and isinstance(data[1], Tensor)
     ):
-        if data[1].dim() >= 1 and batch_size(data[1]) == 0:
-            raise ValueError("`data` is empty: the batch has 0 samples.")
-        check_batch(data[0], data[1])
-        return [(data[0], data[1])]
+        # one (inputs, targets) batch: a list of batches never has a tensor
+        # as its second entry
+        inputs, targets = _pair(data, name, None, False)
+        if targets.dim() >= 1 and batch_size(targets) == 0:
+            raise ValueError(f"`{name}` is empty: the batch has 0 samples.")
+        check_batch(inputs, targets, name=name)
+        return [(inputs, targets)]
     if isinstance(data, (list, tuple)) and len(data) == 0:
-        raise ValueError("`data` is empty: got an empty sequence of batches.")
+        raise ValueError(f"`{name}` is empty: got an empty sequence of batches.")
     if isinstance(data, (list, tuple)):
+        out = []
         for i, batch in enumerate(data):
-            if (
-                isinstance(batch, (tuple, list))
-                and len(batch) == 2
-                and isinstance(batch[1], Tensor)
-                and batch[1].dim() >= 1
-            ):
-                check_batch(batch[0], batch[1], index=i)
-    if not isinstance(data, Iterable):
+            if batch_fn is not None:
+                batch = batch_fn(batch)
+            inputs, targets = _pair(batch, name, i, batch_fn is not None)
+            if targets.dim() >= 1:
+                check_batch(inputs, targets, name=name, index=i)
+            out.append((inputs, targets))
+        return out
+    if isinstance(data, Mapping) or not isinstance(data, Iterable):
+        hint = _BATCH_FN_HINT if isinstance(data, Mapping) else ""
         raise TypeError(
-            "`data` must be an (inputs, targets) batch of tensors or an iterable of "
-            f"such batches (e.g. a DataLoader); got {type(data).__name__}."
+            f"`{name}` must be an (inputs, targets) batch or an iterable of such "
+            f"batches (e.g. a DataLoader); got {type(data).__name__}.{hint}"
         )
-    return data
+    return _CheckedBatches(data, batch_fn, name)
 
 
-def local_batches(data: Any) -> list[Batch] | Iterable[Batch]:
+def local_batches(
+    data: Any, batch_fn: Callable[[Any], Any] | None = None
+) -> list[Batch] | Iterable[Batch]:
     """:func:`as_batches`, allowing an empty shard under ``torch.distributed``.
 
     There an empty shard gives no batches: the rank joins every reduction with
@@ -172,7 +302,7 @@ def local_batches(data: Any) -> list[Batch] | Iterable[Batch]:
             data only outside ``torch.distributed``).
     """
     try:
-        return as_batches(data)
+        return as_batches(data, batch_fn)
     except ValueError:
         if not distributed.is_distributed():
             raise
@@ -369,7 +499,9 @@ class FunctionalModel:
         """Evaluate the model at ``params`` (one per selected name) on ``inputs``.
 
         Call inside :meth:`policy`. Buffers are cloned in train mode so the
-        model's running statistics are never updated.
+        model's running statistics are never updated. ``inputs`` is a tensor
+        (``model(inputs)``), a tuple/list (``model(*inputs)``) or a dict
+        (``model(**inputs)``).
         """
         values = dict(zip(self.names, params, strict=True))
         values.update(self._fixed)
@@ -377,8 +509,16 @@ class FunctionalModel:
         if self.mode == "train":
             bufs = {k: b.clone() for k, b in bufs.items()}
         values.update(bufs)
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
-        return functional_call(self.model, values, args, tie_weights=True, strict=False)
+        kwargs: dict[str, Any] = {}
+        if isinstance(inputs, (tuple, list)):
+            args = tuple(inputs)
+        elif isinstance(inputs, Mapping):
+            args, kwargs = (), dict(inputs)
+        else:
+            args = (inputs,)
+        return functional_call(
+            self.model, values, args, kwargs, tie_weights=True, strict=False
+        )
 
     def total_count(self, batches: Iterable[Batch]) -> int:
         """Number of samples in ``batches``, summed over ranks when distributed."""

@@ -86,13 +86,18 @@ class GGNOperator(DataOperator):
     Args:
         model: The model (a DDP/DataParallel wrapper is unwrapped).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, mean or sum.
-        data: One ``(inputs, targets)`` batch or a re-iterable of batches.
+        data: One ``(inputs, targets)`` batch or a re-iterable of batches (see
+            :mod:`geoopt_sgd._model` for the batch structure).
         params: Parameters to differentiate (tensors or names); default all with
             ``requires_grad``.
         mode: ``"eval"`` (default) or ``"train"``.
         loss_reduction: ``"mean"`` or ``"sum"``; default read from ``loss_fn``.
         max_cached_batches: Keep per-batch graphs across products when ``data`` is
             one batch or a list of at most this many batches. Default: ``4``.
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
+            loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
+            be a tensor, a tuple/list (``model(*inputs)``) or a dict
+            (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
 
     Attributes:
         fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
@@ -104,7 +109,8 @@ class GGNOperator(DataOperator):
         ValueError: If ``mode`` or ``loss_reduction`` is unknown, the data is
             empty, the parameter selection is invalid, or ``max_cached_batches``
             < 0.
-        TypeError: If ``loss_fn`` is not callable or ``data`` is not batches.
+        TypeError: If ``loss_fn`` or ``batch_fn`` is not callable, or ``data``
+            (after ``batch_fn``) is not ``(inputs, targets)`` batches.
 
     Example:
         >>> import torch

@@ -85,6 +85,10 @@ class HessianOperator(DataOperator):
             that of as many gradient graphs; free it with :meth:`release`
             (also on ``with``-exit and deletion). The cache is rebuilt if the
             parameters or buffers change in place. Default: ``4``.
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
+            loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
+            be a tensor, a tuple/list (``model(*inputs)``) or a dict
+            (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
 
     Attributes:
         fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
@@ -97,7 +101,8 @@ class HessianOperator(DataOperator):
         ValueError: If ``method``, ``mode`` or ``loss_reduction`` is unknown, the
             data is empty, the parameter selection is empty or invalid, or
             ``max_cached_batches`` < 0.
-        TypeError: If ``loss_fn`` is not callable or ``data`` is not batches.
+        TypeError: If ``loss_fn`` or ``batch_fn`` is not callable, or ``data``
+            (after ``batch_fn``) is not ``(inputs, targets)`` batches.
 
     Example:
         >>> import torch
@@ -120,6 +125,7 @@ class HessianOperator(DataOperator):
         mode: Literal["eval", "train"] = "eval",
         loss_reduction: Literal["mean", "sum"] | None = None,
         max_cached_batches: int = 4,
+        batch_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         check_choice("method", method, ("auto", *HVP_METHODS))
         super().__init__(
@@ -130,6 +136,7 @@ class HessianOperator(DataOperator):
             mode=mode,
             loss_reduction=loss_reduction,
             max_cached_batches=max_cached_batches,
+            batch_fn=batch_fn,
         )
         self.method = method
         self.method_used: str = "double_backward" if method == "auto" else method

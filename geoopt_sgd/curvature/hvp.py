@@ -276,6 +276,7 @@ class DataOperator(LinearOperator):
         mode: Literal["eval", "train"] = "eval",
         loss_reduction: Literal["mean", "sum"] | None = None,
         max_cached_batches: int = 4,
+        batch_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         check_int("max_cached_batches", max_cached_batches, ge=0)
         if not callable(loss_fn):
@@ -285,7 +286,8 @@ class DataOperator(LinearOperator):
         self.fmodel = FunctionalModel(model, params, mode=mode)  # type: ignore[arg-type]
         self.loss_fn = loss_fn
         self.loss_reduction = detect_reduction(loss_fn, loss_reduction)
-        batches = local_batches(data)  # an empty shard joins with zeros
+        # an empty shard joins with zeros
+        batches = local_batches(data, batch_fn)
         self.cacheable = (
             isinstance(batches, (list, tuple)) and len(batches) <= max_cached_batches
         )

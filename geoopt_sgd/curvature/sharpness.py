@@ -114,6 +114,7 @@ def sharpness(
     v0: Tensor | None = None,
     loss_reduction: str | None = None,
     max_matvecs: int | None = None,
+    batch_fn: Callable[[Any], Any] | None = None,
 ) -> SharpnessReport:
     """Measure the Hessian sharpness of ``model`` on ``data`` in one call.
 
@@ -126,7 +127,8 @@ def sharpness(
         model: The model (DDP wrappers are unwrapped).
         loss_fn: The loss, ``loss_fn(outputs, targets)`` with reduction
             ``"mean"`` or ``"sum"``.
-        data: One ``(inputs, targets)`` batch or an iterable of batches.
+        data: One ``(inputs, targets)`` batch or an iterable of batches (see
+            :mod:`geoopt_sgd._model` for the batch structure).
         k: Number of top eigenvalues, ``>= 1``.
         lr: Learning rate for the stability ratio ``lr * lambda_max / 2``.
         tol: Relative residual tolerance of the eigenvalues, ``> 0``.
@@ -140,13 +142,18 @@ def sharpness(
         loss_reduction: Override the reduction read from ``loss_fn``.
         max_matvecs: Budget of the eigensolver (see
             :func:`~geoopt_sgd.top_eigenpairs`).
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
+            loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
+            be a tensor, a tuple/list (``model(*inputs)``) or a dict
+            (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
 
     Returns:
         A :class:`SharpnessReport`.
 
     Raises:
-        TypeError: If an integer argument is not an integer or ``v0`` is not a
-            tensor.
+        TypeError: If an integer argument is not an integer, ``v0`` is not a
+            tensor or ``data`` (after ``batch_fn``) is not ``(inputs, targets)``
+            batches.
         ValueError: If ``k < 1`` or ``k > P``, ``lr <= 0``, ``tol <= 0``,
             ``trace_probes < 0``, ``seed < 0`` or ``v0`` has the wrong shape or
             non-finite entries (as in :func:`~geoopt_sgd.top_eigenpairs`; and
@@ -167,6 +174,7 @@ def sharpness(
         method=method,
         mode=mode,
         loss_reduction=loss_reduction,
+        batch_fn=batch_fn,
     )
     try:
         P = op.shape[0]
@@ -242,10 +250,13 @@ def _full_loss(
     reduction: str,
     params: list[Tensor],
 ) -> float:
-    """Full-data loss at ``params``: mean weighted by batch sizes, or sum."""
+    """Full-data loss at ``params``: mean weighted by batch sizes, or sum.
+
+    ``data`` is the output of :func:`~geoopt_sgd._model.as_batches`.
+    """
     total = torch.zeros(2, dtype=torch.float64, device=fm.device)
     with torch.random.fork_rng(devices=[]), torch.no_grad(), fm.policy():
-        for inputs, targets in as_batches(data):
+        for inputs, targets in data:
             inputs = to_device(inputs, fm.device)
             targets = to_device(targets, fm.device)
             n = batch_size(targets)
@@ -272,6 +283,7 @@ def expected_sharpness(
     mode: str = "eval",
     params: Iterable[Tensor] | Iterable[str] | None = None,
     loss_reduction: str | None = None,
+    batch_fn: Callable[[Any], Any] | None = None,
 ) -> Estimate:
     """Estimate the expected sharpness ``E[L(theta + nu)] - L(theta)``.
 
@@ -286,7 +298,8 @@ def expected_sharpness(
     Args:
         model: The model.
         loss_fn: The loss, reduction ``"mean"`` or ``"sum"``.
-        data: One ``(inputs, targets)`` batch or an iterable of batches.
+        data: One ``(inputs, targets)`` batch or an iterable of batches (see
+            :mod:`geoopt_sgd._model` for the batch structure).
         sigma: Standard deviation of the perturbation, ``> 0``.
         num_samples: Draws of ``nu`` (each costs two full-data losses when
             antithetic, else one).
@@ -296,14 +309,19 @@ def expected_sharpness(
         mode: ``"eval"`` or ``"train"`` (the package's mode policy).
         params: Parameters (or names) to perturb; default all trainable.
         loss_reduction: Override the reduction read from ``loss_fn``.
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
+            loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
+            be a tensor, a tuple/list (``model(*inputs)``) or a dict
+            (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
 
     Returns:
         An :class:`~geoopt_sgd.Estimate` (``n_matvec = 0``, ``num_probes`` =
         ``num_samples``).
 
     Raises:
-        TypeError: If ``sigma`` is not a number or ``num_samples`` / ``seed`` not
-            an integer.
+        TypeError: If ``sigma`` is not a number, ``num_samples`` / ``seed`` not
+            an integer, or ``data`` (after ``batch_fn``) is not
+            ``(inputs, targets)`` batches.
         ValueError: If ``sigma <= 0``, ``num_samples < 1`` or ``seed < 0`` (and
             :class:`~geoopt_sgd._model.FunctionalModel` errors for ``mode`` and
             ``params``).
@@ -313,6 +331,7 @@ def expected_sharpness(
     check_int("seed", seed, ge=0, allow_none=True)
     fm = FunctionalModel(model, params, mode=mode)
     reduction = detect_reduction(loss_fn, loss_reduction)
+    data = as_batches(data, batch_fn)
     gen = torch.Generator(device=fm.device).manual_seed(0 if seed is None else seed)
     theta = fm.params
     base = _full_loss(fm, loss_fn, data, reduction, theta)

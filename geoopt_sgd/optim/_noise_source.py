@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from .. import _model, distributed
 from .._losses import per_sample_losses
-from .._model import FunctionalModel, detect_reduction, local_batches, to_device
+from .._model import (
+    FunctionalModel,
+    detect_reduction,
+    local_batches,
+    map_inputs,
+    to_device,
+)
 from ..curvature import GGNOperator, HessianOperator, hutchinson_trace, top_eigenpairs
 from . import noise as _noise
 
@@ -104,13 +110,7 @@ def _nonfinite_error(kind: str, t: int, what: str) -> FloatingPointError:
 
 
 def _index(inputs: Any, idx: Tensor) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs[idx.to(inputs.device)]
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_index(x, idx) for x in inputs)
-    raise TypeError(
-        f"inputs must be a tensor or a tuple of tensors; got {type(inputs).__name__}."
-    )
+    return map_inputs(inputs, lambda t: t[idx.to(t.device)])
 
 
 class NoiseSource:
@@ -128,6 +128,10 @@ class NoiseSource:
         params: The optimizer's parameters, in order.
         mode: ``"eval"`` or ``"train"`` (see :mod:`geoopt_sgd._model`).
         loss_reduction: ``"mean"``, ``"sum"`` or ``None`` (read from ``loss_fn``).
+    batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
+            loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
+            be a tensor, a tuple/list (``model(*inputs)``) or a dict
+            (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
 
     Raises:
         ValueError: If ``params`` are not parameters of ``model``, or ``data`` is
@@ -143,14 +147,16 @@ class NoiseSource:
         *,
         mode: str,
         loss_reduction: str | None,
+        batch_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         self.fm = FunctionalModel(model, params, mode=mode)  # type: ignore[arg-type]
         self.model, self.loss_fn, self.data, self.params = model, loss_fn, data, params
         self.mode, self.loss_reduction = mode, loss_reduction
+        self.batch_fn = batch_fn
         self.reduction = detect_reduction(loss_fn, loss_reduction)
         # an empty shard on one rank joins every reduction with zeros;
         # data empty on every rank is an error, raised on all of them
-        self.batches = list(local_batches(data))
+        self.batches = list(local_batches(data, batch_fn))
         self.n_local = sum(_model.batch_size(t) for _, t in self.batches)
         self.n_total = self.fm.total_count(self.batches)
         if self.n_total == 0:
@@ -407,6 +413,7 @@ class NoiseSource:
             params=self.params,
             mode=self.mode,
             loss_reduction=self.loss_reduction,
+            batch_fn=self.batch_fn,
         )
         cache: dict[str, Tensor] = {}
         k = 1 if kind == "top_eigvec" else min(k, fm.numel)

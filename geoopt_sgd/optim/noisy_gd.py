@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, get_args
 
 import torch
@@ -26,7 +26,7 @@ from .._checks import (
     check_param_group,
     check_state_dict,
 )
-from .._model import detect_reduction
+from .._model import detect_reduction, local_batches
 from . import noise as _noise
 from ._functional import noisy_gd_update
 from ._noise_source import (
@@ -216,7 +216,9 @@ class NoisyGD(torch.optim.Optimizer):
         loss_fn: The curvature source's loss (reduction ``"mean"`` or ``"sum"``;
             a loss whose ``reduction`` attribute is ``"none"`` is rejected here).
         data: One ``(inputs, targets)`` batch or an iterable of them (a
-            ``DataLoader`` in a fixed order), the data ``C`` and ``H`` refer to.
+            ``DataLoader`` in a fixed order), the data ``C`` and ``H`` refer to
+            (batch structure: :mod:`geoopt_sgd._model`; a list's batches are
+            checked here, a loader's at the first refresh).
         curvature: ``"hessian"`` or ``"ggn"`` (always PSD).
         noise_units: ``"grad"`` (``ξ`` added to the gradient) or ``"param"``
             (added to the parameters after the step, in parameter units).
@@ -234,6 +236,10 @@ class NoisyGD(torch.optim.Optimizer):
         loss_reduction: ``"mean"``, ``"sum"`` or ``None`` (read from
             ``loss_fn.reduction``).
         tol: Relative tolerance of the eigensolver.
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
+            loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
+            be a tensor, a tuple/list (``model(*inputs)``) or a dict
+            (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
 
     Attributes:
         NOISE_KINDS: The accepted values of ``noise``.
@@ -252,7 +258,9 @@ class NoisyGD(torch.optim.Optimizer):
             source or ``batch_size`` without one, a repeated parameter, a
             ``loss_fn`` with ``reduction="none"``, …).
         TypeError: For an argument of the wrong type (a non-floating-point
-            parameter, a ``noise_schedule`` or ``loss_fn`` that is not callable).
+            parameter, a ``noise_schedule``, ``loss_fn`` or ``batch_fn`` that is
+            not callable, a batch of a list ``data`` that is not an
+            ``(inputs, targets)`` pair after ``batch_fn``).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -291,6 +299,7 @@ class NoisyGD(torch.optim.Optimizer):
         mode: Literal["eval", "train"] = "eval",
         loss_reduction: Literal["mean", "sum"] | None = None,
         tol: float = 1e-3,
+        batch_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         check_number("lr", lr, ge=0, allow_tensor=True)
         check_choice("noise", noise, self.NOISE_KINDS)
@@ -315,6 +324,13 @@ class NoisyGD(torch.optim.Optimizer):
         _check_source(
             noise, magnitude, batch_size, model=model, loss_fn=loss_fn, data=data
         )
+        if batch_fn is not None and not callable(batch_fn):
+            raise TypeError(
+                f"`batch_fn` must be callable or None; got {type(batch_fn).__name__}."
+            )
+        if isinstance(data, (list, tuple, Mapping)):
+            # batches held in memory are checked now; a loader's as it is read
+            local_batches(data, batch_fn)
         if loss_fn is not None:
             if not callable(loss_fn):
                 raise TypeError(
@@ -342,6 +358,7 @@ class NoisyGD(torch.optim.Optimizer):
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
+        self.batch_fn = batch_fn
         self.curvature = curvature
         self.noise_units = noise_units
         self.seed = seed
@@ -502,6 +519,7 @@ class NoisyGD(torch.optim.Optimizer):
                     self._params(),
                     mode=self.mode,
                     loss_reduction=self.loss_reduction,
+                    batch_fn=self.batch_fn,
                 )
         return self._src
 
@@ -686,6 +704,7 @@ class NoisyGD(torch.optim.Optimizer):
         "model",
         "loss_fn",
         "data",
+        "batch_fn",
         "curvature",
         "noise_units",
         "seed",
@@ -707,6 +726,7 @@ class NoisyGD(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
+        state.setdefault("batch_fn", None)  # pickled before batch_fn existed
         stats = state.pop("stats", None)
         self._src = None
         self._workspace = {}

@@ -113,6 +113,7 @@ from .._model import (
     detect_reduction,
     full_precision,
     local_batches,
+    map_inputs,
     to_device,
 )
 from ._context import ProbeContext, Traces, ratio_metrics
@@ -309,11 +310,14 @@ def _check_arguments(
 
 
 def _collect(
-    data: Any, device: torch.device, max_samples: int
+    data: Any,
+    device: torch.device,
+    max_samples: int,
+    batch_fn: Callable[[Any], Any] | None = None,
 ) -> list[tuple[Any, Tensor]]:
     out, count = [], 0
     # an empty shard joins with zeros; all ranks empty fails the sample count
-    for i, (x, y) in enumerate(local_batches(data)):
+    for i, (x, y) in enumerate(local_batches(data, batch_fn)):
         check_batch(x, y, index=i)
         b = batch_size(y)
         if b == 0:
@@ -322,7 +326,7 @@ def _collect(
         if take <= 0:
             break
         if take < b:
-            x = tuple(t[:take] for t in x) if isinstance(x, tuple) else x[:take]
+            x = map_inputs(x, lambda t: t[:take])  # noqa: B023 - used at once
             y = y[:take]
         out.append((to_device(x, device), to_device(y, device)))
         count += take
@@ -379,6 +383,7 @@ def noise_geometry(
     num_random_directions: int = 8,
     tol: float = 1e-2,
     chunk_size: int | None = None,
+    batch_fn: Callable[[Any], Any] | None = None,
 ) -> NoiseGeometry:
     r"""Measure the geometry of SGD noise at the model's current parameters.
 
@@ -431,7 +436,8 @@ def noise_geometry(
         loss_fn: The loss, applied to batches of one as given (``nn.MSELoss``:
             ``(1/K) ||r||^2``; the papers' ``1/2 ||r||^2`` is
             :class:`~geoopt_sgd.HalfSquaredError`).
-        data: The probe batch ``(inputs, targets)`` or an iterable of batches; under
+        data: The probe batch ``(inputs, targets)`` or an iterable of batches (see
+            :mod:`geoopt_sgd._model` for the batch structure); under
             ``torch.distributed`` this rank's shard.
         metrics: Names from :data:`METRICS`; ``None`` means :data:`DEFAULT_METRICS`
             plus the escape metrics when ``displacement`` is given.
@@ -461,6 +467,10 @@ def noise_geometry(
         chunk_size: Samples per vmapped chunk when materialising per-sample rows
             (``None``: a batch at once); vectors are pushed 8 at a time
             (up to 256 for small models).
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
+            loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
+            be a tensor, a tuple/list (``model(*inputs)``) or a dict
+            (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
 
     Returns:
         The :class:`NoiseGeometry`.
@@ -474,7 +484,9 @@ def noise_geometry(
             ``"mean"`` or ``"sum"``; a model without parameters; a batch whose
             inputs and targets differ in length.
         TypeError: On non-integer counts, a displacement of the wrong type, a
-            ``loss_fn`` that is not callable or a ``model`` that is not a module.
+            ``loss_fn`` or ``batch_fn`` that is not callable, a ``model`` that is
+            not a module, or ``data`` (after ``batch_fn``) that is not
+            ``(inputs, targets)`` batches.
 
     Example:
         One weight, ``f = w x`` with ``w = 1``, inputs 1 and 2, targets 0, the
@@ -521,7 +533,7 @@ def noise_geometry(
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
     B = 1 if cov == "per_sample" else int(batch_size)  # type: ignore[arg-type]
     probe, L = _probe_and_loss(
-        fm, loss_fn, data, wanted, cov, B, max_samples, chunk_size
+        fm, loss_fn, data, wanted, cov, B, max_samples, chunk_size, batch_fn
     )
     if not math.isfinite(L):
         return _nan_result(wanted, probe, t0)
@@ -557,11 +569,15 @@ def _probe_and_loss(
     B: int,
     max_samples: int,
     chunk_size: int | None,
+    batch_fn: Callable[[Any], Any] | None = None,
 ) -> tuple[ProbeSet, float]:
     """The probe set of ``data`` and the mean loss ``L``, from one forward pass."""
     with torch.enable_grad():
         probe = ProbeSet(
-            fm, loss_fn, _collect(data, fm.device, max_samples), chunk_size=chunk_size
+            fm,
+            loss_fn,
+            _collect(data, fm.device, max_samples, batch_fn),
+            chunk_size=chunk_size,
         )
     n = probe.n
     if n // B < 2:

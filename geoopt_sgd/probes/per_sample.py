@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -61,8 +61,9 @@ def per_sample_gradients(
     Args:
         model: The model (DDP/DataParallel wrappers are unwrapped).
         loss_fn: The loss, called as ``loss_fn(outputs, targets)`` on a batch of one.
-        inputs: The batch inputs, a tensor or a tuple of tensors with leading
-            dimension ``N``.
+        inputs: The batch inputs with leading dimension ``N``: a tensor
+            (``model(inputs)``), a tuple/list of tensors (``model(*inputs)``) or a
+            dict of tensors (``model(**inputs)``); see :mod:`geoopt_sgd._model`.
         targets: The batch targets, leading dimension ``N``.
         params: Parameters to differentiate (tensors or names); ``None``: all with
             ``requires_grad``.
@@ -77,7 +78,8 @@ def per_sample_gradients(
         ValueError: If ``mode`` is unknown, ``chunk_size < 1``, the batch is empty
             or ``inputs`` and ``targets`` differ in length.
         TypeError: If ``chunk_size`` is not an integer, ``targets`` is not a
-            tensor or ``loss_fn`` is not callable.
+            tensor, ``inputs`` is not a tensor, tuple/list or dict, or ``loss_fn``
+            is not callable.
 
     Example:
         >>> import torch
@@ -94,6 +96,11 @@ def per_sample_gradients(
     fm = FunctionalModel(model, params, mode=mode)
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable; got {type(loss_fn).__name__}.")
+    if not isinstance(inputs, (Tensor, tuple, list, Mapping)):
+        raise TypeError(
+            "`inputs` must be a tensor, a tuple/list of tensors or a dict of "
+            f"tensors; got {type(inputs).__name__}."
+        )
     check_batch(inputs, targets, name="targets")
     if int(targets.shape[0]) == 0:
         raise ValueError("`targets` is empty: the batch has 0 samples.")

@@ -38,7 +38,7 @@ from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 from .. import distributed
 from .._linalg import CHUNK, row_gram64
 from .._losses import SampleLoss, per_sample_loss, square_loss_scale
-from .._model import FunctionalModel
+from .._model import FunctionalModel, map_inputs
 from ..curvature.hvp import make_hvp, math_sdpa
 from ..curvature.linop import LinearOperator
 
@@ -52,15 +52,11 @@ __all__ = [
 
 
 def _unsqueeze(x: Any) -> Any:
-    if isinstance(x, tuple):
-        return tuple(t.unsqueeze(0) for t in x)
-    return x.unsqueeze(0)
+    return map_inputs(x, lambda t: t.unsqueeze(0))
 
 
 def _slice(x: Any, i: int, j: int) -> Any:
-    if isinstance(x, tuple):
-        return tuple(t[i:j] for t in x)
-    return x[i:j]
+    return map_inputs(x, lambda t: t[i:j])
 
 
 class ProbeSet:

@@ -237,7 +237,11 @@ class NoiseProbe:
         model: The trained model (DDP/DataParallel wrappers are unwrapped).
         loss_fn: The loss, as for :func:`~geoopt_sgd.noise_geometry`.
         probe_data: The fixed probe batch ``(inputs, targets)`` or a re-iterable of
-            batches (under ``torch.distributed``: this rank's shard).
+            batches (under ``torch.distributed``: this rank's shard). Batch
+            structure: :mod:`geoopt_sgd._model`; any other structure (e.g. a
+            loader of dicts) through the option ``batch_fn`` of
+            :func:`~geoopt_sgd.noise_geometry`. A loader's first batch is read
+            here to check it (the global RNG restored).
         every: Probe after every ``every``-th optimizer step. Default: ``100``.
         metrics: Metric names (from ``geoopt_sgd.probes.metrics.METRICS``);
             ``None`` means the default, affordable set ``DEFAULT_METRICS``.
@@ -253,7 +257,7 @@ class NoiseProbe:
         **options: Further keyword arguments of
             :func:`~geoopt_sgd.noise_geometry` (``curvature``, ``cov``,
             ``batch_size``, ``max_samples``, ``params``, ``mode``, ``route``,
-            ``num_probes``, ``tol``, ``chunk_size``, ...).
+            ``num_probes``, ``tol``, ``chunk_size``, ``batch_fn``, ...).
 
     Attributes:
         history: The records, oldest first.
@@ -279,8 +283,9 @@ class NoiseProbe:
             its folder cannot be created.
         TypeError: If ``every`` or ``k`` is not an integer, ``model`` is not a
             module, ``loss_fn`` is not callable, ``metrics`` is not a
-            sequence of names, ``callback`` is not callable, or ``probe_data`` is
-            neither a batch nor a re-iterable of batches (one-shot iterators are
+            sequence of names, ``callback`` or ``batch_fn`` is not callable, or
+            ``probe_data`` (after ``batch_fn``) is neither a batch nor a
+            re-iterable of batches (one-shot iterators are
             refused: the first probe would exhaust them), or ``sinks`` is neither
             a path nor an iterable of sinks.
 
@@ -331,7 +336,13 @@ class NoiseProbe:
                 "DataLoader); got a one-shot iterator, which the first probe would "
                 "exhaust. Pass list(...) of it."
             )
-        as_batches(probe_data)
+        batches = as_batches(probe_data, options.get("batch_fn"))
+        if not isinstance(batches, list):
+            # check a loader's first batch now, not at the first probe; its
+            # sampler may draw from the global RNG, which is restored
+            with torch.random.fork_rng(devices=[]):
+                for _ in batches:
+                    break
         self._check_options(options)
         if isinstance(options.get("params"), Iterator):
             options["params"] = list(options["params"])  # read twice below
@@ -558,7 +569,8 @@ class NoiseProbe:
         """Whether the plain loss on the probe batch is finite (eval mode)."""
         fm = FunctionalModel(self.model, mode=self.options.get("mode", "eval"))
         with torch.no_grad(), fm.policy():
-            for inputs, targets in as_batches(self.probe_data):
+            batch_fn = self.options.get("batch_fn")
+            for inputs, targets in as_batches(self.probe_data, batch_fn):
                 loss = self.loss_fn(fm(fm.params, inputs), targets)
                 if not bool(torch.isfinite(loss).all()):
                     return False
