@@ -63,6 +63,7 @@ Batch = tuple[Any, Tensor]
 
 __all__ = [
     "FunctionalModel",
+    "preserve_global_rng",
     "autocast_off",
     "map_inputs",
     "full_precision",
@@ -307,6 +308,24 @@ def local_batches(
         if not distributed.is_distributed():
             raise
         return []
+
+
+@contextlib.contextmanager
+def preserve_global_rng() -> Iterator[None]:
+    """Restore torch's global RNG state (CPU, and CUDA if initialised) on exit.
+
+    Iterating over user data may draw from the global generator (a shuffling
+    ``DataLoader`` draws its sampler's seed there); the package's measurements and
+    NoisyGD's statistics promise never to move it.
+
+    Yields:
+        Nothing; the state is restored when the block exits, even on error.
+    """
+    devices = (
+        list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def detect_reduction(

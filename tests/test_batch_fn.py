@@ -312,10 +312,21 @@ def test_dict_batches_without_batch_fn(entry, container):
     rng = torch.get_rng_state()
     with pytest.raises(TypeError, match=r"`(probe_)?data`.*batch_fn"):
         call()
-    if not (entry == "noise_geometry" and container == "loader"):
-        # noise_geometry reads a loader without restoring the global RNG (a
-        # DataLoader draws its base seed there): issue 13's RNG item, not this one
-        assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_noise_geometry_keeps_the_global_rng_with_a_shuffling_loader():
+    # a shuffling DataLoader draws its sampler's seed from the global generator
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, y), batch_size=8, shuffle=True
+    )
+    model = nn.Linear(3, 2).double()
+    rng = torch.get_rng_state()
+    noise_geometry(model, nn.MSELoss(), loader, metrics=["mu"], k=2)
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.mark.parametrize("container", ["list", "loader"])

@@ -14,8 +14,7 @@ Hutchinson's probes, the reweighting draws) comes from its own stream of
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,7 +39,6 @@ __all__ = [
     "USES_CURVATURE",
     "NoiseSource",
     "needs_minibatches",
-    "preserve_global_rng",
 ]
 
 # sub-stream indices for make_generator (per step); ranks offset the last one
@@ -69,24 +67,6 @@ def needs_minibatches(kind: str, magnitude: str) -> bool:
         to the SGD magnitude ``Tr C``.
     """
     return kind in USES_C or (kind in ("hessian", "top_eigvec") and magnitude == "sgd")
-
-
-@contextlib.contextmanager
-def preserve_global_rng() -> Iterator[None]:
-    """Restore torch's global RNG state (CPU, and CUDA if initialised) on exit.
-
-    Iterating over user data may draw from the global generator (a shuffling
-    ``DataLoader`` draws its sampler's seed there); NoisyGD promises that its
-    statistics never move it.
-
-    Yields:
-        Nothing; the state is restored when the block exits, even on error.
-    """
-    devices = (
-        list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    )
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 def _all_finite(tensors: Any) -> bool:

@@ -26,7 +26,7 @@ from .._checks import (
     check_param_group,
     check_state_dict,
 )
-from .._model import detect_reduction, local_batches
+from .._model import detect_reduction, local_batches, preserve_global_rng
 from . import noise as _noise
 from ._functional import noisy_gd_update
 from ._noise_source import (
@@ -34,7 +34,6 @@ from ._noise_source import (
     STREAM_WEIGHTS,
     NoiseSource,
     needs_minibatches,
-    preserve_global_rng,
 )
 
 __all__ = ["NoisyGD"]

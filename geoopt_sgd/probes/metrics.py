@@ -114,6 +114,7 @@ from .._model import (
     full_precision,
     local_batches,
     map_inputs,
+    preserve_global_rng,
     to_device,
 )
 from ._context import ProbeContext, Traces, ratio_metrics
@@ -316,20 +317,23 @@ def _collect(
     batch_fn: Callable[[Any], Any] | None = None,
 ) -> list[tuple[Any, Tensor]]:
     out, count = [], 0
-    # an empty shard joins with zeros; all ranks empty fails the sample count
-    for i, (x, y) in enumerate(local_batches(data, batch_fn)):
-        check_batch(x, y, index=i)
-        b = batch_size(y)
-        if b == 0:
-            continue
-        take = min(b, max_samples - count)
-        if take <= 0:
-            break
-        if take < b:
-            x = map_inputs(x, lambda t: t[:take])  # noqa: B023 - used at once
-            y = y[:take]
-        out.append((to_device(x, device), to_device(y, device)))
-        count += take
+    # an empty shard joins with zeros; all ranks empty fails the sample count.
+    # A shuffling DataLoader draws its sampler's seed from the global RNG: the
+    # measurement must not move it.
+    with preserve_global_rng():
+        for i, (x, y) in enumerate(local_batches(data, batch_fn)):
+            check_batch(x, y, index=i)
+            b = batch_size(y)
+            if b == 0:
+                continue
+            take = min(b, max_samples - count)
+            if take <= 0:
+                break
+            if take < b:
+                x = map_inputs(x, lambda t: t[:take])  # noqa: B023 - used at once
+                y = y[:take]
+            out.append((to_device(x, device), to_device(y, device)))
+            count += take
     return out
 
 
