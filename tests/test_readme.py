@@ -33,7 +33,9 @@ def reader_namespace() -> dict:
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     X = torch.randn(64, 8, generator=g)
     y = torch.randint(0, 3, (64,), generator=g)
-    loader = [(X[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    # full-size batches: the README's loop (``for x, y in loader``) rebinds ``y``,
+    # which a later snippet uses as the whole target set beside ``X``
+    loader = [(X, y), (X, y)]
     return {
         "model": model,
         "loss_fn": nn.CrossEntropyLoss(),
