@@ -38,6 +38,7 @@ from .._model import (
     check_batch,
     detect_reduction,
     local_batches,
+    preserve_global_rng,
     to_device,
 )
 from .linop import LinearOperator
@@ -322,7 +323,7 @@ class DataOperator(LinearOperator):
         # A shuffling DataLoader draws its order from the global CPU RNG: restore
         # it afterwards, so the caller's RNG is untouched and every pass sees the
         # same batches (a fixed operator, also in train mode).
-        with torch.random.fork_rng(devices=[]):
+        with preserve_global_rng():
             for i, (x, y) in enumerate(self._data):
                 check_batch(x, y, index=i)
                 if batch_size(y) > 0:

@@ -32,6 +32,7 @@ from .._model import (
     batch_size,
     detect_reduction,
     full_precision,
+    preserve_global_rng,
     to_device,
 )
 from .hessian import HessianOperator
@@ -255,7 +256,7 @@ def _full_loss(
     ``data`` is the output of :func:`~geoopt_sgd._model.as_batches`.
     """
     total = torch.zeros(2, dtype=torch.float64, device=fm.device)
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), fm.policy():
+    with preserve_global_rng(), torch.no_grad(), fm.policy():
         for inputs, targets in data:
             inputs = to_device(inputs, fm.device)
             targets = to_device(targets, fm.device)

@@ -583,8 +583,8 @@ class NoisyGD(torch.optim.Optimizer):
                 self.seed, t, src.fm.device, stream=STREAM_WEIGHTS + distributed.rank()
             )
             assert self.batch_size is not None
-            with preserve_global_rng():
-                xi = src.sgd_matched_noise(gen, self.batch_size, self._stats)
+            # the data are held in memory since _source(): no global RNG draw
+            xi = src.sgd_matched_noise(gen, self.batch_size, self._stats)
             # E‖ξ‖² = Tr(Σ)/B is not computed (it would need per-sample gradients)
             return _noise.NoiseSample(xi, s, math.nan)
         gen = _noise.make_generator(self.seed, t, src.fm.device, stream=STREAM_NOISE)

@@ -29,6 +29,7 @@ from .._model import (
     as_batches,
     detect_reduction,
     full_precision,
+    preserve_global_rng,
     unwrap_model,
 )
 from . import metrics as _metrics
@@ -340,7 +341,7 @@ class NoiseProbe:
         if not isinstance(batches, list):
             # check a loader's first batch now, not at the first probe; its
             # sampler may draw from the global RNG, which is restored
-            with torch.random.fork_rng(devices=[]):
+            with preserve_global_rng():
                 for _ in batches:
                     break
         self._check_options(options)
