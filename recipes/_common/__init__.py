@@ -44,6 +44,7 @@ from .files import (
 from .models import (
     LOSSES,
     SMALL_MODELS,
+    RandomFeatures,
     check_model_name,
     flat_parameters,
     full_batch_loss,
@@ -76,6 +77,7 @@ __all__ = [
     "LOSSES",
     "SCHEMA_VERSION",
     "SMALL_MODELS",
+    "RandomFeatures",
     "DataSplit",
     "DirLock",
     "Diverged",

@@ -2,7 +2,8 @@
 
 :func:`make_model` builds any timm model with ``timm.create_model(name,
 pretrained=False, ...)`` or one of the papers' small models (``mlp``: the fully
-connected net of Wu, Wang & Su 2022, ``cnn``, ``linear``), with seeded
+connected net of Wu, Wang & Su 2022, ``cnn``, ``linear``, the random-feature model
+``rfm`` and the deep linear network ``deep_linear``), with seeded
 initialisation. :func:`make_loss` and
 :func:`make_targets` pair a loss name with the targets it takes;
 :func:`parity_targets` are the papers' one-output ±1 even/odd targets.
@@ -12,6 +13,7 @@ parameters as one vector, in ``model.parameters()`` order (the operators' order)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,12 +22,13 @@ from torch import Tensor, nn
 
 from geoopt_sgd import HalfSquaredError
 
-SMALL_MODELS = ("mlp", "cnn", "linear")
+SMALL_MODELS = ("mlp", "cnn", "linear", "rfm", "deep_linear")
 LOSSES = ("ce", "mse")
 
 __all__ = [
     "LOSSES",
     "SMALL_MODELS",
+    "RandomFeatures",
     "check_model_name",
     "flat_parameters",
     "full_batch_loss",
@@ -62,6 +65,26 @@ def check_model_name(name: str) -> str:
             "(e.g. 'test_resnet', 'resnet18')."
         )
     return name
+
+
+class RandomFeatures(nn.Module):
+    """Random-feature model ``f(x) = a^T ReLU(W x) / sqrt(m)``: only ``a`` is trained.
+
+    The rows of ``W`` (``m × d``) are drawn uniformly on the sphere of radius
+    ``sqrt(d)``, so ``w_j^T x`` has unit variance for unit-norm ``x``. ``W`` is a
+    buffer (not a parameter), so the curvature operators see only the head.
+    """
+
+    def __init__(self, input_dim: int, width: int, num_classes: int):
+        super().__init__()
+        w = torch.randn(width, input_dim)
+        w = w / w.norm(dim=1, keepdim=True) * math.sqrt(input_dim)
+        self.register_buffer("features", w)
+        self.scale = 1.0 / math.sqrt(width)
+        self.head = nn.Linear(width, num_classes, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(x @ self.features.T) * self.scale)
 
 
 class _SmallCNN(nn.Module):
@@ -106,6 +129,11 @@ def make_model(
     * ``"cnn"``: two 3×3 conv layers of ``width`` channels with ReLU and 2×2
       pooling, then a linear head; needs ``image_size``.
     * ``"linear"``: one linear layer on flat inputs.
+    * ``"rfm"``: the random-feature model :class:`RandomFeatures` with ``width``
+      fixed ReLU features; needs flat inputs.
+    * ``"deep_linear"``: ``depth`` hidden bias-free linear layers of ``width``
+      units and a bias-free linear output, no activation (WWS22's linear network:
+      ``depth = 2`` gives its three layers); needs flat inputs.
     * anything else: ``timm.create_model(name, pretrained=False,
       num_classes=num_classes, in_chans=in_chans, **timm_kwargs, **timm_args)``.
 
@@ -113,10 +141,10 @@ def make_model(
         name: Model name (see :func:`check_model_name`).
         num_classes: Number of outputs ``K``.
         in_chans: Input channels (image models).
-        input_dim: Input features (``mlp``, ``linear``).
+        input_dim: Input features (``mlp``, ``linear``, ``rfm``, ``deep_linear``).
         image_size: Input side (``cnn``; for timm models, checked by a forward).
         width: Hidden width / channels of the small models.
-        depth: Hidden layers of ``mlp``.
+        depth: Hidden layers of ``mlp`` and ``deep_linear``.
         activation: ``"tanh"`` or ``"relu"`` (``mlp``).
         seed: Seed of the initialisation (the global RNG is restored afterwards).
         dtype: Parameter dtype.
@@ -160,10 +188,21 @@ def make_model(
                 d = width
             layers.append(nn.Linear(d, num_classes))
             model: nn.Module = nn.Sequential(*layers)
-        elif name == "linear":
+        elif name in ("linear", "rfm", "deep_linear"):
             if input_dim is None:
-                raise ValueError("`input_dim` is needed for model 'linear'.")
-            model = nn.Linear(input_dim, num_classes)
+                raise ValueError(f"`input_dim` is needed for model {name!r}.")
+            if name == "linear":
+                model = nn.Linear(input_dim, num_classes)
+            elif name == "rfm":
+                model = RandomFeatures(input_dim, width, num_classes)
+            else:
+                dims = [input_dim] + [width] * depth + [num_classes]
+                model = nn.Sequential(
+                    *(
+                        nn.Linear(a, b, bias=False)
+                        for a, b in zip(dims[:-1], dims[1:], strict=True)
+                    )
+                )
         elif name == "cnn":
             if image_size is None:
                 raise ValueError("`image_size` is needed for model 'cnn'.")
@@ -211,7 +250,7 @@ def _check_input_size(
 
 def model_wants_flat(name: str) -> bool:
     """Return whether model ``name`` takes flat ``(N, D)`` inputs."""
-    return name in ("mlp", "linear")
+    return name in ("mlp", "linear", "rfm", "deep_linear")
 
 
 def make_loss(name: str) -> nn.Module:

@@ -674,3 +674,30 @@ def test_outputs_follow_the_umask(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == want
     for name in ("a.json", "c.pt", "f.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+
+
+def test_random_feature_model_trains_only_its_head():
+    model = C.make_model("rfm", 2, input_dim=5, width=40, seed=3, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["head.weight"]
+    W = model.features
+    # rows on the sphere of radius sqrt(d); the forward is a^T relu(Wx)/sqrt(m)
+    torch.testing.assert_close(W.norm(dim=1), torch.full((40,), 5**0.5, dtype=W.dtype))
+    x = torch.randn(7, 5, dtype=torch.float64)
+    expected = torch.relu(x @ W.T) @ model.head.weight.T / 40**0.5
+    torch.testing.assert_close(model(x), expected)
+    again = C.make_model("rfm", 2, input_dim=5, width=40, seed=3, dtype=torch.float64)
+    assert torch.equal(again.features, W)  # seeded: the features are reproducible
+    assert C.model_wants_flat("rfm")
+
+
+def test_deep_linear_network_is_a_bias_free_product():
+    model = C.make_model("deep_linear", 3, input_dim=4, width=6, depth=2, seed=0)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(6, 4), (6, 6), (3, 6)]  # WWS22's three layers, no biases
+    x = torch.randn(5, 4)
+    W1, W2, W3 = model.parameters()
+    torch.testing.assert_close(model(x), x @ (W3 @ W2 @ W1).T)
+    assert C.model_wants_flat("deep_linear")
+    with pytest.raises(ValueError, match="`input_dim` is needed for model 'rfm'"):
+        C.make_model("rfm", 1)
