@@ -16,6 +16,12 @@ package's curvature and probe computations, so they run in the parameters' dtype
 a measurement taken inside a mixed-precision training step equals the one taken
 outside it, bit for bit.
 
+Parameters of mixed floating dtypes (say a float32 body and a float64 head) are
+taken as they are: each layer computes in its own parameters' dtype, and the flat
+``(P,)`` vectors the package returns (eigenvectors, gradients, per-sample rows,
+operator outputs) are in the widest of them (``torch.promote_types``), so they hold
+every parameter exactly; an operator's ``dtype`` is that one.
+
 Either way the model is evaluated with :func:`torch.func.functional_call` on
 *cloned* buffers, so its running statistics (``num_batches_tracked`` included),
 its ``training`` flags and its ``.grad`` fields are untouched afterwards, and no
@@ -498,7 +504,12 @@ class FunctionalModel:
         self.numel: int = sum(p.numel() for p in self.params)
         self._fixed = {n: p.detach() for n, p in named.items() if n not in set(names)}
         self.device = self.params[0].device
-        self.dtype = self.params[0].dtype
+        # flat vectors hold every parameter exactly: the widest floating dtype
+        # (float32 and float64 parameters give float64 vectors)
+        self.dtype = functools.reduce(
+            torch.promote_types, (p.dtype for p in self.params)
+        )
+        self.dtypes: list[torch.dtype] = [p.dtype for p in self.params]
 
     def buffers(self) -> dict[str, Tensor]:
         """Return the model's current buffers (not cloned)."""

@@ -710,6 +710,24 @@ ROWS += [
         "`params`",
     ),
     ("probe/every-neg", lambda e: _probe(e, every=-1), ValueError, "`every`"),
+    (
+        "probe/displacement-shape",
+        lambda e: _probe(e, displacement=torch.ones(3)),
+        ValueError,
+        "`displacement`",
+    ),
+    (
+        "probe/displacement-nan",
+        lambda e: _probe(e, displacement=torch.full((_P(e),), NAN)),
+        ValueError,
+        "`displacement`",
+    ),
+    (
+        "probe/displacement-type",
+        lambda e: _probe(e, displacement="x"),
+        TypeError,
+        "`displacement`",
+    ),
     # noise_geometry
     ("ng/model-None", lambda e: _ng(e, model=None), TypeError, "`model`"),
     ("ng/no-params", lambda e: _ng(e, model=nn.ReLU()), ValueError, "`model`"),

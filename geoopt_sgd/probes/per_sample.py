@@ -72,7 +72,8 @@ def per_sample_gradients(
             the whole batch in one chunk.
 
     Returns:
-        ``(N, P)`` tensor in the parameters' dtype, on their device.
+        ``(N, P)`` tensor in the parameters' dtype (the widest, for mixed
+        dtypes), on their device.
 
     Raises:
         ValueError: If ``mode`` is unknown, ``chunk_size < 1``, the batch is empty

@@ -132,9 +132,9 @@ class ProbeSet:
         """Split a flat ``(P,)`` (or ``(q, P)``) tensor into per-parameter tensors."""
         out, i = [], 0
         lead = v.shape[:-1]
-        for s in self.fm.shapes:
+        for s, dtype in zip(self.fm.shapes, self.fm.dtypes, strict=True):
             m = s.numel()
-            out.append(v[..., i : i + m].reshape(*lead, *s))
+            out.append(v[..., i : i + m].reshape(*lead, *s).to(dtype))
             i += m
         return out
 

@@ -175,6 +175,9 @@ def _check_measurement(
             f"`k` must be <= P = {fm.numel} (the number of measured parameters); "
             f"got {k}."
         )
+    if args.get("displacement") is not None:
+        # the shape, type and finiteness checks of the first probe, done now
+        _metrics._flatten_displacement(args["displacement"], fm)
 
 
 def _append_line(path: str, line: str) -> None:

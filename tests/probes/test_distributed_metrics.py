@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from geoopt_sgd import noise_geometry
+from geoopt_sgd import HessianOperator, noise_geometry
 
 # spawning two interpreters and warming up torch.func dominates (> 10 s on a
 # loaded 2-core machine), hence also `slow`
@@ -112,3 +112,55 @@ def test_two_ranks_equal_one_process(tmp_path):
             )
     err = torch.load(tmp_path / "error.pt", weights_only=False)
     assert "`route` must be 'sketch' or 'auto' under torch.distributed" in err
+
+
+def _dict_batches(X, y, size):
+    """HF-style loader: a list of dict batches."""
+    return [
+        {"pixels": X[i : i + size], "label": y[i : i + size]}
+        for i in range(0, len(X), size)
+    ]
+
+
+def _batch_fn(batch):
+    return batch["pixels"], batch["label"]
+
+
+def _batch_fn_worker(rank, world, port, out_dir):
+    with cases.gloo_group(rank, world, port):
+        model, loss_fn, X, y = _problem()
+        half = X.shape[0] // world
+        shard = _dict_batches(
+            X[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half], 3
+        )
+        res = noise_geometry(model, loss_fn, shard, **KW, batch_fn=_batch_fn)
+        op = HessianOperator(model, loss_fn, shard, batch_fn=_batch_fn)
+        v = torch.linspace(-1, 1, op.shape[0], dtype=op.dtype)
+        torch.save(
+            {"values": res.values, "eigenvalues": res.eigenvalues, "hv": op.matvec(v)},
+            os.path.join(out_dir, f"batch_fn-rank{rank}.pt"),
+        )
+
+
+def test_batch_fn_shards_equal_one_process(tmp_path):
+    # dict batches mapped by batch_fn on each rank's shard: the same measurement
+    # and the same operator products as one process on the whole tuple batch
+    mp.spawn(
+        _batch_fn_worker,
+        args=(2, cases.free_port(), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    model, loss_fn, X, y = _problem()
+    ref = noise_geometry(model, loss_fn, (X, y), route="sketch", **KW)
+    op = HessianOperator(model, loss_fn, (X, y))
+    hv = op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=op.dtype))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"batch_fn-rank{rank}.pt", weights_only=False)
+        for key in ref.values:
+            a, b = got["values"][key], ref.values[key]
+            assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), key
+        torch.testing.assert_close(
+            got["eigenvalues"], ref.eigenvalues, rtol=1e-9, atol=0
+        )
+        torch.testing.assert_close(got["hv"], hv, rtol=1e-10, atol=1e-12)
