@@ -29,6 +29,8 @@ per cycle, the three cos² and the lr.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,22 @@ PER_CYCLE = (
     "excursion",  # ||theta_end_of_high_phase - theta_c||
     "cos2_cycle",  # cos^2(theta_{c+1} - theta_c, u_1(theta_{c+1}))
 )
+# The one-token ViT: an 8x8 patch of the 8x8 digit is the only token, so the model
+# is a residual MLP with LayerNorms and attention over one token (88k parameters).
+VIT_KWARGS = (
+    "img_size=8",
+    "patch_size=8",
+    "class_token=False",
+    "global_pool=avg",
+    "weight_init=jax",
+    "depth=2",
+)
+# Per-model defaults of the fields left at None; any other model takes FALLBACK
+# (the defaults before the timm default, under which WWS22's MLP was tuned).
+FALLBACK = {"model_kwargs": (), "pretrain_lr": 0.2, "pretrain_steps": 2000}
+MODEL_DEFAULTS = {
+    "test_vit": {"model_kwargs": VIT_KWARGS, "pretrain_lr": 0.06, "pretrain_steps": 3000},
+}
 
 
 @dataclass(frozen=True)
@@ -70,14 +88,21 @@ class Config(common.RunOptions):
         "parity", "'parity' (one output, +-1 even/odd targets) or 'classes'"
     )
     loss: str = option("mse", "'mse' (1/2 ||f - y||^2, summed over outputs) or 'ce'")
-    model: str = option("mlp", "'mlp' (WWS22's FCN), 'cnn', 'linear' or any timm name")
+    model: str = option(
+        "test_vit", "a timm name (default: the one-token ViT), or 'mlp' (WWS22's FCN)"
+    )
+    model_kwargs: tuple[str, ...] | None = option(
+        None, "extra timm.create_model args, 'key=value' (None: the model's default)"
+    )
     width: int = option(64, "hidden width / channels of the small models")
     depth: int = option(2, "hidden layers of the mlp")
     activation: str = option("tanh", "'tanh' or 'relu' (mlp)")
     image_size: int | None = option(None, "input side for image models (None: native)")
-    pretrain_lr: float = option(0.2, "GD step size from the initialisation to theta_0")
-    pretrain_steps: int = option(
-        2000, "GD steps to theta_0 (0: start at the initialisation)"
+    pretrain_lr: float | None = option(
+        None, "GD step size to theta_0 (None: the model's default)"
+    )
+    pretrain_steps: int | None = option(
+        None, "GD steps to theta_0 (0: start at the initialisation; None: default)"
     )
     mode: str = option("square", "CLR shape: 'square' or 'triangular'")
     low_factor: float = option(0.5, "eta_min = low_factor * 2 / lambda_0")
@@ -102,12 +127,14 @@ def main(cfg: Config) -> dict[str, Any]:
     """Run the recipe; write ``config.json``, ``results.json`` and ``clr.png``.
 
     Args:
-        cfg: The configuration.
+        cfg: The configuration; fields left at ``None`` take the model's defaults
+            (:func:`resolve`), and ``config.json`` records the resolved values.
 
     Returns:
         The results as written to ``results.json``. Torch's CPU thread count is
         ``cfg.threads`` during the run and restored afterwards.
     """
+    cfg = resolve(cfg)
     validate(cfg)
     with common.Run(RECIPE, cfg, threads=cfg.threads) as run:
         first_task = load_task(cfg, cfg.seed, run.device)  # data errors stop here
@@ -121,15 +148,28 @@ def main(cfg: Config) -> dict[str, Any]:
         return run.finish(metrics, seeds, rows, plot)
 
 
+def resolve(cfg: Config) -> Config:
+    """Fill the fields left at ``None`` with the model's defaults.
+
+    ``test_vit`` (the default) takes :data:`VIT_KWARGS`, GD at 0.06 for 3,000
+    steps; every other model (``mlp`` among them) :data:`FALLBACK`.
+    """
+    defaults = MODEL_DEFAULTS.get(cfg.model, FALLBACK)
+    fill = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **fill)
+
+
 def validate(cfg: Config) -> None:
-    """Check the config alone, before anything is loaded, built or written.
+    """Check the (resolved) config alone, before anything is loaded, built or written.
 
     Raises:
         ValueError: On an invalid field (unknown model, dataset, task, loss or
             mode; lr or factors <= 0; escape_factor <= 1; eta_min >= eta_max;
-            counts < 1; a batch larger than the training set).
+            counts < 1; a batch larger than the training set; ``model_kwargs``
+            not ``key=value`` or given to a small model).
     """
     common.check_config_basics(cfg)
+    model_kwargs(cfg)
     common.check_choice(cfg, "task", ("parity", "classes"))
     common.check_choice(cfg, "mode", ("square", "triangular"))
     if cfg.task == "parity" and cfg.loss != "mse":
@@ -161,6 +201,32 @@ def validate(cfg: Config) -> None:
 # --------------------------------------------------------------------------------------
 # Data, model, measurements
 # --------------------------------------------------------------------------------------
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """Parse ``cfg.model_kwargs`` (``'key=value'``; values as Python literals, a
+    bare word is a string).
+
+    Raises:
+        ValueError: If an entry is not ``key=value`` or the model is not timm's.
+    """
+    out: dict[str, Any] = {}
+    for item in cfg.model_kwargs or ():
+        key, sep, value = (t.strip() for t in item.partition("="))
+        if not sep or not key.isidentifier():
+            raise ValueError(
+                f"`model_kwargs` entries must be 'key=value'; got {item!r}."
+            )
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    if out and cfg.model in common.SMALL_MODELS:
+        raise ValueError(
+            f"`model_kwargs` are passed to timm.create_model; model {cfg.model!r} "
+            "is not a timm model."
+        )
+    return out
 
 
 def load_task(cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
@@ -206,20 +272,32 @@ def load_task(cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
 
 
 def build_model(cfg: Config, task: dict, seed: int) -> nn.Module:
-    """Build the (seeded) model in the data's dtype and device."""
+    """Build the (seeded) model in the data's dtype and device, in eval mode.
+
+    Raises:
+        ValueError: If the timm model rejects ``model_kwargs``.
+    """
     data = task["data"]
-    return common.make_model(
-        cfg.model,
-        task["outputs"],
-        in_chans=data.in_chans,
-        input_dim=data.input_dim,
-        image_size=data.image_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        activation=cfg.activation,
-        seed=seed,
-        dtype=data.x_train.dtype,
-    ).to(data.x_train.device)
+    try:
+        model = common.make_model(
+            cfg.model,
+            task["outputs"],
+            in_chans=data.in_chans,
+            input_dim=data.input_dim,
+            image_size=data.image_size,
+            width=cfg.width,
+            depth=cfg.depth,
+            activation=cfg.activation,
+            seed=seed,
+            dtype=data.x_train.dtype,
+            timm_args=model_kwargs(cfg) or None,
+        )
+    except TypeError as err:  # an argument the timm model does not take
+        raise ValueError(f"`model_kwargs` {cfg.model_kwargs!r}: {err}") from None
+    # Eval mode throughout (GD, SGD, the loss and the Hessian): a normalisation
+    # layer's statistics are fixed and dropout is off, so every step descends the L
+    # whose Hessian is measured.
+    return model.to(data.x_train.device).eval()
 
 
 def theta_of(model: nn.Module) -> torch.Tensor:
@@ -335,7 +413,6 @@ def pretrain(model: nn.Module, task: dict, cfg: Config) -> list[float]:
     d = task["data"]
     losses = []
     for _ in common.progress_bar(range(cfg.pretrain_steps), desc="GD to theta_0"):
-        model.train()
         opt.zero_grad(set_to_none=True)
         loss = task["loss_fn"](model(d.x_train), task["y_train"])
         loss.backward()
@@ -473,7 +550,6 @@ def run_cycle(
     loss_start, loss_max = rec["loss"][-1], -math.inf
     for t in range(c * period, (c + 1) * period):
         common.maybe_interrupt(t)  # units: the arm's steps
-        model.train()
         opt.zero_grad(set_to_none=True)
         if arm == "sgd":
             idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(
