@@ -84,7 +84,11 @@ VIT_KWARGS = (
 # (the defaults before the timm default, under which WWS22's MLP was tuned).
 FALLBACK = {"model_kwargs": (), "pretrain_lr": 0.2, "pretrain_steps": 2000}
 MODEL_DEFAULTS = {
-    "test_vit": {"model_kwargs": VIT_KWARGS, "pretrain_lr": 0.06, "pretrain_steps": 3000},
+    "test_vit": {
+        "model_kwargs": VIT_KWARGS,
+        "pretrain_lr": 0.06,
+        "pretrain_steps": 3000,
+    },
 }
 
 

@@ -68,9 +68,7 @@ def test_model_defaults():
 def test_tiny_vit_run_records_the_resolved_config(tmp_path):
     # the default timm model through the whole protocol (a few steps): eval mode
     # throughout, config.json holds the model's defaults, not None
-    cfg = tiny(
-        tmp_path, model="test_vit", num_train=64, pretrain_steps=5, cycles=1
-    )
+    cfg = tiny(tmp_path, model="test_vit", num_train=64, pretrain_steps=5, cycles=1)
     res = R.main(cfg)
     conf = res["config"]
     assert conf["model_kwargs"] == list(R.VIT_KWARGS)
