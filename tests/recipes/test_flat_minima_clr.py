@@ -234,6 +234,29 @@ def test_resume_with_another_config_is_refused(tmp_path):
         R.main(dataclasses.replace(cfg, cycles=2, resume=True))
 
 
+@pytest.mark.slow  # 3-7 min on the shared 2 cores (1 thread)
+def test_quick_run_timm_default(tmp_path):
+    cfg = dataclasses.replace(R.Config.quick(), out_dir=str(tmp_path))
+    res = R.main(cfg)
+    assert res["config"]["model"] == "test_vit"
+    assert res["config"]["model_kwargs"] == list(R.VIT_KWARGS)
+    # measured (quick, seed 0, 1 thread): Tr H ratio 0.490, lambda_max ratio
+    # 0.850, GD escape cos^2 0.9964, SGD escape cos^2 0.0030 (seeds 1-4 pass too:
+    # recipes/README.md)
+    assert res["passed"], C.verdict_table(res["verdict"])
+    m, s = res["metrics"], res["arrays"]["0"]
+    assert m["loss0"] < 1e-7  # theta_0 is a GD minimum (measured 4.4e-9)
+    for arm in R.ARMS:
+        assert m[f"{arm}_escapes"] >= 1
+        assert check_escapes(s["arms"][arm], cfg) == m[f"{arm}_escapes"]
+    # GD's escape is the u_1 oscillation of the quadratic model, as for the MLP:
+    # its distance is 1-2x the quadratic prediction at the escape level (measured
+    # 1.03)
+    gd = s["arms"]["gd"]
+    pred = math.sqrt(2 * (cfg.escape_factor - 1) * gd["loss"][0] / s["lambda0"])
+    assert 0.9 < gd["escape_distance"][1] / pred < 2.2
+
+
 @pytest.mark.slow
 def test_quick_run_mlp(tmp_path):
     cfg = dataclasses.replace(R.Config.quick(), model="mlp", out_dir=str(tmp_path))
