@@ -108,7 +108,7 @@ class Config(common.RunOptions):
     )
     loss: str = option("mse", "'mse' (1/2 ||f - y||^2, summed over outputs) or 'ce'")
     model: str = option(
-        "test_vit", "a timm name (default: the one-token ViT), or 'mlp' (WWS22's FCN)"
+        "test_vit", "a timm name (default: one-token ViT), 'mlp', 'cnn', 'linear'"
     )
     model_kwargs: tuple[str, ...] | None = option(
         None, "extra timm.create_model args, 'key=value' (None: the model's default)"
