@@ -148,8 +148,9 @@ def test_zyt_metrics_match_dense_definitions():
         return float(torch.linalg.norm(Cm @ Hm - Hm @ Cm) / torch.linalg.norm(Cm @ Hm))
 
     assert m["comm_error"] == pytest.approx(comm(C, H), rel=1e-9)
+    # H -> R H R^T with R = V Q V^T, Q the recipe's Haar draws (R is Haar too)
     g = torch.Generator().manual_seed(7)
-    base = [comm(C, (R := pl.haar(p, g)) @ H @ R.T) for _ in range(3)]
+    base = [comm(C, (R := V @ pl.haar(p, g) @ V.T) @ H @ R.T) for _ in range(3)]
     assert m["comm_baseline"] == pytest.approx(sum(base) / 3, rel=1e-9)
     P = V[:, :top] @ V[:, :top].T
     top_err = torch.linalg.norm(P @ (C @ H - H @ C) @ P) / torch.linalg.norm(
