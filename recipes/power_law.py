@@ -51,9 +51,10 @@ from torch.func import functional_call, grad, vmap
 RECIPE = "power_law"
 LOSS_NAMES = ("ce", "mse")
 BLOCK = "2.weight"  # the hidden width x width weight of the Sequential below
-# eigenvalues and C~_ii below this fraction of their largest value count as zero
-# (rounding noise of eigh, dead ReLU units): left out of the fit and of rho
-REL_FLOOR = 1e-10
+# eigenvalues and C~_ii below p * eps (float64) of their largest value among the
+# top N are at the level of eigh's rounding (zero curvature of dead ReLU units):
+# left out of the fit and of rho, like the paper's non-positive entries
+EPS64 = float(torch.finfo(torch.float64).eps)
 PER_MEASURE = (
     "epoch",
     "gamma",
@@ -444,8 +445,9 @@ def zyt_metrics(
 
     * ``gamma``, ``gamma_ci_low/high``, ``r2``: least squares of ``log10 C̃_ii``
       on ``log10 λ_i`` over the top ``top_n`` with both positive (above
-      :data:`REL_FLOOR` of their largest), the slope's 95% t-interval (nominal:
-      the points are not independent) and R²; ``num_points`` used;
+      ``p·eps`` of their largest there, eigh's rounding level), the slope's 95%
+      t-interval (nominal: the points are not independent) and R²;
+      ``num_points`` used;
     * ``spearman``: Spearman's ρ of ``C̃_ii`` and ``λ_i`` on the same points;
     * ``eigen_alignment``: ``‖diag C̃‖² / ‖C̃‖_F²`` (all ``p`` directions);
     * ``comm_error``: ``‖CH − HC‖_F / ‖CH‖_F`` (full matrices), and
@@ -465,7 +467,8 @@ def zyt_metrics(
     Ct = V.T @ C @ V
     d = torch.diagonal(Ct)
     lt, dt = lam[:top_n], d[:top_n]
-    keep = (lt > REL_FLOOR * lam[0]) & (dt > REL_FLOOR * d.max())
+    floor = len(lam) * EPS64
+    keep = (lt > floor * lt.max()) & (dt > floor * dt.max())
     lx, dy = lt[keep].log10().cpu().numpy(), dt[keep].log10().cpu().numpy()
     out: dict[str, Any] = {"num_points": int(keep.sum())}
     if len(lx) >= 3:

@@ -175,6 +175,19 @@ def test_zyt_metrics_exact_power_law():
     assert 0.5 < m["comm_baseline"] < 2
 
 
+def test_zyt_metrics_leave_out_numerical_zeros():
+    # 5 dead directions (zero curvature and noise, up to eigh's rounding) inside
+    # the top N: left out of the fit, which stays exact on the other 35
+    gen = torch.Generator().manual_seed(3)
+    Q, lam = _spd(40, gen)
+    lam[-5:] = 0.0
+    H = Q @ torch.diag(lam) @ Q.T
+    C = Q @ torch.diag(lam**1.5) @ Q.T
+    m = pl.zyt_metrics(H, C, 40, 1, torch.Generator().manual_seed(0))
+    assert m["num_points"] == 35
+    assert m["gamma"] == pytest.approx(1.5, abs=1e-8)
+
+
 def test_library_top_k_metrics_agree_on_the_block():
     """noise_geometry restricted to the block (params=, Hessian, per-sample Σ)
     gives the top-k form; with C = Σ (B = 1) it matches zyt_metrics' top-k."""
