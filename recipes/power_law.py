@@ -29,7 +29,7 @@ Commands (from the repository root; outputs under ``<out-dir>/power_law/``)::
         --num-train 20000 --device cuda      # the paper's MNIST setting (GPU)
 
 Expected (``--quick``, seeds 0-2; ~80 s of CPU, 4 min wall on the loaded 2-core
-machine): γ_CE ≈ 1.46 and γ_MSE ≈ 1.03 in [1, 2] at the last measurement,
+machine): γ_CE = 1.43-1.47 and γ_MSE = 1.04-1.07 at the last measurement,
 γ_CE − γ_MSE ≥ 0.15, the commutativity error at most half its baseline, and
 Spearman ρ ≥ 0.8, for both losses: all PASS; ``power_law.png`` shows C̃_ii against
 λ_i with the fits, and γ, the commutativity error and ρ along training.
