@@ -267,7 +267,11 @@ def train_and_measure(
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
-        first, records, losses = resume["epoch"], resume["records"], resume["train_loss"]
+        first, records, losses = (
+            resume["epoch"],
+            resume["records"],
+            resume["train_loss"],
+        )
     when = measure_epochs(cfg)
     n = len(data.y_train)
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -326,7 +330,7 @@ def train_and_measure(
 
 
 def _block_loss(model: nn.Module, loss_fn: nn.Module, block: str):
-    """``f(w, x, y)``: the loss with the block set to ``w``, the rest fixed (float64)."""
+    """``f(w, x, y)``: the loss with the block set to ``w``, the rest fixed."""
     params = {k: v.detach().double() for k, v in model.named_parameters()}
 
     def f(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -419,7 +423,7 @@ def minibatch_covariance(
 
 
 def haar(p: int, gen: torch.Generator) -> Tensor:
-    """A Haar-distributed orthogonal ``(p, p)`` matrix (QR of a Gaussian, signs fixed)."""
+    """A Haar-distributed orthogonal ``(p, p)`` matrix (QR of a Gaussian)."""
     Q, R = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))
     return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
 
@@ -574,11 +578,7 @@ def verdict(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     )
     for loss in LOSS_NAMES:
         m = metrics[loss]
-        ratio = (
-            None
-            if not m["comm_baseline"]
-            else m["comm_error"] / m["comm_baseline"]
-        )
+        ratio = None if not m["comm_baseline"] else m["comm_error"] / m["comm_baseline"]
         rows.append(
             C(
                 f"commutativity error / random baseline ({loss})",
@@ -676,7 +676,9 @@ def plot(results_path: str | Path) -> Path:
             color=col,
             label=f"{loss} baseline",
         )
-        ax[3].plot(ep, [r["spearman"] for r in recs], "o-", color=col, label=f"ρ {loss}")
+        ax[3].plot(
+            ep, [r["spearman"] for r in recs], "o-", color=col, label=f"ρ {loss}"
+        )
         ax[3].plot(
             ep,
             [r["eigen_alignment"] for r in recs],

@@ -238,9 +238,7 @@ FAILS = {
         comm_error=0.71
     ),
     "Spearman rho of C_ii and lambda_i (ce)": lambda m: m["ce"].update(spearman=0.79),
-    "Spearman rho of C_ii and lambda_i (mse)": lambda m: m["mse"].update(
-        spearman=0.79
-    ),
+    "Spearman rho of C_ii and lambda_i (mse)": lambda m: m["mse"].update(spearman=0.79),
 }
 
 
