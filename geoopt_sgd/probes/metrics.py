@@ -425,6 +425,13 @@ def noise_geometry(
       ``eigen_alignment = ||diag C~||^2 / ||C~||_F^2``, ``commutativity_error =
       ||C~ Lam - Lam C~||_F / ||C~ Lam||_F`` and its Haar-rotated baseline
       ``commutativity_baseline`` (mean of 8 rotations) [eigenbasis].
+      These are top-``k`` quantities of the measured parameters (by default the
+      whole network, on ``k = 10`` GGN eigenpairs, the commutativity restricted to
+      the top-``k`` subspace): a different quantity from ZYT's per-layer form,
+      which takes one layer's full Hessian and mini-batch covariance (the top
+      ``N`` of up to thousands of eigenvalues, the commutativity of the full
+      matrices). ``recipes/power_law.py`` computes the per-layer form
+      (``docs/recipes/power_law.md``).
     * With ``displacement`` ``delta``: ``sharp_fraction = ||U^T delta||^2 /
       ||delta||^2``, ``loss_energy_fraction = sum_i lambda_i (u_i^T delta)^2 /
       delta^T H delta``, and the arrays ``direction_shares``, ``loss_shares``
