@@ -558,9 +558,11 @@ def test_perron_row_fails_without_a_measured_rate():
 def test_default_is_timm_and_mlp_keeps_its_setting():
     vit = ed.resolved(ed.Config())
     assert vit.model == "test_vit" and vit.train_lr == 0.03 and vit.train_steps == 3000
+    assert vit.batch_size == 4
     assert "patch_size=8" in vit.model_kwargs
     mlp = ed.resolved(ed.Config(model="mlp"))
     assert (mlp.train_lr, mlp.train_steps, mlp.model_kwargs) == (0.1, 2000, ())
+    assert mlp.batch_size == 16
     assert (mlp.whiten, mlp.target, mlp.dtype) == (True, "parity", "float64")
     # an explicit value wins over the per-model default
     own = ed.resolved(ed.Config(train_lr=0.05, model_kwargs=("depth=1",)))
