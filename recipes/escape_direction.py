@@ -91,13 +91,20 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         ),
         "train_lr": 0.03,
         "train_steps": 3000,
+        "batch_size": 4,
     },
-    "mlp": {"model_kwargs": (), "train_lr": 0.1, "train_steps": 2000},
+    "mlp": {
+        "model_kwargs": (),
+        "train_lr": 0.1,
+        "train_steps": 2000,
+        "batch_size": 16,
+    },
 }
 OTHER_DEFAULTS: dict[str, Any] = {
     "model_kwargs": (),
     "train_lr": 0.1,
     "train_steps": 2000,
+    "batch_size": 16,
 }
 
 
