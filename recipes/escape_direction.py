@@ -19,15 +19,16 @@ perturbed θ*, and NoisyGD arms matched to SGD's noise. Per step: the loss and
 displacement in the top k directions) and, at escape (``L ≥ escape_factor·L(θ*)``),
 the per-direction and loss shares, against ``τ_k`` (the share of ``Tr H`` in the top
 k eigenvalues) and the Perron profile at the measured growth rate. Default model:
-timm's ``test_vit`` as a one-token residual MLP (GD at 0.03 for 3,000 steps);
-``--model mlp`` is WWS22's fully connected net (GD at 0.1 for 2,000 steps); both
+timm's ``test_vit`` as a one-token residual MLP (GD at 0.03 for 3,000 steps, SGD
+at B = 4); ``--model mlp`` is WWS22's fully connected net (GD at 0.1 for 2,000
+steps, B = 16); both
 on 256 ZCA-whitened digits with ±1 even/odd targets. Why these settings, and the
 timm settings tried: recipes/README.md. Every verdict row and where its threshold
 comes from: docs/recipes/escape_direction.md.
 
 Commands (outputs under ``<out-dir>/escape_direction/``)::
 
-    python recipes/escape_direction.py --quick   # CI setting, ~2-4 min on 2 CPU cores
+    python recipes/escape_direction.py --quick   # CI setting, ~3 min of CPU time
     python recipes/escape_direction.py --quick --model mlp   # the papers' net, ~1 min
     python recipes/escape_direction.py           # full: 20 runs per arm, K = 50
     python recipes/escape_direction.py --resume  # continue an interrupted run
