@@ -1130,8 +1130,8 @@ def verdict(
             source=f"{OURS}; claim: {WWS22}, Fig. 4",
         ),
         C(
-            f"SGD's profile is WW23's Perron profile: |rho_{k20}(SGD) - "
-            f"Perron rho_{k20}| at the measured growth rate",
+            f"SGD's profile is WW23's Perron profile: abs(rho_{k20}(SGD) - "
+            f"Perron rho_{k20}) at the measured growth rate",
             gap,
             "<=",
             0.12,
