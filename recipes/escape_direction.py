@@ -1255,6 +1255,7 @@ def plot(results_path: str | Path) -> list[Path]:
 def _plot_shares(ax: Any, m: dict[str, Any], colors: list[str]) -> None:
     """Bars of ρ_k (SGD, GD at η'), the Perron ρ_k and τ_k; ρ_k/τ_k in the labels."""
     ks = sorted(int(key[4:]) for key in m if key.startswith("tau_"))
+    ks = [k for k in ks if k in TAU_KS] or ks
     bars = [
         ("SGD ρ_k", "rho_{}_sgd", colors[0]),
         ("GD(η') ρ_k", "rho_{}_gd_unstable", colors[1]),
