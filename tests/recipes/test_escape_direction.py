@@ -14,6 +14,7 @@ import torch
 def tiny(tmp_path, **kw):
     """The smallest setting that exercises every arm (the verdict is not expected)."""
     base = dict(
+        model="mlp",
         num_train=48,
         width=8,
         train_steps=30,
@@ -57,8 +58,25 @@ def test_tiny_run_schema_and_figures(tiny_run):
     assert on_disk["seed"] == 0
     for key in ("torch", "timm", "device", "git_sha"):
         assert key in on_disk["env"]
-    for key in ("L_star", "lambda_1", "fro2", "mu_0", "eta", "gamma0_sgd"):
-        assert key in on_disk["metrics"]
+    for key in (
+        "L_star",
+        "lambda_1",
+        "fro2",
+        "mu_0",
+        "eta",
+        "gamma0_sgd",
+        "tr_h_sigma",
+        "trace_H",
+        "tau_1",
+        "tau_5",
+        "tau_20",
+        "rho_1_sgd",
+        "rho_5_over_tau_5_sgd",
+        "lambda2_over_lambda1",
+        "growth_over_gamma0_sgd",
+        "perron_rho_5_sgd",
+    ):
+        assert key in on_disk["metrics"], key
     arms = on_disk["arrays"]["arms"]
     assert set(arms) == {
         "sgd",
@@ -76,7 +94,7 @@ def test_tiny_run_schema_and_figures(tiny_run):
         assert 0 <= sum(arm["shares_at_escape"]) <= 1 + 1e-9
         assert abs(sum(arm["loss_shares_at_escape"]) - 1) < 1e-9
     assert len(arms["sgd"]["perron_profile"]) == 5
-    assert len(on_disk["verdict"]) == 9
+    assert len(on_disk["verdict"]) == 10
     for row in on_disk["verdict"]:
         assert set(row) >= {"claim", "value", "threshold", "passed", "op"}
     assert on_disk["passed"] == all(r["passed"] for r in on_disk["verdict"])
@@ -100,9 +118,9 @@ def test_eta_is_gd_stable_and_rho_consistent(tiny_run):
     # rho_1 <= rho_5 <= 1 at every step (partial sums of shares; 1e-12 for rounding)
     for a, b in zip(sgd["rho_mean"]["1"], sgd["rho_mean"]["5"], strict=True):
         assert 0 <= a <= b <= 1 + 1e-12
-    # gamma_0 = eta^2 mu ||H||_F^2 / B * (n - B) / (n - 1), n = 48, B = 4
-    expect = m["eta"] ** 2 * m["mu_0"] * m["fro2"] / 4 * 44 / 47
-    assert abs(m["gamma0_sgd"] - expect) <= 1e-12 * expect
+    # gamma_0 = eta^2 Tr(H Sigma) / (2 L B) * (n - B) / (n - 1), n = 48, B = 4
+    expect = m["eta"] ** 2 * m["tr_h_sigma"] / (2 * m["L_star"] * 4) * 44 / 47
+    assert abs(m["gamma0_sgd"] - expect) <= 1e-9 * expect
 
 
 @pytest.mark.parametrize("stop_at", [15, 30 + 3], ids=["in-training", "in-runs"])
@@ -208,7 +226,7 @@ def test_model_kwargs_parsed_as_literals():
         "global_pool": "avg",
         "act": "gelu",  # a bare word is a string
     }
-    assert ed.model_kwargs(ed.Config()) == {}
+    assert ed.model_kwargs(ed.Config(model="mlp")) == {}
 
 
 def test_model_kwargs_cli_keeps_tuples_and_quoted_strings():
@@ -332,3 +350,222 @@ def test_diverging_training_stops_with_message(tmp_path):
     state = saved["state"]["current"]["snapshot"]  # the unfinished stage "train"
     assert state["step"] == step  # the diverged step is never checkpointed
     assert all(math.isfinite(v) for v in state["train_loss"])
+
+
+# ---------------------------------------------- gamma_0, spectrum, Perron shares
+
+
+def _dense_setting(tmp_path):
+    cfg = ed.resolved(tiny(tmp_path, num_train=12, width=4, depth=1, num_eigs=4))
+    model, X, Y = ed.build(cfg, torch.device("cpu"))
+    return cfg, model, X, Y
+
+
+def test_tr_h_sigma_and_spectrum_match_dense(tmp_path):
+    cfg, model, X, Y = _dense_setting(tmp_path)
+    loss_fn = torch.nn.MSELoss()
+    curv = ed.curvature_at_minimum(model, loss_fn, X, Y, cfg)
+    names = [n for n, _ in model.named_parameters()]
+    theta = common.flat_parameters(model)
+    shapes = [p.shape for p in model.parameters()]
+
+    def unflat(v):
+        out, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            out[n] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    def f(v, x):
+        return torch.func.functional_call(model, unflat(v), (x,))
+
+    H = torch.autograd.functional.hessian(lambda v: loss_fn(f(v, X), Y), theta)
+    grads = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda v, i=i: loss_fn(f(v, X[i : i + 1]), Y[i : i + 1]), theta
+            )
+            for i in range(len(Y))
+        ]
+    )
+    gbar = grads.mean(0)
+    Sigma = grads.T @ grads / len(Y) - torch.outer(gbar, gbar)
+    tr_hs = float(torch.trace(H @ Sigma))
+    assert curv["tr_h_sigma"] == pytest.approx(tr_hs, rel=1e-9)
+    assert curv["noise_loss"] == pytest.approx(
+        float(loss_fn(f(theta, X), Y)), rel=1e-12
+    )
+    # Gauss-Newton matrix of nn.MSELoss: (2 / (n K)) J^T J, every eigenvalue
+    J = torch.autograd.functional.jacobian(lambda v: f(v, X).reshape(-1), theta)
+    G = J.T @ J * 2 / J.shape[0]
+    dense = torch.linalg.eigvalsh(G).flip(0)[: len(curv["spectrum"])]
+    torch.testing.assert_close(
+        curv["spectrum"], dense.clamp_min(0), rtol=0, atol=1e-10 * float(dense[0])
+    )
+    assert curv["trace"] == pytest.approx(float(torch.trace(G)), rel=1e-10)
+    assert curv["spectrum_route"] == "gauss_newton_kernel"
+    assert curv["noise_route"] == "exact"
+
+
+def test_beyond_exact_limit_estimates_spectrum_and_trace(tmp_path):
+    cfg, model, X, Y = _dense_setting(tmp_path)
+    cfg = dataclasses.replace(cfg, exact_max_entries=1, trace_probes=200)
+    curv = ed.curvature_at_minimum(model, torch.nn.MSELoss(), X, Y, cfg)
+    assert curv["spectrum_route"] == "top_k_and_bulk_level"
+    assert curv["noise_route"] == "sketch"
+    # the top K eigenvalues and a bulk level fitted to the Hutchinson Tr H, ||H||_F^2
+    assert curv["trace_stderr"] > 0
+    vals, w = ed.bulk_spectrum(curv["lam"], curv["trace"], curv["fro2"])
+    torch.testing.assert_close(curv["spectrum"], vals)
+    torch.testing.assert_close(curv["spectrum_weights"], w)
+
+
+def test_bulk_spectrum_fits_trace_and_frobenius():
+    lam = torch.tensor([5.0, 3.0], dtype=torch.float64)
+    vals, w = ed.bulk_spectrum(lam, trace=8.0 + 2.0, fro2=34.0 + 1.0)
+    # bulk: w b = 2, w b^2 = 1  ->  b = 0.5, w = 4
+    torch.testing.assert_close(vals, torch.tensor([5.0, 3.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([1.0, 1.0, 4.0], dtype=torch.float64))
+    # no bulk when the top K already hold the trace
+    vals, w = ed.bulk_spectrum(lam, trace=7.0, fro2=40.0)
+    torch.testing.assert_close(vals, lam)
+
+
+def test_perron_shares_closed_form_and_limits():
+    lam = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0, 10.0], dtype=torch.float64)
+    eta, r = 0.4, 1.7
+    got = ed.perron_shares(lam, w, eta, r, (1, 3, 5))
+    m = w * lam / (r - (1 - eta * lam) ** 2)
+    for k in (1, 3, 5):
+        assert got[k] == pytest.approx(float(m[:k].sum() / m.sum()), rel=1e-12)
+    # a very fast growth gives the trace shares tau_k
+    tau = ed.trace_shares(lam, w, (1, 3))
+    far = ed.perron_shares(lam, w, eta, 1e9, (1, 3))
+    assert far[1] == pytest.approx(tau[1], rel=1e-6)
+    assert tau[1] == pytest.approx(4.0 / (4 + 2 + 1 + 0.5 + 1.0), rel=1e-12)
+    with pytest.raises(ValueError, match="not above"):
+        ed.perron_shares(lam, w, 1.0, 8.0, (1,))  # (1 - 4)^2 = 9 > 8
+
+
+def test_measured_growth_rate_of_exponential_runs():
+    L0, r = 1e-8, 2.5
+    recs = []
+    for t_esc in (6, 7):
+        recs.append({"loss": [L0 * r**t for t in range(1, 9)], "escape_step": t_esc})
+    recs.append({"loss": [L0] * 8, "escape_step": None})  # not escaped: ignored
+    assert ed.measured_growth_rate(recs, L0) == pytest.approx(r, rel=1e-12)
+    assert ed.measured_growth_rate(recs[2:], L0) is None
+
+
+def test_unstable_directions_count():
+    lam = torch.tensor([10.0, 9.5, 8.0, 1.0])
+    assert ed.unstable_directions(lam, 1.1) == 2  # 1.1 * 9.5 / 10 > 1
+    assert ed.unstable_directions(lam, 1.01) == 1
+    assert ed.unstable_directions(lam, 1.3) == 3
+
+
+# ---------------------------------------------------------------- verdict rows
+
+
+def _passing():
+    """Summaries and metrics on which every verdict row passes."""
+    K = 20
+    gd_shares = [0.97] + [0.001] * (K - 1)
+    sgd_shares = [0.05] + [0.02] * (K - 1)  # rho_20 = 0.43
+    sgd = {
+        "shares_at_escape": sgd_shares,
+        "escaped_fraction": 1.0,
+        "gamma0": 2.0,
+        "growth_factor": 2.4,
+        "growth_rate_measured": 2.2,
+        "perron_rho_at_measured_rate": {"1": 0.06, "5": 0.15, "20": 0.45},
+    }
+    summaries = {
+        "sgd": sgd,
+        "control": {"gamma0": 0.3, "escaped_fraction": 0.0},
+        "gd_unstable": {"shares_at_escape": gd_shares},
+    }
+    metrics = {
+        "lambda_1": 10.0,
+        "lambda2_over_lambda1": 0.8,
+        "unstable_directions": 1,
+        "tr_h_sigma": 1.0,
+    }
+    cfg = ed.Config(model="mlp")  # train_lr 0.1: 0.1 * 10 = 1 < 2
+    return summaries, metrics, cfg
+
+
+def _failed(summaries, metrics, cfg):
+    return [
+        i for i, r in enumerate(ed.verdict(summaries, metrics, cfg)) if not r["passed"]
+    ]
+
+
+def _two_unstable_and_sgd_close_to_gd(s, m):
+    m.update(unstable_directions=2, lambda2_over_lambda1=0.95)
+    s["gd_unstable"]["shares_at_escape"] = [0.5, 0.46] + [0.001] * 18
+    s["sgd"]["shares_at_escape"] = [0.3] + [0.0075] * 19  # rho_20 = 0.4425
+
+
+def test_verdict_passes_on_passing_case():
+    assert _failed(*_passing()) == []
+
+
+@pytest.mark.parametrize(
+    ("row", "change"),
+    [
+        (0, lambda s, m: m.update(lambda_1=25.0)),  # 0.1 * 25 >= 2
+        # GD spread over more than the unstable direction
+        (1, lambda s, m: s["gd_unstable"].update(shares_at_escape=[0.8] + [0.01] * 19)),
+        # two directions unstable at eta', GD split between them (row 1 passes on
+        # rho_2) and SGD's rho_1 = 0.3: rho_1(GD) - rho_1(SGD) = 0.2 < 0.3
+        (2, _two_unstable_and_sgd_close_to_gd),
+        # SGD mostly along u_1 (its rho_20 stays within 0.12 of Perron's)
+        (3, lambda s, m: s["sgd"].update(shares_at_escape=[0.55] + [0.0] * 19)),
+        (4, lambda s, m: s["sgd"].update(escaped_fraction=0.875)),  # 7 of 8
+        (5, lambda s, m: s["sgd"]["perron_rho_at_measured_rate"].update({"20": 0.56})),
+        (6, lambda s, m: s["sgd"].update(gamma0=0.9, growth_factor=0.9)),
+        (7, lambda s, m: s["sgd"].update(growth_factor=0.9)),  # 0.45 gamma_0
+        (8, lambda s, m: s["control"].update(gamma0=1.0)),
+        (9, lambda s, m: s["control"].update(escaped_fraction=0.125)),
+    ],
+)
+def test_each_verdict_row_can_fail(row, change):
+    summaries, metrics, cfg = _passing()
+    change(summaries, metrics)
+    assert _failed(summaries, metrics, cfg) == [row]
+
+
+def test_gd_row_reads_every_unstable_direction():
+    summaries, metrics, cfg = _passing()
+    # two directions unstable at eta' (1.1 lambda_2 / lambda_1 > 1): GD splits
+    # between them, which passes row 1 on rho_2 but would fail on rho_1
+    summaries["gd_unstable"]["shares_at_escape"] = [0.5, 0.46] + [0.001] * 18
+    metrics.update(unstable_directions=2, lambda2_over_lambda1=0.95)
+    rows = ed.verdict(summaries, metrics, cfg)
+    assert rows[1]["passed"] and "rho_2" in rows[1]["claim"]
+    assert rows[1]["value"] == pytest.approx(0.96)
+
+
+def test_perron_row_fails_without_a_measured_rate():
+    summaries, metrics, cfg = _passing()
+    summaries["sgd"]["perron_rho_at_measured_rate"] = {"20": None}
+    summaries["sgd"]["growth_rate_measured"] = None
+    assert _failed(summaries, metrics, cfg) == [5]
+
+
+def test_default_is_timm_and_mlp_keeps_its_setting():
+    vit = ed.resolved(ed.Config())
+    assert vit.model == "test_vit" and vit.train_lr == 0.03 and vit.train_steps == 3000
+    assert vit.batch_size == 4
+    assert "patch_size=8" in vit.model_kwargs
+    mlp = ed.resolved(ed.Config(model="mlp"))
+    assert (mlp.train_lr, mlp.train_steps, mlp.model_kwargs) == (0.1, 2000, ())
+    assert mlp.batch_size == 16
+    assert (mlp.whiten, mlp.target, mlp.dtype) == (True, "parity", "float64")
+    # an explicit value wins over the per-model default
+    own = ed.resolved(ed.Config(train_lr=0.05, model_kwargs=("depth=1",)))
+    assert own.train_lr == 0.05 and own.model_kwargs == ("depth=1",)
+    other = ed.resolved(ed.Config(model="test_resnet"))
+    assert (other.train_lr, other.train_steps, other.model_kwargs) == (0.1, 2000, ())
