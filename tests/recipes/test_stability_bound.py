@@ -131,6 +131,7 @@ def test_smoke_schema_png_resume_and_each_row_can_fail(tmp_path, interrupt_at):
         assert r["step"] == R.eval_steps(cfg)
         assert r["method"] == "exact"  # P <= exact_max
         assert r["bound"] == pytest.approx(math.sqrt(r["B"] / r["mu0"]) / cfg.lr)
+        assert r["lr"] == cfg.lr
         assert r["ratio"] == pytest.approx([f / r["bound"] for f in r["fro"]])
         tail = [m for s, m in zip(r["step"], r["mu"]) if s >= 0.9 * cfg.steps]
         assert r["mu0"] == pytest.approx(R._median(tail))
