@@ -51,7 +51,7 @@ def test_hessian_norms_exact_and_hutchinson():
     y = torch.randn(20, 1, dtype=torch.float64)
     loss_fn = HalfSquaredError()
     H = HessianOperator(model, loss_fn, (x, y)).to_dense()
-    cfg = R.Config(exact_max=100, trace_probes=2000)
+    cfg = R.Config(exact_max=100, trace_probes=100)
     exact = R.hessian_norms(model, loss_fn, (x, y), cfg, seed=0)
     assert exact["fro"] == pytest.approx(float(H.norm()), rel=1e-12)
     assert exact["trace"] == pytest.approx(float(H.trace()), rel=1e-12)
@@ -59,10 +59,10 @@ def test_hessian_norms_exact_and_hutchinson():
     est = R.hessian_norms(
         model, loss_fn, (x, y), dataclasses.replace(cfg, exact_max=0), seed=0
     )
-    # Hutchinson with 2000 probes: within 4 of its own standard errors
+    # Hutchinson with 100 probes: within 4 of its own standard errors
     assert abs(est["fro"] - float(H.norm())) <= 4 * est["fro_se"]
     assert abs(est["trace"] - float(H.trace())) <= 4 * est["trace_se"]
-    assert 0 < est["fro_se"] < 0.05 * est["fro"]
+    assert 0 < est["fro_se"] < 0.2 * est["fro"]
 
 
 def test_one_hidden_layer_is_z19s_net():
@@ -72,8 +72,10 @@ def test_one_hidden_layer_is_z19s_net():
     assert net.a.tolist() == [1, 1, 1, -1, -1, -1]
     assert float(net.weight.detach().abs().max()) <= math.sqrt(3 / 18)
     x = torch.tensor([[0.5, -0.5]], dtype=torch.float64)
-    pre = torch.relu(x @ net.weight.T + net.bias) @ net.a
-    assert float(net(x)) == pytest.approx(min(max(float(pre), 1e-3), 1 - 1e-3))
+    with torch.no_grad():
+        pre = float(torch.relu(x @ net.weight.T + net.bias) @ net.a)
+        out = float(net(x))
+    assert out == pytest.approx(min(max(pre, 1e-3), 1 - 1e-3))
 
 
 def test_tr_h_sigma_ratio_matches_a_dense_computation():
@@ -114,10 +116,6 @@ def test_tr_h_sigma_ratio_matches_a_dense_computation():
     )
 
 
-def _rows(res):
-    return {r["claim"].split(":")[0]: r for r in res["verdict"]}
-
-
 @pytest.mark.slow  # three tiny recipe runs: ~20 s on the shared 2 cores
 def test_smoke_schema_png_resume_and_each_row_can_fail(tmp_path, interrupt_at):
     cfg = tiny(tmp_path / "a")
@@ -146,8 +144,7 @@ def test_smoke_schema_png_resume_and_each_row_can_fail(tmp_path, interrupt_at):
     def verdict_of(arrays):
         return {r["claim"].split(":")[0]: r for r in R.summarise(arrays, cfg)[1]}
 
-    rows = verdict_of(res["arrays"])
-    assert all(r["passed"] for r in rows.values()) or True  # measured in quick runs
+    assert [r for r in verdict_of(res["arrays"]).values()] == res["verdict"]
     sharp = copy.deepcopy(res["arrays"])
     for r in sharp["bound"]:
         r["ratio"] = [10 * v for v in r["ratio"]]
@@ -179,7 +176,15 @@ def test_smoke_schema_png_resume_and_each_row_can_fail(tmp_path, interrupt_at):
 
 
 def test_a_diverging_run_fails_the_bound_row(tmp_path):
-    cfg = tiny(tmp_path, part="bound", lr=50.0, mlp_widths=(2, 4), steps=20)
+    cfg = tiny(
+        tmp_path,
+        part="bound",
+        lr=50.0,
+        mlp_widths=(2, 4),
+        steps=10,
+        num_evals=1,
+        tail_evals=1,
+    )
     res = R.main(cfg)
     row = res["verdict"][0]
     assert res["metrics"]["diverged_runs"]
@@ -212,7 +217,14 @@ def test_bad_config_stops_before_anything_is_written(tmp_path, kw, match):
 def test_quick_run(tmp_path):
     cfg = dataclasses.replace(R.Config.quick(), out_dir=str(tmp_path))
     res = R.main(cfg)
-    assert res["passed"], C.verdict_table(res["verdict"])
+    table = C.verdict_table(res["verdict"])
+    # every row passes but the size-growth row, which fails in this setting (Tr H
+    # and ||H||_F grow by similar factors; recipes/README.md has the measurements)
+    for row in res["verdict"]:
+        if row["claim"].startswith("Tr H grows"):
+            assert not row["passed"], table
+        else:
+            assert row["passed"], table
     runs = res["arrays"]["bound"]
     for fam in cfg.families:
         P = sorted({r["P"] for r in runs if r["family"] == fam})
