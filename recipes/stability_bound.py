@@ -75,7 +75,7 @@ class Config(common.RunOptions):
         ("mlp", "cnn"), "model families: 'mlp', 'cnn', 'rfm', 'deep_linear'"
     )
     mlp_widths: tuple[int, ...] = option((8, 64, 256), "hidden widths of the mlp")
-    cnn_widths: tuple[int, ...] = option((16, 64), "channels of the cnn")
+    cnn_widths: tuple[int, ...] = option((8, 32), "channels of the cnn")
     rfm_widths: tuple[int, ...] = option((64, 256, 1024), "features of the rfm")
     deep_linear_widths: tuple[int, ...] = option(
         (16, 64, 256), "hidden widths of the deep linear net"
@@ -88,8 +88,8 @@ class Config(common.RunOptions):
     steps: int = option(3000, "SGD steps per run")
     num_evals: int = option(8, "evaluations evenly spaced along a run")
     tail_evals: int = option(3, "evaluations in the last 10% (mu_0: their median)")
-    exact_max: int = option(700, "dense Hessian up to this P, Hutchinson above")
-    trace_probes: int = option(20, "Hutchinson probes for Tr H and ||H||_F")
+    exact_max: int = option(650, "dense Hessian up to this P, Hutchinson above")
+    trace_probes: int = option(16, "Hutchinson probes for Tr H and ||H||_F")
     mu_samples: int = option(256, "training samples mu is measured on (the first)")
     # part "widths"
     z19_widths: tuple[int, ...] = option((32, 128, 512), "hidden widths (Z19)")
@@ -106,7 +106,6 @@ class Config(common.RunOptions):
         steps, 8 evaluations per run, Hutchinson with 10 probes throughout."""
         return cls(
             mlp_widths=(8, 64),
-            cnn_widths=(8, 32),
             exact_max=0,
             num_train=500,
             steps=2000,
