@@ -194,8 +194,10 @@ def validate(cfg: Config) -> None:
             "`batch_sizes` must be two sizes, the small one first (WWS22: 5, 40); "
             f"got {cfg.batch_sizes!r}."
         )
-    if len(cfg.z19_widths) < 2 or min(cfg.z19_widths) < 2 or any(
-        h % 2 for h in cfg.z19_widths
+    if (
+        len(cfg.z19_widths) < 2
+        or min(cfg.z19_widths) < 2
+        or any(h % 2 for h in cfg.z19_widths)
     ):
         raise ValueError(
             "`z19_widths` must hold >= 2 even widths (half the units +1, half -1); "
@@ -398,9 +400,7 @@ def bound_run(
     # the SGD solution: medians over the evaluations of the last 10%
     last = [i for i, s in enumerate(rec["step"]) if s >= 0.9 * cfg.steps]
     for key in ("fro", "trace", "ratio", "loss"):
-        rec[f"final_{key}"] = (
-            _median([rec[key][i] for i in last]) if last else math.nan
-        )
+        rec[f"final_{key}"] = _median([rec[key][i] for i in last]) if last else math.nan
     return rec
 
 
@@ -528,6 +528,7 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
     runs = arrays["bound"]
     if runs:
         b_small, b_large = cfg.batch_sizes
+
         # the SGD iterates: every evaluation after the start (step 0 is the
         # initialisation, which SGD has not selected; its ratio is reported)
         def along(run):
@@ -605,9 +606,9 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
         metrics["size_growth"] = growth
         fam_low = min(
             growth,
-            key=lambda f: growth[f]["ratio"]
-            if math.isfinite(growth[f]["ratio"])
-            else -math.inf,
+            key=lambda f: (
+                growth[f]["ratio"] if math.isfinite(growth[f]["ratio"]) else -math.inf
+            ),
         )
         g = growth[fam_low]
         rows.append(
@@ -656,7 +657,8 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
                 source=f"ours (docs/recipes/stability_bound.md); claim: {z19}",
                 note="medians over epochs: "
                 + ", ".join(
-                    f"h={w['width']}: {m:.3g}" for w, m in zip(wide, medians, strict=True)
+                    f"h={w['width']}: {m:.3g}"
+                    for w, m in zip(wide, medians, strict=True)
                 ),
             )
         )
@@ -716,18 +718,33 @@ def plot(results_path: str | Path) -> list[Path]:
                 key=lambda r: r["P"],
             )
             P = [r["P"] for r in sel]
-            ax[0].loglog(P, _finite([r["final_fro"] for r in sel]), "o-", c=f"C{i}",
-                         label=f"{fam}: ||H||_F")
-            ax[0].loglog(P, _finite([r["final_trace"] for r in sel]), "s--",
-                         c=f"C{i}", label=f"{fam}: Tr H")
+            ax[0].loglog(
+                P,
+                _finite([r["final_fro"] for r in sel]),
+                "o-",
+                c=f"C{i}",
+                label=f"{fam}: ||H||_F",
+            )
+            ax[0].loglog(
+                P,
+                _finite([r["final_trace"] for r in sel]),
+                "s--",
+                c=f"C{i}",
+                label=f"{fam}: Tr H",
+            )
         ax[0].set(xlabel="parameters P", title=f"at the SGD solution (B={b_small})")
         ax[0].legend(fontsize=7)
         for j, B in enumerate((b_small, b_large)):
             for k, r in enumerate(r for r in runs if r["B"] == B):
-                ax[1 + j].plot(r["step"], _finite(r["ratio"]), "-", lw=1,
-                               c=f"C{fams.index(r['family'])}",
-                               alpha=0.4 + 0.6 * (k % 3) / 2,
-                               label=f"{r['family']} w={r['width']}")
+                ax[1 + j].plot(
+                    r["step"],
+                    _finite(r["ratio"]),
+                    "-",
+                    lw=1,
+                    c=f"C{fams.index(r['family'])}",
+                    alpha=0.4 + 0.6 * (k % 3) / 2,
+                    label=f"{r['family']} w={r['width']}",
+                )
             ax[1 + j].axhline(1.0, c="k", ls=":", lw=1)
             ax[1 + j].set(
                 xlabel="SGD step",
@@ -743,12 +760,28 @@ def plot(results_path: str | Path) -> list[Path]:
     if wide:
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
         for i, w in enumerate(wide):
-            ax[0].semilogy(w["epoch"], _finite(w["tr_h_sigma"]), "-", c=f"C{i}",
-                           label=f"h={w['width']}: Tr(H Sigma)")
-            ax[0].semilogy(w["epoch"], _finite(w["tr_h_sigma_iso"]), ":", c=f"C{i}",
-                           label=f"h={w['width']}: Tr H Tr Sigma / P")
-            ax[1].plot(w["epoch"], _finite(w["ratio"]), "o-", ms=3, c=f"C{i}",
-                       label=f"h={w['width']}")
+            ax[0].semilogy(
+                w["epoch"],
+                _finite(w["tr_h_sigma"]),
+                "-",
+                c=f"C{i}",
+                label=f"h={w['width']}: Tr(H Sigma)",
+            )
+            ax[0].semilogy(
+                w["epoch"],
+                _finite(w["tr_h_sigma_iso"]),
+                ":",
+                c=f"C{i}",
+                label=f"h={w['width']}: Tr H Tr Sigma / P",
+            )
+            ax[1].plot(
+                w["epoch"],
+                _finite(w["ratio"]),
+                "o-",
+                ms=3,
+                c=f"C{i}",
+                label=f"h={w['width']}",
+            )
         ax[0].set(xlabel="epoch", title="Z19 Fig. 4: Tr(H Sigma) vs isotropic")
         ax[1].axhline(ISO_MIN, c="k", ls=":", lw=1)
         ax[1].set(xlabel="epoch", title="Tr(H Sigma) / Tr(H Sigma_iso)", yscale="log")

@@ -132,7 +132,9 @@ def test_smoke_schema_png_resume_and_each_row_can_fail(tmp_path, interrupt_at):
         assert r["bound"] == pytest.approx(math.sqrt(r["B"] / r["mu0"]) / cfg.lr)
         assert r["lr"] == cfg.lr
         assert r["ratio"] == pytest.approx([f / r["bound"] for f in r["fro"]])
-        tail = [m for s, m in zip(r["step"], r["mu"]) if s >= 0.9 * cfg.steps]
+        tail = [
+            m for s, m in zip(r["step"], r["mu"], strict=True) if s >= 0.9 * cfg.steps
+        ]
         assert r["mu0"] == pytest.approx(R._median(tail))
     assert [w["P"] for w in res["arrays"]["widths"]] == [12, 24]
     assert all(len(w["ratio"]) == 3 for w in res["arrays"]["widths"])
