@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import _common as C
+import cases
+import pytest
+import stability_bound as R
+import torch
+from torch import nn
+
+from geoopt_sgd import HalfSquaredError, HessianOperator, noise_geometry
+
+
+def tiny(tmp_path, **kw):
+    """A config small enough for a unit test: 2 sizes of one family, 2 widths."""
+    base = dict(
+        out_dir=str(tmp_path),
+        families=("mlp",),
+        mlp_widths=(2, 8),
+        num_train=100,
+        steps=40,
+        num_evals=2,
+        tail_evals=2,
+        trace_probes=4,
+        mu_samples=50,
+        exact_max=200,
+        z19_widths=(4, 8),
+        z19_samples=100,
+        z19_epochs=3,
+        z19_decay_epoch=2,
+    )
+    base.update(kw)
+    return R.Config(**base)
+
+
+def test_eval_steps_cover_the_run_and_its_last_tenth():
+    cfg = R.Config(steps=2000, num_evals=10, tail_evals=4)
+    steps = R.eval_steps(cfg)
+    assert steps[0] == 0 and steps[-1] == 2000
+    assert [s for s in steps if s >= 1800] == [1800, 1850, 1900, 1950, 2000]
+    assert len(steps) == 11 + 5 - 2  # 1800 and 2000 are in both lists
+
+
+def test_hessian_norms_exact_and_hutchinson():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randn(20, 1, dtype=torch.float64)
+    loss_fn = HalfSquaredError()
+    H = HessianOperator(model, loss_fn, (x, y)).to_dense()
+    cfg = R.Config(exact_max=100, trace_probes=100)
+    exact = R.hessian_norms(model, loss_fn, (x, y), cfg, seed=0)
+    assert exact["fro"] == pytest.approx(float(H.norm()), rel=1e-12)
+    assert exact["trace"] == pytest.approx(float(H.trace()), rel=1e-12)
+    assert exact["fro_se"] == exact["trace_se"] == 0.0
+    est = R.hessian_norms(
+        model, loss_fn, (x, y), dataclasses.replace(cfg, exact_max=0), seed=0
+    )
+    # Hutchinson with 100 probes: within 4 of its own standard errors
+    assert abs(est["fro"] - float(H.norm())) <= 4 * est["fro_se"]
+    assert abs(est["trace"] - float(H.trace())) <= 4 * est["trace_se"]
+    assert 0 < est["fro_se"] < 0.2 * est["fro"]
+
+
+def test_one_hidden_layer_is_z19s_net():
+    torch.manual_seed(0)
+    net = R.OneHiddenLayer(6).double()
+    assert sum(p.numel() for p in net.parameters()) == 18  # P = 3h
+    assert net.a.tolist() == [1, 1, 1, -1, -1, -1]
+    assert float(net.weight.detach().abs().max()) <= math.sqrt(3 / 18)
+    x = torch.tensor([[0.5, -0.5]], dtype=torch.float64)
+    with torch.no_grad():
+        pre = float(torch.relu(x @ net.weight.T + net.bias) @ net.a)
+        out = float(net(x))
+    assert out == pytest.approx(min(max(pre, 1e-3), 1 - 1e-3))
+
+
+def test_tr_h_sigma_ratio_matches_a_dense_computation():
+    """The widths part's numbers against the dense Hessian and explicit batch
+    gradients (Z19's estimator: covariance of the batch-mean gradients)."""
+    cfg = R.Config(z19_samples=60, z19_batch=10)
+    x, y = R.z19_data(cfg, torch.device("cpu"))
+    torch.manual_seed(3)
+    net = R.OneHiddenLayer(8).double()
+    # move into a region where some samples are clipped and some are not
+    with torch.no_grad():
+        net.weight.mul_(3.0)
+    loss_fn = nn.MSELoss()
+    H = HessianOperator(net, loss_fn, (x, y)).to_dense()
+    grads = []
+    for b in range(6):
+        net.zero_grad()
+        loss_fn(net(x[10 * b : 10 * b + 10]), y[10 * b : 10 * b + 10]).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    D = torch.stack(grads)
+    D = D - D.mean(0)
+    Cov = D.T @ D / 6
+    P = H.shape[0]
+    ref = float(torch.trace(H @ Cov)) / (float(H.trace()) * float(Cov.trace()) / P)
+    geo = noise_geometry(
+        net,
+        loss_fn,
+        (x, y),
+        metrics=["tr_h_sigma", "tr_h_sigma_iso"],
+        cov="minibatch",
+        batch_size=10,
+        max_samples=60,
+    )
+    got = geo.values["tr_h_sigma"] / geo.values["tr_h_sigma_iso"]
+    assert got == pytest.approx(ref, rel=1e-9)
+    assert float(torch.trace(H @ Cov)) == pytest.approx(
+        geo.values["tr_h_sigma"], rel=1e-9
+    )
+
+
+@pytest.mark.slow  # two tiny recipe runs and a resume: ~65 s on the loaded 2 cores
+def test_smoke_schema_png_resume_and_each_row_can_fail(tmp_path, interrupt_at):
+    cfg = tiny(tmp_path / "a")
+    res = R.main(cfg)
+    out = tmp_path / "a" / "stability_bound"
+    cases.check_results(out, "stability_bound")
+    assert len(res["verdict"]) == 5
+    runs = res["arrays"]["bound"]
+    assert [r["method"] for r in runs] == ["exact"] * 2 + ["hutchinson"] * 2
+    assert [(r["width"], r["B"]) for r in runs] == [(2, 5), (2, 40), (8, 5), (8, 40)]
+    for r in runs:
+        assert r["step"] == R.eval_steps(cfg)
+        assert r["method"] == ("exact" if r["P"] <= cfg.exact_max else "hutchinson")
+        assert r["bound"] == pytest.approx(math.sqrt(r["B"] / r["mu0"]) / cfg.lr)
+        assert r["lr"] == cfg.lr
+        assert r["ratio"] == pytest.approx([f / r["bound"] for f in r["fro"]])
+        tail = [
+            m for s, m in zip(r["step"], r["mu"], strict=True) if s >= 0.9 * cfg.steps
+        ]
+        assert r["mu0"] == pytest.approx(R._median(tail))
+    assert [w["P"] for w in res["arrays"]["widths"]] == [12, 24]
+    assert all(len(w["ratio"]) == 3 for w in res["arrays"]["widths"])
+    # plot() redraws from the JSON alone
+    for name in ("bound.png", "widths.png"):
+        (out / name).unlink()
+    assert R.plot(out / "results.json") == [out / "bound.png", out / "widths.png"]
+
+    # each row fails when its measurement says so (the same arrays, changed)
+    def verdict_of(arrays):
+        return {r["claim"].split(":")[0]: r for r in R.summarise(arrays, cfg)[1]}
+
+    assert [r for r in verdict_of(res["arrays"]).values()] == res["verdict"]
+    sharp = copy.deepcopy(res["arrays"])
+    for r in sharp["bound"]:
+        r["ratio"] = [10 * v for v in r["ratio"]]
+    assert not next(v for k, v in verdict_of(sharp).items() if "along" in k)["passed"]
+    swapped = copy.deepcopy(res["arrays"])
+    for r in swapped["bound"]:
+        r["final_ratio"] = 1.0 if r["B"] == 40 else 0.5
+    row = next(v for k, v in verdict_of(swapped).items() if "tighter" in k)
+    assert row["value"] == 0.5 and not row["passed"]
+    flat = copy.deepcopy(res["arrays"])
+    for r in flat["bound"]:
+        r["final_trace"] = 3.0 * r["final_fro"]  # Tr H grows like ||H||_F
+    row = next(v for k, v in verdict_of(flat).items() if "Tr H grows" in k)
+    assert row["value"] == pytest.approx(1.0) and not row["passed"]
+    iso = copy.deepcopy(res["arrays"])
+    iso["widths"][0]["ratio"][1] = 4.0
+    iso["widths"][1]["ratio"] = [1.0, 1.0, 1.0]
+    rows = verdict_of(iso)
+    assert not next(v for k, v in rows.items() if ">>" in k)["passed"]
+    assert not next(v for k, v in rows.items() if "decrease" in k)["passed"]
+
+    # interrupted at the third run, then resumed: same results
+    cfg_b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"))
+    with interrupt_at(2):
+        R.main(cfg_b)
+    res_b = R.main(dataclasses.replace(cfg_b, resume=True))
+    assert res_b["arrays"] == res["arrays"]
+    assert res_b["verdict"] == res["verdict"]
+
+
+def test_a_diverging_run_fails_the_bound_row(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        part="bound",
+        lr=50.0,
+        mlp_widths=(2, 4),
+        steps=10,
+        num_evals=1,
+        tail_evals=1,
+    )
+    res = R.main(cfg)
+    row = res["verdict"][0]
+    assert res["metrics"]["diverged_runs"]
+    assert row["value"] is None and not row["passed"]
+    assert not res["passed"]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(part="both"), "`part` must be one of 'bound', 'widths', 'all'"),
+        (dict(families=("vgg",)), "`families` entries must be one of"),
+        (dict(mlp_widths=(8,)), "`mlp_widths` must hold >= 2 sizes"),
+        (dict(batch_sizes=(40, 5)), "`batch_sizes` must be two sizes"),
+        (dict(batch_sizes=(5, 400)), "`batch_sizes` must be <= num_train"),
+        (dict(z19_widths=(32, 33)), "`z19_widths` must hold >= 2 even widths"),
+        (dict(lr=0.0), "`lr` must be > 0"),
+        (dict(steps=5), "`steps` must be >= 10"),
+        (dict(trace_probes=1), "`trace_probes` must be >= 2"),
+        (dict(z19_decay_epoch=9), "`z19_decay_epoch` must be in"),
+    ],
+)
+def test_bad_config_stops_before_anything_is_written(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        R.main(tiny(tmp_path, **kw))
+    assert not (tmp_path / "stability_bound").exists()
+
+
+@pytest.mark.slow
+def test_quick_run(tmp_path):
+    cfg = dataclasses.replace(R.Config.quick(), out_dir=str(tmp_path))
+    res = R.main(cfg)
+    table = C.verdict_table(res["verdict"])
+    # every row passes but the size-growth row, which fails in this setting (Tr H
+    # and ||H||_F grow by similar factors; recipes/README.md has the measurements)
+    for row in res["verdict"]:
+        if row["claim"].startswith("Tr H grows"):
+            assert not row["passed"], table
+        else:
+            assert row["passed"], table
+    runs = res["arrays"]["bound"]
+    for fam in cfg.families:
+        P = sorted({r["P"] for r in runs if r["family"] == fam})
+        assert P[-1] >= 10 * P[0]  # the sweep spans >= 10x in parameter count
