@@ -41,23 +41,41 @@ class _GGNTerm(BatchTerm):
         self.live = [i for i, t in enumerate(self.jtu) if t.requires_grad]
 
     def apply(self, vs: list[Tensor]) -> list[Tensor]:
+        return self._apply(vs, batched=False)
+
+    def apply_block(self, vs: list[Tensor]) -> list[Tensor]:
+        # the same three backward passes, each vectorised over the q columns
+        return self._apply(vs, batched=True)
+
+    def _apply(self, vs: list[Tensor], batched: bool) -> list[Tensor]:
         if not self.live:  # the outputs do not depend on the selected parameters
-            return [torch.zeros_like(p) for p in self.leaves]
+            return [v.new_zeros(v.shape, dtype=p.dtype) for v, p in zip(vs, self.leaves)]
         (Jv,) = torch.autograd.grad(
             [self.jtu[i] for i in self.live],
             self.u,
             [vs[i] for i in self.live],
             retain_graph=True,
             materialize_grads=True,
+            is_grads_batched=batched,
         )
         if self.dloss.requires_grad:
             (LJv,) = torch.autograd.grad(
-                self.dloss, self.o, Jv, retain_graph=True, materialize_grads=True
+                self.dloss,
+                self.o,
+                Jv,
+                retain_graph=True,
+                materialize_grads=True,
+                is_grads_batched=batched,
             )
         else:  # loss linear in the outputs: Lambda = 0
             LJv = torch.zeros_like(Jv)
         out = torch.autograd.grad(
-            self.out, self.leaves, LJv, retain_graph=True, materialize_grads=True
+            self.out,
+            self.leaves,
+            LJv,
+            retain_graph=True,
+            materialize_grads=True,
+            is_grads_batched=batched,
         )
         return [t.detach() for t in out]
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from .._checks import check_choice
-from .hvp import HVP_METHODS, BatchTerm, DataOperator, make_hvp
+from .hvp import HVP_METHODS, BatchTerm, DataOperator, _hvp_routes
 
 __all__ = ["HessianOperator"]
 
@@ -25,7 +25,8 @@ class _HessianTerm(BatchTerm):
         def f(ps: list[Tensor], target: Tensor) -> Tensor:
             return loss_fn(fmodel(ps, x), target)
 
-        self.apply = make_hvp(  # type: ignore[assignment]
+        # one graph for single vectors and for blocks of columns
+        self.apply, self.apply_block = _hvp_routes(  # type: ignore[assignment]
             f, params, method=method, constants=(y,)
         )
         # the reverse routes apply a kept graph; forward-over-reverse reruns f
@@ -126,6 +127,8 @@ class HessianOperator(DataOperator):
         loss_reduction: Literal["mean", "sum"] | None = None,
         max_cached_batches: int = 4,
         batch_fn: Callable[[Any], Any] | None = None,
+        block: Literal["auto", "loop", "batched"] = "auto",
+        max_block: int = 8,
     ) -> None:
         check_choice("method", method, ("auto", *HVP_METHODS))
         super().__init__(
@@ -137,6 +140,8 @@ class HessianOperator(DataOperator):
             loss_reduction=loss_reduction,
             max_cached_batches=max_cached_batches,
             batch_fn=batch_fn,
+            block=block,
+            max_block=max_block,
         )
         self.method = method
         self.method_used: str = "double_backward" if method == "auto" else method
