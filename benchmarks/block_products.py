@@ -20,9 +20,9 @@ Models (eval-mode BatchNorm, cross-entropy, float32, one cached batch):
 
 Commands::
 
-    python benchmarks/block_products.py                      # all three, CPU, 2 threads
+    python benchmarks/block_products.py                # all three, CPU, 2 threads
     python benchmarks/block_products.py --models mlp --operators hessian ggn
-    python benchmarks/block_products.py --device cuda        # GPU path (not measured here)
+    python benchmarks/block_products.py --device cuda  # the GPU path (not measured)
 
 Results: a table on stdout and ``benchmarks/results/block_products.json``.
 """
@@ -92,8 +92,10 @@ def per_column_costs(model, data, operator, blocks, reps, max_block, device):
         for r, op in ops.items():
             if q == 1 and r == "batched":
                 continue  # one column: both routes are the single-vector product
-            jobs[(r, q)] = (lambda op=op, v=V[q]: op.matmat(v)) if q > 1 else (
-                lambda op=op, v=V[1][:, 0]: op.matvec(v)
+            jobs[(r, q)] = (
+                (lambda op=op, v=V[q]: op.matmat(v))
+                if q > 1
+                else (lambda op=op, v=V[1][:, 0]: op.matvec(v))
             )
     for fn in jobs.values():  # warm-up; the first product builds the graph
         fn()
@@ -120,15 +122,20 @@ def per_column_costs(model, data, operator, blocks, reps, max_block, device):
         rows.append(row)
     for op in ops.values():
         op.release()
-    return {"P": P, "grad_seconds": t_grad, "rows": rows, "raw": {
-        str(k): v for k, v in times.items()
-    }}
+    return {
+        "P": P,
+        "grad_seconds": t_grad,
+        "rows": rows,
+        "raw": {str(k): v for k, v in times.items()},
+    }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "test_resnet", "resnet18"])
-    ap.add_argument("--operators", nargs="+", default=["hessian"], choices=list(OPERATORS))
+    ap.add_argument(
+        "--operators", nargs="+", default=["hessian"], choices=list(OPERATORS)
+    )
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--resnet18-blocks", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--max-block", type=int, default=16, help="the operators' cap")
@@ -169,12 +176,17 @@ def main(argv=None):
                     f"{r['batched_per_column']:8.2f} {r['batched_over_loop']:13.2f}",
                     flush=True,
                 )
-    results["env"]["load_average_end"] = load_average()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+            _write(results, args.out)  # after every table: a long run keeps its part
+    _write(results, args.out)
     print(f"\nwrote {args.out}")
     return results
+
+
+def _write(results, path):
+    results["env"]["load_average_end"] = load_average()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -90,18 +90,37 @@ class HessianOperator(DataOperator):
             loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
             be a tensor, a tuple/list (``model(*inputs)``) or a dict
             (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
+        block: How :meth:`matmat` applies a block of ``k > 1`` columns:
+            ``"loop"``, column by column through each batch's kept graph;
+            ``"batched"``, up to ``max_block`` columns per pass
+            (``autograd.grad(..., is_grads_batched=True)`` on the same graph
+            for ``"double_backward"``, ``torch.func.vmap`` of the route for
+            ``"rev_rev"`` and ``"fwd_rev"``); or ``"auto"`` (default), which is
+            ``"loop"``. The routes agree to float rounding. Measured on CPU (2
+            threads, eval mode, float32; per column, in gradients, loop against
+            batched at 8 columns; ``benchmarks/block_products.py``): @TABLE@
+            the gain is modest and model-dependent, so the default keeps the
+            loop, whose results never depend on timing. :meth:`choose_block`
+            times both routes on this operator and keeps the faster. A single
+            vector (:meth:`matvec`, or a block of one column) always takes the
+            single-vector product. The route in use is :attr:`block_used`.
+        max_block: The most columns per batched pass: memory grows with it (a
+            pass holds ``max_block`` copies of the backward's intermediate
+            tensors). Default: ``8``.
 
     Attributes:
         fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
         num_samples: Total number of samples ``N`` (all ranks).
         param_shapes: Shapes of the selected parameters.
         method_used: The HVP route in use.
+        block_used: The block route in use, ``"loop"`` or ``"batched"``.
         n_matvec: Products applied so far.
 
     Raises:
         ValueError: If ``method``, ``mode`` or ``loss_reduction`` is unknown, the
-            data is empty, the parameter selection is empty or invalid, or
-            ``max_cached_batches`` < 0.
+            data is empty, the parameter selection is empty or invalid,
+            ``max_cached_batches`` < 0, ``block`` is unknown or ``max_block``
+            < 1.
         TypeError: If ``loss_fn`` or ``batch_fn`` is not callable, or ``data``
             (after ``batch_fn``) is not ``(inputs, targets)`` batches.
 

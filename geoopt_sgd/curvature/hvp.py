@@ -23,6 +23,8 @@ neither forward-mode AD nor a double backward. Gradients are taken with
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,6 +39,7 @@ from .._model import (
     batch_size,
     check_batch,
     detect_reduction,
+    full_precision,
     local_batches,
     preserve_global_rng,
     to_device,
@@ -452,6 +455,59 @@ class DataOperator(LinearOperator):
             return self._matmat_batched(V)
         return self._matmat_loop(V)
 
+    @full_precision
+    def choose_block(
+        self, k: int | None = None, *, repeats: int = 3, seed: int = 0
+    ) -> dict[str, float]:
+        """Time both block routes on this operator and keep the faster one.
+
+        Applies a seeded random ``(P, k)`` block once to build the cached graphs,
+        then ``repeats`` times per route, interleaved, and sets
+        :attr:`block_used` to the route of the smaller median. Under
+        ``torch.distributed`` the times are summed over ranks first, so every
+        rank picks the same route. These products are not counted in
+        :attr:`n_matvec`. The choice depends on timing, and the two routes agree
+        to rounding only: pass ``block=`` explicitly where results must be
+        reproducible bit for bit.
+
+        Args:
+            k: Columns per timed product; default :attr:`max_block`.
+            repeats: Timed products per route. Default: ``3``.
+            seed: Seed of the random block. Default: ``0``.
+
+        Returns:
+            Median seconds per column of each route, ``{"loop": ..., "batched": ...}``.
+
+        Raises:
+            ValueError: If ``k`` < 2 or ``repeats`` < 1.
+        """
+        k = self.max_block if k is None else k
+        check_int("k", k, ge=2)
+        check_int("repeats", repeats, ge=1)
+        gen = torch.Generator().manual_seed(seed)
+        V = torch.randn(self._size, k, generator=gen, dtype=self.dtype).to(self.device)
+        routes = {"loop": self._matmat_loop, "batched": self._matmat_batched}
+        times: dict[str, list[float]] = {r: [] for r in routes}
+        routes["loop"](V)  # builds (and caches) the per-batch graphs
+
+        def sync() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        for i in range(repeats):
+            for r in sorted(routes, reverse=i % 2 == 1):
+                sync()
+                t0 = time.perf_counter()
+                routes[r](V)
+                sync()
+                times[r].append(time.perf_counter() - t0)
+        med = torch.tensor(
+            [statistics.median(times[r]) / k for r in routes], dtype=torch.float64
+        )
+        med = distributed.all_reduce_sum(med.to(self.device)).cpu()
+        self.block_used = "batched" if med[1] < med[0] else "loop"
+        return {r: float(t) for r, t in zip(routes, med, strict=True)}
+
     def _matmat_batched(self, V: Tensor) -> Tensor:
         """Each batch term on ``max_block`` columns at a time, in one pass each.
 
@@ -466,7 +522,9 @@ class DataOperator(LinearOperator):
         for s in self.param_shapes:
             spans.append((i, i + s.numel(), s))
             i += s.numel()
-        chunks = [slice(a, min(a + self.max_block, k)) for a in range(0, k, self.max_block)]
+        chunks = [
+            slice(a, min(a + self.max_block, k)) for a in range(0, k, self.max_block)
+        ]
         first = True
         for term, w in self._terms():
             for c in chunks:

@@ -44,11 +44,22 @@ def _block(P, k, seed=0):
     return torch.randn(P, k, generator=torch.Generator().manual_seed(seed)).double()
 
 
-def _check(kind, method, model, loss_fn, data, *, k=11, max_block=4, **kw):
-    """Batched (ragged chunks: ``k`` not a multiple of ``max_block``) vs loop vs dense."""
-    ref = _dense(kind, model, loss_fn, data, **kw)
+_REFS = {}
+
+
+def _check(kind, method, model, loss_fn, data, *, key, k=11, max_block=4, **kw):
+    """Batched (ragged chunks: ``k`` not a multiple of ``max_block``), loop, dense.
+
+    The dense reference is computed once per ``(kind, key)``: the Hessian routes
+    share it.
+    """
+    if (kind, key) not in _REFS:
+        _REFS[kind, key] = _dense(kind, model, loss_fn, data, **kw)
+    ref = _REFS[kind, key]
     loop = _op(kind, method, model, loss_fn, data, block="loop", **kw)
-    fast = _op(kind, method, model, loss_fn, data, block="batched", max_block=max_block, **kw)
+    fast = _op(
+        kind, method, model, loss_fn, data, block="batched", max_block=max_block, **kw
+    )
     assert fast.block_used == "batched" and loop.block_used == "loop"
     V = _block(ref.shape[0], k)
     got, want = fast.matmat(V), loop.matmat(V)
@@ -73,7 +84,7 @@ def test_small_models(kind, method, case):
         data = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(X, y), batch_size=5
         )
-    op = _check(kind, method, mlp(), loss_fn, data)
+    op = _check(kind, method, mlp(), loss_fn, data, key=case)
     assert op.cacheable == (case != "loader")
 
 
@@ -84,7 +95,7 @@ def test_batchnorm_modes(kind, method, mode):
     # vectorised pass (forward-over-reverse included: vmap of jvp)
     Xi, yi = image_data(10)
     data = [(Xi[:6], yi[:6]), (Xi[6:], yi[6:])]
-    _check(kind, method, tiny_cnn(), CE, data, mode=mode, k=7, max_block=3)
+    _check(kind, method, tiny_cnn(), CE, data, key=mode, mode=mode, k=7, max_block=3)
 
 
 @pytest.mark.parametrize(("kind", "method"), ROUTES, ids=ROUTE_IDS)
@@ -94,7 +105,15 @@ def test_sum_reduction_and_subset(kind, method):
     model = mlp()
     model.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
     sel = ["unused", "0.bias", "2.weight"]  # zero rows for the unused one
-    _check(kind, method, model, loss_fn, [(X[:7], y[:7]), (X[7:], y[7:])], params=sel)
+    _check(
+        kind,
+        method,
+        model,
+        loss_fn,
+        [(X[:7], y[:7]), (X[7:], y[7:])],
+        key="sum",
+        params=sel,
+    )
 
 
 @pytest.mark.parametrize(("kind", "method"), ROUTES, ids=ROUTE_IDS)
@@ -156,13 +175,17 @@ def test_multi_input_and_dict_batches_with_batch_fn(kind, method, inputs):
     assert_close_report(got, ref @ V, RTOL, ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
 def test_timm_test_resnet(kind):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3).double()
     g = torch.Generator().manual_seed(0)
-    data = (torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64), torch.tensor([0, 2]))
+    data = (
+        torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
+        torch.tensor([0, 2]),
+    )
     method = "double_backward" if kind == "hessian" else None
     # all 374k parameters: batched against the loop
     loop = _op(kind, method, model, CE, data, block="loop")
@@ -224,6 +247,23 @@ class _Spied(hvp_module.BatchTerm):
 
     def apply(self, vs):
         return self.term.apply(vs)
+
+
+@pytest.mark.parametrize("Op", [HessianOperator, GGNOperator])
+def test_choose_block_times_both_routes_and_keeps_one(Op):
+    X, y = make_data(12)
+    op = Op(mlp(), CE, [(X[:6], y[:6]), (X[6:], y[6:])], max_block=3)
+    V = _block(57, 5)
+    want = Op(mlp(), CE, (X, y), block="loop").matmat(V)
+    per_column = op.choose_block(repeats=2)
+    assert set(per_column) == {"loop", "batched"}
+    assert all(t > 0 for t in per_column.values())
+    faster = min(per_column, key=per_column.get)
+    assert op.block_used == faster and op.block == "auto"
+    assert op.n_matvec == 0  # timing products are not counted
+    assert_close_report(op.matmat(V), want, SAME, 1e-14 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="`k` must be >= 2; got 1"):
+        op.choose_block(1)
 
 
 def test_errors():
