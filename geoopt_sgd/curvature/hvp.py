@@ -195,14 +195,19 @@ def _hvp_routes(
                 f_fwd, (primals, [consts[i] for i in dual]), (tangents, zeros)
             )[1]
 
-        def fwd(apply: Callable[[list[Tensor]], list[Tensor]]) -> Callable[..., Any]:
+        def fwd(
+            apply: Callable[[list[Tensor]], list[Tensor]], cast: bool
+        ) -> Callable[..., Any]:
             def hvp_fwd(v: Any) -> Any:
-                out = apply([t.detach() for t in ad.to_list(v)])
+                ts = [t.detach() for t in ad.to_list(v)]
+                if cast:  # vmap of jvp needs each tangent in its primal's dtype
+                    ts = [t.to(p.dtype) for t, p in zip(ts, primals, strict=True)]
+                out = apply(ts)
                 return ad.back([o.detach() for o in out])
 
             return hvp_fwd
 
-        return fwd(push_fwd), fwd(torch.func.vmap(push_fwd))
+        return fwd(push_fwd, False), fwd(torch.func.vmap(push_fwd), True)
 
     if method == "rev_rev":
         _, vjp_fn = torch.func.vjp(
@@ -313,8 +318,9 @@ class DataOperator(LinearOperator):
     Handles the data (one batch or an iterable of batches), the weights
     ``n_b / N`` (mean) or ``1`` (sum), the all-reduce under
     ``torch.distributed``, the mode policy, the per-batch cache and its
-    invalidation when parameters or buffers change in place, and the full-data
-    ``loss()``/``gradient()``.
+    invalidation when parameters or buffers change in place, the route of
+    block products (``block``, ``max_block``, :meth:`choose_block`), and the
+    full-data ``loss()``/``gradient()``.
     """
 
     def __init__(

@@ -134,6 +134,36 @@ def test_zero_curvature_blocks(kind, method):
         assert torch.equal(op.matmat(V), torch.zeros_like(V))
 
 
+class _Mixed(nn.Module):
+    """A float32 layer feeding a float64 layer: float64 vectors, mixed tangents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 2).double()
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.to(self.a.weight.dtype))).double())
+
+
+@pytest.mark.parametrize(("kind", "method"), ROUTES, ids=ROUTE_IDS)
+def test_mixed_float32_float64_parameters(kind, method):
+    torch.manual_seed(0)
+    model = _Mixed()
+    g = torch.Generator().manual_seed(0)
+    data = (
+        torch.randn(12, 4, generator=g, dtype=torch.float64),
+        torch.randn(12, 2, generator=g, dtype=torch.float64),
+    )
+    loop = _op(kind, method, model, MSE, data, block="loop")
+    fast = _op(kind, method, model, MSE, data, block="batched", max_block=3)
+    assert fast.dtype == torch.float64
+    V = _block(37, 5)
+    want = loop.matmat(V)
+    # the float32 layer's products round at float32: agreement to ~1e-7
+    assert_close_report(fast.matmat(V), want, 1e-5, 1e-6 * float(want.abs().max()))
+
+
 class _TwoIn(nn.Module):
     def __init__(self) -> None:
         super().__init__()
