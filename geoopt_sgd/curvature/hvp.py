@@ -141,7 +141,6 @@ def make_hvp(
         >>> hvp([torch.tensor([1.0]), torch.tensor([0.0])])
         [tensor([6.]), tensor([2.])]
     """
-    check_choice("method", method, HVP_METHODS)
     one, block = _hvp_routes(f, params, method=method, constants=constants)
     return block if batched else one
 
