@@ -98,11 +98,11 @@ class HessianOperator(DataOperator):
             ``"rev_rev"`` and ``"fwd_rev"``); or ``"auto"`` (default), which is
             ``"loop"``. The routes agree to float rounding. Measured on CPU (2
             threads, eval mode, float32, ``"double_backward"``; cost per column
-            in gradients, loop against batched, 8 columns): a digits MLP 1.89
-            against 1.65 and timm ``test_resnet`` 1.87 against 0.70 on a
-            heavily loaded machine, but ``test_resnet`` 2.32 against 2.64 in
-            an earlier run, and resnet18 (batch 32, 4 columns) 2.89 against
-            3.53: the gain is model-dependent and within the run-to-run spread,
+            in gradients, loop against batched, 8 columns): a digits MLP 0.22
+            against 0.20 and timm ``test_resnet`` 2.82 against 1.79 on a loaded
+            machine, but ``test_resnet`` 2.32 against 2.64 in an earlier run,
+            and resnet18 (batch 32, 4 columns) 2.89 against 3.53: the gain is
+            model-dependent and within the run-to-run spread,
             so the default keeps the loop, whose results never depend on timing.
             :meth:`choose_block` times both routes on this operator and keeps
             the faster. A single vector (:meth:`matvec`, or a block of one
