@@ -41,23 +41,44 @@ class _GGNTerm(BatchTerm):
         self.live = [i for i, t in enumerate(self.jtu) if t.requires_grad]
 
     def apply(self, vs: list[Tensor]) -> list[Tensor]:
+        return self._apply(vs, batched=False)
+
+    def apply_block(self, vs: list[Tensor]) -> list[Tensor]:
+        # the same three backward passes, each vectorised over the q columns
+        return self._apply(vs, batched=True)
+
+    def _apply(self, vs: list[Tensor], batched: bool) -> list[Tensor]:
         if not self.live:  # the outputs do not depend on the selected parameters
-            return [torch.zeros_like(p) for p in self.leaves]
+            return [
+                v.new_zeros(v.shape, dtype=p.dtype)
+                for v, p in zip(vs, self.leaves, strict=True)
+            ]
         (Jv,) = torch.autograd.grad(
             [self.jtu[i] for i in self.live],
             self.u,
             [vs[i] for i in self.live],
             retain_graph=True,
             materialize_grads=True,
+            is_grads_batched=batched,
         )
         if self.dloss.requires_grad:
             (LJv,) = torch.autograd.grad(
-                self.dloss, self.o, Jv, retain_graph=True, materialize_grads=True
+                self.dloss,
+                self.o,
+                Jv,
+                retain_graph=True,
+                materialize_grads=True,
+                is_grads_batched=batched,
             )
         else:  # loss linear in the outputs: Lambda = 0
             LJv = torch.zeros_like(Jv)
         out = torch.autograd.grad(
-            self.out, self.leaves, LJv, retain_graph=True, materialize_grads=True
+            self.out,
+            self.leaves,
+            LJv,
+            retain_graph=True,
+            materialize_grads=True,
+            is_grads_batched=batched,
         )
         return [t.detach() for t in out]
 
@@ -98,17 +119,26 @@ class GGNOperator(DataOperator):
             loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
             be a tensor, a tuple/list (``model(*inputs)``) or a dict
             (``model(**inputs)``). See :mod:`geoopt_sgd._model`.
+        block: ``"auto"`` (default: ``"loop"``), ``"loop"`` or ``"batched"``:
+            how :meth:`matmat` applies a block of columns, as in
+            :class:`~geoopt_sgd.curvature.HessianOperator`; ``"batched"`` runs
+            the three backward passes of a product with
+            ``is_grads_batched=True``, ``max_block`` columns at a time
+            (measured on a digits MLP, CPU, 8 columns: 4.15 against 1.34
+            gradients per column on a loaded machine).
+        max_block: The most columns per batched pass. Default: ``8``.
 
     Attributes:
         fmodel: The :class:`~geoopt_sgd._model.FunctionalModel`.
         num_samples: Total number of samples ``N`` (all ranks).
         param_shapes: Shapes of the selected parameters.
         n_matvec: Products applied so far.
+        block_used: The block route in use, ``"loop"`` or ``"batched"``.
 
     Raises:
-        ValueError: If ``mode`` or ``loss_reduction`` is unknown, the data is
-            empty, the parameter selection is invalid, or ``max_cached_batches``
-            < 0.
+        ValueError: If ``mode``, ``loss_reduction`` or ``block`` is unknown,
+            the data is empty, the parameter selection is invalid,
+            ``max_cached_batches`` < 0 or ``max_block`` < 1.
         TypeError: If ``loss_fn`` or ``batch_fn`` is not callable, or ``data``
             (after ``batch_fn``) is not ``(inputs, targets)`` batches.
 

@@ -23,6 +23,8 @@ neither forward-mode AD nor a double backward. Gradients are taken with
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,6 +39,7 @@ from .._model import (
     batch_size,
     check_batch,
     detect_reduction,
+    full_precision,
     local_batches,
     preserve_global_rng,
     to_device,
@@ -48,6 +51,8 @@ __all__ = ["HVP_METHODS", "hessian_vector_product", "make_hvp"]
 HVPMethod = Literal["fwd_rev", "rev_rev", "double_backward"]
 HVP_METHODS: tuple[str, ...] = ("fwd_rev", "rev_rev", "double_backward")
 """The explicit HVP routes; the operators also accept ``"auto"``."""
+BLOCK_ROUTES: tuple[str, ...] = ("auto", "loop", "batched")
+"""How the operators apply a block of columns (their ``block`` argument)."""
 
 
 @contextlib.contextmanager
@@ -136,6 +141,36 @@ def make_hvp(
         >>> hvp([torch.tensor([1.0]), torch.tensor([0.0])])
         [tensor([6.]), tensor([2.])]
     """
+    one, block = _hvp_routes(f, params, method=method, constants=constants)
+    return block if batched else one
+
+
+def _hvp_routes(
+    f: Callable[..., Tensor],
+    params: Sequence[Tensor] | Mapping[str, Tensor],
+    *,
+    method: HVPMethod = "double_backward",
+    constants: Sequence[Tensor] = (),
+) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """Build both ``v -> H v`` and its batched form on one shared graph.
+
+    The first function is :func:`make_hvp`'s, the second its ``batched=True``
+    form (tangents with a leading dimension ``q``); the reverse routes build the
+    gradient's graph once and both backpropagate through it, so an operator can
+    apply single vectors and blocks of columns without building it twice.
+
+    Args:
+        f: As in :func:`make_hvp`.
+        params: As in :func:`make_hvp`.
+        method: As in :func:`make_hvp`.
+        constants: As in :func:`make_hvp`.
+
+    Returns:
+        ``(hvp, hvp_batched)``.
+
+    Raises:
+        ValueError: If ``method`` is unknown.
+    """
     check_choice("method", method, HVP_METHODS)
     ad = _ListAdapter(params)
     primals = [p.detach() for p in ad.values]
@@ -159,26 +194,33 @@ def make_hvp(
                 f_fwd, (primals, [consts[i] for i in dual]), (tangents, zeros)
             )[1]
 
-        apply_fwd = torch.func.vmap(push_fwd) if batched else push_fwd
+        def fwd(
+            apply: Callable[[list[Tensor]], list[Tensor]], cast: bool
+        ) -> Callable[..., Any]:
+            def hvp_fwd(v: Any) -> Any:
+                ts = [t.detach() for t in ad.to_list(v)]
+                if cast:  # vmap of jvp needs each tangent in its primal's dtype
+                    ts = [t.to(p.dtype) for t, p in zip(ts, primals, strict=True)]
+                out = apply(ts)
+                return ad.back([o.detach() for o in out])
 
-        def hvp_fwd(v: Any) -> Any:
-            out = apply_fwd([t.detach() for t in ad.to_list(v)])
-            return ad.back([o.detach() for o in out])
+            return hvp_fwd
 
-        return hvp_fwd
+        return fwd(push_fwd, False), fwd(torch.func.vmap(push_fwd), True)
 
     if method == "rev_rev":
         _, vjp_fn = torch.func.vjp(
             lambda ps: torch.func.grad(f_list)(ps, *consts), primals
         )
 
-        apply_rev = torch.func.vmap(vjp_fn) if batched else vjp_fn
+        def rev(apply: Callable[[list[Tensor]], Any]) -> Callable[..., Any]:
+            def hvp_rev(v: Any) -> Any:
+                (out,) = apply([t.detach() for t in ad.to_list(v)])
+                return ad.back([o.detach() for o in out])
 
-        def hvp_rev(v: Any) -> Any:
-            (out,) = apply_rev([t.detach() for t in ad.to_list(v)])
-            return ad.back([o.detach() for o in out])
+            return hvp_rev
 
-        return hvp_rev
+        return rev(vjp_fn), rev(torch.func.vmap(vjp_fn))
 
     leaves = [p.clone().requires_grad_(True) for p in primals]
     with torch.enable_grad():
@@ -187,23 +229,26 @@ def make_hvp(
         )
     live = [i for i, gi in enumerate(g) if gi.requires_grad]
 
-    def hvp_db(v: Any) -> Any:
-        vs = ad.to_list(v)
-        if not live:  # f is at most linear in params: H = 0
-            return ad.back(
-                [p.new_zeros(v.shape) for p, v in zip(primals, vs, strict=True)]
+    def db(batched: bool) -> Callable[..., Any]:
+        def hvp_db(v: Any) -> Any:
+            vs = ad.to_list(v)
+            if not live:  # f is at most linear in params: H = 0
+                return ad.back(
+                    [p.new_zeros(v.shape) for p, v in zip(primals, vs, strict=True)]
+                )
+            out = torch.autograd.grad(
+                [g[i] for i in live],
+                leaves,
+                [vs[i].detach() for i in live],
+                retain_graph=True,
+                materialize_grads=True,
+                is_grads_batched=batched,
             )
-        out = torch.autograd.grad(
-            [g[i] for i in live],
-            leaves,
-            [vs[i].detach() for i in live],
-            retain_graph=True,
-            materialize_grads=True,
-            is_grads_batched=batched,
-        )
-        return ad.back([o.detach() for o in out])
+            return ad.back([o.detach() for o in out])
 
-    return hvp_db
+        return hvp_db
+
+    return db(False), db(True)
 
 
 def hessian_vector_product(
@@ -256,6 +301,15 @@ class BatchTerm:
     def apply(self, vs: list[Tensor]) -> list[Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def apply_block(self, vs: list[Tensor]) -> list[Tensor]:
+        """The batch matrix times ``q`` columns at once (leading dimension ``q``).
+
+        This fallback loops over the columns; terms with a vectorised pass
+        override it.
+        """
+        cols = [self.apply([v[j] for v in vs]) for j in range(vs[0].shape[0])]
+        return [torch.stack(c) for c in zip(*cols, strict=True)]
+
 
 class DataOperator(LinearOperator):
     """A matrix that is the sample-weighted sum of per-batch matrices.
@@ -263,8 +317,9 @@ class DataOperator(LinearOperator):
     Handles the data (one batch or an iterable of batches), the weights
     ``n_b / N`` (mean) or ``1`` (sum), the all-reduce under
     ``torch.distributed``, the mode policy, the per-batch cache and its
-    invalidation when parameters or buffers change in place, and the full-data
-    ``loss()``/``gradient()``.
+    invalidation when parameters or buffers change in place, the route of
+    block products (``block``, ``max_block``, :meth:`choose_block`), and the
+    full-data ``loss()``/``gradient()``.
     """
 
     def __init__(
@@ -278,8 +333,12 @@ class DataOperator(LinearOperator):
         loss_reduction: Literal["mean", "sum"] | None = None,
         max_cached_batches: int = 4,
         batch_fn: Callable[[Any], Any] | None = None,
+        block: Literal["auto", "loop", "batched"] = "auto",
+        max_block: int = 8,
     ) -> None:
         check_int("max_cached_batches", max_cached_batches, ge=0)
+        check_choice("block", block, BLOCK_ROUTES)
+        check_int("max_block", max_block, ge=1)
         if not callable(loss_fn):
             raise TypeError(
                 f"`loss_fn` must be callable; got {type(loss_fn).__name__}."
@@ -313,6 +372,9 @@ class DataOperator(LinearOperator):
         )
         self._cache: list[BatchTerm] | None = None
         self._cache_key: tuple[int, ...] | None = None
+        self.block = block
+        self.max_block = max_block
+        self.block_used: str = "loop" if block == "auto" else block
 
     # --- data ------------------------------------------------------------------
     def _batches(self) -> Iterator[Batch]:
@@ -394,6 +456,101 @@ class DataOperator(LinearOperator):
 
     # --- products ----------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
+        if V.shape[1] > 1 and self.block_used == "batched":
+            return self._matmat_batched(V)
+        return self._matmat_loop(V)
+
+    @full_precision
+    def choose_block(
+        self, k: int | None = None, *, repeats: int = 3, seed: int = 0
+    ) -> dict[str, float]:
+        """Time both block routes on this operator and keep the faster one.
+
+        Applies a seeded random ``(P, k)`` block once to build the cached graphs,
+        then ``repeats`` times per route, interleaved, and sets
+        :attr:`block_used` to the route of the smaller median. Under
+        ``torch.distributed`` the times are summed over ranks first, so every
+        rank picks the same route. These products are not counted in
+        :attr:`n_matvec`. The choice depends on timing, and the two routes agree
+        to rounding only: pass ``block=`` explicitly where results must be
+        reproducible bit for bit.
+
+        Args:
+            k: Columns per timed product; default :attr:`max_block`.
+            repeats: Timed products per route. Default: ``3``.
+            seed: Seed of the random block. Default: ``0``.
+
+        Returns:
+            Median seconds per column of each route, ``{"loop": ..., "batched": ...}``.
+
+        Raises:
+            ValueError: If ``k`` < 2 or ``repeats`` < 1.
+        """
+        k = self.max_block if k is None else k
+        check_int("k", k, ge=2)
+        check_int("repeats", repeats, ge=1)
+        gen = torch.Generator().manual_seed(seed)
+        V = torch.randn(self._size, k, generator=gen, dtype=self.dtype).to(self.device)
+        routes = {"loop": self._matmat_loop, "batched": self._matmat_batched}
+        times: dict[str, list[float]] = {r: [] for r in routes}
+        routes["loop"](V)  # builds (and caches) the per-batch graphs
+
+        def sync() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        for i in range(repeats):
+            for r in sorted(routes, reverse=i % 2 == 1):
+                sync()
+                t0 = time.perf_counter()
+                routes[r](V)
+                sync()
+                times[r].append(time.perf_counter() - t0)
+        med = torch.tensor(
+            [statistics.median(times[r]) / k for r in routes], dtype=torch.float64
+        )
+        med = distributed.all_reduce_sum(med.to(self.device)).cpu()
+        self.block_used = "batched" if med[1] < med[0] else "loop"
+        return {r: float(t) for r, t in zip(routes, med, strict=True)}
+
+    def _matmat_batched(self, V: Tensor) -> Tensor:
+        """Each batch term on ``max_block`` columns at a time, in one pass each.
+
+        Works on the transposed block ``(k, P)``, whose rows (the columns of
+        ``V``) split into per-parameter views with a leading dimension; the
+        weighting is the loop's, operation for operation.
+        """
+        k = V.shape[1]
+        VT = V.T.contiguous()
+        outT = torch.empty_like(VT)
+        spans, i = [], 0
+        for s in self.param_shapes:
+            spans.append((i, i + s.numel(), s))
+            i += s.numel()
+        chunks = [
+            slice(a, min(a + self.max_block, k)) for a in range(0, k, self.max_block)
+        ]
+        first = True
+        for term, w in self._terms():
+            for c in chunks:
+                q = c.stop - c.start
+                vs = [VT[c, a:b].view(q, *s) for a, b, s in spans]
+                hv = term.apply_block(vs)
+                dst = outT[c]
+                for (a, b, s), h in zip(spans, hv, strict=True):
+                    d = dst[:, a:b].view(q, *s)
+                    if first:
+                        d.copy_(h)
+                    else:
+                        d.add_(h, alpha=w)
+                if first and w != 1.0:
+                    dst.mul_(w)
+            first = False
+        if first:  # no local batch (an empty shard or loader): contributes zero
+            outT.zero_()
+        return distributed.all_reduce_sum(outT.T.contiguous())
+
+    def _matmat_loop(self, V: Tensor) -> Tensor:
         out = torch.empty_like(V, memory_format=torch.contiguous_format)
         first = True
         for term, w in self._terms():

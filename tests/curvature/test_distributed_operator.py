@@ -22,6 +22,14 @@ def _problem():
     return cases.mlp(), X, y
 
 
+def _block():
+    """Three columns: with ``max_block=2``, one pass of two and one of one."""
+    t = torch.arange(57, dtype=torch.float64)
+    return torch.stack(
+        [torch.linspace(-1, 1, 57).double(), t.cos(), (0.3 * t).sin()], 1
+    )
+
+
 def _worker(rank, world, port, out_dir):
     with cases.gloo_group(rank, world, port):
         from geoopt_sgd.curvature import GGNOperator, HessianOperator
@@ -53,6 +61,10 @@ def _worker(rank, world, port, out_dir):
                     assert H.num_samples == c
                 G = GGNOperator(m, CE, shard)
                 results[f"G-{split}-{wrap}"] = G.matvec(v)
+                # block products, batched route: one all-reduce per block
+                for kind, Op in (("HB", HessianOperator), ("GB", GGNOperator)):
+                    op = Op(m, CE, shard, block="batched", max_block=2)
+                    results[f"{kind}-{split}-{wrap}"] = op.matmat(_block())
                 results[f"grad-{split}-{wrap}"] = H.gradient()
                 results[f"loss-{split}-{wrap}"] = torch.tensor(H.loss())
         H = HessianOperator(
@@ -84,11 +96,19 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     v = torch.linspace(-1, 1, 57, dtype=torch.float64)
     for split, n in (("even", 12), ("uneven", 13), ("empty", 13)):
         H = HessianOperator(model, CE, (X[:n], y[:n]))
-        ref_h, ref_g = H.matvec(v), GGNOperator(model, CE, (X[:n], y[:n])).matvec(v)
+        G = GGNOperator(model, CE, (X[:n], y[:n]))
+        ref_h, ref_g = H.matvec(v), G.matvec(v)
+        ref_hb, ref_gb = H.matmat(_block()), G.matmat(_block())
         for key in r0:
             if key.split("-")[1:2] != [split]:
                 continue
-            ref = {"H": ref_h, "G": ref_g, "grad": H.gradient()}.get(key.split("-")[0])
+            ref = {
+                "H": ref_h,
+                "G": ref_g,
+                "HB": ref_hb,
+                "GB": ref_gb,
+                "grad": H.gradient(),
+            }.get(key.split("-")[0])
             if ref is None:
                 ref = torch.tensor(H.loss())
             assert torch.equal(r0[key], r1[key]), key  # identical on every rank
