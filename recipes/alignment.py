@@ -50,12 +50,12 @@ from typing import Any
 import _common as common
 import torch
 from _common import option
-from torch import Tensor, nn
+from torch import nn
 
 from geoopt_sgd import HalfSquaredError, noise_geometry
 
 RECIPE = "alignment"
-FAMILIES = ("rfm", "linear_net", "fcn", "cnn")
+FAMILIES = ("rfm", "linear_net", "fcn", "cnn", "timm")
 # what noise_geometry measures along training (WWS22 §2: alpha, beta, mu, mu_1,
 # mu_2; gamma is its gradient_uniformity)
 TRAIN_METRICS = ("loss", "alpha", "beta", "mu", "mu1", "mu2", "gradient_uniformity")
@@ -67,7 +67,7 @@ OURS = "ours (docs/recipes/alignment.md)"
 
 @dataclass(frozen=True)
 class Config(common.RunOptions):
-    families: tuple[str, ...] = option(FAMILIES, "families to train (subset of 4)")
+    families: tuple[str, ...] = option(FAMILIES, "families to train (a subset)")
     # random-feature model
     rfm_dim: int = option(10, "rfm: input dimension d (inputs uniform on S^{d-1})")
     rfm_samples: int = option(200, "rfm: training samples")
@@ -83,20 +83,22 @@ class Config(common.RunOptions):
     fcn_samples: int = option(500, "fcn: training digits")
     fcn_widths: tuple[int, ...] = option((5, 20, 160), "fcn: hidden widths (2 layers)")
     fcn_lr: float = option(0.05, "fcn: SGD learning rate")
-    # conv net on digits
-    cnn_model: str = option(
-        "test_resnet", "cnn: a timm ResNet name (channels, GroupNorm) or 'cnn'"
-    )
+    # conv nets on digits: two 3x3 conv layers + linear head, and a timm ResNet
     cnn_samples: int = option(500, "cnn: training digits")
-    cnn_widths: tuple[int, ...] = option((4, 12, 40), "cnn: channels per stage")
+    cnn_widths: tuple[int, ...] = option((4, 16, 48), "cnn: channels")
     cnn_lr: float = option(0.05, "cnn: SGD learning rate")
-    image_size: int = option(8, "cnn: input side (digits are 8x8)")
+    timm_model: str = option("test_resnet", "timm: a timm ResNet name")
+    timm_samples: int = option(500, "timm: training digits")
+    timm_widths: tuple[int, ...] = option((8,), "timm: channels of every stage")
+    timm_lr: float = option(0.05, "timm: SGD learning rate")
+    image_size: int = option(8, "cnn, timm: input side (digits are 8x8)")
     # SGD and the measurements
     batch_size: int = option(10, "SGD batch size B")
     max_steps: int = option(4000, "SGD steps at most per run")
     stop_loss: float = option(1e-4, "stop a run once the training loss is below")
     every: int = option(200, "measure every this many SGD steps")
-    tail: int = option(3, "mu at convergence: median of the last `tail` measurements")
+    tail: int = option(5, "mu at convergence: median of this many measurements ...")
+    tail_every: int = option(20, "... taken every this many steps from convergence on")
     # alignment against the sample size (linear regression)
     nsweep_dim: int = option(100, "n sweep: input dimension d")
     nsweep_samples: tuple[int, ...] = option((20, 100, 1000), "n sweep: sample sizes")
@@ -187,8 +189,8 @@ def validate(cfg: Config) -> None:
             )
     if len(set(cfg.families)) != len(cfg.families):
         raise ValueError(f"`families` must not repeat; got {cfg.families!r}.")
-    if cfg.cnn_model != "cnn" and "cnn" in cfg.families:
-        common.check_model_name(cfg.cnn_model)
+    if "timm" in cfg.families:
+        common.check_model_name(cfg.timm_model)
     common.check_min(
         cfg,
         (
@@ -199,6 +201,7 @@ def validate(cfg: Config) -> None:
             "max_steps",
             "every",
             "tail",
+            "tail_every",
             "nsweep_dim",
             "nsweep_steps",
             "nsweep_every",
@@ -208,17 +211,18 @@ def validate(cfg: Config) -> None:
     )
     common.check_min(cfg, ("rfm_samples", "linear_samples"), 2)
     common.check_min(cfg, ("image_size",), 4)
-    for name in ("rfm_widths", "linear_widths", "fcn_widths", "cnn_widths"):
-        ws = getattr(cfg, name)
-        if len(ws) < 2 or min(ws) < 1:
-            raise ValueError(f"`{name}` must hold >= 2 widths >= 1; got {ws!r}.")
+    for fam in FAMILIES:
+        ws = widths_of(cfg, fam)
+        name = {"linear_net": "linear_widths"}.get(fam, f"{fam}_widths")
+        if not ws or min(ws) < 1 or len(set(ws)) != len(ws):
+            raise ValueError(f"`{name}` must hold distinct widths >= 1; got {ws!r}.")
     if len(cfg.nsweep_samples) < 2 or min(cfg.nsweep_samples) < 2:
         raise ValueError(
             f"`nsweep_samples` must hold >= 2 sizes >= 2; got {cfg.nsweep_samples!r}."
         )
     if cfg.k > cfg.nsweep_dim:
         raise ValueError(f"`k` must be <= nsweep_dim = {cfg.nsweep_dim}; got {cfg.k}.")
-    for name in ("fcn_samples", "cnn_samples"):
+    for name in ("fcn_samples", "cnn_samples", "timm_samples"):
         v = getattr(cfg, name)
         if not 2 <= v <= 1347:
             raise ValueError(f"`{name}` must be in [2, 1347] (digits); got {v}.")
@@ -249,8 +253,8 @@ def load_task(family: str, cfg: Config, device: torch.device) -> dict[str, Any]:
     * ``rfm``: ``x`` uniform on the unit sphere in ``R^d``; ``y = ReLU(√d v_1·x) −
       ReLU(√d v_2·x)``, ``v_j`` uniform unit vectors (a 2-neuron ReLU teacher).
     * ``linear_net``: ``x ~ N(0, I_d)``, ``y = b·x / √d``, ``b ~ N(0, I_d)``.
-    * ``fcn`` / ``cnn``: digits (flat 64 / 1×8×8, standardised), ``y = ±1`` for
-      even/odd labels.
+    * ``fcn`` / ``cnn`` / ``timm``: digits (flat 64 / 1×S×S, standardised),
+      ``y = ±1`` for even/odd labels.
 
     Returns:
         ``{"x", "y"}`` with ``y`` of shape ``(n, 1)``.
@@ -271,10 +275,10 @@ def load_task(family: str, cfg: Config, device: torch.device) -> dict[str, Any]:
         b = torch.randn(d, 1, generator=gen, dtype=torch.float64)
         y = x @ b / math.sqrt(d)
     else:
-        n = cfg.fcn_samples if family == "fcn" else cfg.cnn_samples
+        n = getattr(cfg, f"{family}_samples")
         data = common.load_data(
             "digits",
-            image_size=cfg.image_size if family == "cnn" else 8,
+            image_size=8 if family == "fcn" else cfg.image_size,
             in_chans=1,
             flatten=family == "fcn",
             num_train=n,
@@ -291,7 +295,9 @@ def build_model(
     dtype = getattr(torch, cfg.dtype)
     d = int(task["x"][0].numel())
     if family == "rfm":
-        return common.make_model("rfm", 1, input_dim=d, width=width, seed=seed, dtype=dtype)
+        return common.make_model(
+            "rfm", 1, input_dim=d, width=width, seed=seed, dtype=dtype
+        )
     if family == "linear_net":
         return common.make_model(
             "deep_linear",
@@ -304,18 +310,29 @@ def build_model(
         )
     if family == "fcn":
         return common.make_model(
-            "mlp", 1, input_dim=d, width=width, depth=2, activation="tanh",
-            seed=seed, dtype=dtype,
+            "mlp",
+            1,
+            input_dim=d,
+            width=width,
+            depth=2,
+            activation="tanh",
+            seed=seed,
+            dtype=dtype,
         )
-    if cfg.cnn_model == "cnn":
+    if family == "cnn":
         return common.make_model(
-            "cnn", 1, in_chans=1, image_size=cfg.image_size, width=width,
-            seed=seed, dtype=dtype,
+            "cnn",
+            1,
+            in_chans=1,
+            image_size=cfg.image_size,
+            width=width,
+            seed=seed,
+            dtype=dtype,
         )
     # a timm ResNet with `width` channels in every stage and GroupNorm(1 group),
     # a per-sample normalisation: the measured function is the trained one
     return common.make_model(
-        cfg.cnn_model,
+        cfg.timm_model,
         1,
         in_chans=1,
         image_size=cfg.image_size,
@@ -365,15 +382,25 @@ def _sgd(
     measure: Any,
     lr_name: str,
     gen: torch.Generator,
+    tail: int = 1,
+    tail_every: int = 1,
 ) -> dict[str, list]:
     """SGD with batches drawn without replacement per epoch; ``measure(step)``
-    at step 0 and every ``every`` steps until the loss is below ``stop``."""
+    at step 0 and every ``every`` steps until the loss is below ``stop`` (or
+    ``steps`` are done), then ``tail - 1`` more times every ``tail_every`` steps.
+
+    Returns:
+        ``{"step": [...], <measure's keys>: [...], "converged_at": the first
+        measured step with L < stop or None, "tail_from": the index of the
+        first of the last ``tail`` measurements}``.
+
+    Raises:
+        Diverged: If the training loss is not finite at a measurement.
+    """
     x, y = task["x"], task["y"]
-    n = len(y)
-    B = min(cfg.batch_size, n)
     loss_fn = HalfSquaredError()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    record: dict[str, list] = {"step": []}
+    record: dict[str, Any] = {"step": []}
 
     def at(step: int) -> bool:
         loss = common.full_batch_loss(model, loss_fn, x, y)
@@ -387,11 +414,40 @@ def _sgd(
             record.setdefault(key, []).append(v)
         return loss < stop
 
-    perm, pos = torch.randperm(n, generator=gen), 0
-    done = at(0)
     bar = common.progress_bar(total=steps, desc=lr_name.split("_")[0])
-    step = 0
+    _step = _batches(model, task, opt, cfg, gen, bar)
+    done = at(0)
+    step, converged_at = 0, (0 if done else None)
     while not done and step < steps:
+        step = _step(step)
+        if step % every == 0 or step == steps:
+            done = at(step)
+            if done:
+                converged_at = step
+            bar.set_postfix(loss=f"{record['loss'][-1]:.2e}")
+    tail_from = len(record["step"]) - 1
+    for _ in range(tail - 1):
+        for _ in range(tail_every):
+            step = _step(step)
+        at(step)
+    bar.close()
+    record["converged_at"] = converged_at
+    record["tail_from"] = tail_from
+    return record
+
+
+def _batches(
+    model: nn.Module, task: dict[str, Any], opt: Any, cfg: Config, gen: Any, bar: Any
+) -> Any:
+    """One SGD step per call, batches without replacement within an epoch."""
+    x, y = task["x"], task["y"]
+    n = len(y)
+    B = min(cfg.batch_size, n)
+    loss_fn = HalfSquaredError()
+    perm, pos = torch.randperm(n, generator=gen), 0
+
+    def step(t: int) -> int:
+        nonlocal perm, pos
         if pos + B > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + B].to(x.device)
@@ -400,13 +456,10 @@ def _sgd(
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
-        step += 1
         bar.update(1)
-        if step % every == 0 or step == steps:
-            done = at(step)
-            bar.set_postfix(loss=f"{record['loss'][-1]:.2e}")
-    bar.close()
-    return record
+        return t + 1
+
+    return step
 
 
 def train_run(
@@ -427,8 +480,18 @@ def train_run(
         return {m: res.values[m] for m in TRAIN_METRICS}
 
     rec = _sgd(
-        model, task, lr, cfg, cfg.max_steps, cfg.every, cfg.stop_loss, measure,
-        lr_name, gen,
+        model,
+        task,
+        lr,
+        cfg,
+        cfg.max_steps,
+        cfg.every,
+        cfg.stop_loss,
+        measure,
+        lr_name,
+        gen,
+        tail=cfg.tail,
+        tail_every=cfg.tail_every,
     )
     return {"num_params": num_params(model), "width": width, "lr": lr, **rec}
 
@@ -467,14 +530,23 @@ def nsweep_run(spectrum: str, n: int, cfg: Config, device: torch.device) -> dict
     """
     task = nsweep_inputs(spectrum, n, cfg, device)
     model = common.make_model(
-        "linear", 1, input_dim=cfg.nsweep_dim, seed=cfg.seed,
+        "linear",
+        1,
+        input_dim=cfg.nsweep_dim,
+        seed=cfg.seed,
         dtype=getattr(torch, cfg.dtype),
     ).to(device)
     xb = torch.cat([task["x"], torch.ones_like(task["x"][:, :1])], 1).double()
     lam = float(torch.linalg.eigvalsh(xb.T @ xb / n)[-1])
     lr = cfg.nsweep_lr_factor / lam
     k = min(cfg.k, num_params(model))
-    names = ("loss", "mu", "mu1", "directional_alignment", "directional_alignment_random")
+    names = (
+        "loss",
+        "mu",
+        "mu1",
+        "directional_alignment",
+        "directional_alignment_random",
+    )
 
     def measure(step: int) -> dict[str, Any]:
         res = _measure(model, task, names, seed=step, k=k, tol=1e-6)
@@ -490,8 +562,16 @@ def nsweep_run(spectrum: str, n: int, cfg: Config, device: torch.device) -> dict
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
     rec = _sgd(
-        model, task, lr, cfg, cfg.nsweep_steps, cfg.nsweep_every, cfg.nsweep_stop,
-        measure, "nsweep_lr_factor", gen,
+        model,
+        task,
+        lr,
+        cfg,
+        cfg.nsweep_steps,
+        cfg.nsweep_every,
+        cfg.nsweep_stop,
+        measure,
+        "nsweep_lr_factor",
+        gen,
     )
     return {"n": n, "spectrum": spectrum, "d_eff": task["d_eff"], "lr": lr, **rec}
 
@@ -512,7 +592,9 @@ def _median(values: list) -> float:
 
 def _trajectory(rec: dict[str, Any], key: str) -> list[float]:
     """``key`` along training while the loss is positive (μ is 0/0 at L = 0)."""
-    return _finite([v for v, L in zip(rec[key], rec["loss"], strict=True) if L and L > 0])
+    return _finite(
+        [v for v, L in zip(rec[key], rec["loss"], strict=True) if L and L > 0]
+    )
 
 
 def summarise(
@@ -531,8 +613,8 @@ def summarise(
             worst_m = key
         alphas += a
         mus += m
-        rec_mu = rec["mu"][-cfg.tail :]
-        metrics[f"{key}/mu_converged"] = _median(rec_mu)
+        metrics[f"{key}/mu_converged"] = _median(rec["mu"][rec["tail_from"] :])
+        metrics[f"{key}/converged_at"] = rec["converged_at"]
         metrics[f"{key}/final_loss"] = rec["loss"][-1]
         metrics[f"{key}/steps"] = rec["step"][-1]
         metrics[f"{key}/num_params"] = rec["num_params"]
@@ -542,7 +624,7 @@ def summarise(
     n_meas = len(alphas)
     rows.append(
         C(
-            "alpha near 1 along training: min alpha over every measurement of every run",
+            "alpha near 1 along training: min alpha over every measurement",
             min(alphas) if alphas else None,
             ">=",
             cfg.alpha_min,
@@ -560,9 +642,23 @@ def summarise(
             note=f"{len(mus)} measurements; lowest in {worst_m}",
         )
     )
+    unconverged = [k for k, rec in runs.items() if rec["converged_at"] is None]
+    rows.append(
+        C(
+            f"every run converged (reached L < {cfg.stop_loss:g}, where mu at "
+            "convergence is read): number of runs that did not",
+            len(unconverged),
+            "<=",
+            0,
+            source=f"{SRC_WWS22} (mu at convergence); the level: {OURS}",
+            note=("not converged: " + ", ".join(unconverged)) if unconverged else "",
+        )
+    )
     p_ratios = []
     for fam in cfg.families:
         keys = [f"{fam}/{w}" for w in widths_of(cfg, fam)]
+        if len(keys) < 2:
+            continue
         mu_c = [metrics[f"{k}/mu_converged"] for k in keys]
         ps = [runs[k]["num_params"] for k in keys]
         p_ratio = max(ps) / min(ps)
@@ -571,7 +667,7 @@ def summarise(
         flat = max(fin) / min(fin) if len(fin) == len(mu_c) and min(fin) > 0 else None
         metrics[f"{fam}/mu_flatness"] = flat
         metrics[f"{fam}/param_ratio"] = p_ratio
-        is_cnn = fam == "cnn"
+        is_cnn = fam in ("cnn", "timm")
         rows.append(
             C(
                 f"mu roughly flat in model size ({fam}): max/min of mu at convergence "
@@ -585,14 +681,13 @@ def summarise(
                     else f"claim: {SRC_WWS22}, Fig. 2; threshold {OURS}"
                 ),
                 note="mu at convergence: "
-                + ", ".join(f"{m:.3f}" for m in mu_c)
-                + f" (median of the last {cfg.tail} measurements)",
+                + ", ".join("n/a" if m is None else f"{m:.3f}" for m in mu_c)
+                + f" (median of {cfg.tail} measurements {cfg.tail_every} steps apart)",
             )
         )
     rows.append(
         C(
-            "the size sweeps span >= 100x parameters: min over families of "
-            "P_max/P_min",
+            "the size sweeps span >= 100x parameters: min over families of P_max/P_min",
             min(p_ratios) if p_ratios else None,
             ">=",
             100,
@@ -646,7 +741,9 @@ def summarise(
             ">=",
             1.0,
             source=f"{SRC_WWS22}, Prop. 2.3 (Gaussian inputs: mu >= 1)",
-            note=", ".join(f"{sp} {v:.4f}" for sp, v in zip(SPECTRA, large, strict=True)),
+            note=", ".join(
+                f"{sp} {v:.4f}" for sp, v in zip(SPECTRA, large, strict=True)
+            ),
         )
     )
     return metrics, rows
@@ -666,7 +763,7 @@ def table(results: dict[str, Any]) -> str:
     ]
     for key in results["arrays"]["runs"]:
 
-        def f(name, fmt=".3f"):
+        def f(name, fmt=".3f", key=key):
             v = m.get(f"{key}/{name}")
             return "n/a" if v is None else format(v, fmt)
 
@@ -679,7 +776,7 @@ def table(results: dict[str, Any]) -> str:
     lines += ["|---|---|---|---|---|---|"]
     for key in results["arrays"]["nsweep"]:
 
-        def g(name):
+        def g(name, key=key):
             v = m.get(f"nsweep/{key}/{name}")
             return "n/a" if v is None else f"{v:.3f}"
 
@@ -740,14 +837,27 @@ def plot(results_path: str | Path) -> Path:
     for i, sp in enumerate(SPECTRA):
         keys = [k for k in nsweep if k.startswith(sp + "/")]
         ns = [nsweep[k]["n"] for k in keys]
-        a.plot(ns, [m.get(f"nsweep/{k}/mu_median") for k in keys], "o-",
-               color=f"C{i}", label=f"μ, {sp}")
-        a.plot(ns, [m.get(f"nsweep/{k}/g_top_median") for k in keys], "s--",
-               color=f"C{i}", label=f"min g(u_j), {sp}")
+        a.plot(
+            ns,
+            [m.get(f"nsweep/{k}/mu_median") for k in keys],
+            "o-",
+            color=f"C{i}",
+            label=f"μ, {sp}",
+        )
+        a.plot(
+            ns,
+            [m.get(f"nsweep/{k}/g_top_median") for k in keys],
+            "s--",
+            color=f"C{i}",
+            label=f"min g(u_j), {sp}",
+        )
     a.axhline(1.0, color="grey", lw=0.7, ls=":")
     a.set_xscale("log")
-    a.set(xlabel="samples n (d = 100)", ylabel="median along training",
-          title="linear regression: alignment against n")
+    a.set(
+        xlabel="samples n (d = 100)",
+        ylabel="median along training",
+        title="linear regression: alignment against n",
+    )
     a.legend(fontsize=7)
     fig.suptitle(f"alignment (seed {res['seed']})", fontsize=9)
     path = Path(results_path).parent / "alignment.png"
