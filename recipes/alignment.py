@@ -82,7 +82,7 @@ class Config(common.RunOptions):
     # fully connected tanh net on digits
     fcn_samples: int = option(500, "fcn: training digits")
     fcn_widths: tuple[int, ...] = option((5, 20, 160), "fcn: hidden widths (2 layers)")
-    fcn_lr: float = option(0.05, "fcn: SGD learning rate")
+    fcn_lr: float = option(0.2, "fcn: SGD learning rate")
     # conv nets on digits: two 3x3 conv layers + linear head, and a timm ResNet
     cnn_samples: int = option(500, "cnn: training digits")
     cnn_widths: tuple[int, ...] = option((4, 16, 48), "cnn: channels")
@@ -97,8 +97,8 @@ class Config(common.RunOptions):
     max_steps: int = option(4000, "SGD steps at most per run")
     stop_loss: float = option(1e-4, "stop a run once the training loss is below")
     every: int = option(200, "measure every this many SGD steps")
-    tail: int = option(5, "mu at convergence: median of this many measurements ...")
-    tail_every: int = option(20, "... taken every this many steps from convergence on")
+    tail: int = option(9, "mu at convergence: median of this many measurements ...")
+    tail_every: int = option(25, "... taken every this many steps from convergence on")
     # alignment against the sample size (linear regression)
     nsweep_dim: int = option(100, "n sweep: input dimension d")
     nsweep_samples: tuple[int, ...] = option((20, 100, 1000), "n sweep: sample sizes")
@@ -122,12 +122,14 @@ class Config(common.RunOptions):
     def quick(cls) -> Config:
         """The CI setting: fewer samples and steps, the same sizes and rows."""
         return cls(
-            rfm_samples=100,
+            rfm_samples=50,
             rfm_widths=(100, 1000, 10000),
             fcn_samples=100,
+            fcn_lr=0.2,
             cnn_samples=100,
-            max_steps=1500,
-            every=150,
+            timm_samples=100,
+            max_steps=3000,
+            every=300,
             nsweep_steps=1000,
         )
 
