@@ -70,7 +70,7 @@ class Config(common.RunOptions):
     families: tuple[str, ...] = option(FAMILIES, "families to train (a subset)")
     # random-feature model
     rfm_dim: int = option(10, "rfm: input dimension d (inputs uniform on S^{d-1})")
-    rfm_samples: int = option(200, "rfm: training samples")
+    rfm_samples: int = option(100, "rfm: training samples")
     rfm_widths: tuple[int, ...] = option((200, 2000, 20000), "rfm: feature counts m")
     rfm_lr: float = option(2.0, "rfm: SGD learning rate")
     # deep linear network
@@ -80,23 +80,23 @@ class Config(common.RunOptions):
     linear_widths: tuple[int, ...] = option((4, 32, 128), "linear_net: widths")
     linear_lr: float = option(0.05, "linear_net: SGD learning rate")
     # fully connected tanh net on digits
-    fcn_samples: int = option(500, "fcn: training digits")
+    fcn_samples: int = option(300, "fcn: training digits")
     fcn_widths: tuple[int, ...] = option((5, 20, 160), "fcn: hidden widths (2 layers)")
     fcn_lr: float = option(0.2, "fcn: SGD learning rate")
     # conv nets on digits: two 3x3 conv layers + linear head, and a timm ResNet
-    cnn_samples: int = option(500, "cnn: training digits")
-    cnn_widths: tuple[int, ...] = option((4, 16, 48), "cnn: channels")
-    cnn_lr: float = option(0.05, "cnn: SGD learning rate")
+    cnn_samples: int = option(300, "cnn: training digits")
+    cnn_widths: tuple[int, ...] = option((6, 21, 68), "cnn: channels")
+    cnn_lr: float = option(0.1, "cnn: SGD learning rate")
     timm_model: str = option("test_resnet", "timm: a timm ResNet name")
-    timm_samples: int = option(500, "timm: training digits")
+    timm_samples: int = option(300, "timm: training digits")
     timm_widths: tuple[int, ...] = option((8,), "timm: channels of every stage")
     timm_lr: float = option(0.05, "timm: SGD learning rate")
     image_size: int = option(8, "cnn, timm: input side (digits are 8x8)")
     # SGD and the measurements
     batch_size: int = option(10, "SGD batch size B")
-    max_steps: int = option(4000, "SGD steps at most per run")
+    max_steps: int = option(6000, "SGD steps at most per run")
     stop_loss: float = option(1e-4, "stop a run once the training loss is below")
-    every: int = option(200, "measure every this many SGD steps")
+    every: int = option(300, "measure every this many SGD steps")
     tail: int = option(9, "mu at convergence: median of this many measurements ...")
     tail_every: int = option(25, "... taken every this many steps from convergence on")
     # alignment against the sample size (linear regression)
@@ -123,13 +123,10 @@ class Config(common.RunOptions):
         """The CI setting: fewer samples and steps, the same sizes and rows."""
         return cls(
             rfm_samples=50,
-            rfm_widths=(100, 1000, 10000),
             fcn_samples=100,
-            fcn_lr=0.2,
             cnn_samples=100,
             timm_samples=100,
             max_steps=3000,
-            every=300,
             nsweep_steps=1000,
         )
 
