@@ -97,8 +97,8 @@ class Config(common.RunOptions):
     max_steps: int = option(6000, "SGD steps at most per run")
     stop_loss: float = option(1e-4, "stop a run once the training loss is below")
     every: int = option(300, "measure every this many SGD steps")
-    tail: int = option(9, "mu at convergence: median of this many measurements ...")
-    tail_every: int = option(25, "... taken every this many steps from convergence on")
+    tail: int = option(25, "mu at convergence: median of this many measurements ...")
+    tail_every: int = option(20, "... taken every this many steps from convergence on")
     # alignment against the sample size (linear regression)
     nsweep_dim: int = option(100, "n sweep: input dimension d")
     nsweep_samples: tuple[int, ...] = option((20, 100, 1000), "n sweep: sample sizes")
@@ -127,6 +127,8 @@ class Config(common.RunOptions):
             cnn_samples=100,
             timm_samples=100,
             max_steps=3000,
+            tail=9,
+            tail_every=25,
             nsweep_steps=1000,
         )
 
