@@ -109,6 +109,7 @@ class Config(common.RunOptions):
     nsweep_steps: int = option(2000, "n sweep: SGD steps at most")
     nsweep_every: int = option(100, "n sweep: measure every this many steps")
     nsweep_stop: float = option(1e-12, "n sweep: stop once the loss is below")
+    nsweep_draws: int = option(5, "n sweep: data draws per (spectrum, n)")
     k: int = option(5, "n sweep: top GGN eigenvectors for g(u_k)")
     # thresholds (docs/recipes/alignment.md says which are the papers')
     alpha_min: float = option(0.5, "row: alpha >= this at every measurement")
@@ -130,6 +131,7 @@ class Config(common.RunOptions):
             tail=9,
             tail_every=25,
             nsweep_steps=1000,
+            nsweep_draws=3,
         )
 
 
@@ -165,7 +167,9 @@ def main(cfg: Config) -> dict[str, Any]:
                 unit += 1
                 nsweep[f"{spectrum}/{n}"] = stages.run(
                     f"nsweep/{spectrum}/{n}",
-                    lambda _r, _s, sp=spectrum, m=n: nsweep_run(sp, m, cfg, run.device),
+                    lambda _r, _s, sp=spectrum, m=n: nsweep_runs(
+                        sp, m, cfg, run.device
+                    ),
                 )
         metrics, rows = summarise(runs, nsweep, cfg)
         arrays = {"runs": runs, "nsweep": nsweep}
@@ -206,6 +210,7 @@ def validate(cfg: Config) -> None:
             "nsweep_dim",
             "nsweep_steps",
             "nsweep_every",
+            "nsweep_draws",
             "k",
         ),
         1,
@@ -498,16 +503,16 @@ def train_run(
 
 
 def nsweep_inputs(
-    spectrum: str, n: int, cfg: Config, device: torch.device
+    spectrum: str, n: int, cfg: Config, device: torch.device, draw: int = 0
 ) -> dict[str, Any]:
     """Gaussian inputs ``x ~ N(0, S)`` and a linear teacher ``y = b·x / √Tr S``.
 
     ``S = I`` (isotropic, ``d_eff = Tr S / ‖S‖ = d``) or ``S = diag(decay^j)``
-    (``d_eff ≈ 1 / (1 − decay)``); ``b ~ N(0, I)``. Seeded by ``seed`` and ``n``
-    only, so both spectra see the same draws.
+    (``d_eff ≈ 1 / (1 − decay)``); ``b ~ N(0, I)``. Seeded by ``seed``, ``n``
+    and ``draw`` only, so both spectra see the same draws.
     """
     d = cfg.nsweep_dim
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + n)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * draw + 17 + n)
     if spectrum == "isotropic":
         s = torch.ones(d, dtype=torch.float64)
     else:
@@ -521,7 +526,20 @@ def nsweep_inputs(
     return {"x": x.to(device, dtype), "y": y.to(device, dtype), "d_eff": d_eff}
 
 
-def nsweep_run(spectrum: str, n: int, cfg: Config, device: torch.device) -> dict:
+def nsweep_runs(spectrum: str, n: int, cfg: Config, device: torch.device) -> dict:
+    """:func:`nsweep_run` on ``nsweep_draws`` independent draws of the data.
+
+    Returns:
+        ``{"n", "spectrum", "d_eff", "draws": [one record per draw]}``.
+    """
+    draws = [nsweep_run(spectrum, n, cfg, device, i) for i in range(cfg.nsweep_draws)]
+    d_eff = draws[0]["d_eff"]
+    return {"n": n, "spectrum": spectrum, "d_eff": d_eff, "draws": draws}
+
+
+def nsweep_run(
+    spectrum: str, n: int, cfg: Config, device: torch.device, draw: int = 0
+) -> dict:
     """Linear regression (``nn.Linear(d, 1)``) on :func:`nsweep_inputs` by SGD.
 
     The learning rate is ``nsweep_lr_factor / λ_max(G)``, ``G`` the (exact,
@@ -529,7 +547,7 @@ def nsweep_run(spectrum: str, n: int, cfg: Config, device: torch.device) -> dict
     ``μ``, ``μ_1``, ``g(u_j)`` for the top-``k`` eigenvectors and the mean ``g``
     over random directions.
     """
-    task = nsweep_inputs(spectrum, n, cfg, device)
+    task = nsweep_inputs(spectrum, n, cfg, device, draw)
     model = common.make_model(
         "linear",
         1,
@@ -561,7 +579,7 @@ def nsweep_run(spectrum: str, n: int, cfg: Config, device: torch.device) -> dict
             "g_random": res.values["directional_alignment_random"],
         }
 
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 2 + 7919 * draw)
     rec = _sgd(
         model,
         task,
@@ -701,8 +719,9 @@ def summarise(
         for n in cfg.nsweep_samples:
             rec = nsweep[f"{sp}/{n}"]
             for key in ("mu", "mu1", "g_top", "g_random"):
-                metrics[f"nsweep/{sp}/{n}/{key}_median"] = _median(
-                    _trajectory(rec, key)
+                # the median along each draw's training, averaged over the draws
+                metrics[f"nsweep/{sp}/{n}/{key}_median"] = statistics.fmean(
+                    _median(_trajectory(r, key)) for r in rec["draws"]
                 )
             metrics[f"nsweep/{sp}/{n}/d_eff"] = rec["d_eff"]
     for sp in SPECTRA:
@@ -712,7 +731,8 @@ def summarise(
         rows.append(
             C(
                 f"alignment weaker at small n ({sp} inputs, d_eff = {d_eff:.0f}): "
-                f"median mu along training, n = {n_lo} over n = {n_hi}",
+                f"median mu along training (mean over draws), n = {n_lo} over "
+                f"n = {n_hi}",
                 lo / hi if hi > 0 else None,
                 "<",
                 1.0,
@@ -737,7 +757,7 @@ def summarise(
     rows.append(
         C(
             f"large-n linear regression gives mu >= 1: median mu along training at "
-            f"n = {n_hi}, min over the two spectra",
+            f"n = {n_hi} (mean over draws), min over the two spectra",
             min(large),
             ">=",
             1.0,

@@ -36,6 +36,7 @@ def tiny(tmp_path, **kw):
         nsweep_samples=(5, 40),
         nsweep_steps=40,
         nsweep_every=20,
+        nsweep_draws=2,
         k=2,
     )
     base.update(kw)
@@ -126,7 +127,7 @@ def test_nsweep_at_init_matches_dense(tiny_run, spectrum):
         "linear", 1, input_dim=cfg.nsweep_dim, seed=cfg.seed, dtype=torch.float64
     )
     ref = _dense(model, task["x"], task["y"])
-    rec = res["arrays"]["nsweep"][f"{spectrum}/{n}"]
+    rec = res["arrays"]["nsweep"][f"{spectrum}/{n}"]["draws"][0]
     assert rec["mu"][0] == pytest.approx(ref["mu"], rel=1e-8)
     assert rec["mu1"][0] == pytest.approx(ref["mu1"], rel=1e-8)
     # g(u) = u^T Sigma u / (2L u^T G u) on the top-k eigenvectors of G (the GGN
@@ -148,6 +149,10 @@ def test_nsweep_at_init_matches_dense(tiny_run, spectrum):
         else ((1 - cfg.nsweep_decay**cfg.nsweep_dim) / (1 - cfg.nsweep_decay))
     )
     assert rec["d_eff"] == pytest.approx(want, rel=1e-12)
+    # the draws are independent data sets
+    other = R.nsweep_inputs(spectrum, n, cfg, torch.device("cpu"), draw=1)
+    assert not torch.equal(other["x"], task["x"])
+    assert len(res["arrays"]["nsweep"][f"{spectrum}/{n}"]["draws"]) == cfg.nsweep_draws
 
 
 # ------------------------------------------------------------ the run
@@ -221,10 +226,7 @@ def _rec(P, mu, alpha=None, converged=True):
 
 
 def _ns(n, mu, g):
-    return {
-        "n": n,
-        "spectrum": "",
-        "d_eff": 10.0,
+    draw = {
         "lr": 0.1,
         "step": [0, 1],
         "loss": [1.0, 1.0],
@@ -233,6 +235,7 @@ def _ns(n, mu, g):
         "g_top": [g, g],
         "g_random": [1.0, 1.0],
     }
+    return {"n": n, "spectrum": "", "d_eff": 10.0, "draws": [draw, dict(draw)]}
 
 
 def _fake(cfg):
@@ -282,12 +285,12 @@ def test_every_row_can_fail():
     assert failed(r, ns) == [one(lambda c: c.startswith("the size sweeps span"))]
     for sp in R.SPECTRA:
         ns = copy.deepcopy(nsweep)
-        ns[f"{sp}/5"]["mu"] = [1.1, 1.1]
+        ns[f"{sp}/5"]["draws"][0]["mu"] = [1.5, 1.5]  # mean over draws 1.15
         assert failed(runs, ns) == [
             one(lambda c, s=sp: c.startswith(f"alignment weaker at small n ({s}"))
         ]
         ns = copy.deepcopy(nsweep)
-        ns[f"{sp}/5"]["g_top"] = [0.95, 0.95]
+        ns[f"{sp}/5"]["draws"][1]["g_top"] = [1.4, 1.4]  # mean 0.95
         assert failed(runs, ns) == [
             one(
                 lambda c, s=sp: c.startswith(
@@ -296,8 +299,7 @@ def test_every_row_can_fail():
             )
         ]
     ns = copy.deepcopy(nsweep)
-    ns["decaying/40"]["mu"] = [0.99, 0.99]
-    ns["decaying/5"]["mu"] = [0.8, 0.8]
+    ns["decaying/40"]["draws"][0]["mu"] = [0.93, 0.93]  # mean over draws 0.99
     assert failed(runs, ns) == [
         one(lambda c: c.startswith("large-n linear regression"))
     ]
