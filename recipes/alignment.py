@@ -72,7 +72,7 @@ class Config(common.RunOptions):
     rfm_dim: int = option(10, "rfm: input dimension d (inputs uniform on S^{d-1})")
     rfm_samples: int = option(100, "rfm: training samples")
     rfm_widths: tuple[int, ...] = option((200, 2000, 20000), "rfm: feature counts m")
-    rfm_lr: float = option(2.0, "rfm: SGD learning rate")
+    rfm_lr: float = option(5.0, "rfm: SGD learning rate")
     # deep linear network
     linear_dim: int = option(50, "linear_net: input dimension d")
     linear_samples: int = option(100, "linear_net: training samples n")
@@ -127,7 +127,7 @@ class Config(common.RunOptions):
             fcn_samples=100,
             cnn_samples=100,
             timm_samples=100,
-            max_steps=3000,
+            max_steps=4000,
             tail=9,
             tail_every=25,
             nsweep_steps=1000,
