@@ -881,6 +881,7 @@ def plot(results_path: str | Path) -> Path:
     )
     a.legend(fontsize=7)
     fig.suptitle(f"alignment (seed {res['seed']})", fontsize=9)
+    fig.subplots_adjust(hspace=0.35, wspace=0.25)
     path = Path(results_path).parent / "alignment.png"
     common.save_figure(fig, path)
     return path
