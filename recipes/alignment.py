@@ -107,7 +107,7 @@ class Config(common.RunOptions):
     max_steps: int = option(6000, "SGD steps at most per run")
     stop_loss: float = option(1e-4, "stop a run once the training loss is below")
     every: int = option(300, "measure every this many SGD steps")
-    tail: int = option(25, "mu at convergence: median of this many measurements ...")
+    tail: int = option(25, "mu at convergence: mean of this many measurements ...")
     tail_every: int = option(20, "... taken every this many steps from convergence on")
     # alignment against the sample size (linear regression)
     nsweep_dim: int = option(100, "n sweep: input dimension d")
@@ -138,10 +138,10 @@ class Config(common.RunOptions):
             cnn_samples=100,
             timm_samples=100,
             max_steps=4000,
-            tail=9,
-            tail_every=25,
+            tail=41,
+            tail_every=10,
             nsweep_steps=1000,
-            nsweep_draws=3,
+            nsweep_draws=8,
         )
 
 
@@ -547,26 +547,37 @@ def nsweep_runs(spectrum: str, n: int, cfg: Config, device: torch.device) -> dic
     return {"n": n, "spectrum": spectrum, "d_eff": d_eff, "draws": draws}
 
 
+def nsweep_model(cfg: Config) -> nn.Module:
+    """The ordinary linear model ``f(x) = θᵀx`` of WWS22 Prop. 2.3, bias-free.
+
+    A bias is a constant feature, not a Gaussian one: along it ``Σ_bb = 2L −
+    (mean residual)²`` falls short of ``2L·G_bb``, so with a bias ``μ ≥ 1`` is not
+    what the proposition says.
+    """
+    return common.make_model(
+        "deep_linear",
+        1,
+        input_dim=cfg.nsweep_dim,
+        depth=0,
+        seed=cfg.seed,
+        dtype=getattr(torch, cfg.dtype),
+    )
+
+
 def nsweep_run(
     spectrum: str, n: int, cfg: Config, device: torch.device, draw: int = 0
 ) -> dict:
-    """Linear regression (``nn.Linear(d, 1)``) on :func:`nsweep_inputs` by SGD.
+    """Linear regression (:func:`nsweep_model`) on :func:`nsweep_inputs` by SGD.
 
-    The learning rate is ``nsweep_lr_factor / λ_max(G)``, ``G`` the (exact,
-    constant) Gauss-Newton matrix of the inputs with a bias column. Measures
+    The learning rate is ``nsweep_lr_factor / λ_max(G)``, ``G = XᵀX / n`` the
+    (exact, constant) Gauss-Newton matrix. Measures
     ``μ``, ``μ_1``, ``g(u_j)`` for the top-``k`` eigenvectors and the mean ``g``
     over random directions.
     """
     task = nsweep_inputs(spectrum, n, cfg, device, draw)
-    model = common.make_model(
-        "linear",
-        1,
-        input_dim=cfg.nsweep_dim,
-        seed=cfg.seed,
-        dtype=getattr(torch, cfg.dtype),
-    ).to(device)
-    xb = torch.cat([task["x"], torch.ones_like(task["x"][:, :1])], 1).double()
-    lam = float(torch.linalg.eigvalsh(xb.T @ xb / n)[-1])
+    model = nsweep_model(cfg).to(device)
+    xd = task["x"].double()
+    lam = float(torch.linalg.eigvalsh(xd.T @ xd / n)[-1])
     lr = cfg.nsweep_lr_factor / lam
     k = min(cfg.k, num_params(model))
     names = (
@@ -614,6 +625,11 @@ def _finite(values: list) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(v)]
 
 
+def _mean(values: list) -> float:
+    vals = _finite(values)
+    return statistics.fmean(vals) if vals else math.nan
+
+
 def _median(values: list) -> float:
     vals = _finite(values)
     return statistics.median(vals) if vals else math.nan
@@ -642,7 +658,7 @@ def summarise(
             worst_m = key
         alphas += a
         mus += m
-        metrics[f"{key}/mu_converged"] = _median(rec["mu"][rec["tail_from"] :])
+        metrics[f"{key}/mu_converged"] = _mean(rec["mu"][rec["tail_from"] :])
         metrics[f"{key}/converged_at"] = rec["converged_at"]
         metrics[f"{key}/final_loss"] = rec["loss"][-1]
         metrics[f"{key}/steps"] = rec["step"][-1]
@@ -711,7 +727,7 @@ def summarise(
                 ),
                 note="mu at convergence: "
                 + ", ".join("n/a" if m is None else f"{m:.3f}" for m in mu_c)
-                + f" (median of {cfg.tail} measurements {cfg.tail_every} steps apart)",
+                + f" (mean of {cfg.tail} measurements {cfg.tail_every} steps apart)",
             )
         )
     rows.append(

@@ -123,9 +123,9 @@ def test_nsweep_at_init_matches_dense(tiny_run, spectrum):
     cfg, res = tiny_run
     n = 40
     task = R.nsweep_inputs(spectrum, n, cfg, torch.device("cpu"))
-    model = C.make_model(
-        "linear", 1, input_dim=cfg.nsweep_dim, seed=cfg.seed, dtype=torch.float64
-    )
+    model = R.nsweep_model(cfg)
+    # WWS22 Prop. 2.3's ordinary linear model f = theta^T x: no bias
+    assert [p.shape for p in model.parameters()] == [(1, cfg.nsweep_dim)]
     ref = _dense(model, task["x"], task["y"])
     rec = res["arrays"]["nsweep"][f"{spectrum}/{n}"]["draws"][0]
     assert rec["mu"][0] == pytest.approx(ref["mu"], rel=1e-8)
