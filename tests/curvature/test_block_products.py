@@ -47,7 +47,9 @@ def _block(P, k, seed=0):
 _REFS = {}
 
 
-def _check(kind, method, model, loss_fn, data, *, key, k=11, max_block=4, **kw):
+def assert_block_products_match(
+    kind, method, model, loss_fn, data, *, key, k=11, max_block=4, **kw
+):
     """Batched (ragged chunks: ``k`` not a multiple of ``max_block``), loop, dense.
 
     The dense reference is computed once per ``(kind, key)``: the Hessian routes
@@ -84,7 +86,7 @@ def test_small_models(kind, method, case):
         data = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(X, y), batch_size=5
         )
-    op = _check(kind, method, mlp(), loss_fn, data, key=case)
+    op = assert_block_products_match(kind, method, mlp(), loss_fn, data, key=case)
     assert op.cacheable == (case != "loader")
 
 
@@ -95,7 +97,15 @@ def test_batchnorm_modes(kind, method, mode):
     # vectorised pass (forward-over-reverse included: vmap of jvp)
     Xi, yi = image_data(10)
     data = [(Xi[:6], yi[:6]), (Xi[6:], yi[6:])]
-    _check(kind, method, tiny_cnn(), CE, data, key=mode, mode=mode, k=7, max_block=3)
+    model = tiny_cnn()
+    before = {k: b.clone() for k, b in model.state_dict().items()}
+    assert_block_products_match(
+        kind, method, model, CE, data, key=mode, mode=mode, k=7, max_block=3
+    )
+    # the batched passes leave the running statistics and the flags untouched
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training
 
 
 @pytest.mark.parametrize(("kind", "method"), ROUTES, ids=ROUTE_IDS)
@@ -105,7 +115,7 @@ def test_sum_reduction_and_subset(kind, method):
     model = mlp()
     model.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
     sel = ["unused", "0.bias", "2.weight"]  # zero rows for the unused one
-    _check(
+    op = assert_block_products_match(
         kind,
         method,
         model,
@@ -113,6 +123,10 @@ def test_sum_reduction_and_subset(kind, method):
         [(X[:7], y[:7]), (X[7:], y[7:])],
         key="sum",
         params=sel,
+    )
+    # the unused parameter comes first in `sel`: its two rows are exactly zero
+    assert torch.equal(
+        op.matmat(_block(op.shape[0], 3))[:2], torch.zeros(2, 3).double()
     )
 
 
