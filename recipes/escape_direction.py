@@ -78,6 +78,9 @@ WW23 = "Wang & Wu 2023, arXiv:2310.00692"
 OURS = "ours (docs/recipes/escape_direction.md)"
 # k of the reported shares tau_k (of Tr H) and rho_k / tau_k
 TAU_KS = (1, 5, 20)
+# Seconds between checkpoint writes during an arm's runs (written after every run,
+# the quick ViT setting wrote its 15 MB checkpoint about 40 times, 0.6 GB)
+RUNS_CHECKPOINT_SECONDS = 30.0
 
 # The per-model defaults of the fields left at None: the timm default is test_vit as
 # a one-token residual MLP (8x8 inputs, one 8x8 patch, no class token, two blocks,
@@ -711,6 +714,11 @@ def escape_arms(
 ) -> dict[str, list[dict[str, Any]]]:
     """Run every arm's runs from θ*: one stage per arm, a snapshot after each run.
 
+    The checkpoint (θ*'s K eigenvectors included: 14 MB for the default ViT at
+    K = 20) is written at most every :data:`RUNS_CHECKPOINT_SECONDS` within an
+    arm, at the arm's end and on an interrupt; each run has its own seed, so a
+    run redone after a kill gives the same record.
+
     Units of work (:func:`_common.maybe_interrupt`) continue the training steps'
     count: run ``r`` of an arm is unit ``pre_steps + train_steps + (runs of the
     earlier arms) + r``.
@@ -746,7 +754,9 @@ def escape_arms(
                 bar.set_postfix(arm=arm["name"], lr=f"{arm['lr']:.3g}")
             return records
 
-        out[arm["name"]] = stages.run(f"runs:{arm['name']}", runs)
+        out[arm["name"]] = stages.run(
+            f"runs:{arm['name']}", runs, min_interval=RUNS_CHECKPOINT_SECONDS
+        )
         unit += arm["runs"]
     bar.close()
     return out

@@ -350,7 +350,8 @@ class Stages:
     ``state`` (a dict inside the run's checkpoint) keeps ``done`` (stage name →
     its result) and ``current`` (the unfinished stage's last snapshot, or
     ``None``). :meth:`run` skips a finished stage, hands a stage its own last
-    snapshot on resume, and saves after every snapshot and every stage.
+    snapshot on resume, and saves after every stage and every snapshot (or, with
+    ``min_interval``, at most that often within a stage).
 
     Args:
         state: The dict to keep the stages in (created keys: ``done``,
@@ -364,7 +365,13 @@ class Stages:
         self.done: dict[str, Any] = state.setdefault("done", {})
         state.setdefault("current", None)
 
-    def run(self, name: str, stage: Callable[[Any, Callable[[Any], None]], Any]) -> Any:
+    def run(
+        self,
+        name: str,
+        stage: Callable[[Any, Callable[[Any], None]], Any],
+        *,
+        min_interval: float = 0.0,
+    ) -> Any:
         """Return stage ``name``'s result, running ``stage`` unless it is done.
 
         Args:
@@ -372,6 +379,14 @@ class Stages:
             stage: ``stage(resume, snapshot)``: ``resume`` is the stage's last
                 snapshot (``None`` on a fresh start); ``snapshot(value)`` saves
                 ``value`` as that snapshot. Returns the stage's result.
+            min_interval: Seconds between checkpoint writes within the stage
+                (``0``: write at every snapshot). A snapshot that comes sooner is
+                kept in :attr:`state` and written with the next one, at the end of
+                the stage, or when the stage raises (an interrupt included), so
+                only a killed process loses it. For stages whose snapshots are
+                cheap to redo and whose checkpoint is large; the value must be
+                complete whenever the stage can raise (e.g. a list that only
+                grows by finished items).
 
         Returns:
             The result (from the checkpoint when the stage was done before).
@@ -380,12 +395,25 @@ class Stages:
             return self.done[name]
         current = self.state["current"]
         resume = current["snapshot"] if current and current["stage"] == name else None
+        last_write = time.perf_counter()
+        pending = False
 
         def snapshot(value: Any) -> None:
+            nonlocal last_write, pending
             self.state["current"] = {"stage": name, "snapshot": value}
-            self.save()
+            now = time.perf_counter()
+            if now - last_write >= min_interval:
+                self.save()
+                last_write, pending = now, False
+            else:
+                pending = True
 
-        result = stage(resume, snapshot)
+        try:
+            result = stage(resume, snapshot)
+        except BaseException:
+            if pending:
+                self.save()
+            raise
         self.done[name] = result
         self.state["current"] = None
         self.save()

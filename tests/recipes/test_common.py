@@ -454,6 +454,49 @@ def test_stages_run_once_and_resume_from_their_snapshot(tmp_path):
     assert stages.state == {"done": {"first": "a", "second": 6}, "current": None}
 
 
+def test_stages_min_interval_writes_at_most_that_often_and_on_an_interrupt(monkeypatch):
+    import copy
+    import sys
+    import types
+
+    clock = [0.0]
+    monkeypatch.setattr(
+        sys.modules["_common.run"],
+        "time",
+        types.SimpleNamespace(perf_counter=lambda: clock[0]),
+    )
+    state: dict = {}
+    writes = []
+    stages = C.Stages(state, lambda: writes.append(copy.deepcopy(state["current"])))
+
+    def four_seconds_each(stop=None):
+        def stage(resume, snapshot):
+            done = [] if resume is None else list(resume)
+            for i in range(len(done), 5):
+                if i == stop:
+                    raise C.Interrupted("killed")
+                clock[0] += 4.0
+                done.append(i)
+                snapshot(done)
+            return len(done)
+
+        return stage
+
+    # snapshots at 4, 8, 12, 16, 20 s: written at 12 s, then at the stage's end
+    assert stages.run("a", four_seconds_each(), min_interval=10.0) == 5
+    assert writes == [{"stage": "a", "snapshot": [0, 1, 2]}, None]
+    # an interrupt writes the snapshot kept back, and the stage resumes from it
+    writes.clear()
+    with pytest.raises(C.Interrupted):
+        stages.run("b", four_seconds_each(stop=2), min_interval=10.0)
+    assert writes == [{"stage": "b", "snapshot": [0, 1]}]
+    assert stages.run("b", four_seconds_each(), min_interval=10.0) == 5
+    # the default writes at every snapshot
+    writes.clear()
+    assert stages.run("c", four_seconds_each()) == 5
+    assert len(writes) == 6 and writes[0] == {"stage": "c", "snapshot": [0]}
+
+
 def test_cli_exit_status(tmp_path, monkeypatch, capsys):
     def main(passed):
         def run(cfg):
