@@ -47,7 +47,6 @@ log axis for SGD and flat curves for the control; ``escape_direction.png`` ``ρ_
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -336,29 +335,13 @@ def validate(cfg: Config) -> None:
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """Parse ``cfg.model_kwargs`` (``'key=value'``; values as Python literals).
+    """``cfg.model_kwargs`` (after the model's defaults) parsed for timm.
 
     Raises:
         ValueError: If an entry is not ``key=value`` or the model is not timm's.
     """
     cfg = resolved(cfg)
-    out: dict[str, Any] = {}
-    for item in cfg.model_kwargs:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ValueError(
-                f"`model_kwargs` entries must be 'key=value'; got {item!r}."
-            )
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()  # a bare word is a string
-    if out and cfg.model in common.SMALL_MODELS:
-        raise ValueError(
-            f"`model_kwargs` are passed to timm.create_model; model {cfg.model!r} "
-            "is not a timm model."
-        )
-    return out
+    return common.parse_model_kwargs(cfg.model_kwargs, cfg.model)
 
 
 def build(cfg: Config, device: torch.device) -> tuple[nn.Module, Tensor, Tensor]:

@@ -44,7 +44,6 @@ PASS (seeds 0–4 all pass: recipes/README.md). ``--model mlp``: 0.154, 0.900,
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -228,29 +227,12 @@ def validate(cfg: Config) -> None:
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """Parse ``cfg.model_kwargs`` (``'key=value'``; values as Python literals, a
-    bare word is a string).
+    """``cfg.model_kwargs`` parsed for timm (:func:`_common.parse_model_kwargs`).
 
     Raises:
         ValueError: If an entry is not ``key=value`` or the model is not timm's.
     """
-    out: dict[str, Any] = {}
-    for item in cfg.model_kwargs or ():
-        key, sep, value = (t.strip() for t in item.partition("="))
-        if not sep or not key.isidentifier():
-            raise ValueError(
-                f"`model_kwargs` entries must be 'key=value'; got {item!r}."
-            )
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    if out and cfg.model in common.SMALL_MODELS:
-        raise ValueError(
-            f"`model_kwargs` are passed to timm.create_model; model {cfg.model!r} "
-            "is not a timm model."
-        )
-    return out
+    return common.parse_model_kwargs(cfg.model_kwargs, cfg.model)
 
 
 def load_task(cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from .models import (
     make_targets,
     model_wants_flat,
     parity_targets,
+    parse_model_kwargs,
     set_flat_parameters,
 )
 from .plotting import pyplot, save_figure
@@ -108,6 +109,7 @@ __all__ = [
     "model_wants_flat",
     "option",
     "parity_targets",
+    "parse_model_kwargs",
     "parse_config",
     "progress_bar",
     "pyplot",

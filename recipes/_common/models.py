@@ -13,8 +13,9 @@ parameters as one vector, in ``model.parameters()`` order (the operators' order)
 
 from __future__ import annotations
 
+import ast
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -37,8 +38,45 @@ __all__ = [
     "make_targets",
     "model_wants_flat",
     "parity_targets",
+    "parse_model_kwargs",
     "set_flat_parameters",
 ]
+
+
+def parse_model_kwargs(items: Iterable[str] | None, model: str) -> dict[str, Any]:
+    """Parse ``--model-kwargs`` entries (``'key=value'``) for ``timm.create_model``.
+
+    Values are Python literals (``channels=(8,8,16,16)``, ``depth=2``,
+    ``class_token=False``); a bare word is a string (``norm_layer=groupnorm1``).
+
+    Args:
+        items: The entries (``None`` or empty: no arguments).
+        model: The model name; arguments are allowed for timm models only.
+
+    Returns:
+        The keyword arguments.
+
+    Raises:
+        ValueError: If an entry is not ``key=value`` with an identifier as key,
+            or ``model`` is one of :data:`SMALL_MODELS` and arguments are given.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = (t.strip() for t in item.partition("="))
+        if not sep or not key.isidentifier():
+            raise ValueError(
+                f"`model_kwargs` entries must be 'key=value'; got {item!r}."
+            )
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word is a string
+    if out and model in SMALL_MODELS:
+        raise ValueError(
+            f"`model_kwargs` are passed to timm.create_model; model {model!r} "
+            "is not a timm model."
+        )
+    return out
 
 
 def check_model_name(name: str) -> str:

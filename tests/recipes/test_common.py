@@ -497,6 +497,25 @@ def test_stages_min_interval_writes_at_most_that_often_and_on_an_interrupt(monke
     assert len(writes) == 6 and writes[0] == {"stage": "c", "snapshot": [0]}
 
 
+def test_parse_model_kwargs():
+    got = C.parse_model_kwargs(
+        [" depth = 2", "channels=(8,8,16,16)", "norm_layer=groupnorm1", "x=False"],
+        "test_resnet",
+    )
+    assert got == {
+        "depth": 2,
+        "channels": (8, 8, 16, 16),
+        "norm_layer": "groupnorm1",
+        "x": False,
+    }
+    assert C.parse_model_kwargs(None, "mlp") == {} == C.parse_model_kwargs([], "vit")
+    for bad in ("depth", "=2", "two words=1", "1x=2"):
+        with pytest.raises(ValueError, match="'key=value'"):
+            C.parse_model_kwargs([bad], "test_vit")
+    with pytest.raises(ValueError, match="'mlp' is not a timm model"):
+        C.parse_model_kwargs(["depth=2"], "mlp")
+
+
 def test_cli_exit_status(tmp_path, monkeypatch, capsys):
     def main(passed):
         def run(cfg):
