@@ -57,8 +57,10 @@ def _split(theta: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
     return out
 
 
-def _weights(data: Any, reduction: str) -> list[tuple[Any, Tensor, float]]:
-    batches = list(as_batches(data))
+def _weights(
+    data: Any, reduction: str, batch_fn: Callable[[Any], Any] | None
+) -> list[tuple[Any, Tensor, float]]:
+    batches = list(as_batches(data, batch_fn))
     n = sum(batch_size(y) for _, y in batches)
     if n == 0:
         raise ValueError("`data` is empty: it yields no samples.")
@@ -75,6 +77,7 @@ def dense_hessian(
     params: Iterable[Tensor] | Iterable[str] | None = None,
     mode: str = "eval",
     loss_reduction: str | None = None,
+    batch_fn: Callable[[Any], Any] | None = None,
 ) -> Tensor:
     """Form the Hessian of the full-data loss explicitly.
 
@@ -85,6 +88,8 @@ def dense_hessian(
         params: Parameter selection; default all with ``requires_grad``.
         mode: ``"eval"`` or ``"train"`` (the package's mode policy).
         loss_reduction: ``"mean"``, ``"sum"`` or ``None`` (read from ``loss_fn``).
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` to
+            ``(inputs, targets)``, as for the operators (dict batches).
 
     Returns:
         ``H``, shape ``(P, P)``, summed over batches with weights ``n_b/N``
@@ -105,7 +110,7 @@ def dense_hessian(
     theta = torch.cat([p.detach().reshape(-1) for p in fm.params])
     H = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
     with fm.policy(), math_sdpa():
-        for x, y, w in _weights(data, reduction):
+        for x, y, w in _weights(data, reduction, batch_fn):
 
             def f(t: Tensor, x: Any = x, y: Tensor = y) -> Tensor:
                 return loss_fn(fm(_split(t, fm.shapes), x), y)
@@ -122,6 +127,7 @@ def dense_ggn(
     params: Iterable[Tensor] | Iterable[str] | None = None,
     mode: str = "eval",
     loss_reduction: str | None = None,
+    batch_fn: Callable[[Any], Any] | None = None,
 ) -> Tensor:
     """Form the generalised Gauss-Newton matrix ``sum_b w_b J_b^T Lambda_b J_b``.
 
@@ -132,6 +138,8 @@ def dense_ggn(
         params: Parameter selection; default all with ``requires_grad``.
         mode: ``"eval"`` or ``"train"``.
         loss_reduction: ``"mean"``, ``"sum"`` or ``None`` (read from ``loss_fn``).
+        batch_fn: ``None`` or a callable mapping one batch of ``data`` to
+            ``(inputs, targets)``, as for the operators (dict batches).
 
     Returns:
         ``G``, shape ``(P, P)``.
@@ -152,7 +160,7 @@ def dense_ggn(
     P = theta.numel()
     G = torch.zeros(P, P, dtype=theta.dtype)
     with fm.policy(), math_sdpa():
-        for x, y, w in _weights(data, reduction):
+        for x, y, w in _weights(data, reduction, batch_fn):
 
             def out_fn(t: Tensor, x: Any = x) -> Tensor:
                 return fm(_split(t, fm.shapes), x)

@@ -27,6 +27,7 @@ from geoopt_sgd.curvature import HessianOperator
 from geoopt_sgd.curvature.hvp import hessian_vector_product, make_hvp
 from geoopt_sgd.testing.curvature import (
     assert_close_report,
+    dense_ggn,
     dense_hessian,
     flat_params,
 )
@@ -475,3 +476,23 @@ def test_dense_reference_helpers():
         assert_close_report(a + torch.tensor([0, 0, 1e-3]), a, 1e-10, 0)
     with pytest.raises(AssertionError, match=r"shape mismatch: actual \(3,\)"):
         assert_close_report(a, a[:2], 1e-10, 0)
+
+
+def test_dense_references_take_batch_fn():
+    model, X, y = mlp(), *make_data(12)
+    tuples = [(X[:5], y[:5]), (X[5:], y[5:])]
+    dicts = [{"x": X[:5], "label": y[:5]}, {"x": X[5:], "label": y[5:]}]
+
+    def batch_fn(b):
+        return b["x"], b["label"]
+
+    for dense in (dense_hessian, dense_ggn):
+        want = dense(model, CE, tuples)
+        assert_close_report(dense(model, CE, dicts, batch_fn=batch_fn), want, 0, 0)
+    # the reference agrees with the operator given the same dict batches
+    H = HessianOperator(model, CE, dicts, batch_fn=batch_fn)
+    assert_close_report(
+        H.to_dense(), dense_hessian(model, CE, dicts, batch_fn=batch_fn), RTOL, ATOL
+    )
+    with pytest.raises(TypeError, match="batch_fn"):
+        dense_hessian(model, CE, dicts)
