@@ -336,3 +336,28 @@ def test_bad_new_options_stop_before_anything_is_written(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         R.main(tiny(tmp_path, **kw))
     assert not (tmp_path / "stability_bound").exists()
+
+
+def test_a_mup_onehot_run_end_to_end(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        part="bound",
+        families=("mlp", "cnn"),
+        mlp_widths=(4, 16),
+        cnn_widths=(2, 4),
+        targets="onehot",
+        parametrisation="mup",
+        steps=10,
+        num_evals=1,
+        tail_evals=1,
+    )
+    res = R.main(cfg)
+    runs = res["arrays"]["bound"]
+    # ten outputs: P of the mlp 64 -> w -> w -> 10 and of the cnn with a 10-way head
+    P = {(r["family"], r["width"]): r["P"] for r in runs}
+    assert P[("mlp", 4)] == 64 * 4 + 4 + 4 * 4 + 4 + 4 * 10 + 10
+    assert P[("cnn", 2)] == 9 * 2 + 2 + 2 * 2 * 9 + 2 + 2 * 4 * 10 + 10
+    assert len(res["verdict"]) == 3
+    assert res["config"]["targets"] == "onehot"
+    assert res["config"]["parametrisation"] == "mup"
+    assert not res["metrics"]["diverged_runs"]
