@@ -28,13 +28,16 @@ Commands (from the repository root; outputs under ``<out-dir>/stability_bound/``
     python recipes/stability_bound.py                    # full setting
     python recipes/stability_bound.py --part widths      # Z19 Fig. 4 only
     python recipes/stability_bound.py --part bound --families mlp,cnn,rfm,deep_linear
+    python recipes/stability_bound.py --part bound --targets onehot \
+        --parametrisation mup --cnn-lr 0.2      # ten outputs, muP (not the default)
 
 Expected: the ratio ≤ 1 along training (after step 0) in every run; closer to 1 at
 B = 5 than at B = 40; Tr(HΣ) ≥ 5·Tr(HΣ_iso) at every width and epoch, not
 decreasing with width: PASS. "Tr H grows with P at least twice as much as ‖H‖_F"
-FAILS in this setting (both grow by similar factors; recipes/README.md). Writes
-``bound.png`` (‖H‖_F and Tr H against P; the ratio along training) and ``widths.png``
-(Tr(HΣ) solid, Tr(HΣ_iso) dotted, per width and epoch). The measured tables and the
+FAILS in this setting (both grow by similar factors; recipes/README.md), and with
+``--targets onehot --parametrisation mup`` too (the mlp reaches 1.96, the cnn 1.33,
+seed 0). Writes ``bound.png`` (‖H‖_F and Tr H against P; the ratio along training)
+and ``widths.png`` (Tr(HΣ) solid, Tr(HΣ_iso) dotted, per width and epoch). The measured tables and the
 settings tried are in recipes/README.md.
 """
 
@@ -61,6 +64,10 @@ from geoopt_sgd import (
 RECIPE = "stability_bound"
 PARTS = ("bound", "widths", "all")
 FAMILIES = ("mlp", "cnn", "rfm", "deep_linear")
+TARGETS = ("parity", "onehot")
+PARAMETRISATIONS = ("sp", "mup")
+MUP_FAMILIES = ("mlp", "cnn")  # the families "mup" rescales
+NUM_CLASSES = 10  # digits: outputs of targets="onehot"
 # thresholds of the verdict (docs/recipes/stability_bound.md says whose they are)
 GROWTH_MIN = 2.0  # Tr H growth / ||H||_F growth over the size sweep (ours)
 ISO_MIN = 5.0  # Tr(H Sigma) / Tr(H Sigma_iso) at every width and epoch (ours)
@@ -81,13 +88,22 @@ class Config(common.RunOptions):
         (16, 64, 256), "hidden widths of the deep linear net"
     )
     depth: int = option(2, "hidden layers of the mlp and the deep linear net")
-    num_train: int = option(1000, "digits training samples (±1 even/odd targets)")
+    targets: str = option(
+        "parity", "'parity' (one output, ±1 even/odd) or 'onehot' (ten outputs)"
+    )
+    parametrisation: str = option(
+        "sp", "'sp' (PyTorch's) or 'mup' (first/last layer scaled from base_width)"
+    )
+    base_width: int = option(8, "width at which 'mup' equals 'sp' (mlp and cnn)")
+    num_train: int = option(1000, "digits training samples")
     lr: float = option(0.2, "SGD learning rate eta (all sizes, both batch sizes)")
     cnn_lr: float = option(0.05, "eta of the cnn family (ReLU; diverges at 0.2)")
     batch_sizes: tuple[int, ...] = option((5, 40), "SGD batch sizes (WWS22: 5, 40)")
     steps: int = option(3000, "SGD steps per run")
     num_evals: int = option(8, "evaluations evenly spaced along a run")
-    tail_evals: int = option(3, "evaluations in the last 10% (mu_0: their median)")
+    tail_evals: int = option(
+        3, "evaluations in the last tenth of the steps (mu_0: their median)"
+    )
     exact_max: int = option(650, "dense Hessian up to this P, Hutchinson above")
     trace_probes: int = option(16, "Hutchinson probes for Tr H and ||H||_F")
     mu_samples: int = option(256, "training samples mu is measured on (the first)")
@@ -189,6 +205,15 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"`{fam}_widths` must hold >= 2 sizes (a sweep).")
         if min(widths_of(cfg, fam)) < 2:
             raise ValueError(f"`{fam}_widths` must be >= 2.")
+    common.check_choice(cfg, "targets", TARGETS)
+    common.check_choice(cfg, "parametrisation", PARAMETRISATIONS)
+    if cfg.parametrisation == "mup":
+        other = [f for f in cfg.families if f not in MUP_FAMILIES]
+        if other:
+            raise ValueError(
+                "`parametrisation='mup'` rescales only the families "
+                f"{', '.join(map(repr, MUP_FAMILIES))}; got {', '.join(other)}."
+            )
     if len(cfg.batch_sizes) != 2 or cfg.batch_sizes[0] >= cfg.batch_sizes[1]:
         raise ValueError(
             "`batch_sizes` must be two sizes, the small one first (WWS22: 5, 40); "
@@ -207,6 +232,7 @@ def validate(cfg: Config) -> None:
         cfg,
         (
             "depth",
+            "base_width",
             "num_evals",
             "tail_evals",
             "z19_epochs",
@@ -242,7 +268,8 @@ def validate(cfg: Config) -> None:
 
 
 def load_digits(cfg: Config, device: torch.device) -> dict[str, Any]:
-    """Digits, flat and as 8x8 images, with ±1 even/odd targets (float64)."""
+    """Digits, flat and as 8x8 images, with the ``targets`` of ``cfg`` (float64):
+    ±1 even/odd ``(N, 1)`` or one-hot ``(N, 10)``."""
     out = {}
     for key, flat in (("flat", True), ("image", False)):
         data = common.load_data(
@@ -254,18 +281,25 @@ def load_digits(cfg: Config, device: torch.device) -> dict[str, Any]:
             dtype=torch.float64,
         ).to(device)
         out[key] = data
-    out["y"] = common.parity_targets(out["flat"].y_train, torch.float64).to(device)
+    labels = out["flat"].y_train
+    if cfg.targets == "onehot":
+        y = common.make_targets("mse", labels, NUM_CLASSES, torch.float64)
+    else:
+        y = common.parity_targets(labels, torch.float64)
+    out["y"] = y.to(device)
     return out
 
 
 def build_model(
     cfg: Config, task: dict, family: str, width: int, device: torch.device
 ) -> tuple[nn.Module, Tensor]:
-    """The seeded model of ``family`` at ``width`` and its training inputs."""
+    """The seeded model of ``family`` at ``width`` (one output per target column,
+    rescaled by :func:`mup_` under ``parametrisation="mup"``) and its training
+    inputs."""
     data = task["image" if family == "cnn" else "flat"]
     model = common.make_model(
         family,
-        1,
+        task["y"].shape[1],
         in_chans=data.in_chans,
         input_dim=data.input_dim,
         image_size=data.image_size,
@@ -275,7 +309,56 @@ def build_model(
         seed=cfg.seed,
         dtype=torch.float64,
     ).to(device)
+    if cfg.parametrisation == "mup":
+        mup_(model, width / cfg.base_width)
     return model, data.x_train
+
+
+class Scaled(nn.Module):
+    """``mult · layer(x)``: a layer with a fixed forward multiplier."""
+
+    def __init__(self, layer: nn.Module, mult: float):
+        super().__init__()
+        self.layer = layer
+        self.mult = mult
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mult * self.layer(x)
+
+
+def mup_(model: nn.Module, r: float) -> nn.Module:
+    """Rescale a standard-parametrised net in place into muP for one SGD
+    learning rate (Yang & Hu 2021, arXiv:2011.14522, Table 3), ``r`` its width
+    over the base width.
+
+    The first layer (``nn.Linear`` or ``nn.Conv2d``, input side fixed) gets the
+    multiplier ``√r`` and its weight and bias divided by ``√r``: the same
+    function at the start, its learning rate in effect ``η·r``. The last layer
+    gets the multiplier ``1/√r`` on unchanged weights: its output ``√r`` times
+    smaller at the start, its learning rate in effect ``η/r``. Hidden layers
+    stay as they are. At ``r = 1`` the net is the standard-parametrised one;
+    one ``η`` then trains every width alike (WWS22's bound is on the Hessian
+    in the trained parameters, which these are).
+
+    Returns:
+        ``model``.
+    """
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+    if len(layers) < 2:
+        raise ValueError("mup_ needs a first and a last layer (Linear or Conv2d).")
+    (first_name, first), last_name = layers[0], layers[-1][0]
+    with torch.no_grad():
+        for p in first.parameters():
+            p.div_(math.sqrt(r))
+    for name, mult in ((first_name, math.sqrt(r)), (last_name, 1 / math.sqrt(r))):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, Scaled(parent.get_submodule(attr), mult))
+    return model
 
 
 def eval_steps(cfg: Config) -> list[int]:

@@ -232,3 +232,132 @@ def test_quick_run(tmp_path):
     for fam in cfg.families:
         P = sorted({r["P"] for r in runs if r["family"] == fam})
         assert P[-1] >= 10 * P[0]  # the sweep spans >= 10x in parameter count
+
+
+def _effective_sp_copy(model: nn.Module) -> nn.Module:
+    """The standard-parametrised net a muP-rescaled one computes: every
+    ``Scaled(layer, m)`` replaced by ``layer`` with its parameters times ``m``."""
+    ref = copy.deepcopy(model)
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, R.Scaled):
+            inner = mod.layer
+            with torch.no_grad():
+                for p in inner.parameters():
+                    p.mul_(mod.mult)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent_name), attr, inner)
+    return ref
+
+
+@pytest.mark.parametrize("family, width", [("mlp", 32), ("cnn", 4)])
+def test_mup_is_sp_with_first_and_last_layer_rescaled(family, width):
+    """muP against a dense reference: the same hidden function at the start, the
+    output 1/sqrt(r) times the standard one, and the gradients in the trained
+    (raw) parameters m times those in the effective ones, i.e. SGD's step on
+    the effective first layer r times larger and on the last r times smaller."""
+    cfg = R.Config(families=(family,), num_train=60, targets="onehot", base_width=8)
+    task = R.load_digits(cfg, torch.device("cpu"))
+    sp, x = R.build_model(cfg, task, family, width, torch.device("cpu"))
+    mup_cfg = dataclasses.replace(cfg, parametrisation="mup")
+    mup, _ = R.build_model(mup_cfg, task, family, width, torch.device("cpu"))
+    r = width / 8
+    scaled = [m for m in mup.modules() if isinstance(m, R.Scaled)]
+    assert [m.mult for m in scaled] == pytest.approx([math.sqrt(r), 1 / math.sqrt(r)])
+    assert sum(p.numel() for p in mup.parameters()) == sum(
+        p.numel() for p in sp.parameters()
+    )
+    with torch.no_grad():
+        assert torch.allclose(mup(x), sp(x) / math.sqrt(r), rtol=1e-12, atol=1e-14)
+    ref = _effective_sp_copy(mup)
+    raw = dict(mup.named_parameters())
+    eff = dict(ref.named_parameters())
+    loss_fn = HalfSquaredError()
+    y = task["y"]
+    g_raw = torch.autograd.grad(loss_fn(mup(x), y), list(raw.values()))
+    g_eff = torch.autograd.grad(loss_fn(ref(x), y), list(eff.values()))
+    with torch.no_grad():
+        assert torch.allclose(ref(x), mup(x), rtol=1e-12, atol=1e-14)
+    first, last = scaled
+    for (name, _), gr, ge in zip(raw.items(), g_raw, g_eff, strict=True):
+        plain = name.replace(".layer.", ".")
+        assert plain in eff
+        if any(p is raw[name] for p in first.parameters()):
+            m = first.mult
+        elif any(p is raw[name] for p in last.parameters()):
+            m = last.mult
+        else:
+            m = 1.0
+        assert torch.allclose(gr, m * ge, rtol=1e-10, atol=1e-14), name
+
+
+def test_mup_at_the_base_width_is_sp():
+    cfg = R.Config(num_train=60, parametrisation="mup", base_width=8)
+    task = R.load_digits(cfg, torch.device("cpu"))
+    mup, x = R.build_model(cfg, task, "mlp", 8, torch.device("cpu"))
+    sp, _ = R.build_model(
+        dataclasses.replace(cfg, parametrisation="sp"),
+        task,
+        "mlp",
+        8,
+        torch.device("cpu"),
+    )
+    for a, b in zip(mup.parameters(), sp.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(mup(x), sp(x))
+
+
+def test_onehot_targets_give_ten_outputs():
+    cfg = R.Config(num_train=60, targets="onehot")
+    task = R.load_digits(cfg, torch.device("cpu"))
+    y = task["y"]
+    assert y.shape == (60, 10) and y.dtype == torch.float64
+    assert torch.equal(y.argmax(1), task["flat"].y_train)
+    assert torch.equal(y.sum(1), torch.ones(60, dtype=torch.float64))
+    model, x = R.build_model(cfg, task, "mlp", 4, torch.device("cpu"))
+    assert model(x).shape == (60, 10)
+    parity = R.load_digits(R.Config(num_train=60), torch.device("cpu"))["y"]
+    assert parity.shape == (60, 1) and set(parity.flatten().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(targets="ten"), "`targets` must be one of 'parity', 'onehot'"),
+        (dict(parametrisation="ntk"), "`parametrisation` must be one of 'sp', 'mup'"),
+        (
+            dict(parametrisation="mup", families=("mlp", "rfm")),
+            "rescales only the families 'mlp', 'cnn'; got rfm",
+        ),
+        (dict(base_width=0), "`base_width` must be >= 1"),
+    ],
+)
+def test_bad_new_options_stop_before_anything_is_written(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        R.main(tiny(tmp_path, **kw))
+    assert not (tmp_path / "stability_bound").exists()
+
+
+def test_a_mup_onehot_run_end_to_end(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        part="bound",
+        families=("mlp", "cnn"),
+        mlp_widths=(4, 16),
+        cnn_widths=(2, 4),
+        targets="onehot",
+        parametrisation="mup",
+        steps=10,
+        num_evals=1,
+        tail_evals=1,
+    )
+    res = R.main(cfg)
+    runs = res["arrays"]["bound"]
+    # ten outputs: P of the mlp 64 -> w -> w -> 10 and of the cnn with a 10-way head
+    P = {(r["family"], r["width"]): r["P"] for r in runs}
+    assert P[("mlp", 4)] == 64 * 4 + 4 + 4 * 4 + 4 + 4 * 10 + 10
+    assert P[("cnn", 2)] == 9 * 2 + 2 + 2 * 2 * 9 + 2 + 2 * 4 * 10 + 10
+    assert len(res["verdict"]) == 3
+    assert res["config"]["targets"] == "onehot"
+    assert res["config"]["parametrisation"] == "mup"
+    assert not res["metrics"]["diverged_runs"]
