@@ -37,8 +37,8 @@ decreasing with width: PASS. "Tr H grows with P at least twice as much as ‖H�
 FAILS in this setting (both grow by similar factors; recipes/README.md), and with
 ``--targets onehot --parametrisation mup`` too (the mlp reaches 1.96, the cnn 1.33,
 seed 0). Writes ``bound.png`` (‖H‖_F and Tr H against P; the ratio along training)
-and ``widths.png`` (Tr(HΣ) solid, Tr(HΣ_iso) dotted, per width and epoch). The measured tables and the
-settings tried are in recipes/README.md.
+and ``widths.png`` (Tr(HΣ) solid, Tr(HΣ_iso) dotted, per width and epoch). The
+measured tables and the settings tried are in recipes/README.md.
 """
 
 from __future__ import annotations
