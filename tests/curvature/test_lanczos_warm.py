@@ -112,7 +112,9 @@ def test_warm_other_ends_and_verify(which):
     E = torch.randn(296, 296, generator=g, dtype=torch.float64)
     At = A + 1e-6 * (E + E.T)
     prev = top_eigenpairs(DenseOperator(A), 6, which=which, tol=1e-8)
-    res = top_eigenpairs(DenseOperator(At), 6, which=which, tol=1e-8, v0=prev, verify=True)
+    res = top_eigenpairs(
+        DenseOperator(At), 6, which=which, tol=1e-8, v0=prev, verify=True
+    )
     cold = top_eigenpairs(DenseOperator(At), 6, which=which, tol=1e-8, verify=True)
     assert res.converged and res.verified
     torch.testing.assert_close(res.eigenvalues, cold.eigenvalues, rtol=1e-7, atol=0)
