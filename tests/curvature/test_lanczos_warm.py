@@ -21,6 +21,25 @@ def drifting(P=400, outliers=30, seed=0):
     return (Q * lam) @ Q.T, (E + E.T) / (2 * P**0.5)
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of block starts opened and focused expansions."""
+    counts = {"open": 0, "focus": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(lanczos, "_open_block", counted("open", lanczos._open_block))
+    monkeypatch.setattr(
+        lanczos, "_focus_pending", counted("focus", lanczos._focus_pending)
+    )
+    return counts
+
+
 def check_exact(A, res, k, tol, which="LA"):
     lam = torch.linalg.eigvalsh(A)
     ref = lam.flip(0)[:k] if which == "LA" else lam[:k].flip(0)
@@ -37,7 +56,7 @@ def check_exact(A, res, k, tol, which="LA"):
 
 
 @pytest.mark.parametrize("k", [5, 20])
-def test_warm_block_matches_eigh_and_is_cheaper(k):
+def test_warm_block_matches_eigh_and_is_cheaper(k, calls):
     # A_t = A + t E with a small step: the previous result (with its guards)
     # starts the next solve; values match eigh and cost fewer products than
     # a cold start
@@ -55,12 +74,13 @@ def test_warm_block_matches_eigh_and_is_cheaper(k):
         for res in (cold, summed, warm):
             check_exact(At, res, k, tol)
         assert warm.n_matvec < cold.n_matvec
+        assert calls["open"] == t  # the block start opened each time
         if k == 5:  # at k = 20 the summed start is level (37-45 products)
             assert warm.n_matvec <= 12 and warm.n_matvec < summed.n_matvec
         prev = warm
 
 
-def test_warm_tight_tolerance_and_restarts():
+def test_warm_tight_tolerance_and_restarts(calls):
     # a tight tolerance and a small basis: the block start, the focused
     # expansions and thick restarts keep the Lanczos relation exact
     A, E = drifting(P=300)
@@ -69,9 +89,10 @@ def test_warm_tight_tolerance_and_restarts():
     for mb in (None, 16):
         res = top_eigenpairs(DenseOperator(At), 6, tol=1e-9, v0=prev, max_basis=mb)
         check_exact(At, res, 6, 1e-9)
+    assert calls["open"] == 2
 
 
-def test_far_move_falls_back_to_the_summed_start():
+def test_far_move_falls_back_to_the_summed_start(calls):
     # v0 far from the operator's top eigenvectors: the solve is the summed
     # start's, product for product
     A, E = drifting(P=300)
@@ -82,9 +103,10 @@ def test_far_move_falls_back_to_the_summed_start():
     assert block.n_matvec == summed.n_matvec
     assert torch.equal(block.eigenvalues, summed.eigenvalues)
     check_exact(A, block, 5, 1e-6)
+    assert calls["open"] == 0
 
 
-def test_exact_invariant_subspace_returns_after_the_block():
+def test_exact_invariant_subspace_returns_after_the_block(calls):
     # v0 spans the top 6 eigenvectors exactly (5 wanted and the guard): one
     # summed product, the rest of the span in one block, then done
     A, _ = drifting(P=300)
@@ -95,10 +117,13 @@ def test_exact_invariant_subspace_returns_after_the_block():
     check_exact(A, res, 5, 1e-8)
     assert res.n_matvec <= 7
     assert op.n_matvec == res.n_matvec
+    assert calls["open"] == 1
 
 
-@pytest.mark.parametrize("which", ["SA", "BE", "LM"])
-def test_warm_other_ends_and_verify(which):
+@pytest.mark.parametrize("which", ["LA", "SA", "BE", "LM"])
+def test_warm_every_end_with_the_skip_check(which, calls):
+    # the block start opens at each end; with verify=True the skip check runs
+    # after it and the values equal a cold verified solve's
     lam = torch.cat(
         [
             torch.linspace(10, 8, 8, dtype=torch.float64),
@@ -110,14 +135,19 @@ def test_warm_other_ends_and_verify(which):
     Q, _ = torch.linalg.qr(torch.randn(296, 296, generator=g, dtype=torch.float64))
     A = (Q * lam) @ Q.T
     E = torch.randn(296, 296, generator=g, dtype=torch.float64)
-    At = A + 1e-6 * (E + E.T)
-    prev = top_eigenpairs(DenseOperator(A), 6, which=which, tol=1e-8)
+    At = A + 1e-5 * (E + E.T) / (2 * 296**0.5)
+    prev = top_eigenpairs(DenseOperator(A), 6, which=which, tol=1e-6)
     res = top_eigenpairs(
-        DenseOperator(At), 6, which=which, tol=1e-8, v0=prev, verify=True
+        DenseOperator(At), 6, which=which, tol=1e-6, v0=prev, verify=True
     )
-    cold = top_eigenpairs(DenseOperator(At), 6, which=which, tol=1e-8, verify=True)
+    assert calls["open"] == 1 and calls["focus"] >= 1
+    cold = top_eigenpairs(DenseOperator(At), 6, which=which, tol=1e-6, verify=True)
     assert res.converged and res.verified
-    torch.testing.assert_close(res.eigenvalues, cold.eigenvalues, rtol=1e-7, atol=0)
+    assert res.n_matvec < cold.n_matvec
+    torch.testing.assert_close(res.eigenvalues, cold.eigenvalues, rtol=1e-9, atol=0)
+    ev = torch.linalg.eigvalsh(At)
+    for v in res.eigenvalues:  # each value is an eigenvalue of At
+        assert float((ev - v).abs().min()) <= 1e-6 * abs(float(v))
     Y = res.eigenvectors
     true = (At @ Y - Y * res.eigenvalues).norm(dim=0) / res.eigenvalues.abs()
     torch.testing.assert_close(res.residuals, true, rtol=1e-6, atol=1e-13)
