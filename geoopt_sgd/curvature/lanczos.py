@@ -418,15 +418,22 @@ def thick_restart_lanczos(
             Vt[n] = _random_unit(P, gen, Vt[:n], Vt)
             n += 1
         if Q is not None:
-            # first product done: is A v0_sum close enough to span(v0)?
-            rho = _outside(Q, Vt[1], h, beta)
-            if not breakdown and n == 2 and rho * Q.shape[0] <= _WARM_RHO * tol:
+            # first product done: is A v0_sum close enough to span(v0)? (the
+            # block adds at most m - 1 products: never past the budget)
+            opened = (
+                not breakdown
+                and n == 2
+                and n_mv + Q.shape[0] - 1 <= max_matvecs
+                and _outside(Q, Vt[1], h, beta) * Q.shape[0] <= _WARM_RHO * tol
+            )
+            if opened:
                 pre_lo, n = 1, _open_block(Vt, H, Q)
                 pre_hi = n - 1
+            Q = None  # free it before the block's products
+            if opened:
                 W = operator.matmat(Vt[pre_lo:pre_hi].T)
                 n_mv += pre_hi - pre_lo
                 check_operator_output(W)
-            Q = None
         elif pre_hi and snap is None and j >= pre_hi and n - j > 1:
             _focus_pending(Vt, H, j, n, S[:, want], R[want], tols * scale)
         if n <= m:
@@ -535,11 +542,11 @@ def _focus_pending(
     The residual of a Ritz pair ``(theta, V_j s)`` is ``V_n H[:n, :j] s -
     theta V_j s``; its part in the pending vectors is ``H[j:n, :j] s``. Those
     parts of the wanted pairs whose residual ``res`` is still above its limit
-    ``lim`` (all of them when none is), each divided by ``lim``, form a ``(n - j, w)``
-    matrix; its dominant left singular vector is the pending direction that
-    carries most of what is left to converge, and it becomes ``Vt[j]``. An
-    orthogonal change of the pending rows and of ``H[j:n, :j]`` together keeps
-    ``A V_j = V_n H[:n, :j]`` exact.
+    ``lim`` (all of them when none is), each divided by ``lim``, form an
+    ``(n - j, w)`` matrix; its dominant left singular vector is the pending
+    direction that carries most of what is left to converge, and it becomes
+    ``Vt[j]``. An orthogonal change of the pending rows and of ``H[j:n, :j]``
+    together keeps ``A V_j = V_n H[:n, :j]`` exact.
     """
     lim = lim.clamp_min(torch.finfo(torch.float64).tiny)
     cols = res > lim

@@ -189,3 +189,22 @@ def test_single_column_and_none_take_the_plain_path(monkeypatch):
     top_eigenpairs(op, 5, tol=1e-6)
     top_eigenpairs(op, 5, tol=1e-6, v0=torch.ones(200, dtype=A.dtype))
     top_eigenpairs(op, 5, tol=1e-6, v0=torch.ones(200, 1, dtype=A.dtype))
+
+
+def test_block_start_keeps_the_budget(calls):
+    # the block (8 more products after the first) opens only within the budget
+    A, E = drifting(P=200)
+    prev = top_eigenpairs(DenseOperator(A), 8, tol=1e-6)
+    At = A + 1e-7 * E
+    for budget in (3, 8):
+        op = DenseOperator(At)
+        with pytest.warns(RuntimeWarning, match="did not converge"):
+            res = top_eigenpairs(op, 8, tol=1e-6, v0=prev, max_matvecs=budget)
+        assert res.n_matvec == op.n_matvec == budget and not res.converged
+    assert calls["open"] == 0
+    op = DenseOperator(At)
+    res = top_eigenpairs(op, 8, tol=1e-6, v0=prev, max_matvecs=12)
+    # one product for the summed start, 7 in the block, 1 for A v's direction,
+    # 3 more to bring the pairs (at about tol before the move) below tol
+    assert calls["open"] == 1 and res.n_matvec == op.n_matvec <= 12
+    check_exact(At, res, 8, 1e-6)
