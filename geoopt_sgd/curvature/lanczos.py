@@ -16,7 +16,8 @@ wanted values at each wanted end (at least one), must converge as well, to
 
 The basis may hold several vectors whose products are still pending (band
 Lanczos, Ruhe 1979): the skip check adds a fresh random direction after
-convergence. The relation then reads
+convergence, and a block warm start leaves the residual directions of its
+block pending. The relation then reads
 ``A V_j = V_n H[:n, :j]`` with ``n - j`` pending vectors, and the residuals come
 from it the same way.
 
@@ -86,6 +87,19 @@ _CHECKS = 3
 _RISE = 0.5
 # Start rows taken from a block v0 (the rest summed into the last one).
 _START_ROWS = 1
+# A (P, m) v0 becomes a block warm start when the first product A v (v the sum
+# of v0's unit columns) leaves span(v0) by rho <= _WARM_RHO * tol / m of
+# ||A v||; further out the single-vector Lanczos from v (the summed start, as
+# before) is kept. On a drifting operator (P=800, 30 outliers, tol=1e-3, v0 =
+# the previous eigenvectors and guards): m=6 (k=5), rho = 1.5 tol: 10-11
+# products against 19-23 summed; rho = 8 tol: 15-16 against 20-23; m=23
+# (k=20), rho = 1.5-2 tol: 35-38 against 41-44; rho = 12 tol: 53-59 against
+# 42-46 (every column's residual must be corrected, at up to one product per
+# column and Krylov degree).
+_WARM_RHO = 64.0
+# Rows of span(v0) left shorter than this after removing the first two basis
+# vectors are dropped from the block (the pending A v covers them).
+_DROP = 0.1
 
 
 def _check_steps(k: int) -> int:
@@ -120,6 +134,11 @@ class EigenResult:
             and ``"LM"`` (by magnitude), the ``(k+1)``-th smallest for ``"SA"``);
             a lower bound (upper for ``"SA"``) on the eigenvalue that would come
             next; ``nan`` when there is none.
+        next_eigenvectors: ``(P, g)``, the Ritz vectors of the guard values
+            beyond the returned ones (``g = ceil(k / 8)`` per wanted end),
+            converged to ``10 * tol`` only; ``None`` for a dense solve
+            (``k == P``). With ``eigenvectors`` they make the next warm start:
+            pass the result itself as ``v0`` (see :meth:`warm_start`).
     """
 
     eigenvalues: Tensor
@@ -130,6 +149,18 @@ class EigenResult:
     wall_time: float
     verified: bool = True
     next_eigenvalue: float = math.nan
+    next_eigenvectors: Tensor | None = None
+
+    def warm_start(self) -> Tensor:
+        """The ``v0`` for the next solve: ``eigenvectors`` and ``next_eigenvectors``.
+
+        Returns:
+            ``(P, k + g)``, the returned vectors then the guards' (``(P, k)``
+            when there are none).
+        """
+        if self.next_eigenvectors is None or self.next_eigenvectors.shape[1] == 0:
+            return self.eigenvectors
+        return torch.cat([self.eigenvectors, self.next_eigenvectors], dim=1)
 
 
 def _orthogonalize(Vt: Tensor, w: Tensor) -> tuple[Tensor, float]:
@@ -228,6 +259,7 @@ class LanczosSolve:
     ok: bool  # every returned pair reached tol (and, if verifying, verified)
     verified: bool
     next_value: float
+    G: Tensor  # the guards' Ritz vectors (P, g)
 
 
 def thick_restart_lanczos(
@@ -272,17 +304,32 @@ def thick_restart_lanczos(
         max_matvecs = max(20 * m, 500)
     gen = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
 
-    # start rows: one, the sum of v0's unit columns. A true block start (each
-    # column a start row, band Lanczos) was measured slower than this: on a
-    # drifting operator (P=800, 30 outliers, k=20, tol=1e-3) warm solves took
-    # 132-170 products against 38-40 summed and 39-42 cold (the block's
-    # Krylov degree grows by one per b products, and the guards are not in v0).
+    # start row: one, the sum of v0's unit columns (a random vector without
+    # v0). A (P, m) v0 with m > 1 may then become a block warm start
+    # (Rayleigh-Ritz, see _WARM_RHO): after the first product, when A v0_sum
+    # stays close to span(v0), the rest of span(v0) joins the basis with its
+    # products in one block, and each later product expands the pending
+    # direction that carries most of the unconverged residuals
+    # (_focus_pending). Expanding every column as a band (first in first out)
+    # was measured slower: on a drifting operator (P=800, 30 outliers, k=20,
+    # tol=1e-3) warm solves took 132-170 products against 38-40 with the
+    # columns summed and 39-42 cold (the block's Krylov degree grows by one per
+    # b products).
     b_max = _START_ROWS
+    Q = None  # orthonormal rows spanning v0, while the block start is open
+    if v0 is not None and v0.dim() == 2 and v0.shape[1] > 1:
+        q_max = max(1, min(v0.shape[1], (m - 2) // 2))
+        Q = torch.empty(q_max, P, dtype=dtype, device=device)
+        spare = torch.Generator(device=device).manual_seed(0)
+        nq = _start_block(v0, P, q_max, spare, Q)
+        Q = Q[:nq] if nq > 1 else None
     # rows are written before they are read: no need to zero (and touch) them
-    Vt = torch.empty(m + b_max + 4, P, dtype=dtype, device=device)
-    H = torch.zeros(m + b_max + 4, m + b_max + 4, dtype=torch.float64)
+    rows = m + b_max + 4
+    Vt = torch.empty(rows, P, dtype=dtype, device=device)
+    H = torch.zeros(rows, rows, dtype=torch.float64)
     n = _start_block(v0, P, b_max, gen, Vt)
-
+    pre_lo = pre_hi = 0  # rows Vt[pre_lo:pre_hi] have products in W
+    W = None
     j = 0  # vectors whose product is known
     n_mv = 0
     anorm = 0.0
@@ -298,9 +345,15 @@ def thick_restart_lanczos(
             # vector (and its coupling row) to the front of the queue
             Vt[[j, n - 1]] = Vt[[n - 1, j]]
             H[[j, n - 1], :j] = H[[n - 1, j], :j]
-        w = operator.matvec(Vt[j])
-        n_mv += 1
-        check_operator_output(w)
+        if pre_lo <= j < pre_hi:
+            assert W is not None
+            w = W[:, j - pre_lo].clone()
+            if j + 1 == pre_hi:
+                W = None  # free the block
+        else:
+            w = operator.matvec(Vt[j])
+            n_mv += 1
+            check_operator_output(w)
         h, beta = _orthogonalize(Vt[:n], w)
         anorm = max(anorm, math.sqrt(float(h.square().sum()) + beta * beta))
         H[:n, j] = h.cpu()
@@ -324,7 +377,7 @@ def thick_restart_lanczos(
         nt = min(w_top, j)
         tols[n_top:nt] = tol * _GUARD_TOL
         tols[nt + n_bottom :] = tol * _GUARD_TOL
-        done = j >= n_need and bool((R[want] <= tols * scale).all())
+        done = j >= max(n_need, pre_hi) and bool((R[want] <= tols * scale).all())
         breakdown = beta <= 10 * eps * anorm * math.sqrt(j)
         if j >= P:
             converged = verified = True
@@ -364,6 +417,25 @@ def thick_restart_lanczos(
             # a fresh random direction, queued behind the pending ones
             Vt[n] = _random_unit(P, gen, Vt[:n], Vt)
             n += 1
+        if Q is not None:
+            # first product done: is A v0_sum close enough to span(v0)? (the
+            # block adds at most m - 1 products: never past the budget)
+            opened = (
+                not breakdown
+                and n == 2
+                and n_mv + Q.shape[0] - 1 <= max_matvecs
+                and _outside(Q, Vt[1], h, beta) * Q.shape[0] <= _WARM_RHO * tol
+            )
+            if opened:
+                pre_lo, n = 1, _open_block(Vt, H, Q)
+                pre_hi = n - 1
+            Q = None  # free it before the block's products
+            if opened:
+                W = operator.matmat(Vt[pre_lo:pre_hi].T)
+                n_mv += pre_hi - pre_lo
+                check_operator_output(W)
+        elif pre_hi and snap is None and j >= pre_hi and n - j > 1:
+            _focus_pending(Vt, H, j, n, S[:, want], R[want], tols * scale)
         if n <= m:
             continue
         # thick restart: keep the wanted Ritz vectors (and as many neighbours)
@@ -411,10 +483,81 @@ def thick_restart_lanczos(
     next_value = float(theta[beyond[0]]) if beyond.numel() else math.nan
     Sf = S[:, final].to(device=device, dtype=dtype)
     Y = Vt[:j].T @ Sf
+    # the guards' Ritz vectors (beyond the k, at each wanted end): with the
+    # returned ones they make the next warm start (the guards must converge
+    # too, and a warm start whose columns hold them need not search for them)
+    want = _select(theta, w_top, w_bot, magnitude)
+    nt = min(w_top, j)
+    guard = torch.cat([want[n_top:nt], want[nt + n_bottom :]])
+    G = Vt[:j].T @ S[:, guard].to(device=device, dtype=dtype)
     checked = verified if verify else j >= P
     return LanczosSolve(
-        theta[final].clone(), Y, rel, n_mv, ok and verified, checked, next_value
+        theta[final].clone(), Y, rel, n_mv, ok and verified, checked, next_value, G
     )
+
+
+def _outside(Q: Tensor, z: Tensor, h: Tensor, beta: float) -> float:
+    """How far ``A v`` leaves ``span(Q)`` (``v`` in it), relative to ``||A v||``.
+
+    ``A v = h[0] v + beta z`` with unit ``z``; the part of ``beta z`` outside
+    the span of the orthonormal rows ``Q``, over ``||A v||``.
+    """
+    c = rowdot64(Q, z)
+    out = beta * math.sqrt(max(1.0 - float(c.square().sum()), 0.0))
+    total = math.sqrt(float(h.square().sum()) + beta * beta)
+    return out / total if total > 0 else 0.0
+
+
+def _open_block(Vt: Tensor, H: Tensor, Q: Tensor) -> int:
+    """Put the rest of ``span(Q)`` into the basis as pending rows.
+
+    ``Vt[0]`` (known) lies in ``span(Q)`` and ``Vt[1]`` is pending. The rows of
+    ``Q`` orthogonalised against both (those left shorter than ``_DROP``
+    dropped: ``Vt[1]`` nearly in ``span(Q)`` already covers them) go to
+    ``Vt[1:q+1]`` and ``Vt[1]`` moves behind them, its coupling ``H[1, 0]``
+    with it; the new rows couple to nothing known, so ``A V_1 = V_n H[:n, :1]``
+    still holds.
+
+    Returns:
+        The new number of basis rows ``n = q + 2``.
+    """
+    n = 2
+    for r in range(Q.shape[0]):
+        z = Q[r].clone()
+        _, nrm = _orthogonalize(Vt[:n], z)
+        if nrm > _DROP:
+            Vt[n] = z / nrm
+            n += 1
+    order = [0, *range(2, n), 1]
+    Vt[:n] = Vt[order].clone()
+    H[:n, 0] = H[order, 0].clone()
+    return n
+
+
+def _focus_pending(
+    Vt: Tensor, H: Tensor, j: int, n: int, S_want: Tensor, res: Tensor, lim: Tensor
+) -> None:
+    """Rotate the pending rows ``Vt[j:n]`` so that ``Vt[j]`` is expanded first.
+
+    The residual of a Ritz pair ``(theta, V_j s)`` is ``V_n H[:n, :j] s -
+    theta V_j s``; its part in the pending vectors is ``H[j:n, :j] s``. Those
+    parts of the wanted pairs whose residual ``res`` is still above its limit
+    ``lim`` (all of them when none is), each divided by ``lim``, form an
+    ``(n - j, w)`` matrix; its dominant left singular vector is the pending
+    direction that carries most of what is left to converge, and it becomes
+    ``Vt[j]``. An orthogonal change of the pending rows and of ``H[j:n, :j]``
+    together keeps ``A V_j = V_n H[:n, :j]`` exact.
+    """
+    lim = lim.clamp_min(torch.finfo(torch.float64).tiny)
+    cols = res > lim
+    if not bool(cols.any()):
+        cols = torch.ones_like(cols)
+    C = (H[j:n, :j] @ S_want[:, cols]) / lim[cols]
+    U, _, _ = torch.linalg.svd(C, full_matrices=True)
+    H[j:n, :j] = U.T @ H[j:n, :j]
+    U_dev = U.to(device=Vt.device, dtype=Vt.dtype)
+    for s in range(0, Vt.shape[1], CHUNK):
+        Vt[j:n, s : s + CHUNK] = U_dev.T @ Vt[j:n, s : s + CHUNK]
 
 
 def _goodness(vals: Tensor, n_top: int, magnitude: bool) -> Tensor:
@@ -495,7 +638,7 @@ def top_eigenpairs(
     max_matvecs: int | None = None,
     max_basis: int | None = None,
     seed: int | None = None,
-    v0: Tensor | None = None,
+    v0: Tensor | EigenResult | None = None,
     verify: bool = False,
 ) -> EigenResult:
     """Compute ``k`` extreme eigenpairs of a symmetric operator by Lanczos.
@@ -551,8 +694,20 @@ def top_eigenpairs(
             ``>= min(k + 2, P)``.
         seed: Seed of the private generator for the start vector (the global RNG
             is never used); ``None`` means ``0``, so calls are deterministic.
-        v0: Warm start, ``(P,)`` or ``(P, m)`` (e.g. a previous result's
-            ``eigenvectors``; the start vector is the sum of its unit columns).
+        v0: Warm start: ``(P,)``, ``(P, m)``, or a previous
+            :class:`EigenResult` (its :meth:`~EigenResult.warm_start`: the
+            eigenvectors and the guards' vectors). Lanczos starts from the sum
+            of the unit columns. With ``m > 1`` columns, when the first product
+            ``A v`` leaves ``span(v0)`` by at most ``64 * tol / m`` of its norm
+            (the subspace moved little), the rest of ``span(v0)`` joins the
+            basis in one block of products (Rayleigh-Ritz on it), and each
+            later product expands the pending direction that carries most of
+            the unconverged residuals; the relation between basis and
+            products stays exact, so residuals and ``converged`` mean the
+            same. When the guards are among the columns, a small move costs
+            about ``m`` products plus a few (k = 5, drifting synthetic
+            operator: 10-11 against 19-23 from the summed vector). Farther
+            out the solve is the single-vector one from the summed start.
         verify: Run the skip check after convergence (see above); ``False``
             returns as soon as the residuals converge (``verified=False``).
 
@@ -579,6 +734,8 @@ def top_eigenpairs(
         True
     """
     t0 = time.perf_counter()
+    if isinstance(v0, EigenResult):
+        v0 = v0.warm_start()
     _validate(operator, k, which, tol, max_matvecs, max_basis, seed, v0)
     if not isinstance(verify, bool):
         raise TypeError(f"`verify` must be True or False; got {verify!r}.")
@@ -643,6 +800,7 @@ def top_eigenpairs(
         time.perf_counter() - t0,
         sol.verified,
         sol.next_value,
+        sol.G,
     )
 
 
@@ -655,7 +813,7 @@ def bottom_eigenpairs(
     max_matvecs: int | None = None,
     max_basis: int | None = None,
     seed: int | None = None,
-    v0: Tensor | None = None,
+    v0: Tensor | EigenResult | None = None,
     verify: bool = False,
 ) -> EigenResult:
     """Compute the ``k`` smallest algebraic eigenpairs, sorted ascending.
@@ -670,7 +828,8 @@ def bottom_eigenpairs(
         max_matvecs: Budget of products (see :func:`top_eigenpairs`).
         max_basis: Most basis vectors kept (see :func:`top_eigenpairs`).
         seed: Seed of the private start-vector generator (``None`` means ``0``).
-        v0: Warm start, ``(P,)`` or ``(P, m)``.
+        v0: Warm start, ``(P,)``, ``(P, m)`` or a previous result (see
+            :func:`top_eigenpairs`).
         verify: Run the skip check (see :func:`top_eigenpairs`).
 
     Returns:
@@ -701,4 +860,5 @@ def bottom_eigenpairs(
         time.perf_counter() - t0,
         res.verified,
         res.next_eigenvalue,
+        res.next_eigenvectors,
     )

@@ -1,0 +1,205 @@
+"""Warm-started eigensolves: products per solve, cold vs warm (issue #14 §2).
+
+Three starts of ``top_eigenpairs`` on the same operator:
+
+* ``cold``: no ``v0`` (a random start vector);
+* ``summed``: ``v0`` = the sum of the previous eigenvectors' unit columns, one
+  vector: what a ``(P, k)`` ``v0`` did before the block warm start;
+* ``block``: ``v0`` = the previous :class:`~geoopt_sgd.EigenResult` (its
+  eigenvectors and guard vectors): the block warm start, which falls back to
+  the summed start when the first product leaves ``span(v0)`` too far.
+
+Workloads (products are deterministic, so machine load does not change them):
+
+1. a synthetic drifting operator ``A_t = A + t dt E`` (P = 800, 30 outliers 7%
+   apart over a [0, 1] bulk, ``||E|| ~ 1.4``), k = 5 and 20, tol 1e-3, 5 steps;
+2. NoisyGD's Hessian-aligned noise refresh as ``benchmarks/_noisy_gd_bench.py``
+   runs it (timm ``test_resnet``, 16 samples, k = 5, refresh every 10 steps,
+   lr 1e-4, noise_scale 1), HVPs of each refresh;
+3. sharpness tracking on timm ``test_resnet`` (16 samples, plain SGD, lr 0.01):
+   a cold solve at step s, then cold / summed / block solves at step s + N for
+   N = 10, 50, 200 (k = 5, tol 1e-3), and the probe's setting (k = 10,
+   tol 1e-2, N = 400).
+
+Command (one thread)::
+
+    OMP_NUM_THREADS=1 python benchmarks/warm_start.py   # ~4 min on one core
+
+Results: a table on stdout and ``benchmarks/results/warm_start.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from _common import environment
+from torch import nn
+
+from geoopt_sgd import DenseOperator, HessianOperator, NoisyGD, top_eigenpairs
+
+
+def _summed(res):
+    V = res.eigenvectors
+    return (V / V.norm(dim=0)).sum(dim=1)
+
+
+def _rho(op, prev) -> float:
+    """How far ``A v`` (``v`` the summed start) leaves ``span(v0)`` (1 product)."""
+    V = prev.warm_start()
+    Q, _ = torch.linalg.qr(V)
+    s = (V / V.norm(dim=0)).sum(dim=1)
+    w = op.matvec(s / s.norm())
+    return float((w - Q @ (Q.T @ w)).norm() / w.norm())
+
+
+def _three(op_fn, prev, k, tol, seed):
+    out = {}
+    for name, v0 in (("cold", None), ("summed", _summed(prev)), ("block", prev)):
+        res = top_eigenpairs(op_fn(), k, tol=tol, v0=v0, seed=seed)
+        out[name] = res
+    return out
+
+
+def synthetic(P: int = 800, steps: int = 5) -> list[dict[str, Any]]:
+    """Products per warm solve on ``A + t dt E`` (previous block result as v0)."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    lam = torch.cat(
+        [
+            10 * 0.93 ** torch.arange(30, dtype=torch.float64),
+            torch.rand(P - 30, generator=g, dtype=torch.float64),
+        ]
+    )
+    A = (Q * lam) @ Q.T
+    E = torch.randn(P, P, generator=g, dtype=torch.float64)
+    E = (E + E.T) / (2 * P**0.5)
+    rows = []
+    for k in (5, 20):
+        for dt in (0.01, 0.1):
+            prev = top_eigenpairs(DenseOperator(A), k, tol=1e-3)
+            counts: dict[str, list[int]] = {"cold": [], "summed": [], "block": []}
+            err = 0.0
+            for t in range(1, steps + 1):
+                At = A + t * dt * E
+                ref = torch.linalg.eigvalsh(At).flip(0)[:k]
+                out = _three(lambda At=At: DenseOperator(At), prev, k, 1e-3, t)
+                for name, res in out.items():
+                    counts[name].append(res.n_matvec)
+                    err = max(err, float(((res.eigenvalues - ref).abs() / ref).max()))
+                    assert res.converged
+                prev = out["block"]
+            rows.append({"k": k, "dt": dt, "products": counts, "max_rel_err": err})
+    return rows
+
+
+def _timm(seed: int = 0):
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    return model, x, y, nn.CrossEntropyLoss()
+
+
+def noisy_gd_refresh(steps: int = 60) -> list[int]:
+    """HVPs of each refresh of NoisyGD's Hessian-aligned noise (k = 5)."""
+    model, x, y, loss_fn = _timm()
+    opt = NoisyGD(
+        model.parameters(),
+        lr=1e-4,
+        noise="hessian",
+        noise_scale=1.0,
+        batch_size=8,
+        k=5,
+        refresh_every=10,
+        model=model,
+        loss_fn=loss_fn,
+        data=(x, y),
+        seed=0,
+    )
+    per, last = [], 0
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        if opt.stats["n_hvp"] != last:
+            per.append(opt.stats["n_hvp"] - last)
+            last = opt.stats["n_hvp"]
+    return per
+
+
+def tracking(settings=((5, 1e-3, 10), (5, 1e-3, 50), (5, 1e-3, 200), (10, 1e-2, 400))):
+    """Cold solve at step s, then cold / summed / block at s + N (SGD, lr 0.01)."""
+    model, x, y, loss_fn = _timm()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def train(n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    def op():
+        return HessianOperator(model, loss_fn, (x, y), mode="eval")
+
+    rows = []
+    train(20)  # leave the initialisation
+    for k, tol, N in settings:
+        prev = top_eigenpairs(op(), k, tol=tol, seed=1)
+        train(N)
+        rho = _rho(op(), prev)
+        out = _three(op, prev, k, tol, 2)
+        ref = out["cold"].eigenvalues
+        rows.append(
+            {
+                "k": k,
+                "tol": tol,
+                "N": N,
+                "products": {n: r.n_matvec for n, r in out.items()},
+                "converged": {n: r.converged for n, r in out.items()},
+                "max_rel_diff_vs_cold": {
+                    n: float(((r.eigenvalues - ref).abs() / ref.abs()).max())
+                    for n, r in out.items()
+                },
+                "lambda_max": float(ref[0]),
+                "rho": rho,
+                "block_opened": rho * prev.warm_start().shape[1] <= 64 * tol,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"env": environment()}
+    result["synthetic"] = syn = synthetic()
+    print("synthetic drifting operator (P=800, tol 1e-3), products per solve:")
+    for r in syn:
+        c = r["products"]
+        print(
+            f"  k={r['k']:2d} dt={r['dt']:<5} cold {c['cold']} summed {c['summed']} "
+            f"block {c['block']}  max rel err {r['max_rel_err']:.1e}"
+        )
+    result["noisy_gd_refresh_hvps"] = per = noisy_gd_refresh()
+    print(f"NoisyGD hessian refresh (test_resnet, k=5), HVPs per refresh: {per}")
+    result["tracking"] = tr = tracking()
+    print("sharpness tracking (test_resnet, SGD lr 0.01), products per solve:")
+    for r in tr:
+        print(
+            f"  k={r['k']:2d} tol={r['tol']:g} N={r['N']:3d} {r['products']} "
+            f"rho {r['rho']:.3g} block opened {r['block_opened']} "
+            f"max rel diff vs cold {max(r['max_rel_diff_vs_cold'].values()):.1e}"
+        )
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    path = os.path.join(os.path.dirname(__file__), "results", "warm_start.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
