@@ -89,20 +89,21 @@ def make_cnn(quick):
 
 
 def make_digits():
-    """A 64-128-10 tanh MLP (9,610 parameters) on all 1,797 digits, 100 SGD steps.
+    """A 64-128-10 tanh MLP (9,610 parameters) on all 1,797 digits, 30 SGD steps.
 
-    Brief training leaves a top Hessian spectrum with near-degenerate pairs among
-    the 15th-25th eigenvalues (the relative gaps are printed).
+    Init seed and step count were picked from a scan (seeds 0-7, 30-300 steps) for
+    the tightest pair near the 20th eigenvalue: lambda_19 / lambda_20 are 2.7e-3
+    apart (relative). The gaps are printed.
     """
     from sklearn.datasets import load_digits
 
     d = load_digits()
     X = torch.tensor(d.data / 16.0, dtype=torch.float32)
     y = torch.tensor(d.target, dtype=torch.long)
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(100):
+    for _ in range(30):
         opt.zero_grad()
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
