@@ -12,7 +12,13 @@ tolerance 1e-3) with
 * ``curvlinops``: ``HessianLinearOperator(...).to_scipy()`` + scipy ``eigsh``
   (implicitly restarted Lanczos, ARPACK),
 
-on an MLP and a timm CNN on CPU, and prints per tool: HVPs used and wall time
+on an MLP and a timm CNN on CPU (``--models mlp cnn``), and on two clustered
+spectra (``--models digits clustered``): ``digits``, an MLP trained briefly on
+scikit-learn's digits, and ``clustered``, a synthetic symmetric matrix with runs of
+eigenvalues ``tol / 2`` and ``tol`` apart around the 20th, where a solver that
+stops on residuals alone can skip an eigenvalue (PyHessian and hessian-eigenthings
+need a model and skip ``clustered``; ``curvlinops_eigsh`` is plain scipy ``eigsh``
+there). It prints per tool: HVPs used and wall time
 (means over ``--seeds`` start vectors), max relative eigenvalue error vs a
 high-accuracy reference, and missed eigenvalues (reference eigenvalues with no
 returned value within 1e-3, summed over seeds; ``--seeds 20`` gives the missed
@@ -28,6 +34,8 @@ Commands::
 
     python benchmarks/curvature.py --quick  # minutes on 2 cores: MLP + test_resnet
     python benchmarks/curvature.py          # MLP + resnet18 (batch 64): hours
+    python benchmarks/curvature.py --models digits clustered --seeds 20 \
+        --tools geoopt_sgd geoopt_sgd_unchecked curvlinops_eigsh pyhessian
 
 Results: a table on stdout and ``benchmarks/results/curvature.json``.
 """
@@ -47,7 +55,7 @@ import torch
 from _common import environment, load_average
 from torch import nn
 
-from geoopt_sgd import HessianOperator, top_eigenpairs
+from geoopt_sgd import DenseOperator, HessianOperator, LinearOperator, top_eigenpairs
 
 MATCH_RTOL = 1e-3  # a reference eigenvalue is "found" if a value is within this
 
@@ -80,6 +88,67 @@ def make_cnn(quick):
     return model.eval(), (X, y), name
 
 
+def make_digits():
+    """A 64-128-10 tanh MLP (9,610 parameters) on all 1,797 digits, 30 SGD steps.
+
+    Init seed and step count were picked from a scan (seeds 0-7, 30-300 steps) for
+    the tightest pair near the 20th eigenvalue: lambda_19 / lambda_20 are 2.7e-3
+    apart (relative). The gaps are printed.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.long)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return model, (X, y)
+
+
+def clustered_spectrum(P, tol):
+    """Descending eigenvalues with runs ``tol / 2`` and ``tol`` apart near the 20th.
+
+    1-12: geometric from 10 down, 8% apart; 13-16: a run ``tol`` apart; 17-20: a
+    run ``tol / 2`` apart (the 20th closes it); 21-24: a run ``tol`` apart; then a
+    bulk in ``[0, 0.6 * lambda_24]`` dense near 0 (like a Hessian's). Runs are 3%
+    apart, so a skipped member shifts the returned values past a gap > tol.
+    """
+    lam = [10.0 * 0.92**i for i in range(12)]
+    for spacing in (tol, tol / 2, tol):
+        top = lam[-1] * 0.97
+        lam += [top * (1 - spacing) ** j for j in range(4)]
+    rng = np.random.default_rng(0)
+    bulk = 0.6 * lam[-1] * rng.random(P - len(lam)) ** 3
+    return np.concatenate([lam, np.sort(bulk)[::-1]])
+
+
+def make_clustered(tol, P=2000):
+    """``Q diag(lam) Q^T`` in float32 with a random orthogonal ``Q``; its spectrum."""
+    lam = clustered_spectrum(P, tol)
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, dtype=torch.float64, generator=g))
+    A = (Q * torch.from_numpy(lam)) @ Q.T
+    A = 0.5 * (A + A.T)
+    return DenseOperator(A.float()), lam
+
+
+class NotApplicable(Exception):
+    """A tool that needs a model, asked to run on a bare operator."""
+
+
+def n_params(model):
+    if isinstance(model, LinearOperator):
+        return model.shape[0]
+    return sum(p.numel() for p in model.parameters())
+
+
 # --- reference and scoring ---------------------------------------------------
 
 
@@ -97,8 +166,11 @@ def reference(model, data, kmax, quick):
         m64 = copy.deepcopy(model).double()
         X, y = data
         op = HessianOperator(m64, loss, (X.double(), y))
-        res = top_eigenpairs(op, kmax + 10, tol=1e-9)
-        return res.eigenvalues.tolist(), "geoopt_sgd float64 Lanczos tol 1e-9, k+10"
+        res = top_eigenpairs(op, kmax + 10, tol=1e-9, verify=True)
+        return res.eigenvalues.tolist(), (
+            "geoopt_sgd float64 Lanczos tol 1e-9, k+10, verify=True"
+            + ("" if res.verified else " (NOT verified)")
+        )
     op = HessianOperator(model, loss, data)
     res = top_eigenpairs(op, kmax + 5, tol=1e-5)
     return res.eigenvalues.tolist(), "geoopt_sgd float32 Lanczos tol 1e-5, k+5"
@@ -150,10 +222,12 @@ EIGENTHINGS_SWEEP = [4, 8, 16, 32]  # max_iter = factor * k, full reorthogonalis
 
 def run_ours(model, data, k, tol, seed, verify=True):
     t0 = time.perf_counter()
-    op = HessianOperator(model, nn.CrossEntropyLoss(), data)
+    bare = isinstance(model, LinearOperator)
+    op = model if bare else HessianOperator(model, nn.CrossEntropyLoss(), data)
     res = top_eigenpairs(op, k, tol=tol, seed=seed, verify=verify)
     secs = time.perf_counter() - t0
-    op.release()
+    if not bare:
+        op.release()
     how = "verify=True" if verify else "defaults (verify=False)"
     if verify and not res.verified:
         how += " (not verified)"
@@ -166,6 +240,8 @@ def run_ours_unchecked(model, data, k, tol, seed):
 
 
 def _pyhessian(model, data, k, tol, seed, max_iter):
+    if isinstance(model, LinearOperator):
+        raise NotApplicable("PyHessian needs a model")
     import pyhessian.hessian  # noqa: F401  (the package re-exports the class)
 
     ph = sys.modules["pyhessian.hessian"]
@@ -218,6 +294,8 @@ def run_pyhessian_acc(model, data, k, tol, seed, ref):
 
 
 def _eigenthings(model, data, k, tol, seed, max_iter):
+    if isinstance(model, LinearOperator):
+        raise NotApplicable("hessian-eigenthings needs a model")
     import hessian_eigenthings as he
 
     m = copy.deepcopy(model)
@@ -243,7 +321,9 @@ def run_eigenthings(model, data, k, tol, seed):
 
 
 def run_eigenthings_acc(model, data, k, tol, seed, ref):
-    P = sum(p.numel() for p in model.parameters())
+    if isinstance(model, LinearOperator):
+        raise NotApplicable("hessian-eigenthings needs a model")
+    P = n_params(model)
     vals, n, secs, max_iter, reached = _sweep(
         [min(f * k, P - 1) for f in EIGENTHINGS_SWEEP],
         lambda m: _eigenthings(model, data, k, tol, seed, m),
@@ -255,9 +335,33 @@ def run_eigenthings_acc(model, data, k, tol, seed, ref):
     return vals, n, secs, f"max_iter={max_iter}, reorthogonalize"
 
 
+def run_eigsh_dense(A, k, tol, seed):
+    """scipy ``eigsh`` on a bare operator's matrix, counting products."""
+    from scipy.sparse.linalg import LinearOperator as SciOp
+    from scipy.sparse.linalg import eigsh
+
+    M = A.matrix.numpy()
+    counter = [0]
+
+    def mv(x):
+        x = np.asarray(x)
+        counter[0] += 1 if x.ndim == 1 else x.shape[1]
+        return M @ x
+
+    t0 = time.perf_counter()
+    L = SciOp(M.shape, matvec=mv, matmat=mv, dtype=M.dtype)
+    v0 = np.random.default_rng(seed).standard_normal(M.shape[0]).astype(M.dtype)
+    vals = eigsh(L, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    secs = time.perf_counter() - t0
+    return sorted(vals.tolist(), reverse=True), counter[0], secs, "scipy eigsh defaults"
+
+
 def run_curvlinops(model, data, k, tol, seed):
+    if isinstance(model, LinearOperator):
+        return run_eigsh_dense(model, k, tol, seed)
     from curvlinops import HessianLinearOperator
-    from scipy.sparse.linalg import LinearOperator, eigsh
+    from scipy.sparse.linalg import LinearOperator as SciOp
+    from scipy.sparse.linalg import eigsh
 
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -272,7 +376,7 @@ def run_curvlinops(model, data, k, tol, seed):
         counter[0] += 1 if x.ndim == 1 else x.shape[1]
         return H @ x
 
-    L = LinearOperator(H.shape, matvec=mv, matmat=mv, dtype=np.float32)
+    L = SciOp(H.shape, matvec=mv, matmat=mv, dtype=np.float32)
     v0 = np.random.default_rng(seed).standard_normal(H.shape[0]).astype(np.float32)
     vals = eigsh(L, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
     secs = time.perf_counter() - t0
@@ -347,7 +451,10 @@ def main(argv=None):
         "--tol", type=float, default=1e-3, help="tolerance passed to every tool"
     )
     ap.add_argument(
-        "--models", nargs="+", default=["mlp", "cnn"], help="'mlp' and/or 'cnn'"
+        "--models",
+        nargs="+",
+        default=["mlp", "cnn"],
+        help="any of 'mlp', 'cnn', 'digits', 'clustered'",
     )
     ap.add_argument(
         "--tools", nargs="+", default=list(TOOLS), help=f"subset of {list(TOOLS)}"
@@ -373,31 +480,52 @@ def main(argv=None):
         if which == "mlp":
             model, data = make_mlp(args.quick)
             name = "mlp"
+        elif which == "digits":
+            model, data = make_digits()
+            name = "digits"
+        elif which == "clustered":
+            model, spectrum = make_clustered(args.tol)
+            data, name = None, "clustered"
         else:
             model, data, name = make_cnn(args.quick)
-        P = sum(p.numel() for p in model.parameters())
-        print(f"\n== {name}: P = {P:,}, batch {data[1].shape[0]} ==", flush=True)
+        P = n_params(model)
+        batch = None if data is None else int(data[1].shape[0])
+        print(f"\n== {name}: P = {P:,}, batch {batch} ==", flush=True)
         t0 = time.perf_counter()
-        ref, ref_how = reference(model, data, max(args.ks), args.quick)
+        if data is None:
+            ref, ref_how = spectrum[: max(args.ks) + 10].tolist(), "constructed"
+        else:
+            ref, ref_how = reference(model, data, max(args.ks), args.quick)
         print(
             f"reference ({ref_how}) in {time.perf_counter() - t0:.1f}s: "
             f"top {ref[:3]} ...",
             flush=True,
         )
+        r = np.asarray(ref[:26])
+        gaps = (r[:-1] - r[1:]) / np.abs(r[:-1])
+        print(
+            "relative gaps (l_i - l_i+1) / l_i, i = 1..25:\n"
+            + "\n".join(
+                f"  {i + 1:2d}  {r[i]:.6g}  {g:.2e}" for i, g in enumerate(gaps)
+            ),
+            flush=True,
+        )
         prob = {
             "model": name,
             "P": P,
-            "batch": int(data[1].shape[0]),
+            "batch": batch,
             "reference": ref,
             "reference_how": ref_how,
+            "relative_gaps": gaps.tolist(),
         }
-        prob["hvp_cost"] = cost = hvp_cost(model, data, args.hvp_reps)
-        print(
-            f"HVP cost: {prob['hvp_cost']['hvp_in_gradients']:.2f} gradients "
-            f"(reused graph, {prob['hvp_cost']['method']}); first HVP "
-            f"{cost['hvp_seconds_first'] / cost['grad_seconds']:.2f}",
-            flush=True,
-        )
+        if data is not None:
+            prob["hvp_cost"] = cost = hvp_cost(model, data, args.hvp_reps)
+            print(
+                f"HVP cost: {prob['hvp_cost']['hvp_in_gradients']:.2f} gradients "
+                f"(reused graph, {prob['hvp_cost']['method']}); first HVP "
+                f"{cost['hvp_seconds_first'] / cost['grad_seconds']:.2f}",
+                flush=True,
+            )
         prob["runs"] = []
         for k in args.ks:
             print(
@@ -424,13 +552,18 @@ def main(argv=None):
                                 values=vals,
                             )
                         )
+                    except NotApplicable as e:
+                        row["not_applicable"] = str(e)
+                        break
                     except Exception as e:  # a peer tool crashing is a result
                         row.update(
                             crashed=f"{type(e).__name__}: {e}",
                             trace=traceback.format_exc(limit=3),
                         )
                         break
-                if "crashed" in row:
+                if "not_applicable" in row:
+                    print(f"{tool:24s} {k:3d} skipped: {row['not_applicable']}")
+                elif "crashed" in row:
                     print(f"{tool:24s} {k:3d} crashed: {row['crashed']}", flush=True)
                 else:
                     runs = row["seeds"]
