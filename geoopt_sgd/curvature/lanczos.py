@@ -74,15 +74,23 @@ _GUARD_TOL = 10.0
 # Fraction of the free basis (beyond the wanted values) kept at a restart; 0.3-0.7
 # made no measurable difference.
 _KEEP = 0.5
-# Skip check: after convergence a fresh random direction gets _check_steps(k)
-# products of its own (Lanczos on the operator deflated against the basis, with
-# Rayleigh-Ritz on the whole basis); if a wanted value rose by more than
+# Skip check: after convergence a fresh random direction joins the pending
+# vectors and the band Lanczos runs _check_steps(k) more products, first in
+# first out (the pending Lanczos vector, then the fresh one, alternately), with
+# Rayleigh-Ritz on the whole basis. The pending vector must not wait: it holds
+# the unexplored part of the Krylov space, where a skipped member of a cluster
+# sits, and the fresh vector, orthogonal to it, has almost nothing there. Giving
+# the fresh chain all the check's products (the first version) missed a member
+# of a run of four values tol/2 apart for 16 of 20 start vectors (benchmarks/
+# curvature.py's "clustered", k=20), reporting verified=True, even with 100
+# check products; first in first out missed none (101 products against 86).
+# If a wanted value rose by more than
 # _RISE * tol, an eigenvalue had been skipped: iterate to convergence and check
 # again, at most _CHECKS times. Clustered synthetic spectra (P=1000, k=20,
-# tol=1e-3, 20 start vectors each, clusters of width tol/2 to 2 tol): missed
-# values fell from 21 of 100 solves to 4 with max(10, k) steps (14 with 1 step),
-# at 25-45% more products; a fresh vector cannot resolve a skipped value inside
-# a long gap-free run of eigenvalues in a few products (see the tests).
+# tol=1e-3, 20 start vectors each; runs of six values tol/2, tol and 2 tol apart
+# across lambda_17..lambda_22, 5 bulks each, and a run of four tol/2 apart
+# ending at lambda_20): unchecked, 70 of 320 solves skipped a value; checked,
+# none, at 1.25-1.7x the products (see the tests).
 _CHECKS = 3
 _RISE = 0.5
 # Start rows taken from a block v0 (the rest summed into the last one).
@@ -123,9 +131,10 @@ class EigenResult:
         converged: Whether every returned pair reached the requested tolerance
             and (when ``verified`` applies) the skip check passed.
         wall_time: Seconds spent in the call.
-        verified: Whether the skip check ran and passed: a fresh random
-            direction, explored for ``max(10, k)`` more products after
-            convergence, raised no returned value by more than ``tol / 2``
+        verified: Whether the skip check ran and passed: the Krylov space,
+            with a fresh random direction added and ``max(10, k)`` more
+            products after convergence, raised no returned value by more than
+            ``tol / 2``
             (``True`` for a dense solve, ``False`` with ``verify=False``). It
             lowers the odds that an eigenvalue of a tight cluster was skipped;
             it is no proof (see :func:`top_eigenpairs`).
@@ -340,11 +349,6 @@ def thick_restart_lanczos(
     check_mv = 0  # products at the start of the current check
     snap = None  # wanted Ritz values when the current check started
     while True:
-        if snap is not None and n - 1 > j and n_mv - check_mv < _check_steps(k):
-            # during a check the fresh chain goes first: swap the newest pending
-            # vector (and its coupling row) to the front of the queue
-            Vt[[j, n - 1]] = Vt[[n - 1, j]]
-            H[[j, n - 1], :j] = H[[n - 1, j], :j]
         if pre_lo <= j < pre_hi:
             assert W is not None
             w = W[:, j - pre_lo].clone()
@@ -663,17 +667,18 @@ def top_eigenpairs(
     A residual test cannot see an eigenvalue that the Krylov space never reached
     (an eigenvector nearly missing from the start vector, inside a cluster as
     tight as ``tol``). With ``verify=True`` (opt-in for now), once the pairs
-    converge a fresh random direction (from the private generator) gets
-    ``max(10, k)`` products of its own, deflated against the basis; if a wanted
+    converge a fresh random direction (from the private generator) joins the
+    Krylov basis and the Lanczos runs ``max(10, k)`` more products (on the
+    pending Lanczos vector and the fresh one in turn); if a wanted
     value then rises by more than ``tol / 2`` (falls, for the bottom end; grows in
     magnitude for ``"LM"``; either end for ``"BE"``), a value had been skipped:
     the solver iterates to convergence with it and checks again (at most 3
     checks). ``verified`` says whether the last check passed; ``converged`` is
     ``False`` when a check kept finding values or the budget ran out during a
     check. ``next_eigenvalue`` is the best Ritz value beyond the returned ones.
-    The check lowers the odds of a skip (on clustered synthetic spectra, P=1000,
-    k=20, tol=1e-3: 4 of 100 solves skipped one, against 21 without it) at the
-    cost of those extra products; it is no proof.
+    The check lowers the odds of a skip (on clustered synthetic spectra, P=1000
+    to 2000, k=20, tol=1e-3: none of 340 solves skipped one, against 89 without
+    it) at the cost of those extra products (1.25-1.7x); it is no proof.
 
     Special cases: ``k == P`` materialises the operator (``P`` products) and uses a
     dense float64 ``eigh``; a zero operator returns zeros with orthonormal vectors.
