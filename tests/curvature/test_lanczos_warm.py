@@ -178,17 +178,22 @@ def test_warm_start_does_not_touch_the_global_rng_and_is_deterministic():
     assert torch.equal(a.eigenvectors, b.eigenvectors) and a.n_matvec == b.n_matvec
 
 
-def test_single_column_and_none_take_the_plain_path(monkeypatch):
+def test_single_column_and_none_take_the_plain_path(calls):
     # the block code is never reached without a multi-column v0
-    def boom(*args, **kwargs):
-        raise AssertionError("block start opened")
-
-    monkeypatch.setattr(lanczos, "_open_block", boom)
-    A, _ = drifting(P=200)
+    A, E = drifting(P=200)
     op = DenseOperator(A)
-    top_eigenpairs(op, 5, tol=1e-6)
-    top_eigenpairs(op, 5, tol=1e-6, v0=torch.ones(200, dtype=A.dtype))
-    top_eigenpairs(op, 5, tol=1e-6, v0=torch.ones(200, 1, dtype=A.dtype))
+    for v0 in (
+        None,
+        torch.ones(200, dtype=A.dtype),
+        torch.ones(200, 1, dtype=A.dtype),
+    ):
+        check_exact(A, top_eigenpairs(op, 5, tol=1e-6, v0=v0), 5, 1e-6)
+    assert calls["open"] == 0
+    # positive control: the previous result after a tiny move opens the block
+    prev = top_eigenpairs(op, 5, tol=1e-6)
+    At = A + 1e-7 * E
+    check_exact(At, top_eigenpairs(DenseOperator(At), 5, tol=1e-6, v0=prev), 5, 1e-6)
+    assert calls["open"] == 1
 
 
 def test_block_start_keeps_the_budget(calls):
