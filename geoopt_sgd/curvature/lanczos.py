@@ -77,22 +77,39 @@ _KEEP = 0.5
 # Skip check: after convergence a fresh random direction joins the pending
 # vectors and the band Lanczos runs _check_steps(k) more products, first in
 # first out (the pending Lanczos vector, then the fresh one, alternately), with
-# Rayleigh-Ritz on the whole basis. The pending vector must not wait: it holds
-# the unexplored part of the Krylov space, where a skipped member of a cluster
-# sits, and the fresh vector, orthogonal to it, has almost nothing there. Giving
-# the fresh chain all the check's products (the first version) missed a member
-# of a run of four values tol/2 apart for 16 of 20 start vectors (benchmarks/
-# curvature.py's "clustered", k=20), reporting verified=True, even with 100
-# check products; first in first out missed none (101 products against 86).
-# If a wanted value rose by more than
-# _RISE * tol, an eigenvalue had been skipped: iterate to convergence and check
-# again, at most _CHECKS times. Clustered synthetic spectra (P=1000, k=20,
-# tol=1e-3, 20 start vectors each; runs of six values tol/2, tol and 2 tol apart
-# across lambda_17..lambda_22, 5 bulks each, and a run of four tol/2 apart
-# ending at lambda_20): unchecked, 70 of 320 solves skipped a value; checked,
-# none, at 1.25-1.7x the products (see the tests).
+# Rayleigh-Ritz on the whole basis. Both chains are needed. The pending vector
+# holds the unexplored part of the Krylov space, where a skipped member of a
+# close cluster sits; the fresh vector, orthogonal to it, has almost nothing
+# there (giving the fresh chain all the check's products, the first version,
+# missed a member of a run of four values tol/2 apart for 16 of 20 start
+# vectors of benchmarks/curvature.py's "clustered", k=20, with verified=True).
+# The fresh vector finds what no Krylov space of the start vector holds: a
+# second copy of an exactly repeated eigenvalue (a double lambda_16 of 20, float64,
+# 10 start vectors: continuing the pending chain alone missed it 10 times, the
+# band none). If a wanted value rose by more than _RISE * tol, an eigenvalue had
+# been skipped: iterate to convergence and check again, at most _CHECKS times
+# (_RISE 0.1 and 0.2 caught nothing more than 0.5).
+#
+# The check's length, measured (tol=1e-3, 20 start vectors per workload; HVPs
+# per solve, misses; scipy eigsh for scale): benchmarks/curvature.py's digits
+# MLP (k=5, 20) and "clustered" (k=5, 20), max(10, k): 25.1, 91.6, 32.2, 100.7
+# products, none missed; max(6, ceil(k/2)): 21.1, 83.3, 28.2, 82.2, none
+# missed; eigsh 21.0, 73.3, 28.7, 72.2 (5 missed at clustered k=20); unchecked
+# 15.2, 71.3, 22.2, 61.7 (19 missed at clustered k=20). On the tests' clustered
+# spectra (P=1000, k=20; runs of six values tol/2, tol and 2 tol apart across
+# lambda_17..lambda_22, 5 bulks each, and a run of four tol/2 apart ending at
+# lambda_20; 320 solves): unchecked 75 skipped, max(10, k) 1, max(6, ceil(k/2))
+# 7 (5 of them on the runs 2 tol apart below 40 values 0.5% apart), and the
+# shorter check also let one of 4 start vectors skip lambda_20 of the rotated
+# tol-spaced run in test_rotated_cluster_and_bottom_end. max(10, k) stays: a
+# skip is the error the check exists for, and the shorter one would keep the
+# checked solve within eigsh's products + 15% only by missing more of them.
 _CHECKS = 3
 _RISE = 0.5
+# ... plus this many eps * ||A||: Ritz values near 0 move by rounding (1e-15 at
+# ||A|| = 5 in float64), more than _RISE * tol * sqrt(eps) * ||A|| at tol=1e-8,
+# and a rank-3 operator's zero eigenvalues then failed the check three times.
+_RISE_EPS = 32.0
 # Start rows taken from a block v0 (the rest summed into the last one).
 _START_ROWS = 1
 # A (P, m) v0 becomes a block warm start when the first product A v (v the sum
@@ -111,7 +128,7 @@ _DROP = 0.1
 
 
 def _check_steps(k: int) -> int:
-    """Products a fresh direction gets before the wanted values are compared."""
+    """Products the skip check runs before the wanted values are compared."""
     return max(10, k)
 
 
@@ -392,7 +409,9 @@ def thick_restart_lanczos(
             fin = _select(theta, n_top, n_bottom, magnitude)
             now = _goodness(theta[fin], n_top, magnitude)
             if snap is not None and n_mv - check_mv >= _check_steps(k):
-                if bool((now <= snap + _RISE * tol * denom[fin]).all()):
+                # a rise of rounding size (values near 0 at a tight tol) is no skip
+                rise = _RISE * tol * denom[fin] + _RISE_EPS * eps * anorm
+                if bool((now <= snap + rise).all()):
                     verified = True
                 elif checks >= _CHECKS:
                     break  # kept finding skipped values: not verified
@@ -643,7 +662,7 @@ def top_eigenpairs(
     max_basis: int | None = None,
     seed: int | None = None,
     v0: Tensor | EigenResult | None = None,
-    verify: bool = False,
+    verify: bool = True,
 ) -> EigenResult:
     """Compute ``k`` extreme eigenpairs of a symmetric operator by Lanczos.
 
@@ -666,7 +685,7 @@ def top_eigenpairs(
 
     A residual test cannot see an eigenvalue that the Krylov space never reached
     (an eigenvector nearly missing from the start vector, inside a cluster as
-    tight as ``tol``). With ``verify=True`` (opt-in for now), once the pairs
+    tight as ``tol``). With ``verify=True`` (the default), once the pairs
     converge a fresh random direction (from the private generator) joins the
     Krylov basis and the Lanczos runs ``max(10, k)`` more products (on the
     pending Lanczos vector and the fresh one in turn); if a wanted
@@ -677,8 +696,10 @@ def top_eigenpairs(
     ``False`` when a check kept finding values or the budget ran out during a
     check. ``next_eigenvalue`` is the best Ritz value beyond the returned ones.
     The check lowers the odds of a skip (on clustered synthetic spectra, P=1000
-    to 2000, k=20, tol=1e-3: none of 340 solves skipped one, against 89 without
-    it) at the cost of those extra products (1.25-1.7x); it is no proof.
+    to 2000, k=20, tol=1e-3: 1 of 340 solves skipped one, against 94 without
+    it) at the cost of those extra products (1.25-1.7x); it is no proof. Pass
+    ``verify=False`` where speed matters more than a rare skip inside a tight
+    cluster (a periodic refresh, for instance).
 
     Special cases: ``k == P`` materialises the operator (``P`` products) and uses a
     dense float64 ``eigh``; a zero operator returns zeros with orthonormal vectors.
@@ -713,8 +734,9 @@ def top_eigenpairs(
             about ``m`` products plus a few (k = 5, drifting synthetic
             operator: 10-11 against 19-23 from the summed vector). Farther
             out the solve is the single-vector one from the summed start.
-        verify: Run the skip check after convergence (see above); ``False``
-            returns as soon as the residuals converge (``verified=False``).
+        verify: Run the skip check after convergence (see above; default
+            ``True``); ``False`` returns as soon as the residuals converge
+            (``verified=False``), as before version 0.2.
 
     Returns:
         An :class:`EigenResult`, eigenvalues sorted descending.
@@ -819,7 +841,7 @@ def bottom_eigenpairs(
     max_basis: int | None = None,
     seed: int | None = None,
     v0: Tensor | EigenResult | None = None,
-    verify: bool = False,
+    verify: bool = True,
 ) -> EigenResult:
     """Compute the ``k`` smallest algebraic eigenpairs, sorted ascending.
 

@@ -305,7 +305,8 @@ class NoiseSource:
 
         Returns:
             The statistics, keyed ``"trace_c"``, ``"variance"``, ``"eigenvalues"``,
-            ``"eigenvectors"``, ``"loss"``, ``"trace_h"`` (those ``kind`` needs).
+            ``"eigenvectors"``, ``"guard_vectors"`` (the next refresh's warm
+            start), ``"loss"``, ``"trace_h"`` (those ``kind`` needs).
 
         Raises:
             ValueError: If ``data`` holds fewer than two mini-batches of size ``B``.
@@ -397,16 +398,31 @@ class NoiseSource:
         )
         cache: dict[str, Tensor] = {}
         k = 1 if kind == "top_eigvec" else min(k, fm.numel)
+        # warm start from the last refresh: its eigenvectors and the guards'
+        # Ritz vectors (with them a subspace that moved little opens the block
+        # start at once; see top_eigenpairs)
         v0 = previous.get("eigenvectors")
         if v0 is not None and v0.shape[1] > k:
             v0 = v0[:, :k]
+        guards = previous.get("guard_vectors")
+        if v0 is not None and guards is not None and v0.shape[1] == k:
+            v0 = torch.cat([v0, guards.to(v0.dtype)], dim=1)
         if kind != "geometry_aware_isotropic":
+            # a periodic refresh: no skip check (a swap inside a cluster as
+            # tight as tol moves the noise's directions by ~tol)
             res = top_eigenpairs(
-                op, k, tol=tol, v0=v0, seed=_noise.step_seed(seed, t, STREAM_EIG)
+                op,
+                k,
+                tol=tol,
+                v0=v0,
+                seed=_noise.step_seed(seed, t, STREAM_EIG),
+                verify=False,
             )
             lam, n_clamped = _noise.clamp_eigenvalues(res.eigenvalues)
             cache["eigenvalues"] = lam.to(fm.dtype)
             cache["eigenvectors"] = res.eigenvectors.to(fm.dtype)
+            if res.next_eigenvectors is not None and res.next_eigenvectors.numel():
+                cache["guard_vectors"] = res.next_eigenvectors.to(fm.dtype)
             stats["clamped_negative"] = n_clamped
             stats["clamped_negative_total"] += n_clamped
         if kind in ("geometry_aware", "geometry_aware_isotropic"):

@@ -218,7 +218,33 @@ def test_check_expands_the_pending_vector_not_only_the_fresh_one():
     assert wrong == []
     # without the check the same solves skip one for some start vectors
     skipped = sum(
-        max_rel_err(top_eigenpairs(A, K, tol=TOL, seed=s).eigenvalues, ref) > TOL
+        max_rel_err(
+            top_eigenpairs(A, K, tol=TOL, seed=s, verify=False).eigenvalues, ref
+        )
+        > TOL
         for s in range(20)
     )
     assert skipped >= 3
+
+
+def test_default_verifies_and_finds_an_exact_double_inside_the_top_k():
+    # lambda_16 = lambda_17 exactly (float64): the Krylov space of one start
+    # vector holds one vector of that eigenspace, so the unchecked solve returns
+    # one copy and lambda_21 in its place; the check's fresh direction finds the
+    # second copy. verify=True is the default.
+    top = [10 * 0.95**i for i in range(24)]
+    top.insert(15, top[15])
+    g = torch.Generator().manual_seed(1)
+    lam = torch.tensor(top + (2 * torch.rand(600, generator=g)).tolist()).double()
+    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=g).double())
+    A = DenseOperator((Q * lam) @ Q.T)
+    ref = lam.sort(descending=True).values[:K]
+    skipped = 0
+    for seed in range(5):
+        res = top_eigenpairs(A, K, tol=TOL, seed=seed)
+        assert res.converged and res.verified
+        assert max_rel_err(res.eigenvalues, ref) <= TOL, seed
+        plain = top_eigenpairs(A, K, tol=TOL, seed=seed, verify=False)
+        assert plain.converged and not plain.verified
+        skipped += max_rel_err(plain.eigenvalues, ref) > TOL
+    assert skipped >= 4

@@ -62,15 +62,17 @@ def test_warm_block_matches_eigh_and_is_cheaper(k, calls):
     # a cold start
     A, E = drifting()
     tol = 1e-3
-    prev = top_eigenpairs(DenseOperator(A), k, tol=tol)
+    prev = top_eigenpairs(DenseOperator(A), k, tol=tol, verify=False)
     assert prev.next_eigenvectors.shape == (400, 1 if k == 5 else 3)
     for t in (1, 2, 3):
         At = A + 0.01 * t * E
         op = DenseOperator(At)
-        cold = top_eigenpairs(op, k, tol=tol, seed=t)
+        cold = top_eigenpairs(op, k, tol=tol, seed=t, verify=False)
         V = prev.warm_start()
-        summed = top_eigenpairs(op, k, tol=tol, seed=t, v0=(V / V.norm(dim=0)).sum(1))
-        warm = top_eigenpairs(op, k, tol=tol, seed=t, v0=prev)
+        summed = top_eigenpairs(
+            op, k, tol=tol, seed=t, v0=(V / V.norm(dim=0)).sum(1), verify=False
+        )
+        warm = top_eigenpairs(op, k, tol=tol, seed=t, v0=prev, verify=False)
         for res in (cold, summed, warm):
             check_exact(At, res, k, tol)
         assert warm.n_matvec < cold.n_matvec
@@ -113,7 +115,7 @@ def test_exact_invariant_subspace_returns_after_the_block(calls):
     lam, U = torch.linalg.eigh(A)
     V = U[:, -6:].flip(1) @ torch.linalg.qr(torch.randn(6, 6, dtype=A.dtype))[0]
     op = DenseOperator(A)
-    res = top_eigenpairs(op, 5, tol=1e-8, v0=V)
+    res = top_eigenpairs(op, 5, tol=1e-8, v0=V, verify=False)
     check_exact(A, res, 5, 1e-8)
     assert res.n_matvec <= 7
     assert op.n_matvec == res.n_matvec
@@ -199,16 +201,18 @@ def test_single_column_and_none_take_the_plain_path(calls):
 def test_block_start_keeps_the_budget(calls):
     # the block (8 more products after the first) opens only within the budget
     A, E = drifting(P=200)
-    prev = top_eigenpairs(DenseOperator(A), 8, tol=1e-6)
+    prev = top_eigenpairs(DenseOperator(A), 8, tol=1e-6, verify=False)
     At = A + 1e-7 * E
     for budget in (3, 8):
         op = DenseOperator(At)
         with pytest.warns(RuntimeWarning, match="did not converge"):
-            res = top_eigenpairs(op, 8, tol=1e-6, v0=prev, max_matvecs=budget)
+            res = top_eigenpairs(
+                op, 8, tol=1e-6, v0=prev, max_matvecs=budget, verify=False
+            )
         assert res.n_matvec == op.n_matvec == budget and not res.converged
     assert calls["open"] == 0
     op = DenseOperator(At)
-    res = top_eigenpairs(op, 8, tol=1e-6, v0=prev, max_matvecs=12)
+    res = top_eigenpairs(op, 8, tol=1e-6, v0=prev, max_matvecs=12, verify=False)
     # one product for the summed start, 7 in the block, 1 for A v's direction,
     # 3 more to bring the pairs (at about tol before the move) below tol
     assert calls["open"] == 1 and res.n_matvec == op.n_matvec <= 12

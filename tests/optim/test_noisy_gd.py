@@ -489,6 +489,48 @@ def test_refresh_cadence_and_hvp_accounting():
     assert opt.stats["hvp_per_step"] == pytest.approx(opt.stats["n_hvp"] / 7)
 
 
+def test_refresh_warm_starts_from_the_eigenvectors_and_the_guards(monkeypatch):
+    # each refresh after the first starts from the last one's eigenvectors and
+    # its guards' Ritz vectors (the block warm start needs both), exactly
+    from geoopt_sgd.optim import _noise_source
+
+    calls = []
+    real = _noise_source.top_eigenpairs
+
+    def spy(op, k, **kw):
+        res = real(op, k, **kw)
+        calls.append((kw.get("v0"), res))
+        return res
+
+    monkeypatch.setattr(_noise_source, "top_eigenpairs", spy)
+    X, y = make_data(n=12)
+    model = mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = NoisyGD(
+        model.parameters(),
+        lr=0.05,
+        noise="hessian",
+        noise_scale=0.1,
+        batch_size=3,
+        k=3,
+        refresh_every=2,
+        model=model,
+        loss_fn=loss_fn,
+        data=(X, y),
+        seed=1,
+    )
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+    assert len(calls) == 3 and calls[0][0] is None
+    for (_, prev), (v0, res) in zip(calls, calls[1:], strict=False):
+        assert prev.next_eigenvectors.shape[1] >= 1
+        assert torch.equal(v0, prev.warm_start().to(v0.dtype))
+        assert not res.verified  # a periodic refresh skips the skip check
+    assert torch.equal(opt._cache["guard_vectors"], calls[-1][1].next_eigenvectors)
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_curvature_source_is_side_effect_free(mode):
     # lr = 0: the step leaves theta unchanged, so everything must be as before:
