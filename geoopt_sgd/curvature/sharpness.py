@@ -60,8 +60,11 @@ class SharpnessReport:
         converged: Whether the eigenvalues reached ``tol``.
         n_hvp: Hessian-vector products used.
         seconds: Wall time of the call.
-        eigenvectors: ``(P, k)`` top eigenvectors, for the next call's ``v0``
-            (left out of :meth:`as_dict`).
+        eigenvectors: ``(P, k)`` top eigenvectors (left out of :meth:`as_dict`).
+        next_eigenvectors: ``(P, g)``, the solve's other Ritz vectors (the
+            ``lambda_min`` end and the guards beyond the ``k``; empty for the
+            dense path), which with ``eigenvectors`` make the next call's warm
+            start (left out of :meth:`as_dict`).
     """
 
     lambda_max: float
@@ -76,6 +79,21 @@ class SharpnessReport:
     n_hvp: int
     seconds: float
     eigenvectors: Tensor = field(repr=False)
+    next_eigenvectors: Tensor | None = field(default=None, repr=False)
+
+    def warm_start(self) -> Tensor:
+        """The ``v0`` for the next call: ``eigenvectors`` and ``next_eigenvectors``.
+
+        Passing the report itself as ``v0`` does the same. With every Ritz vector
+        the solve converged, a Hessian that moved little opens the block warm
+        start of :func:`~geoopt_sgd.top_eigenpairs`.
+
+        Returns:
+            ``(P, k + g)``.
+        """
+        if self.next_eigenvectors is None or self.next_eigenvectors.shape[1] == 0:
+            return self.eigenvectors
+        return torch.cat([self.eigenvectors, self.next_eigenvectors], dim=1)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a flat, JSON-ready dict of the measures (no eigenvectors).
@@ -112,7 +130,7 @@ def sharpness(
     method: str = "auto",
     mode: str = "eval",
     params: Iterable[Tensor] | Iterable[str] | None = None,
-    v0: Tensor | None = None,
+    v0: Tensor | SharpnessReport | None = None,
     loss_reduction: str | None = None,
     max_matvecs: int | None = None,
     batch_fn: Callable[[Any], Any] | None = None,
@@ -138,8 +156,10 @@ def sharpness(
         method: HVP route of :class:`~geoopt_sgd.HessianOperator`.
         mode: ``"eval"`` or ``"train"`` (the package's mode policy).
         params: Parameters (or names) to differentiate; default all trainable.
-        v0: Warm start for the eigensolver, e.g. the previous report's
-            ``eigenvectors``.
+        v0: Warm start for the eigensolver: ``(P,)``, ``(P, m)``, or the
+            previous :class:`SharpnessReport` (its :meth:`~SharpnessReport.warm_start`,
+            every Ritz vector of its solve; see ``v0`` of
+            :func:`~geoopt_sgd.top_eigenpairs` for the block warm start).
         loss_reduction: Override the reduction read from ``loss_fn``.
         max_matvecs: Budget of the eigensolver (see
             :func:`~geoopt_sgd.top_eigenpairs`).
@@ -161,6 +181,8 @@ def sharpness(
             the operator's own errors, e.g. an unknown ``method``).
     """
     t0 = time.perf_counter()
+    if isinstance(v0, SharpnessReport):
+        v0 = v0.warm_start()
     check_int("k", k, ge=1)
     check_number("lr", lr, gt=0, allow_none=True)
     check_number("tol", tol, gt=0)
@@ -193,6 +215,7 @@ def sharpness(
             top = lam.flip(0)[:k].cpu()
             vecs = U.flip(1)[:, :k].to(op.dtype)
             lam_min, ok = float(lam[0]), True
+            rest = U[:, :0].to(op.dtype)
         else:
             sol = thick_restart_lanczos(
                 op,
@@ -208,6 +231,8 @@ def sharpness(
             )
             vals, ok = sol.theta, sol.ok
             top, vecs, lam_min = vals[:k], sol.Y[:, :k], float(vals[k])
+            # the lambda_min end and the guards: the rest of the next warm start
+            rest = torch.cat([sol.Y[:, k:], sol.G], dim=1)
             if not ok:
                 warnings.warn(
                     f"sharpness: the eigensolver did not reach tol={tol} within "
@@ -239,6 +264,7 @@ def sharpness(
             n_hvp=op.n_matvec - n0,
             seconds=time.perf_counter() - t0,
             eigenvectors=vecs,
+            next_eigenvectors=rest,
         )
     finally:
         op.release()

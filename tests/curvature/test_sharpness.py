@@ -86,6 +86,32 @@ def test_sharpness_batchnorm_list_of_batches_and_warm_start():
     )
 
 
+def test_sharpness_report_is_a_block_warm_start():
+    # the same Hessian twice: the report (top-k, lambda_min and guard vectors)
+    # as v0 opens the block start and costs fewer products than the summed
+    # eigenvectors or a cold solve, with the same values as the dense Hessian
+    model, loss_fn, data = mlp_case()
+    lam = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, data).double())
+    rep = sharpness(model, loss_fn, data, k=4, tol=1e-6, trace_probes=0)
+    V = rep.warm_start()
+    assert V.shape == (rep.eigenvectors.shape[0], 4 + rep.next_eigenvectors.shape[1])
+    assert rep.next_eigenvectors.shape[1] >= 2  # lambda_min's vector and a guard
+    eye = torch.eye(V.shape[1], dtype=V.dtype)
+    torch.testing.assert_close(V.T @ V, eye, atol=1e-5, rtol=0)
+    warm = sharpness(model, loss_fn, data, k=4, tol=1e-6, trace_probes=0, v0=rep)
+    summed = sharpness(
+        model, loss_fn, data, k=4, tol=1e-6, trace_probes=0, v0=rep.eigenvectors
+    )
+    for r in (warm, summed):
+        assert r.converged
+        torch.testing.assert_close(
+            r.top_eigenvalues, lam.flip(0)[:4], rtol=1e-5, atol=1e-7
+        )
+        assert r.lambda_min == pytest.approx(float(lam[0]), rel=1e-4, abs=1e-6)
+    assert warm.n_hvp < summed.n_hvp and warm.n_hvp < rep.n_hvp
+    assert warm.n_hvp <= V.shape[1] + 3
+
+
 def test_sharpness_tiny_model_dense_path():
     # P = 3 parameters, k + 1 >= P: exact dense eigh
     model = linear(d=2, k=1)
