@@ -228,7 +228,7 @@ def run_ours(model, data, k, tol, seed, verify=True):
     secs = time.perf_counter() - t0
     if not bare:
         op.release()
-    how = "verify=True" if verify else "defaults (verify=False)"
+    how = f"verify={verify}"
     if verify and not res.verified:
         how += " (not verified)"
     return res.eigenvalues.tolist(), res.n_matvec, secs, how
