@@ -112,6 +112,25 @@ def test_sharpness_report_is_a_block_warm_start():
     assert warm.n_hvp <= V.shape[1] + 3
 
 
+def test_sharpness_verify_runs_the_skip_check():
+    # verify=True: the same values as the dense Hessian, the check's products
+    # on top of the unchecked solve, and the flag in the report and its dict
+    model, loss_fn, data = mlp_case()
+    lam = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, data).double())
+    plain = sharpness(model, loss_fn, data, k=4, tol=1e-6, trace_probes=0)
+    checked = sharpness(
+        model, loss_fn, data, k=4, tol=1e-6, trace_probes=0, verify=True
+    )
+    assert not plain.verified and checked.verified and checked.converged
+    assert checked.as_dict()["verified"] is True
+    assert checked.n_hvp >= plain.n_hvp + 10
+    torch.testing.assert_close(
+        checked.top_eigenvalues, lam.flip(0)[:4], rtol=1e-5, atol=1e-7
+    )
+    with pytest.raises(TypeError, match="verify"):
+        sharpness(model, loss_fn, data, verify=1)
+
+
 def test_sharpness_tiny_model_dense_path():
     # P = 3 parameters, k + 1 >= P: exact dense eigh
     model = linear(d=2, k=1)
