@@ -62,13 +62,13 @@ class SharpnessReport:
         n_hvp: Hessian-vector products used.
         seconds: Wall time of the call.
         eigenvectors: ``(P, k)`` top eigenvectors (left out of :meth:`as_dict`).
+        next_eigenvectors: ``(P, g)``, the solve's other Ritz vectors (the
+            ``lambda_min`` end and the guards beyond the ``k``), which with
+            ``eigenvectors`` make the next call's warm start (left out of
+            :meth:`as_dict`); ``None`` on the dense path.
         verified: Whether the skip check of
             :func:`~geoopt_sgd.top_eigenpairs` ran and passed (``verify=True``;
             ``True`` on the dense path).
-        next_eigenvectors: ``(P, g)``, the solve's other Ritz vectors (the
-            ``lambda_min`` end and the guards beyond the ``k``; empty for the
-            dense path), which with ``eigenvectors`` make the next call's warm
-            start (left out of :meth:`as_dict`).
     """
 
     lambda_max: float
@@ -231,7 +231,7 @@ def sharpness(
             top = lam.flip(0)[:k].cpu()
             vecs = U.flip(1)[:, :k].to(op.dtype)
             lam_min, ok, verified = float(lam[0]), True, True
-            rest = U[:, :0].to(op.dtype)
+            rest: Tensor | None = None  # every eigenvector known: no guards
         else:
             sol = thick_restart_lanczos(
                 op,

@@ -5,7 +5,7 @@ A drop-in :class:`torch.optim.Optimizer`: the user computes a gradient
 the chosen kind. Kinds that need curvature or gradient statistics take a
 *curvature source* (``model``, ``loss_fn``, ``data``) and refresh their
 statistics every ``refresh_every`` steps (eigensolves warm-started from the
-previous eigenvectors); the cost is counted in :attr:`NoisyGD.stats`.
+previous eigenvectors and guard vectors); the cost is counted in :attr:`NoisyGD.stats`.
 """
 
 from __future__ import annotations

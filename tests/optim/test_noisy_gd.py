@@ -531,6 +531,58 @@ def test_refresh_warm_starts_from_the_eigenvectors_and_the_guards(monkeypatch):
     assert torch.equal(opt._cache["guard_vectors"], calls[-1][1].next_eigenvectors)
 
 
+def test_state_without_guard_vectors_and_a_smaller_k_still_warm_start(monkeypatch):
+    # a checkpoint from before the guards were kept (no "guard_vectors") resumes
+    # with the eigenvectors alone; a smaller k takes the first k of them
+    from geoopt_sgd.optim import _noise_source
+
+    X, y = make_data(n=12)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make(model, k):
+        return NoisyGD(
+            model.parameters(),
+            lr=0.05,
+            noise="hessian",
+            noise_scale=0.1,
+            batch_size=3,
+            k=k,
+            refresh_every=2,
+            model=model,
+            loss_fn=loss_fn,
+            data=(X, y),
+            seed=1,
+        )
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
+
+    model = mlp()
+    opt = make(model, 3)
+    run(model, opt, 1)
+    sd = opt.state_dict()
+    sd["noisy_gd"]["cache"].pop("guard_vectors")
+    starts = []
+    real = _noise_source.top_eigenpairs
+
+    def spy(op, k, **kw):
+        starts.append(kw.get("v0"))
+        return real(op, k, **kw)
+
+    monkeypatch.setattr(_noise_source, "top_eigenpairs", spy)
+    for k in (3, 2):
+        resumed = copy.deepcopy(model)
+        ropt = make(resumed, k)
+        ropt.load_state_dict(copy.deepcopy(sd))
+        run(resumed, ropt, 2)  # the refresh at step 2
+        assert torch.equal(starts[-1], sd["noisy_gd"]["cache"]["eigenvectors"][:, :k])
+        assert ropt._cache["guard_vectors"].shape[1] >= 1  # kept from now on
+        assert ropt._cache["eigenvectors"].shape[1] == k
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_curvature_source_is_side_effect_free(mode):
     # lr = 0: the step leaves theta unchanged, so everything must be as before:
