@@ -740,7 +740,7 @@ def top_eigenpairs(
             out the solve is the single-vector one from the summed start.
         verify: Run the skip check after convergence (see above; default
             ``True``); ``False`` returns as soon as the residuals converge
-            (``verified=False``), as before version 0.2.
+            (``verified=False``), the solver as it was before the check.
 
     Returns:
         An :class:`EigenResult`, eigenvalues sorted descending.

@@ -36,7 +36,7 @@ from .._model import (
     to_device,
 )
 from .hessian import HessianOperator
-from .lanczos import check_operator_output, thick_restart_lanczos
+from .lanczos import EigenResult, check_operator_output, thick_restart_lanczos
 from .trace import Estimate, mean_stderr, rademacher_probes
 
 __all__ = ["SharpnessReport", "expected_sharpness", "sharpness"]
@@ -136,7 +136,7 @@ def sharpness(
     method: str = "auto",
     mode: str = "eval",
     params: Iterable[Tensor] | Iterable[str] | None = None,
-    v0: Tensor | SharpnessReport | None = None,
+    v0: Tensor | SharpnessReport | EigenResult | None = None,
     loss_reduction: str | None = None,
     max_matvecs: int | None = None,
     batch_fn: Callable[[Any], Any] | None = None,
@@ -165,8 +165,9 @@ def sharpness(
         params: Parameters (or names) to differentiate; default all trainable.
         v0: Warm start for the eigensolver: ``(P,)``, ``(P, m)``, or the
             previous :class:`SharpnessReport` (its :meth:`~SharpnessReport.warm_start`,
-            every Ritz vector of its solve; see ``v0`` of
-            :func:`~geoopt_sgd.top_eigenpairs` for the block warm start).
+            every Ritz vector of its solve) or
+            :class:`~geoopt_sgd.EigenResult`; see ``v0`` of
+            :func:`~geoopt_sgd.top_eigenpairs` for the block warm start.
         loss_reduction: Override the reduction read from ``loss_fn``.
         max_matvecs: Budget of the eigensolver (see
             :func:`~geoopt_sgd.top_eigenpairs`).
@@ -195,7 +196,7 @@ def sharpness(
             the operator's own errors, e.g. an unknown ``method``).
     """
     t0 = time.perf_counter()
-    if isinstance(v0, SharpnessReport):
+    if isinstance(v0, (SharpnessReport, EigenResult)):
         v0 = v0.warm_start()
     if not isinstance(verify, bool):
         raise TypeError(f"`verify` must be True or False; got {verify!r}.")

@@ -110,6 +110,13 @@ def test_sharpness_report_is_a_block_warm_start():
         assert r.lambda_min == pytest.approx(float(lam[0]), rel=1e-4, abs=1e-6)
     assert warm.n_hvp < summed.n_hvp and warm.n_hvp < rep.n_hvp
     assert warm.n_hvp <= V.shape[1] + 3
+    # a top_eigenpairs result is a warm start too (eigenvectors and guards)
+    top = top_eigenpairs(HessianOperator(model, loss_fn, data), 4, tol=1e-6)
+    again = sharpness(model, loss_fn, data, k=4, tol=1e-6, trace_probes=0, v0=top)
+    assert again.converged and again.n_hvp < summed.n_hvp
+    torch.testing.assert_close(
+        again.top_eigenvalues, lam.flip(0)[:4], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_sharpness_verify_runs_the_skip_check():
