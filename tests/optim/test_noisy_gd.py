@@ -489,9 +489,29 @@ def test_refresh_cadence_and_hvp_accounting():
     assert opt.stats["hvp_per_step"] == pytest.approx(opt.stats["n_hvp"] / 7)
 
 
-def test_refresh_warm_starts_from_the_eigenvectors_and_the_guards(monkeypatch):
-    # each refresh after the first starts from the last one's eigenvectors and
-    # its guards' Ritz vectors (the block warm start needs both), exactly
+def _classifier_noisy_gd(model, X, y, **kw):
+    """NoisyGD on a full-batch cross-entropy source, mini-batches of 3."""
+    return NoisyGD(
+        model.parameters(),
+        batch_size=3,
+        refresh_every=2,
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        data=(X, y),
+        **kw,
+    )
+
+
+def _train(model, opt, X, y, steps):
+    """Full-batch cross-entropy steps with ``opt``."""
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+
+
+def _spy_eigensolves(monkeypatch):
+    """Record ``(v0, result)`` of every eigensolve of NoisyGD's refresh."""
     from geoopt_sgd.optim import _noise_source
 
     calls = []
@@ -503,26 +523,20 @@ def test_refresh_warm_starts_from_the_eigenvectors_and_the_guards(monkeypatch):
         return res
 
     monkeypatch.setattr(_noise_source, "top_eigenpairs", spy)
+    return calls
+
+
+HESSIAN_NOISE = {"lr": 0.05, "noise": "hessian", "noise_scale": 0.1, "seed": 1}
+
+
+def test_refresh_warm_starts_from_the_eigenvectors_and_the_guards(monkeypatch):
+    # each refresh after the first starts from the last one's eigenvectors and
+    # its guards' Ritz vectors (the block warm start needs both), exactly
+    calls = _spy_eigensolves(monkeypatch)
     X, y = make_data(n=12)
     model = mlp()
-    loss_fn = nn.CrossEntropyLoss()
-    opt = NoisyGD(
-        model.parameters(),
-        lr=0.05,
-        noise="hessian",
-        noise_scale=0.1,
-        batch_size=3,
-        k=3,
-        refresh_every=2,
-        model=model,
-        loss_fn=loss_fn,
-        data=(X, y),
-        seed=1,
-    )
-    for _ in range(5):
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
+    opt = _classifier_noisy_gd(model, X, y, k=3, **HESSIAN_NOISE)
+    _train(model, opt, X, y, 5)
     assert len(calls) == 3 and calls[0][0] is None
     for (_, prev), (v0, res) in zip(calls, calls[1:], strict=False):
         assert prev.next_eigenvectors.shape[1] >= 1
@@ -534,51 +548,20 @@ def test_refresh_warm_starts_from_the_eigenvectors_and_the_guards(monkeypatch):
 def test_state_without_guard_vectors_and_a_smaller_k_still_warm_start(monkeypatch):
     # a checkpoint from before the guards were kept (no "guard_vectors") resumes
     # with the eigenvectors alone; a smaller k takes the first k of them
-    from geoopt_sgd.optim import _noise_source
-
     X, y = make_data(n=12)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def make(model, k):
-        return NoisyGD(
-            model.parameters(),
-            lr=0.05,
-            noise="hessian",
-            noise_scale=0.1,
-            batch_size=3,
-            k=k,
-            refresh_every=2,
-            model=model,
-            loss_fn=loss_fn,
-            data=(X, y),
-            seed=1,
-        )
-
-    def run(model, opt, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            loss_fn(model(X), y).backward()
-            opt.step()
-
     model = mlp()
-    opt = make(model, 3)
-    run(model, opt, 1)
+    opt = _classifier_noisy_gd(model, X, y, k=3, **HESSIAN_NOISE)
+    _train(model, opt, X, y, 1)
     sd = opt.state_dict()
     sd["noisy_gd"]["cache"].pop("guard_vectors")
-    starts = []
-    real = _noise_source.top_eigenpairs
-
-    def spy(op, k, **kw):
-        starts.append(kw.get("v0"))
-        return real(op, k, **kw)
-
-    monkeypatch.setattr(_noise_source, "top_eigenpairs", spy)
+    calls = _spy_eigensolves(monkeypatch)
     for k in (3, 2):
         resumed = copy.deepcopy(model)
-        ropt = make(resumed, k)
+        ropt = _classifier_noisy_gd(resumed, X, y, k=k, **HESSIAN_NOISE)
         ropt.load_state_dict(copy.deepcopy(sd))
-        run(resumed, ropt, 2)  # the refresh at step 2
-        assert torch.equal(starts[-1], sd["noisy_gd"]["cache"]["eigenvectors"][:, :k])
+        _train(resumed, ropt, X, y, 2)  # the refresh at step 2
+        v0 = calls[-1][0]
+        assert torch.equal(v0, sd["noisy_gd"]["cache"]["eigenvectors"][:, :k])
         assert ropt._cache["guard_vectors"].shape[1] >= 1  # kept from now on
         assert ropt._cache["eigenvectors"].shape[1] == k
 
@@ -617,36 +600,19 @@ def test_curvature_source_is_side_effect_free(mode):
 )
 def test_resume_from_state_dict_is_bit_exact(kind):
     X, y = make_data(n=12)
-    loss_fn = nn.CrossEntropyLoss()
 
     def make(model):
-        return NoisyGD(
-            model.parameters(),
-            lr=0.1,
-            noise=kind,
-            noise_scale=0.05,
-            batch_size=3,
-            k=2,
-            refresh_every=2,
-            model=model,
-            loss_fn=loss_fn,
-            data=(X, y),
-            seed=7,
+        return _classifier_noisy_gd(
+            model, X, y, lr=0.1, noise=kind, noise_scale=0.05, k=2, seed=7
         )
-
-    def run(model, opt, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            loss_fn(model(X), y).backward()
-            opt.step()
 
     ref = mlp()
     ref_opt = make(ref)
-    run(ref, ref_opt, 5)
+    _train(ref, ref_opt, X, y, 5)
 
     model = mlp()
     opt = make(model)
-    run(model, opt, 3)
+    _train(model, opt, X, y, 3)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -655,7 +621,7 @@ def test_resume_from_state_dict_is_bit_exact(kind):
     resumed.load_state_dict(ckpt["model"])
     resumed_opt = make(resumed)
     resumed_opt.load_state_dict(ckpt["opt"])
-    run(resumed, resumed_opt, 2)
+    _train(resumed, resumed_opt, X, y, 2)
     for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed_opt.stats["step"] == 5
