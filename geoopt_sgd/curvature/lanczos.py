@@ -74,37 +74,48 @@ _GUARD_TOL = 10.0
 # Fraction of the free basis (beyond the wanted values) kept at a restart; 0.3-0.7
 # made no measurable difference.
 _KEEP = 0.5
-# Skip check: after convergence a fresh random direction joins the pending
-# vectors and the band Lanczos runs _check_steps(k) more products, first in
-# first out (the pending Lanczos vector, then the fresh one, alternately), with
-# Rayleigh-Ritz on the whole basis. Both chains are needed. The pending vector
-# holds the unexplored part of the Krylov space, where a skipped member of a
-# close cluster sits; the fresh vector, orthogonal to it, has almost nothing
-# there (giving the fresh chain all the check's products, the first version,
-# missed a member of a run of four values tol/2 apart for 16 of 20 start
-# vectors of benchmarks/curvature.py's "clustered", k=20, with verified=True).
-# The fresh vector finds what no Krylov space of the start vector holds: a
-# second copy of an exactly repeated eigenvalue (a double lambda_16 of 20, float64,
-# 10 start vectors: continuing the pending chain alone missed it 10 times, the
-# band none). If a wanted value rose by more than _RISE * tol, an eigenvalue had
-# been skipped: iterate to convergence and check again, at most _CHECKS times
-# (_RISE 0.1 and 0.2 caught nothing more than 0.5).
+# Skip check: a fresh random direction joins the pending vectors and the band
+# Lanczos expands both chains, first in first out (the pending Lanczos vector,
+# then the fresh one, alternately), with Rayleigh-Ritz on the whole basis.
+# Both chains are needed. The pending vector holds the unexplored part of the
+# Krylov space, where a skipped member of a close cluster sits; the fresh
+# vector, orthogonal to it, has almost nothing there (giving the fresh chain
+# all the check's products, the first version, missed a member of a run of
+# four values tol/2 apart for 16 of 20 start vectors of
+# benchmarks/curvature.py's "clustered", k=20, with verified=True). The fresh
+# vector finds what no Krylov space of the start vector holds: a second copy
+# of an exactly repeated eigenvalue (a double lambda_16 of 20, float64, 10
+# start vectors: continuing the pending chain alone missed it 10 times, the
+# band none).
 #
-# The check's length, measured (tol=1e-3, 20 start vectors per workload; HVPs
-# per solve, misses; scipy eigsh for scale): benchmarks/curvature.py's digits
-# MLP (k=5, 20) and "clustered" (k=5, 20), max(10, k): 25.1, 91.6, 32.2, 100.7
-# products, none missed; max(6, ceil(k/2)): 21.1, 83.3, 28.2, 82.2, none
-# missed; eigsh 21.0, 73.3, 28.7, 72.2 (5 missed at clustered k=20); unchecked
-# 15.2, 71.3, 22.2, 61.7 (19 missed at clustered k=20). On the tests' clustered
-# spectra (P=1000, k=20; the runs of six values tol/2, tol and 2 tol apart
-# across lambda_17..lambda_22, 5 bulks each: 300 solves; and 20 on a run of four
-# tol/2 apart ending at lambda_20, a variant of the tests' run_ending_at_k):
-# unchecked 69 + 6 skipped, max(10, k) 0 + 1, max(6, ceil(k/2)) 5 + 2
-# (the 5 on the runs 2 tol apart below 40 values 0.5% apart), and the
-# shorter check also let one of 4 start vectors skip lambda_20 of the rotated
-# tol-spaced run in test_rotated_cluster_and_bottom_end. max(10, k) stays: a
-# skip is the error the check exists for, and the shorter one would keep the
-# checked solve within eigsh's products + 15% only by missing more of them.
+# The fresh direction joins once every wanted residual is within _EARLY times
+# its limit, so that its products also serve the last steps of convergence;
+# at convergence the wanted values are recorded, and once _check_steps(k)
+# products have passed since it joined and _AFTER since convergence they are
+# compared. If one rose by more than _RISE * tol, an eigenvalue had been
+# skipped: iterate to convergence and check again (a new fresh direction,
+# joining at convergence), at most _CHECKS times (_RISE 0.1 and 0.2 caught
+# nothing more than 0.5).
+#
+# Measured (tol=1e-3, 20 start vectors per workload; HVPs per solve, misses;
+# scipy eigsh for scale): benchmarks/curvature.py's digits MLP (k=5, 20) and
+# "clustered" (k=5, 20): joining at _EARLY=30, max(8, ceil(k/2)), _AFTER=3:
+# 21.8, 85.0, 28.6, 74.5, none missed; joining after convergence with
+# max(10, k) more products (the previous check): 25.1, 91.6, 32.2, 100.7,
+# none missed; eigsh 21.0, 73.3, 28.7, 72.2 (5 missed at clustered k=20);
+# unchecked 15.2, 71.3, 22.2, 61.7 (19 missed at clustered k=20). On the
+# tests' clustered spectra (P=1000, k=20; runs of six values tol/2, tol and
+# 2 tol apart across lambda_17..lambda_22, 5 bulks each: 300 solves; and 20 on
+# a run of four tol/2 apart ending at lambda_20): unchecked 69 + 6 skipped,
+# the previous check 0 + 1, this one 0 + 0, with 4-9% fewer products.
+# Variants: _AFTER=2 saved one product more and skipped 1 of the 320 (and 2 of
+# 20 at clustered k=20 when joining from the start); _AFTER=4 cost 1 more per
+# solve; joining as soon as the wanted values are in the basis (_EARLY
+# infinite) cost 87.4 at digits k=20 (the band slows convergence for longer);
+# _EARLY=10 skipped 5 of the 320; giving the fresh chain 1 product in 3
+# instead of 1 in 2 cost more everywhere (89.3 at digits k=20).
+_EARLY = 30.0
+_AFTER = 3
 _CHECKS = 3
 _RISE = 0.5
 # ... but at least this many eps * ||A||: Ritz values near 0 move by rounding
@@ -131,8 +142,8 @@ _DROP = 0.1
 
 
 def _check_steps(k: int) -> int:
-    """Products the skip check runs before the wanted values are compared."""
-    return max(10, k)
+    """Products from the fresh direction's arrival to the comparison."""
+    return max(8, math.ceil(k / 2))
 
 
 @dataclass(frozen=True)
@@ -368,6 +379,8 @@ def thick_restart_lanczos(
     checks = 0  # skip checks started
     check_mv = 0  # products at the start of the current check
     snap = None  # wanted Ritz values when the current check started
+    early = False  # the first check's fresh vector joined before convergence
+    conv_mv = 0  # products at convergence, in the current check
     while True:
         if pre_lo <= j < pre_hi:
             assert W is not None
@@ -407,11 +420,30 @@ def thick_restart_lanczos(
             converged = verified = True
             break
         inject = False
+        if (
+            not verified
+            and not done
+            and checks == 0
+            and not early
+            and j >= max(n_need, pre_hi)
+            and n + 2 < P
+            and bool((R[want] <= _EARLY * tols * scale).all())
+        ):
+            # nearly converged: the first check's fresh direction joins now
+            inject = early = True
+            check_mv = n_mv
         if done and not verified:
             # skip check: has a fresh direction raised a wanted value?
             fin = _select(theta, n_top, n_bottom, magnitude)
             now = _goodness(theta[fin], n_top, magnitude)
-            if snap is not None and n_mv - check_mv >= _check_steps(k):
+            if early and checks == 0:
+                # converged with the fresh direction in: the first check starts
+                snap, conv_mv, checks = now, n_mv, 1
+            if (
+                snap is not None
+                and n_mv - check_mv >= _check_steps(k)
+                and n_mv - conv_mv >= _AFTER
+            ):
                 # a rise of rounding size (values near 0 at a tight tol) is no skip
                 rise = (_RISE * tol * denom[fin]).clamp_min(_RISE_EPS * eps * anorm)
                 if bool((now <= snap + rise).all()):
@@ -421,7 +453,7 @@ def thick_restart_lanczos(
                 else:
                     snap = None  # a skipped value was found: check again
             if not verified and snap is None and n + 1 < P:
-                snap, check_mv, checks = now, n_mv, checks + 1
+                snap, check_mv, conv_mv, checks = now, n_mv, n_mv, checks + 1
                 inject = True
             done = verified
         if done:
@@ -460,7 +492,7 @@ def thick_restart_lanczos(
                 W = operator.matmat(Vt[pre_lo:pre_hi].T)
                 n_mv += pre_hi - pre_lo
                 check_operator_output(W)
-        elif pre_hi and snap is None and j >= pre_hi and n - j > 1:
+        elif pre_hi and snap is None and not early and j >= pre_hi and n - j > 1:
             _focus_pending(Vt, H, j, n, S[:, want], R[want], tols * scale)
         if n <= m:
             continue

@@ -2,6 +2,8 @@
 
 import math
 
+import warnings
+
 import pytest
 import torch
 
@@ -118,9 +120,9 @@ def test_every_end_checked_and_exact(which):
             lam[lam.abs().argsort(descending=True)[:6]].sort(descending=True).values
         )
     torch.testing.assert_close(res.eigenvalues, expect, rtol=1e-9, atol=0)
-    # the check costs max(10, k) products beyond the unchecked solve, or more
+    # the check has a price: the fresh chain's products and a few after convergence
     plain = top_eigenpairs(A, 6, which=which, tol=1e-8, verify=False)
-    assert res.n_matvec >= plain.n_matvec + 10
+    assert res.n_matvec > plain.n_matvec
     torch.testing.assert_close(plain.eigenvalues, expect, rtol=1e-9, atol=0)
 
 
@@ -143,15 +145,29 @@ def test_next_eigenvalue_is_lambda_k_plus_1():
 
 
 def test_budget_spent_during_the_check_says_so():
+    # every budget short of the full checked solve leaves it unconverged, with a
+    # warning; those that reach convergence but end inside the check say that
+    # the check could not finish, and return the converged pairs
     lam = small_cluster(1.0, P=400)
     A = DenseOperator(torch.diag(lam))
+    full = top_eigenpairs(A, K, tol=TOL, verify=True)
     plain = top_eigenpairs(A, K, tol=TOL, verify=False)
-    with pytest.warns(RuntimeWarning, match="could not verify"):
-        res = top_eigenpairs(A, K, tol=TOL, max_matvecs=plain.n_matvec + 3, verify=True)
-    assert not res.converged and not res.verified
-    assert res.n_matvec == plain.n_matvec + 3
-    # the pairs themselves are the converged ones
-    assert bool((res.residuals <= TOL).all())
+    assert full.converged and full.verified
+    in_check = 0
+    for budget in range(plain.n_matvec - 2, full.n_matvec):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = top_eigenpairs(A, K, tol=TOL, max_matvecs=budget, verify=True)
+        assert not res.converged and not res.verified
+        assert res.n_matvec == budget
+        (w,) = caught
+        if "could not verify" in str(w.message):
+            in_check += 1
+            # the pairs themselves are the converged ones
+            assert bool((res.residuals <= TOL).all())
+        else:
+            assert "did not converge" in str(w.message)
+    assert in_check >= 2
 
 
 def test_check_is_deterministic_and_leaves_global_rng():
@@ -182,7 +198,8 @@ def test_band_core_with_a_block_start_is_exact(monkeypatch, rows):
         torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-10, atol=0)
         Y = res.eigenvectors
         true = (A @ Y - Y * res.eigenvalues).norm(dim=0) / res.eigenvalues.abs()
-        torch.testing.assert_close(res.residuals, true, rtol=1e-6, atol=1e-14)
+        # (converged pairs sit at the rounding floor, ~1e-14, where the two differ)
+        torch.testing.assert_close(res.residuals, true, rtol=1e-6, atol=1e-13)
         torch.testing.assert_close(
             Y.T @ Y, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0
         )
