@@ -1,7 +1,6 @@
 """The Lanczos skip check on clustered spectra, against the exact eigenvalues."""
 
 import math
-
 import warnings
 
 import pytest
