@@ -90,12 +90,12 @@ _KEEP = 0.5
 #
 # The fresh direction joins once every wanted residual is within _EARLY times
 # its limit, so that its products also serve the last steps of convergence;
-# at convergence the wanted values are recorded, and once _check_steps(k)
+# at convergence the wanted values are recorded, and once _check_steps(k, ...)
 # products have passed since it joined and _AFTER since convergence they are
 # compared. If one rose by more than _RISE * tol, an eigenvalue had been
 # skipped: iterate to convergence and check again (a new fresh direction,
-# joining at convergence), at most _CHECKS times (_RISE 0.1 and 0.2 caught
-# nothing more than 0.5).
+# joining at convergence, with max(10, k) products), at most _CHECKS times
+# (_RISE 0.1 and 0.2 caught nothing more than 0.5).
 #
 # Measured (tol=1e-3, 20 start vectors per workload; HVPs per solve, misses;
 # scipy eigsh for scale): benchmarks/curvature.py's digits MLP (k=5, 20) and
@@ -113,7 +113,10 @@ _KEEP = 0.5
 # solve; joining as soon as the wanted values are in the basis (_EARLY
 # infinite) cost 87.4 at digits k=20 (the band slows convergence for longer);
 # _EARLY=10 skipped 5 of the 320; giving the fresh chain 1 product in 3
-# instead of 1 in 2 cost more everywhere (89.3 at digits k=20).
+# instead of 1 in 2 cost more everywhere (89.3 at digits k=20); focusing the
+# pending rows on the residuals (as after a block start) once the fresh chain
+# had half of its products met eigsh + 15% everywhere but skipped 12 of 340
+# (the fresh chain running on to convergence is what makes this check work).
 _EARLY = 30.0
 _AFTER = 3
 _CHECKS = 3
@@ -141,9 +144,15 @@ _WARM_RHO = 64.0
 _DROP = 0.1
 
 
-def _check_steps(k: int) -> int:
-    """Products from the fresh direction's arrival to the comparison."""
-    return max(8, math.ceil(k / 2))
+def _check_steps(k: int, early: bool) -> int:
+    """Products from the fresh direction's arrival to the comparison.
+
+    ``max(8, ceil(k / 2))`` when it joined before convergence, ``max(10, k)``
+    when it joined at convergence (a solve that converged in the product that
+    brought its residuals within ``_EARLY`` times their limits, or a check
+    after a skipped value was found).
+    """
+    return max(8, math.ceil(k / 2)) if early else max(10, k)
 
 
 @dataclass(frozen=True)
@@ -162,9 +171,9 @@ class EigenResult:
         converged: Whether every returned pair reached the requested tolerance
             and (when ``verified`` applies) the skip check passed.
         wall_time: Seconds spent in the call.
-        verified: Whether the skip check ran and passed: the Krylov space,
-            with a fresh random direction added and ``max(10, k)`` more
-            products after convergence, raised no returned value by more than
+        verified: Whether the skip check ran and passed: with a fresh random
+            direction in the Krylov space for ``max(8, ceil(k / 2))`` products
+            and 3 more after convergence, no returned value rose by more than
             ``tol / 2``
             (``True`` for a dense solve, ``False`` with ``verify=False``). It
             lowers the odds that an eigenvalue of a tight cluster was skipped;
@@ -441,7 +450,7 @@ def thick_restart_lanczos(
                 snap, conv_mv, checks = now, n_mv, 1
             if (
                 snap is not None
-                and n_mv - check_mv >= _check_steps(k)
+                and n_mv - check_mv >= _check_steps(k, early and checks == 1)
                 and n_mv - conv_mv >= _AFTER
             ):
                 # a rise of rounding size (values near 0 at a tight tol) is no skip
@@ -720,22 +729,25 @@ def top_eigenpairs(
 
     A residual test cannot see an eigenvalue that the Krylov space never reached
     (an eigenvector nearly missing from the start vector, inside a cluster as
-    tight as ``tol``). With ``verify=True`` (the default), once the pairs
-    converge a fresh random direction (from the private generator) joins the
-    Krylov basis and the Lanczos runs ``max(10, k)`` more products (on the
-    pending Lanczos vector and the fresh one in turn); if a wanted
-    value then rises by more than ``tol / 2`` (falls, for the bottom end; grows in
-    magnitude for ``"LM"``; either end for ``"BE"``), a value had been skipped:
-    the solver iterates to convergence with it and checks again (at most 3
-    checks). ``verified`` says whether the last check passed; ``converged`` is
-    ``False`` when a check kept finding values or the budget ran out during a
-    check. ``next_eigenvalue`` is the best Ritz value beyond the returned ones.
-    The check lowers the odds of a skip (on clustered synthetic spectra, P=1000
-    to 2000, k=20, tol=1e-3: 0-1 of 340 solves skipped one, against 89-94
-    without it, on two variants of the spectra) at the cost of those extra
-    products (1.25-1.7x); it is no proof. Pass
-    ``verify=False`` where speed matters more than a rare skip inside a tight
-    cluster (a periodic refresh, for instance).
+    tight as ``tol``). With ``verify=True`` (the default), once every wanted
+    residual is within 30 times its limit a fresh random direction (from the
+    private generator) joins the Krylov basis, and the Lanczos expands the
+    pending Lanczos vector and the fresh one in turn, so that the check's
+    products also finish the convergence. The wanted values at convergence are
+    compared with those ``max(8, ceil(k / 2))`` products after the fresh
+    direction joined and at least 3 after convergence: if one rose by more than
+    ``tol / 2`` (fell, for the bottom end; grew in magnitude for ``"LM"``;
+    either end for ``"BE"``), a value had been skipped, and the solver iterates
+    to convergence with it and checks again with another fresh direction (at
+    most 3 checks). ``verified`` says whether the last check passed;
+    ``converged`` is ``False`` when a check kept finding values or the budget
+    ran out during a check. ``next_eigenvalue`` is the best Ritz value beyond
+    the returned ones. The check lowers the odds of a skip (on clustered
+    synthetic spectra, P=1000 to 2000, k=20, tol=1e-3: none of 360 solves
+    skipped one, against 107 without it) at the cost of its extra products
+    (1.17-1.32x); it is no proof. Pass ``verify=False`` where speed matters
+    more than a rare skip inside a tight cluster (a periodic refresh, for
+    instance).
 
     Special cases: ``k == P`` materialises the operator (``P`` products) and uses a
     dense float64 ``eigh``; a zero operator returns zeros with orthonormal vectors.
