@@ -112,11 +112,14 @@ _KEEP = 0.5
 # 20 at clustered k=20 when joining from the start); _AFTER=4 cost 1 more per
 # solve; joining as soon as the wanted values are in the basis (_EARLY
 # infinite) cost 87.4 at digits k=20 (the band slows convergence for longer);
-# _EARLY=10 skipped 5 of the 320; giving the fresh chain 1 product in 3
-# instead of 1 in 2 cost more everywhere (89.3 at digits k=20); focusing the
-# pending rows on the residuals (as after a block start) once the fresh chain
-# had half of its products met eigsh + 15% everywhere but skipped 12 of 340
-# (the fresh chain running on to convergence is what makes this check work).
+# _EARLY=20 gave 22.1, 84.8, 28.5, 75.0 (none of 340 skipped; the quick MLP
+# of benchmarks/curvature.py 81.2 at k=5 against 84.0, the worst row 1.16x
+# eigsh either way); _EARLY=10 skipped 5 of the 320; giving the fresh chain 1
+# product in 3 instead of 1 in 2 cost more everywhere (89.3 at digits k=20);
+# focusing the pending rows on the residuals (as after a block start) once the
+# fresh chain had half of its products met eigsh + 15% everywhere but skipped
+# 12 of 340 (the fresh chain running on to convergence is what makes this
+# check work).
 _EARLY = 30.0
 _AFTER = 3
 _CHECKS = 3
