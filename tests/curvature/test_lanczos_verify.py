@@ -119,9 +119,10 @@ def test_every_end_checked_and_exact(which):
             lam[lam.abs().argsort(descending=True)[:6]].sort(descending=True).values
         )
     torch.testing.assert_close(res.eigenvalues, expect, rtol=1e-9, atol=0)
-    # the check has a price: the fresh chain's products and a few after convergence
+    # the check has a price, but the fresh direction joins before convergence:
+    # less than the max(10, k) products a check started at convergence adds
     plain = top_eigenpairs(A, 6, which=which, tol=1e-8, verify=False)
-    assert res.n_matvec > plain.n_matvec
+    assert plain.n_matvec < res.n_matvec < plain.n_matvec + 10
     torch.testing.assert_close(plain.eigenvalues, expect, rtol=1e-9, atol=0)
 
 
