@@ -15,7 +15,7 @@ wanted values at each wanted end (at least one), must converge as well, to
 ``10 * tol`` (dense clusters otherwise hide an eigenvalue).
 
 The basis may hold several vectors whose products are still pending (band
-Lanczos, Ruhe 1979): the skip check adds a fresh random direction after
+Lanczos, Ruhe 1979): the skip check adds a fresh random direction near
 convergence, and a block warm start leaves the residual directions of its
 block pending. The relation then reads
 ``A V_j = V_n H[:n, :j]`` with ``n - j`` pending vectors, and the residuals come
@@ -114,12 +114,16 @@ _KEEP = 0.5
 # infinite) cost 87.4 at digits k=20 (the band slows convergence for longer);
 # _EARLY=20 gave 22.1, 84.8, 28.5, 75.0 (none of 340 skipped; the quick MLP
 # of benchmarks/curvature.py 81.2 at k=5 against 84.0, the worst row 1.16x
-# eigsh either way); _EARLY=10 skipped 5 of the 320; giving the fresh chain 1
-# product in 3 instead of 1 in 2 cost more everywhere (89.3 at digits k=20);
-# focusing the pending rows on the residuals (as after a block start) once the
-# fresh chain had half of its products met eigsh + 15% everywhere but skipped
-# 12 of 340 (the fresh chain running on to convergence is what makes this
-# check work).
+# eigsh either way); _EARLY=10 (with max(10, k) and _AFTER=2) skipped 5 of
+# the 320; giving the fresh chain 1 product in 3 instead of 1 in 2 cost more
+# everywhere (89.3 at digits k=20); focusing the pending rows on the residuals
+# (as after a block start) once the fresh chain had half of its products met
+# eigsh + 15% everywhere but skipped 12 of 340 (the fresh chain running on to
+# convergence is what makes this check work). With a block warm start (the
+# drifting operator of benchmarks/warm_start.py, P=800, 5 solves each), the
+# checked warm solve took 15-24 products at k=5 and 42-48 at k=20, against
+# 18-26 and 54-61 with the check after convergence: the block's residual focus
+# stops when the fresh direction joins, and the check's savings outweigh it.
 _EARLY = 30.0
 _AFTER = 3
 _CHECKS = 3
@@ -175,9 +179,9 @@ class EigenResult:
             and (when ``verified`` applies) the skip check passed.
         wall_time: Seconds spent in the call.
         verified: Whether the skip check ran and passed: with a fresh random
-            direction in the Krylov space for ``max(8, ceil(k / 2))`` products
-            and 3 more after convergence, no returned value rose by more than
-            ``tol / 2``
+            direction in the Krylov space for at least ``max(8, ceil(k / 2))``
+            products (``max(10, k)`` when it joined at convergence) and 3
+            after convergence, no returned value rose by more than ``tol / 2``
             (``True`` for a dense solve, ``False`` with ``verify=False``). It
             lowers the odds that an eigenvalue of a tight cluster was skipped;
             it is no proof (see :func:`top_eigenpairs`).
@@ -785,9 +789,9 @@ def top_eigenpairs(
             about ``m`` products plus a few (k = 5, drifting synthetic
             operator: 10-11 against 19-23 from the summed vector). Farther
             out the solve is the single-vector one from the summed start.
-        verify: Run the skip check after convergence (see above; default
-            ``True``); ``False`` returns as soon as the residuals converge
-            (``verified=False``), the solver as it was before the check.
+        verify: Run the skip check (see above; default ``True``); ``False``
+            returns as soon as the residuals converge (``verified=False``), the
+            solver as it was before the check.
 
     Returns:
         An :class:`EigenResult`, eigenvalues sorted descending.

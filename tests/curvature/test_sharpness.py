@@ -130,7 +130,8 @@ def test_sharpness_verify_runs_the_skip_check():
     )
     assert not plain.verified and checked.verified and checked.converged
     assert checked.as_dict()["verified"] is True
-    assert checked.n_hvp > plain.n_hvp
+    # the check's products, fewer than a check started at convergence adds
+    assert plain.n_hvp < checked.n_hvp < plain.n_hvp + 10
     torch.testing.assert_close(
         checked.top_eigenvalues, lam.flip(0)[:4], rtol=1e-5, atol=1e-7
     )
