@@ -214,9 +214,14 @@ class EigenResult:
             ``(P, k + g)``, the returned vectors then the guards' (``(P, k)``
             when there are none).
         """
-        if self.next_eigenvectors is None or self.next_eigenvectors.shape[1] == 0:
-            return self.eigenvectors
-        return torch.cat([self.eigenvectors, self.next_eigenvectors], dim=1)
+        return warm_start_columns(self.eigenvectors, self.next_eigenvectors)
+
+
+def warm_start_columns(vectors: Tensor, more: Tensor | None) -> Tensor:
+    """``vectors`` then the columns of ``more`` (none: ``vectors`` itself)."""
+    if more is None or more.shape[1] == 0:
+        return vectors
+    return torch.cat([vectors, more], dim=1)
 
 
 def _orthogonalize(Vt: Tensor, w: Tensor) -> tuple[Tensor, float]:
@@ -316,6 +321,18 @@ class LanczosSolve:
     verified: bool
     next_value: float
     G: Tensor  # the guards' Ritz vectors (P, g)
+    reached: bool  # every returned pair reached tol (verified or not)
+
+    def shortfall(self) -> str | None:
+        """Why the solve is not ``ok``: the check unfinished, or ``None``.
+
+        ``"could not verify that no eigenvalue was skipped"`` when every pair
+        reached the tolerance but the skip check did not pass; ``None`` when the
+        pairs themselves did not converge (the caller names its tolerance).
+        """
+        if self.reached and not self.verified:
+            return "could not verify that no eigenvalue was skipped"
+        return None
 
 
 def thick_restart_lanczos(
@@ -566,7 +583,7 @@ def thick_restart_lanczos(
     G = Vt[:j].T @ S[:, guard].to(device=device, dtype=dtype)
     checked = verified if verify else j >= P
     return LanczosSolve(
-        theta[final].clone(), Y, rel, n_mv, ok and verified, checked, next_value, G
+        theta[final].clone(), Y, rel, n_mv, ok and verified, checked, next_value, G, ok
     )
 
 
@@ -860,10 +877,7 @@ def top_eigenpairs(
     )
     lam, Y, rel, n_mv = sol.theta, sol.Y, sol.rel, sol.n_mv
     if not sol.ok:
-        if sol.verified or not bool((rel <= tol).all()):
-            what = "did not converge"
-        else:
-            what = "could not verify that no eigenvalue was skipped"
+        what = sol.shortfall() or "did not converge"
         warnings.warn(
             f"top_eigenpairs {what} within {n_mv} matvecs (tol={tol}); "
             f"relative residuals: {[float(f'{r:.3g}') for r in rel.tolist()]}.",

@@ -36,7 +36,12 @@ from .._model import (
     to_device,
 )
 from .hessian import HessianOperator
-from .lanczos import EigenResult, check_operator_output, thick_restart_lanczos
+from .lanczos import (
+    EigenResult,
+    check_operator_output,
+    thick_restart_lanczos,
+    warm_start_columns,
+)
 from .trace import Estimate, mean_stderr, rademacher_probes
 
 __all__ = ["SharpnessReport", "expected_sharpness", "sharpness"]
@@ -96,9 +101,7 @@ class SharpnessReport:
         Returns:
             ``(P, k + g)``.
         """
-        if self.next_eigenvectors is None or self.next_eigenvectors.shape[1] == 0:
-            return self.eigenvectors
-        return torch.cat([self.eigenvectors, self.next_eigenvectors], dim=1)
+        return warm_start_columns(self.eigenvectors, self.next_eigenvectors)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a flat, JSON-ready dict of the measures (no eigenvectors).
@@ -252,11 +255,7 @@ def sharpness(
             # the lambda_min end and the guards: the rest of the next warm start
             rest = torch.cat([sol.Y[:, k:], sol.G], dim=1)
             if not ok:
-                what = (
-                    "could not verify that no eigenvalue was skipped"
-                    if verify and not verified and bool((sol.rel <= tol).all())
-                    else f"did not reach tol={tol}"
-                )
+                what = sol.shortfall() or f"did not reach tol={tol}"
                 warnings.warn(
                     f"sharpness: the eigensolver {what} within "
                     f"{op.n_matvec - n0} Hessian-vector products.",
