@@ -89,10 +89,7 @@ _KEEP = 0.5
 # band none).
 #
 # The fresh direction joins once every wanted residual is within _EARLY times
-# its limit and the worst one's decay over the last _WIN products, kept on,
-# would reach the limit within _PRED * max(10, k) products (_due), so that its
-# products also serve the last steps of convergence without halving the
-# Lanczos chain's pace for long where the residuals fall slowly;
+# its limit, so that its products also serve the last steps of convergence;
 # at convergence the wanted values are recorded, and once _check_steps(k, ...)
 # products have passed since it joined and _AFTER since convergence they are
 # compared. If one rose by more than _RISE * tol, an eigenvalue had been
@@ -127,22 +124,7 @@ _KEEP = 0.5
 # checked warm solve took 15-24 products at k=5 and 42-48 at k=20, against
 # 18-26 and 54-61 with the check after convergence: the block's residual focus
 # stops when the fresh direction joins, and the check's savings outweigh it.
-# The decay condition (_due) came last: without it the quick MLP of
-# benchmarks/curvature.py took 84.0 products at k=5 (eigsh 73.0) and resnet18
-# (batch 64) 83.0 (eigsh 63.3); with it 75.2 and 78.3, the digits and
-# "clustered" rows within 0.1, none of 680 clustered solves (the 340 above
-# over 40 start vectors) skipped. A window of 6 products skipped 1 of 340, a
-# limit of 0.5 * max(10, k) 5; 1.5 * max(10, k) saved less (MLP 78.0-81.4).
-# The residuals cannot foresee a value that enters the wanted set late (its
-# arrival raises the worst residual 10x): resnet18's first start vector joins
-# at 38 products, converges at 89, and unchecked converged at 67. Warm-started
-# checked solves (the drifting operator above) took 18-19 / 19-23 products at
-# k=5 (dt 0.01 / 0.1) and 40-45 / 45-48 at k=20, against 15-21 / 23-24 and
-# 42-46 / 45-48 joining at 30x alone; judging the decay on fewer than _WIN
-# products when fewer are known gave exactly the latter.
 _EARLY = 30.0
-_PRED = 1.0
-_WIN = 4
 _AFTER = 3
 _CHECKS = 3
 _RISE = 0.5
@@ -173,23 +155,11 @@ def _check_steps(k: int, early: bool) -> int:
     """Products from the fresh direction's arrival to the comparison.
 
     ``max(8, ceil(k / 2))`` when it joined before convergence, ``max(10, k)``
-    when it joined at convergence (a solve that converged before the join's
-    conditions held together, or a check after a skipped value was found).
+    when it joined at convergence (a solve that converged in the product that
+    brought its residuals within ``_EARLY`` times their limits, or a check
+    after a skipped value was found).
     """
     return max(8, math.ceil(k / 2)) if early else max(10, k)
-
-
-def _due(trail: list[float], k: int) -> bool:
-    """Whether the residuals' recent decay predicts convergence soon.
-
-    ``trail`` holds ``log(max residual / limit)`` after each product; the
-    decay over the last ``_WIN`` products, if it kept on, would bring the
-    worst residual to its limit within ``_PRED * max(10, k)`` products.
-    """
-    if len(trail) <= _WIN:
-        return False
-    rate = (trail[-1 - _WIN] - trail[-1]) / _WIN
-    return rate > 0 and trail[-1] <= rate * _PRED * max(10, k)
 
 
 @dataclass(frozen=True)
@@ -444,7 +414,6 @@ def thick_restart_lanczos(
     snap = None  # wanted Ritz values when the current check started
     early = False  # the first check's fresh vector joined before convergence
     conv_mv = 0  # products at convergence, in the current check
-    trail: list[float] = []  # log of the worst residual / limit, per product
     while True:
         if pre_lo <= j < pre_hi:
             assert W is not None
@@ -484,10 +453,6 @@ def thick_restart_lanczos(
             converged = verified = True
             break
         inject = False
-        if not verified and checks == 0 and not early and j >= max(n_need, pre_hi):
-            # the worst wanted residual over its limit, in logs
-            excess = R[want] / (tols * scale).clamp_min(torch.finfo(torch.float64).tiny)
-            trail.append(math.log(max(float(excess.max()), 1e-300)))
         if (
             not verified
             and not done
@@ -496,7 +461,6 @@ def thick_restart_lanczos(
             and j >= max(n_need, pre_hi)
             and n + 2 < P
             and bool((R[want] <= _EARLY * tols * scale).all())
-            and _due(trail, k)
         ):
             # nearly converged: the first check's fresh direction joins now
             inject = early = True
@@ -790,9 +754,8 @@ def top_eigenpairs(
     A residual test cannot see an eigenvalue that the Krylov space never reached
     (an eigenvector nearly missing from the start vector, inside a cluster as
     tight as ``tol``). With ``verify=True`` (the default), once every wanted
-    residual is within 30 times its limit and their recent decay predicts
-    convergence within ``max(10, k)`` products, a fresh random direction (from
-    the private generator) joins the Krylov basis, and the Lanczos expands the
+    residual is within 30 times its limit a fresh random direction (from the
+    private generator) joins the Krylov basis, and the Lanczos expands the
     pending Lanczos vector and the fresh one in turn, so that the check's
     products also finish the convergence. The wanted values at convergence are
     compared with those ``max(8, ceil(k / 2))`` products after the fresh
@@ -805,10 +768,11 @@ def top_eigenpairs(
     ran out during a check. ``next_eigenvalue`` is the best Ritz value beyond
     the returned ones. The check lowers the odds of a skip (on clustered
     synthetic spectra, P=1000 to 2000, k=20, tol=1e-3: none of 360 solves
-    skipped one, against 107 without it) at the cost of its extra products
-    (1.17-1.31x); it is no proof. Pass ``verify=False`` where speed matters
-    more than a rare skip inside a tight cluster (a periodic refresh, for
-    instance).
+    skipped one, against 107 without it; at k=5, with a run of six values as
+    tight as ``tol`` straddling the 5th, 10 of 300 against 59) at the cost of
+    its extra products (1.17-1.32x); it is no proof. Pass ``verify=False``
+    where speed matters more than a rare skip inside a tight cluster (a
+    periodic refresh, for instance).
 
     Special cases: ``k == P`` materialises the operator (``P`` products) and uses a
     dense float64 ``eigh``; a zero operator returns zeros with orthonormal vectors.
