@@ -107,7 +107,10 @@ _KEEP = 0.5
 # tests' clustered spectra (P=1000, k=20; runs of six values tol/2, tol and
 # 2 tol apart across lambda_17..lambda_22, 5 bulks each: 300 solves; and 20 on
 # a run of four tol/2 apart ending at lambda_20): unchecked 69 + 6 skipped,
-# the previous check 0 + 1, this one 0 + 0, with 4-9% fewer products.
+# the previous check 0 + 1, this one 0 + 0, with 4-9% fewer products. (The
+# bulks barely change a solve: the same start vectors skip on every bulk, so
+# those 300 were about 60 cases. benchmarks/cluster_skips.py counts 300
+# distinct solves per k: see benchmarks/README.md.)
 # Variants: _AFTER=2 saved one product more and skipped 1 of the 320 (and 2 of
 # 20 at clustered k=20 when joining from the start); _AFTER=4 cost 1 more per
 # solve; joining as soon as the wanted values are in the basis (_EARLY
@@ -766,11 +769,12 @@ def top_eigenpairs(
     most 3 checks). ``verified`` says whether the last check passed;
     ``converged`` is ``False`` when a check kept finding values or the budget
     ran out during a check. ``next_eigenvalue`` is the best Ritz value beyond
-    the returned ones. The check lowers the odds of a skip (on clustered
-    synthetic spectra, P=1000 to 2000, k=20, tol=1e-3: none of 360 solves
-    skipped one, against 107 without it; at k=5, with a run of six values as
-    tight as ``tol`` straddling the 5th, 10 of 300 against 59) at the cost of
-    its extra products (1.17-1.32x); it is no proof. Pass ``verify=False``
+    the returned ones. The check lowers the odds of a skip (on synthetic
+    spectra with a run of six values as tight as ``tol`` straddling the k-th,
+    P=1000, tol=1e-3, 300 distinct solves for each k of 3, 4, 5, 8, 10 and
+    20: 0 to 5 skipped, against 54 to 62 without it and 11 to 51 for scipy's
+    ``eigsh``) at the cost of its extra products (1.2-1.4x the unchecked
+    solve's, 1.03-1.17x ``eigsh``'s there); it is no proof. Pass ``verify=False``
     where speed matters more than a rare skip inside a tight cluster (a
     periodic refresh, for instance).
 
