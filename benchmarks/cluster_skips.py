@@ -67,7 +67,7 @@ def spectrum(k: int, width: float, P: int = 1000, seed: int = 0) -> torch.Tensor
     if k < 3:
         raise ValueError(f"k must be >= 3 (the run covers k-2..k+3), got {k}")
     g = torch.Generator().manual_seed(100 + seed)
-    n_top = max(k - 3, 0)
+    n_top = k - 3
     top = 2.0 * 0.97 ** torch.arange(n_top, dtype=torch.float64)
     first = float(top[-1]) * 0.97 if n_top else 2.0
     run = first * (1 - width * TOL) ** torch.arange(6, dtype=torch.float64)

@@ -17,11 +17,20 @@ def small_cluster(width, P=1000, seed=0):
     """16 values 3% apart, a run of 6 spaced ``width * TOL`` (relative) across
     lambda_17..lambda_22, 40 values 0.5% apart below, and a bulk: as on the
     digits MLP of the issue, where lambda_19..lambda_22 sit 0.2% apart."""
+    return straddling_run(19, width, P=P, seed=seed)
+
+
+def straddling_run(k, width, P=1000, seed=0):
+    """A run of six values ``width * TOL`` apart over lambda_{k-2}..lambda_{k+3}
+    (``k - 3`` values 3% apart above, 40 values 0.5% apart and a bulk below);
+    benchmarks/cluster_skips.py builds the same spectra."""
     g = torch.Generator().manual_seed(100 + seed)
-    top = 2.0 * 0.97 ** torch.arange(16, dtype=torch.float64)
-    run = top[-1] * 0.97 * (1 - width * TOL) ** torch.arange(6, dtype=torch.float64)
+    n_top = k - 3
+    top = 2.0 * 0.97 ** torch.arange(n_top, dtype=torch.float64)
+    first = float(top[-1]) * 0.97 if n_top else 2.0
+    run = first * (1 - width * TOL) ** torch.arange(6, dtype=torch.float64)
     rest = run[-1] * 0.99 * 0.995 ** torch.arange(40, dtype=torch.float64)
-    bulk = 0.6 * rest[-1] * torch.rand(P - 62, generator=g, dtype=torch.float64)
+    bulk = 0.6 * rest[-1] * torch.rand(P - n_top - 46, generator=g, dtype=torch.float64)
     return torch.cat([top, run, rest, bulk])
 
 
@@ -77,20 +86,6 @@ def test_wider_cluster_none_skipped():
             res = top_eigenpairs(A, K, tol=TOL, seed=seed, verify=verify)
             missed[verify] += res.converged and max_rel_err(res.eigenvalues, ref) > TOL
     assert missed[True] == 0 and missed[False] >= 4
-
-
-def straddling_run(k, width, P=1000):
-    """A run of six values ``width * TOL`` apart over lambda_{k-2}..lambda_{k+3}
-    (``k - 3`` values 3% apart above, 40 values 0.5% apart and a bulk below),
-    as in benchmarks/cluster_skips.py."""
-    g = torch.Generator().manual_seed(100)
-    n_top = max(k - 3, 0)
-    top = 2.0 * 0.97 ** torch.arange(n_top, dtype=torch.float64)
-    first = float(top[-1]) * 0.97 if n_top else 2.0
-    run = first * (1 - width * TOL) ** torch.arange(6, dtype=torch.float64)
-    rest = run[-1] * 0.99 * 0.995 ** torch.arange(40, dtype=torch.float64)
-    bulk = 0.6 * rest[-1] * torch.rand(P - n_top - 46, generator=g, dtype=torch.float64)
-    return torch.cat([top, run, rest, bulk])
 
 
 @pytest.mark.parametrize(
