@@ -57,3 +57,18 @@ def test_journey_code_runs(page, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_recipe_is_listed_where_a_reader_chooses_one():
+    """Each script in recipes/ has a row in the journey's table and the overview's."""
+    recipes = sorted(
+        p.stem for p in (ROOT / "recipes").glob("*.py") if not p.name.startswith("_")
+    )
+    assert recipes
+    journey = (ROOT / "docs" / "journeys" / "reproduce-a-paper.md").read_text(
+        encoding="utf-8"
+    )
+    overview = (ROOT / "docs" / "recipes" / "index.md").read_text(encoding="utf-8")
+    for name in recipes:
+        assert f"[`{name}.py`](../recipes/{name}.md)" in journey, name
+        assert f"[{name}]({name}.md)" in overview, name
