@@ -339,8 +339,10 @@ def expected_sharpness(
 
     ``nu ~ N(0, sigma^2 I)`` over the selected parameters (Zhu et al. 2019,
     arXiv:1803.00195; defaults ``sigma=0.01``). For small ``sigma`` it is about
-    ``sigma^2 / 2 * tr H``. Antithetic pairs ``+-nu`` cancel the first-order term
-    exactly (each sample is ``(L(theta+nu) + L(theta-nu)) / 2 - L(theta)``).
+    ``sigma^2 / 2 * tr H`` where the loss is twice differentiable; kinks (ReLU)
+    add a term of the same order that the Hessian misses. Antithetic pairs
+    ``+-nu`` cancel the first-order term exactly (each sample is
+    ``(L(theta+nu) + L(theta-nu)) / 2 - L(theta)``).
     ``absolute=True`` averages ``|L(theta + nu) - L(theta)|`` instead, as the
     authors' code does. Perturbed losses are evaluated functionally: the model's
     parameters, buffers and the global RNG are never changed.
