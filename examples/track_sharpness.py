@@ -13,7 +13,7 @@ nothing moved (28 against 8). It also prints the stability ratio
 
 Run (from the repository root)::
 
-    python examples/track_sharpness.py          # ~1 min on 2 CPU cores
+    python examples/track_sharpness.py          # ~10 s on 2 CPU cores
     python examples/track_sharpness.py --tiny   # a few seconds (the test)
 """
 
