@@ -727,6 +727,9 @@ class NoisyGD(torch.optim.Optimizer):
         state = dict(state)
         state.setdefault("batch_fn", None)  # pickled before batch_fn existed
         stats = state.pop("stats", None)
+        if self.__dict__.get("_pending"):
+            # load_state_dict, not unpickling: convert the steps already taken
+            self._flush_stats()
         self._src = None
         self._workspace = {}
         self._pending = []

@@ -635,6 +635,25 @@ def test_plain_sgd_state_dict_loads():
     assert opt.param_groups[0]["lr"] == 0.3
 
 
+def test_plain_state_dict_keeps_the_stats_of_the_steps_taken():
+    # the realised ||xi||^2 of the last steps wait unconverted; loading a state
+    # dict without a "noisy_gd" entry keeps the step count and must keep them too
+    stats = []
+    for load in (False, True):
+        model = mlp()
+        X, y = make_data(n=12)
+        opt = NoisyGD(model.parameters(), lr=0.1, noise="isotropic", noise_scale=0.5)
+        _train(model, opt, X, y, 3)
+        if load:
+            plain = torch.optim.SGD(model.parameters(), lr=0.1)
+            opt.load_state_dict(plain.state_dict())
+        stats.append(dict(opt.stats))
+    assert stats[1]["step"] == 3
+    assert stats[1]["realised_sq_norm"] > 0
+    for key in ("realised_sq_norm", "realised_sq_norm_mean"):
+        assert stats[1][key] == stats[0][key]
+
+
 # -------------------------------------------------------------- errors
 
 
