@@ -431,7 +431,8 @@ class NoisyGD(torch.optim.Optimizer):
 
         The step count, seed and cached statistics live outside the
         per-parameter state, so :class:`torch.optim.Optimizer`'s dtype casting
-        never touches them.
+        never touches them; the cached vectors are moved to the parameters'
+        device (a checkpoint loaded with ``map_location="cpu"`` resumes on CUDA).
 
         Args:
             state_dict: A dict from :meth:`state_dict` (a plain torch SGD state
@@ -452,7 +453,14 @@ class NoisyGD(torch.optim.Optimizer):
         if extra is not None:
             self._step_count = int(extra["step"])
             self.seed = int(extra["seed"])
-            self._cache = {k: v.clone() for k, v in extra["cache"].items()}
+            # vectors follow the parameters, as torch's per-parameter state does
+            # (a checkpoint loaded with map_location="cpu" into a CUDA run); the
+            # scalars are read with float() and stay where they are
+            device = self.param_groups[0]["params"][0].device
+            self._cache = {
+                k: v.to(device, copy=True) if v.dim() else v.clone()
+                for k, v in extra["cache"].items()
+            }
             self.stats = dict(extra["stats"])
 
     @property

@@ -654,6 +654,39 @@ def test_plain_state_dict_keeps_the_stats_of_the_steps_taken():
         assert stats[1][key] == stats[0][key]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["diagonal", "hessian"], ids=lambda k: f"noise={k}")
+def test_resume_on_cuda_from_a_cpu_mapped_checkpoint(kind):
+    # torch.load(map_location="cpu") then load_state_dict on CUDA parameters (timm's
+    # resume does this): the cached statistics must follow the parameters, as
+    # torch's per-parameter state does, and the run continue exactly
+    X, y = make_data(n=12)
+    X, y = X.cuda(), y.cuda()
+
+    def make(model):
+        return _classifier_noisy_gd(
+            model, X, y, lr=0.1, noise=kind, noise_scale=0.05, k=2, seed=7
+        )
+
+    ref = mlp().cuda()
+    ref_opt = make(ref)
+    _train(ref, ref_opt, X, y, 4)
+    model = mlp().cuda()
+    opt = make(model)
+    _train(model, opt, X, y, 3)  # refresh at step 2: step 3 draws from the cache
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, map_location="cpu", weights_only=True)
+    resumed = mlp(seed=123).cuda()
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = make(resumed)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    _train(resumed, resumed_opt, X, y, 1)
+    for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 # -------------------------------------------------------------- errors
 
 
