@@ -57,6 +57,19 @@ _MAX_PENDING = 256
 
 _STATE_KEY = "noisy_gd"
 
+# the settings the cached statistics depend on: statistics a checkpoint cached
+# under other ones lack keys or are stale (Tr C at another B), and are
+# refreshed. Not k: the eigenvectors of another k still warm-start a refresh.
+_CACHE_SETTINGS = (
+    "noise",
+    "magnitude",
+    "batch_size",
+    "curvature",
+    "num_batches",
+    "mode",
+    "loss_reduction",
+)
+
 
 def _check_source(
     noise: str, magnitude: str, batch_size: int | None, **source: Any
@@ -106,6 +119,8 @@ def _check_extra(extra: Any) -> None:
         raise ValueError(f"`{name}['cache']` must be a dict of tensors.")
     if not isinstance(extra["stats"], dict):
         raise ValueError(f"`{name}['stats']` must be a dict.")
+    if not isinstance(extra.get("settings", {}), dict):
+        raise ValueError(f"`{name}['settings']` must be a dict.")
 
 
 class NoisyGD(torch.optim.Optimizer):
@@ -414,14 +429,16 @@ class NoisyGD(torch.optim.Optimizer):
 
         Returns:
             torch's optimizer state dict plus a ``"noisy_gd"`` entry holding the
-            integer step count, the seed, the cached noise statistics (tensors)
-            and :attr:`stats`; loadable with ``torch.load(weights_only=True)``.
+            integer step count, the seed, the cached noise statistics (tensors),
+            the settings they were computed under (``noise``, ...) and
+            :attr:`stats`; loadable with ``torch.load(weights_only=True)``.
         """
         sd = super().state_dict()
         sd[_STATE_KEY] = {
             "step": self._step_count,
             "seed": self.seed,
             "cache": {k: v.clone() for k, v in self._cache.items()},
+            "settings": self._cache_settings(),
             "stats": dict(self.stats),  # reading `stats` converts pending values
         }
         return sd
@@ -433,6 +450,10 @@ class NoisyGD(torch.optim.Optimizer):
         per-parameter state, so :class:`torch.optim.Optimizer`'s dtype casting
         never touches them; the cached vectors are moved to the parameters'
         device (a checkpoint loaded with ``map_location="cpu"`` resumes on CUDA).
+        Statistics cached under other settings than this optimizer's
+        (``noise``, ``magnitude``, ``batch_size``, ``curvature``,
+        ``num_batches``, ``mode``, ``loss_reduction``) are dropped, and the next
+        step refreshes them.
 
         Args:
             state_dict: A dict from :meth:`state_dict` (a plain torch SGD state
@@ -461,7 +482,12 @@ class NoisyGD(torch.optim.Optimizer):
                 k: v.to(device, copy=True) if v.dim() else v.clone()
                 for k, v in extra["cache"].items()
             }
+            if extra.get("settings", self._cache_settings()) != self._cache_settings():
+                self._cache = {}  # stale: the next step refreshes
             self.stats = dict(extra["stats"])
+
+    def _cache_settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _CACHE_SETTINGS}
 
     @property
     def stats(self) -> dict[str, float | int]:

@@ -635,6 +635,56 @@ def test_plain_sgd_state_dict_loads():
     assert opt.param_groups[0]["lr"] == 0.3
 
 
+@pytest.mark.parametrize(
+    "saved, now",
+    [
+        (dict(noise="hessian"), dict(noise="diagonal")),
+        (dict(noise="diagonal"), dict(noise="hessian")),
+        (dict(noise="hessian", magnitude="raw"), dict(noise="hessian")),
+        (dict(noise="hessian", batch_size=3), dict(noise="hessian", batch_size=2)),
+        (dict(noise="geometry_aware"), dict(noise="geometry_aware_isotropic")),
+    ],
+    ids=["hessian-diagonal", "diagonal-hessian", "raw-sgd", "B", "geo-iso"],
+)
+def test_statistics_cached_under_other_settings_are_refreshed(saved, now):
+    # a checkpoint's statistics belong to its noise settings: loaded into an
+    # optimizer built with other ones, the next step refreshes them (as a fresh
+    # optimizer with those settings would), never samples from the stale ones
+    X, y = make_data(n=12)
+
+    def make(model, **kw):
+        kw = {"k": 2, "batch_size": 3, **kw}
+        return NoisyGD(
+            model.parameters(),
+            lr=0.1,
+            noise_scale=0.05,
+            seed=7,
+            refresh_every=10,
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            data=(X, y),
+            **kw,
+        )
+
+    model = mlp()
+    opt = make(model, **saved)
+    _train(model, opt, X, y, 3)  # refresh at step 0; steps 1, 2 use the cache
+    sd = opt.state_dict()
+    assert sd["noisy_gd"]["cache"] and sd["noisy_gd"]["stats"]["n_refresh"] == 1
+    # the reference: the same checkpoint without its cache
+    no_cache = {**sd, "noisy_gd": {**sd["noisy_gd"], "cache": {}}}
+    runs = []
+    for state in (sd, no_cache):
+        resumed = mlp(seed=123)
+        resumed.load_state_dict(model.state_dict())
+        opt = make(resumed, **now)
+        opt.load_state_dict(state)
+        _train(resumed, opt, X, y, 2)
+        assert opt.stats["n_refresh"] == 2
+        runs.append(_flat(resumed))
+    assert torch.equal(*runs)
+
+
 def test_plain_state_dict_keeps_the_stats_of_the_steps_taken():
     # the realised ||xi||^2 of the last steps wait unconverted; loading a state
     # dict without a "noisy_gd" entry keeps the step count and must keep them too
