@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .._checks import check_param_group, check_state_dict
+from .._checks import check_int, check_param_group, check_state_dict
 
 __all__ = ["ProbedSGD"]
 
@@ -178,7 +178,8 @@ class ProbedSGD(torch.optim.SGD):
         Raises:
             TypeError: If ``state_dict`` is not a dict.
             ValueError: If it is not an optimizer state dict, or its ``"probe"``
-                entry lacks the counters (checked before anything is loaded).
+                entry lacks the counters or holds a negative one (checked before
+                anything is loaded).
         """
         check_state_dict("state_dict", state_dict)
         probe_state = state_dict.get("probe")
@@ -190,6 +191,9 @@ class ProbedSGD(torch.optim.SGD):
                     "`state_dict['probe']` must hold the probe's 'step_count' and "
                     "'num_probes'; pass a dict returned by ProbedSGD.state_dict()."
                 )
+            for key in ("step_count", "num_probes"):
+                # the probe checks them too, but only after the optimizer loaded
+                check_int(f"state_dict['probe'][{key!r}]", int(probe_state[key]), ge=0)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "probe"})
         if probe_state is not None and self.probe is not None:
             self.probe.load_state_dict(probe_state)

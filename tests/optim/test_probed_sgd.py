@@ -316,3 +316,26 @@ def test_hooks_scheduler_repr_deepcopy(measure):
     # load_state_dict keeps the attached probe
     opt.load_state_dict(twin.state_dict())
     assert opt.probe is probe and probe.attached
+
+
+@pytest.mark.parametrize("key", ["step_count", "num_probes"])
+def test_negative_probe_counter_is_refused_before_anything_loads(measure, key):
+    model = mlp()
+    measure(_noop)
+    probe = NoiseProbe(model, torch.nn.MSELoss(), make_data())
+    opt = ProbedSGD(model.parameters(), lr=0.1, momentum=0.9, probe=probe)
+    X, y = make_data()
+    torch.nn.functional.cross_entropy(model(X), y).backward()
+    opt.step()
+    sd = opt.state_dict()
+    bad = {**sd, "probe": {**sd["probe"], key: -1}}
+    fresh = ProbedSGD(
+        model.parameters(),
+        lr=0.5,
+        momentum=0.9,
+        probe=NoiseProbe(model, torch.nn.MSELoss(), make_data()),
+    )
+    with pytest.raises(ValueError, match=rf"state_dict\['probe'\]\['{key}'\]"):
+        fresh.load_state_dict(bad)
+    assert fresh.param_groups[0]["lr"] == 0.5 and not fresh.state
+    assert fresh.probe.step_count == 0
