@@ -268,6 +268,12 @@ class CyclicLRWrapper(torch.optim.Optimizer):
       ``wrapper.optimizer`` with :meth:`as_scheduler`, a
       ``torch.optim.lr_scheduler.LRScheduler`` stepped once after each optimizer
       step (``interval="step"`` in Lightning). Do not mix the two.
+    - **Groups added to the inner optimizer.** A param group added with
+      ``wrapper.optimizer.add_param_group`` (Lightning's ``BackboneFinetuning``
+      adds groups to the optimizer it is given) joins the schedule at the
+      wrapper's next step (with :meth:`as_scheduler`: the next optimizer step) or
+      :meth:`state_dict`, exactly as if it had been added with
+      :meth:`add_param_group` then.
     - **accelerate** steps schedulers ``num_processes`` times per step unless
       told otherwise; the wrapper counts real optimizer steps only.
 
@@ -561,8 +567,7 @@ class CyclicLRWrapper(torch.optim.Optimizer):
     @property
     def last_step(self) -> int:
         """Number of steps taken so far (the index of the next step)."""
-        groups = self.param_groups
-        return int(groups[0][_STEP_KEY]) if groups else 0
+        return next((int(g[_STEP_KEY]) for g in self.param_groups if _STEP_KEY in g), 0)
 
     def lr_at(self, step: int) -> list[float]:
         """Return the learning rate of every param group at step ``step``.
@@ -575,9 +580,11 @@ class CyclicLRWrapper(torch.optim.Optimizer):
 
         Raises:
             TypeError: If ``step`` is not an int.
-            ValueError: If ``step`` is negative.
+            ValueError: If ``step`` is negative, or a group added to the inner
+                optimizer directly cannot join the schedule (see :meth:`step`).
         """
         check_int("step", step, ge=0)
+        self._adopt_new_groups()
         return [self._value(step, g[_BASE_KEY], g[_MAX_KEY]) for g in self.param_groups]
 
     def _value(self, step: int, low: float, high: float) -> float:
@@ -592,10 +599,10 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         )
 
     @torch._disable_dynamo
-    def _apply_schedule(self) -> None:
+    def _apply_schedule(self, groups: list[dict[str, Any]] | None = None) -> None:
         # Eager on purpose: the schedule is Python float arithmetic on int counters,
         # which a compiled step would guard on (and recompile for) every step.
-        for group in self.param_groups:
+        for group in self.param_groups if groups is None else groups:
             t = int(group[_STEP_KEY])
             _write_value(group, "lr", self._value(t, group[_BASE_KEY], group[_MAX_KEY]))
             self._write_momentum(group, t)
@@ -627,8 +634,17 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         Returns:
             Whatever the inner optimizer's ``step`` returns (the closure's loss,
             or ``None``).
+
+        Raises:
+            RuntimeError: If a group's lr was written from outside the wrapper
+                since its last step (nothing is stepped).
+            ValueError: If a group added to the inner optimizer directly cannot
+                join the schedule: it has no ``cyclic_base_lr``/``cyclic_max_lr``
+                while the wrapper's bounds are per group, or they are out of
+                order, or it repeats a parameter (nothing is changed).
         """
         self._check_lr_unchanged()
+        self._adopt_new_groups()
         self._apply_schedule()
         if closure is None:
             loss = self.optimizer.step(**kwargs)
@@ -652,6 +668,68 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         """
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _schedule_keys(self, group: dict[str, Any]) -> dict[str, Any]:
+        # the bounds of a group joining the schedule: its own ``cyclic_*`` keys,
+        # else the constructor's scalars; checked, nothing written
+        keys = {k: v for k, v in group.items() if k.startswith("cyclic_")}
+        for key, arg, name in (
+            (_BASE_KEY, self._base_lr_arg, "base_lr"),
+            (_MAX_KEY, self._max_lr_arg, "max_lr"),
+            (_BASE_MOMENTUM_KEY, self._base_momentum_arg, "base_momentum"),
+            (_MAX_MOMENTUM_KEY, self._max_momentum_arg, "max_momentum"),
+        ):
+            if (
+                key in (_BASE_MOMENTUM_KEY, _MAX_MOMENTUM_KEY)
+                and not self.cycle_momentum
+            ):
+                continue
+            if key not in keys:
+                if isinstance(arg, (list, tuple)):
+                    raise ValueError(
+                        f"the new param group needs a `{key}` key: `{name}` was "
+                        "given per group, so there is no default for new groups."
+                    )
+                keys[key] = arg
+            lt = 1 if "momentum" in name else None
+            keys[key] = _per_group(key, keys[key], 1, lt=lt)[0]
+        _check_order(_BASE_KEY, keys[_BASE_KEY], _MAX_KEY, keys[_MAX_KEY])
+        if self.cycle_momentum:
+            _check_order(
+                _BASE_MOMENTUM_KEY,
+                keys[_BASE_MOMENTUM_KEY],
+                _MAX_MOMENTUM_KEY,
+                keys[_MAX_MOMENTUM_KEY],
+            )
+        return keys
+
+    @torch._disable_dynamo
+    def _adopt_new_groups(self) -> None:
+        # Groups added to the inner optimizer directly (Lightning's
+        # BackboneFinetuning) have no ``cyclic_step``: put them on the schedule as
+        # add_param_group would have, at the current position. All are checked
+        # before any is changed.
+        groups = self.param_groups
+        new = [i for i, g in enumerate(groups) if _STEP_KEY not in g]
+        if not new:
+            return
+        position = self.last_step
+        keys = []
+        for i in new:
+            try:
+                check_param_group(groups[i], groups[:i])
+                keys.append(self._schedule_keys(groups[i]))
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"param_groups[{i}] was added to `wrapper.optimizer` directly, "
+                    "not with `wrapper.add_param_group`, and cannot join the "
+                    f"schedule: {err} Fix that group (e.g. set its `cyclic_*` "
+                    "keys) and try again. Nothing was changed."
+                ) from None
+        for i, group_keys in zip(new, keys, strict=True):
+            groups[i].update(group_keys)
+            groups[i][_STEP_KEY] = position
+        self._apply_schedule([groups[i] for i in new])
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer and put it on the schedule.
 
@@ -671,36 +749,10 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             # called by Optimizer.__init__ on the unlinked copies
             super().add_param_group(param_group)
             return
+        self._adopt_new_groups()
         group = dict(param_group)
         check_param_group(group, self.param_groups)
-        for key, arg, name in (
-            (_BASE_KEY, self._base_lr_arg, "base_lr"),
-            (_MAX_KEY, self._max_lr_arg, "max_lr"),
-            (_BASE_MOMENTUM_KEY, self._base_momentum_arg, "base_momentum"),
-            (_MAX_MOMENTUM_KEY, self._max_momentum_arg, "max_momentum"),
-        ):
-            if (
-                key in (_BASE_MOMENTUM_KEY, _MAX_MOMENTUM_KEY)
-                and not self.cycle_momentum
-            ):
-                continue
-            if key not in group:
-                if isinstance(arg, (list, tuple)):
-                    raise ValueError(
-                        f"the new param group needs a `{key}` key: `{name}` was "
-                        "given per group, so there is no default for new groups."
-                    )
-                group[key] = arg
-            lt = 1 if "momentum" in name else None
-            group[key] = _per_group(key, group[key], 1, lt=lt)[0]
-        _check_order(_BASE_KEY, group[_BASE_KEY], _MAX_KEY, group[_MAX_KEY])
-        if self.cycle_momentum:
-            _check_order(
-                _BASE_MOMENTUM_KEY,
-                group[_BASE_MOMENTUM_KEY],
-                _MAX_MOMENTUM_KEY,
-                group[_MAX_MOMENTUM_KEY],
-            )
+        group.update(self._schedule_keys(group))
         group[_STEP_KEY] = self.last_step
         self.optimizer.add_param_group(group)
         self._apply_schedule()
@@ -717,6 +769,7 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         Returns:
             The state dict.
         """
+        self._adopt_new_groups()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
@@ -747,6 +800,7 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._adopt_new_groups()
         own = [
             {k: v for k, v in g.items() if k.startswith("cyclic_")}
             for g in self.param_groups
@@ -774,9 +828,19 @@ class CyclicLRWrapper(torch.optim.Optimizer):
         Returns:
             A ``torch.optim.lr_scheduler.LRScheduler``.
         """
+        self._adopt_new_groups()
+        hook = self._adopt_new_groups_hook
+        if hook not in self.optimizer._optimizer_step_pre_hooks.values():
+            # groups added to the optimizer directly join before its next step
+            self.optimizer.register_step_pre_hook(hook)
+        if hook not in self.optimizer._optimizer_state_dict_pre_hooks.values():
+            self.optimizer.register_state_dict_pre_hook(hook)
         scheduler = _CyclicLRScheduler(self)
         self._note_groups()
         return scheduler
+
+    def _adopt_new_groups_hook(self, *args: Any) -> None:
+        self._adopt_new_groups()
 
 
 class _CyclicLRScheduler(LRScheduler):
@@ -794,6 +858,7 @@ class _CyclicLRScheduler(LRScheduler):
             One float per param group.
         """
         t = self._offset + self.last_epoch
+        self._wrapper._adopt_new_groups()
         lrs: list[float | torch.Tensor] = []
         for group in self.optimizer.param_groups:
             group[_STEP_KEY] = t

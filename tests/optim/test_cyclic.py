@@ -557,3 +557,96 @@ def test_pickle_drops_hooks_keeps_schedule():
     assert len(copy_._optimizer_step_post_hooks) == 0
     copy_.step()
     assert copy_.last_step == 2
+
+
+# -- groups added to the inner optimizer -------------------------------------------
+
+
+def _finetune_run(route, use_scheduler):
+    """Run 4 cycles; a second group joins at step 5 through ``route``.
+
+    ``route="wrapper"`` is ``wrapper.add_param_group``; ``"inner"`` is
+    ``wrapper.optimizer.add_param_group``, as Lightning's BackboneFinetuning does
+    with the optimizer it is given. Returns the lrs each step used, the lrs
+    after each step, the parameters and the final param groups (without params).
+    """
+    X, y = _data()
+    model = _model()
+    inner = torch.optim.SGD(model[2].parameters(), lr=1.0, momentum=0.9)
+    wrapper = CyclicLRWrapper(
+        inner, 0.01, 0.1, 3, 2, "triangular2", cycle_momentum=True
+    )
+    sched = wrapper.as_scheduler() if use_scheduler else None
+    opt = inner if use_scheduler else wrapper
+    used = []
+    inner.register_step_post_hook(
+        lambda o, a, k: used.append([(g["lr"], g["momentum"]) for g in o.param_groups])
+    )
+    after = []
+    for t in range(20):
+        if t == 5:
+            group = {"params": list(model[0].parameters()), "lr": 0.5}
+            if route == "wrapper":
+                wrapper.add_param_group(group)
+            else:
+                inner.add_param_group(group)
+        opt.zero_grad()
+        _loss(model, X, y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        after.append([g["lr"] for g in inner.param_groups])
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+    return used, after, _params(model), groups, wrapper
+
+
+@pytest.mark.parametrize("use_scheduler", [False, True], ids=["wrapper", "scheduler"])
+def test_group_added_to_inner_optimizer_joins_like_add_param_group(use_scheduler):
+    # the wrapper adopts the group at its next step exactly as if it had been
+    # added through wrapper.add_param_group: same keys, same position, bit for bit
+    ref = _finetune_run("wrapper", use_scheduler)
+    run = _finetune_run("inner", use_scheduler)
+    assert run[0] == ref[0]  # the lrs and momenta every step used
+    assert run[1] == ref[1]
+    assert _equal(run[2], ref[2])
+    assert run[3] == ref[3]
+    assert run[3][1]["cyclic_step"] == run[3][0]["cyclic_step"] == 20
+    # step 5 starts the second cycle: base_lr, max_momentum
+    assert run[0][5][1] == (0.01, 0.9)
+    assert run[0][6][1][0] == cyclic_lr(6, 0.01, 0.1, 3, 2, "triangular2")
+    assert all(used[0] == used[1] for used in run[0][5:])  # the same bounds
+    assert run[4].lr_at(20) == ref[4].lr_at(20)
+
+
+def test_group_added_to_inner_optimizer_is_in_the_next_state_dict():
+    model = _model()
+    inner = torch.optim.SGD(model[0].parameters(), lr=1.0)
+    opt = CyclicLRWrapper(inner, 0.1, 0.5, 2)
+    opt.step()
+    inner.add_param_group({"params": list(model[2].parameters())})
+    sd = opt.state_dict()
+    assert sd["param_groups"][1]["cyclic_step"] == 1
+    assert opt.lr_at(3) == [cyclic_lr(3, 0.1, 0.5, 2)] * 2
+
+
+def test_group_added_to_inner_optimizer_needs_bounds_for_per_group_lists():
+    model = _model()
+    X, y = _data()
+    inner = torch.optim.SGD(model[0].parameters(), lr=1.0)
+    opt = CyclicLRWrapper(inner, [0.1], [0.5], 2)
+    inner.add_param_group({"params": list(model[2].parameters()), "lr": 0.3})
+    _loss(model, X, y).backward()
+    before = _params(model)
+    match = (
+        r"param_groups\[1\] was added to `wrapper\.optimizer` directly.*"
+        r"needs a `cyclic_base_lr` key: `base_lr` was given per group.*"
+        r"Nothing was changed\."
+    )
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert _equal(_params(model), before)
+    assert opt.last_step == 0 and "cyclic_step" not in inner.param_groups[1]
+    assert inner.param_groups[1]["lr"] == 0.3
+    inner.param_groups[1].update(cyclic_base_lr=0.2, cyclic_max_lr=0.4)
+    opt.step()
+    assert inner.param_groups[1]["lr"] == cyclic_lr(1, 0.2, 0.4, 2)
