@@ -297,8 +297,8 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             ``[0, 1)``. Default: ``0.9`` (torch's ``CyclicLR`` default).
 
     Raises:
-        TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or an
-            argument has the wrong type.
+        TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer``, is
+            itself a ``CyclicLRWrapper``, or an argument has the wrong type.
         ValueError: If an argument is out of range, ``base_lr > max_lr``,
             ``mode`` is unknown, a per-group list has the wrong length,
             ``cycle_momentum=True`` and the optimizer has neither ``momentum``
@@ -337,6 +337,13 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             raise TypeError(
                 "`optimizer` must be a torch.optim.Optimizer; got "
                 f"{type(optimizer).__name__}."
+            )
+        if isinstance(optimizer, CyclicLRWrapper):
+            raise TypeError(
+                "`optimizer` is already a CyclicLRWrapper: two wrappers would write "
+                "the same param groups' lr and schedule position. Wrap the inner "
+                "optimizer once: keep using the existing wrapper, or build the new "
+                "one on its `.optimizer` instead (it then starts again at step 0)."
             )
         step_size_up, step_size_down, mode, gamma = _check_schedule(
             step_size_up, step_size_down, mode, gamma

@@ -559,7 +559,7 @@ def test_pickle_drops_hooks_keeps_schedule():
     assert copy_.last_step == 2
 
 
-# -- groups added to the inner optimizer -------------------------------------------
+# -- groups added to the inner optimizer, nesting ------------------------------------
 
 
 def _finetune_run(route, use_scheduler):
@@ -650,3 +650,22 @@ def test_group_added_to_inner_optimizer_needs_bounds_for_per_group_lists():
     inner.param_groups[1].update(cyclic_base_lr=0.2, cyclic_max_lr=0.4)
     opt.step()
     assert inner.param_groups[1]["lr"] == cyclic_lr(1, 0.2, 0.4, 2)
+
+
+def test_wrapping_a_wrapper_is_refused_and_changes_nothing():
+    model = _model()
+    X, y = _data()
+    inner = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    wrapper = CyclicLRWrapper(inner, 0.01, 0.1, 3)
+    _train(wrapper, model, X, y, 4)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+    match = (
+        r"`optimizer` is already a CyclicLRWrapper.*Wrap the inner optimizer "
+        r"once"
+    )
+    with pytest.raises(TypeError, match=match):
+        CyclicLRWrapper(wrapper, 0.1, 0.5, 2)
+    assert [{k: v for k, v in g.items() if k != "params"}
+            for g in inner.param_groups] == groups  # fmt: skip
+    _train(wrapper, model, X, y, 1)  # still steps: nothing was overwritten
+    assert wrapper.last_step == 5
