@@ -456,8 +456,14 @@ class NoisyGD(torch.optim.Optimizer):
         step refreshes them.
 
         Args:
-            state_dict: A dict from :meth:`state_dict` (a plain torch SGD state
-                dict also loads; the noise stream then restarts at step 0).
+            state_dict: A dict from :meth:`state_dict`. A plain torch SGD state
+                dict also loads: it carries no noise state, so it sets the param
+                groups (``lr``, ``weight_decay``, ...) and leaves the step count,
+                seed, cached statistics and :attr:`stats` as they were. A fresh
+                optimizer then draws the noise of step 0 onwards (a NoisyGD run
+                resumed from a checkpoint without the ``"noisy_gd"`` entry
+                repeats its noise from step 0); a used one continues its own
+                stream.
 
         Raises:
             TypeError: If ``state_dict`` is not a dict.

@@ -685,6 +685,31 @@ def test_statistics_cached_under_other_settings_are_refreshed(saved, now):
     assert torch.equal(*runs)
 
 
+@pytest.mark.parametrize("steps_before", [0, 3])
+def test_plain_sgd_state_dict_leaves_the_noise_stream_as_it_was(steps_before):
+    # a plain state dict carries no noise state: it sets the groups (the lr here)
+    # and the optimizer goes on with its own step count and seed, so a fresh one
+    # draws the noise of step 0 on and a used one continues its own stream
+    X, y = make_data(n=12)
+    runs = []
+    for load in (False, True):
+        model = mlp()
+        opt = NoisyGD(
+            model.parameters(), lr=0.1, noise="isotropic", noise_scale=0.5, seed=3
+        )
+        _train(model, opt, X, y, steps_before)
+        if load:
+            opt.load_state_dict(
+                torch.optim.SGD(model.parameters(), lr=0.3).state_dict()
+            )
+        else:
+            opt.param_groups[0]["lr"] = 0.3
+        _train(model, opt, X, y, 2)
+        assert opt.stats["step"] == steps_before + 2
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(*runs)
+
+
 def test_plain_state_dict_keeps_the_stats_of_the_steps_taken():
     # the realised ||xi||^2 of the last steps wait unconverted; loading a state
     # dict without a "noisy_gd" entry keeps the step count and must keep them too
