@@ -7,8 +7,9 @@ sources. The policy (documented once here, referenced everywhere):
   running statistics and dropout is off. The function of the parameters is then
   deterministic and the same for every call.
 * ``mode="train"``: normalisation layers use batch statistics (fixed per batch),
-  dropout-like modules (``*Dropout*``, ``DropPath``, ``DropBlock``) stay off so the
-  operator is a fixed symmetric matrix.
+  dropout-like modules (``*Dropout*``, ``DropPath``, ``DropBlock``) and
+  :class:`torch.nn.MultiheadAttention` (whose train mode only adds its attention
+  dropout) stay in eval mode, so the operator is a fixed symmetric matrix.
 
 Whatever autocast context the caller is in (``torch.autocast`` on the CPU, CUDA or
 the parameters' device), autocast is disabled for the evaluation and for the
@@ -417,7 +418,9 @@ def _mode_policy(model: nn.Module, mode: Mode) -> Iterator[None]:
         else:
             model.train()
             for m in model.modules():
-                if any(s in type(m).__name__ for s in _DROPOUT_NAMES):
+                if isinstance(m, nn.MultiheadAttention) or any(
+                    s in type(m).__name__ for s in _DROPOUT_NAMES
+                ):
                     m.eval()
         yield
     finally:

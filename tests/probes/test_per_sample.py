@@ -88,3 +88,36 @@ def test_errors():
         per_sample_gradients(model, loss_fn, X, y, mode="test")
     with pytest.raises(ValueError, match="`targets` is empty"):
         per_sample_gradients(model, loss_fn, X[:0], y[:0])
+
+
+def test_train_mode_turns_multihead_attention_dropout_off():
+    # nn.MultiheadAttention's dropout is functional (no Dropout submodule): in
+    # train mode it must be off too, leaving the global RNG alone; noise_geometry
+    # raised a vmap randomness error before.
+    from geoopt_sgd import noise_geometry
+
+    class Net(nn.Module):
+        def __init__(self, dropout):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h, _ = self.att(x, x, x)
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Net(0.5).double().train()
+    plain = Net(0.0).double()
+    plain.load_state_dict(model.state_dict())
+    X = torch.randn(4, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (4,))
+    loss_fn = nn.CrossEntropyLoss()
+    rng = torch.get_rng_state()
+    G = per_sample_gradients(model, loss_fn, X, y, mode="train")
+    ng = noise_geometry(model, loss_fn, (X, y), mode="train", k=2, metrics=["tr_sigma"])
+    assert torch.equal(rng, torch.get_rng_state())
+    G_ref = per_sample_gradients(plain, loss_fn, X, y, mode="train")
+    torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12)
+    ref = noise_geometry(plain, loss_fn, (X, y), mode="train", k=2, metrics=["tr_sigma"])
+    assert ng.values["tr_sigma"] == pytest.approx(ref.values["tr_sigma"], rel=1e-12)
