@@ -152,11 +152,16 @@ def check_vector_shape(name: str, v: Any, size: int) -> None:
         size: The vectors' length (e.g. the parameter count ``P``).
 
     Raises:
-        TypeError: If ``v`` is not a tensor.
-        ValueError: If its shape is neither ``(size,)`` nor ``(size, m)``.
+        TypeError: If ``v`` is not a tensor, or is complex.
+        ValueError: If its shape is neither ``(size,)`` nor ``(size, m)``, or it
+            is on the meta device.
     """
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor; got {type(v).__name__}.")
+    if v.is_complex():
+        raise TypeError(f"`{name}` must be real; got dtype {v.dtype}.")
+    if v.is_meta:
+        raise ValueError(f"`{name}` is on the meta device (it has no data).")
     if v.dim() not in (1, 2) or v.shape[0] != size:
         raise ValueError(
             f"`{name}`: expected shape ({size},) or ({size}, m), got {tuple(v.shape)}."

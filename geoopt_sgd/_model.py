@@ -447,8 +447,8 @@ class FunctionalModel:
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``.
         ValueError: If ``mode`` is unknown, ``model`` has no parameters, the
-            selection is empty or names a tensor that is not a parameter of
-            ``model``.
+            selection is empty, names a tensor that is not a parameter of
+            ``model``, or selects a parameter twice.
     """
 
     def __init__(
@@ -500,6 +500,13 @@ class FunctionalModel:
             raise ValueError(
                 "`params` selects no parameter: the model has none with "
                 "requires_grad=True. Pass `params=` explicitly."
+            )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"`params` selects {repeated[0]!r} more than once (a tensor or name "
+                "given twice, or two tied weights, which are one parameter); "
+                "select each parameter once."
             )
         self.names: list[str] = names
         self.params: list[Tensor] = [named[n].detach() for n in names]

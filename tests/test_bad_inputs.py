@@ -829,6 +829,69 @@ ROWS += [
         "`v0`",
     ),
     ("sharp/v0-shape", lambda e: _sharp(e, v0=torch.ones(3)), ValueError, "`v0`"),
+    # a parameter selected twice gave it a zero Hessian block (audit)
+    (
+        "hess/params-repeated",
+        lambda e: _hess(e, params=[e.w, e.b, e.w]),
+        ValueError,
+        "`params`",
+    ),
+    (
+        "hess/params-repeated-name",
+        lambda e: _hess(e, params=["0.weight", "0.weight"]),
+        ValueError,
+        "`params`",
+    ),
+    (
+        "ggn/params-repeated",
+        lambda e: _ggn(e, params=[e.w, e.w]),
+        ValueError,
+        "`params`",
+    ),
+    (
+        "psg/params-repeated",
+        lambda e: per_sample_gradients(e.model, e.loss_fn, e.X, e.y, params=[e.w, e.w]),
+        ValueError,
+        "`params`",
+    ),
+    ("ng/params-repeated", lambda e: _ng(e, params=[e.w, e.w]), ValueError, "`params`"),
+    (
+        "sharp/params-repeated",
+        lambda e: _sharp(e, params=[e.w, e.w]),
+        ValueError,
+        "`params`",
+    ),
+    # complex or meta v0 was accepted (complex: imaginary part dropped) (audit)
+    (
+        "sharp/v0-complex",
+        lambda e: _sharp(e, v0=torch.ones(_P(e), dtype=torch.complex64)),
+        TypeError,
+        "`v0`",
+    ),
+    (
+        "ng/v0-complex",
+        lambda e: _ng(e, v0=torch.ones(_P(e), dtype=torch.complex64)),
+        TypeError,
+        "`v0`",
+    ),
+    ("ng/v0-shape", lambda e: _ng(e, v0=torch.ones(3)), ValueError, "`v0`"),
+    ("ng/v0-nan", lambda e: _ng(e, v0=torch.full((_P(e),), NAN)), ValueError, "`v0`"),
+    (
+        "eig/v0-complex",
+        lambda e: top_eigenpairs(
+            DenseOperator(torch.eye(6)), 2, v0=torch.ones(6, dtype=torch.complex64)
+        ),
+        TypeError,
+        "`v0`",
+    ),
+    (
+        "eig/v0-meta",
+        lambda e: top_eigenpairs(
+            DenseOperator(torch.eye(6)), 2, v0=torch.ones(6, device="meta")
+        ),
+        ValueError,
+        "`v0`",
+    ),
     # DenseOperator, eigensolvers, spectral density
     (
         "dense/numpy",

@@ -105,7 +105,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_choice, check_finite_tensor, check_int, check_number
+from .._checks import (
+    check_choice,
+    check_finite_tensor,
+    check_int,
+    check_number,
+    check_vector_shape,
+)
 from .._model import (
     FunctionalModel,
     batch_size,
@@ -490,13 +496,13 @@ def noise_geometry(
         ValueError: On an unknown metric, curvature, cov, mode or route; ``k < 1``
             or ``k > P``; fewer than 2 samples (or batches) for a covariance;
             ``cov="minibatch"`` without ``batch_size``; ``route="exact"`` under
-            ``torch.distributed``; a displacement of the wrong shape or with
-            non-finite entries; a ``loss_fn`` whose ``reduction`` is not
-            ``"mean"`` or ``"sum"``; a model without parameters; a batch whose
-            inputs and targets differ in length.
+            ``torch.distributed``; a displacement or ``v0`` of the wrong shape or
+            with non-finite entries; a parameter selected twice; a ``loss_fn``
+            whose ``reduction`` is not ``"mean"`` or ``"sum"``; a model without
+            parameters; a batch whose inputs and targets differ in length.
         TypeError: On non-integer counts, a displacement of the wrong type, a
-            ``loss_fn`` or ``batch_fn`` that is not callable, a ``model`` that is
-            not a module, or ``data`` (after ``batch_fn``) that is not
+            complex ``v0``, a ``loss_fn`` or ``batch_fn`` that is not callable, a
+            ``model`` that is not a module, or ``data`` (after ``batch_fn``) that is not
             ``(inputs, targets)`` batches.
 
     Example:
@@ -540,6 +546,9 @@ def noise_geometry(
     P = fm.numel
     if wanted & _EIGEN and k > P:
         raise ValueError(f"`k` must be <= P = {P}; got {k}.")
+    if v0 is not None:
+        check_vector_shape("v0", v0, P)
+        check_finite_tensor("v0", v0)
     delta = None if displacement is None else _flatten_displacement(displacement, fm)
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
     B = 1 if cov == "per_sample" else int(batch_size)  # type: ignore[arg-type]
