@@ -78,6 +78,7 @@ __all__ = [
     "batch_size",
     "check_batch",
     "detect_reduction",
+    "scalar_loss",
     "to_device",
     "unwrap_model",
 ]
@@ -349,17 +350,41 @@ def detect_reduction(
         ``"mean"`` or ``"sum"``.
 
     Raises:
-        ValueError: If the reduction is not ``"mean"`` or ``"sum"``.
+        ValueError: If the reduction is not ``"mean"`` or ``"sum"``, or
+            ``loss_fn.reduction`` is ``"none"`` (whatever ``reduction`` says).
     """
+    attribute = getattr(loss_fn, "reduction", "mean")
+    # an explicit ``loss_reduction`` cannot make a per-sample loss scalar
+    if attribute == "none" or (reduction is None and attribute not in ("mean", "sum")):
+        raise ValueError(
+            f"`loss_fn` has reduction={attribute!r}; curvature needs a scalar "
+            "loss: use reduction 'mean' or 'sum'."
+        )
     if reduction is None:
-        reduction = getattr(loss_fn, "reduction", "mean")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(
-                f"`loss_fn` has reduction={reduction!r}; curvature needs a scalar "
-                "loss: use reduction 'mean' or 'sum'."
-            )
+        reduction = attribute
     check_choice("loss_reduction", reduction, ("mean", "sum"))
     return reduction  # type: ignore[return-value]
+
+
+def scalar_loss(loss_fn: Callable[..., Tensor], outputs: Any, targets: Any) -> Tensor:
+    """Return ``loss_fn(outputs, targets)``, checked to be one number, 0-dimensional.
+
+    Raises:
+        TypeError: If ``loss_fn`` does not return a tensor.
+        ValueError: If it returns more (or fewer) than one number, e.g. one loss
+            per sample.
+    """
+    loss = loss_fn(outputs, targets)
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"`loss_fn` must return a scalar tensor; got {type(loss).__name__}."
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            "`loss_fn` must return a scalar (the batch loss, its mean or sum over "
+            f"samples); got a tensor of shape {tuple(loss.shape)}."
+        )
+    return loss.reshape(())
 
 
 @contextlib.contextmanager

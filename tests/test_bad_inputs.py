@@ -27,6 +27,7 @@ from geoopt_sgd import (
     NoisyGD,
     ProbedSGD,
     cyclic_lr,
+    expected_sharpness,
     noise_geometry,
     per_sample_gradients,
     sharpness,
@@ -639,6 +640,7 @@ def _P(e):
 
 _SHORT = lambda e: (e.X, e.y[:15])  # noqa: E731  16 inputs, 15 targets
 _NONE = nn.MSELoss(reduction="none")
+_PER_SAMPLE = lambda o, t: ((o - t) ** 2).sum(1)  # noqa: E731  one loss per sample
 
 ROWS += [
     # NoiseProbe: everything the first probe would reject, at construction
@@ -891,6 +893,58 @@ ROWS += [
         ),
         ValueError,
         "`v0`",
+    ),
+    # a per-sample loss raised torch's "grad can be implicitly created only for
+    # scalar outputs" (or a shape error) at the first product (audit)
+    (
+        "hess/reduction-none-explicit",
+        lambda e: _hess(e, loss_fn=_NONE, loss_reduction="mean"),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "hess/per-sample-loss",
+        lambda e: _hess(e, loss_fn=_PER_SAMPLE).matvec(torch.ones(_P(e))),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "hess/per-sample-loss-fwd_rev",
+        lambda e: _hess(e, loss_fn=_PER_SAMPLE, method="fwd_rev").matvec(
+            torch.ones(_P(e))
+        ),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "hess/per-sample-loss-gradient",
+        lambda e: _hess(e, loss_fn=_PER_SAMPLE).gradient(),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "ggn/per-sample-loss",
+        lambda e: _ggn(e, loss_fn=_PER_SAMPLE).matvec(torch.ones(_P(e))),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "sharp/per-sample-loss",
+        lambda e: _sharp(e, loss_fn=_PER_SAMPLE),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "esharp/per-sample-loss",
+        lambda e: expected_sharpness(e.model, _PER_SAMPLE, e.data, num_samples=2),
+        ValueError,
+        "`loss_fn`",
+    ),
+    (
+        "hess/loss-not-tensor",
+        lambda e: _hess(e, loss_fn=lambda o, t: 1.0).matvec(torch.ones(_P(e))),
+        TypeError,
+        "`loss_fn`",
     ),
     # DenseOperator, eigensolvers, spectral density
     (

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._model import scalar_loss
 from .hvp import BatchTerm, DataOperator
 
 __all__ = ["GGNOperator"]
@@ -30,7 +31,7 @@ class _GGNTerm(BatchTerm):
         self.out = out
         o = out.detach().requires_grad_(True)
         self.o = o
-        loss = op.loss_fn(o, y)
+        loss = scalar_loss(op.loss_fn, o, y)
         (self.dloss,) = torch.autograd.grad(loss, o, create_graph=True)
         self.u = torch.zeros_like(out, requires_grad=True)
         self.jtu: tuple[Tensor, ...] = ()

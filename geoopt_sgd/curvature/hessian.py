@@ -8,6 +8,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from .._checks import check_choice
+from .._model import scalar_loss
 from .hvp import HVP_METHODS, BatchTerm, DataOperator, _hvp_routes
 
 __all__ = ["HessianOperator"]
@@ -23,7 +24,7 @@ class _HessianTerm(BatchTerm):
         params = [p.detach() for p in fmodel.params]
 
         def f(ps: list[Tensor], target: Tensor) -> Tensor:
-            return loss_fn(fmodel(ps, x), target)
+            return scalar_loss(loss_fn, fmodel(ps, x), target)
 
         # one graph for single vectors and for blocks of columns
         self.apply, self.apply_block = _hvp_routes(  # type: ignore[assignment]

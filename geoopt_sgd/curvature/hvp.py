@@ -42,6 +42,7 @@ from .._model import (
     full_precision,
     local_batches,
     preserve_global_rng,
+    scalar_loss,
     to_device,
 )
 from .linop import LinearOperator
@@ -397,7 +398,7 @@ class DataOperator(LinearOperator):
         return batch_size(targets) / self.num_samples
 
     def _batch_loss(self, params: Sequence[Tensor], x: Any, y: Tensor) -> Tensor:
-        return self.loss_fn(self.fmodel(params, x), y)
+        return scalar_loss(self.loss_fn, self.fmodel(params, x), y)
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ from .._model import (
     detect_reduction,
     full_precision,
     preserve_global_rng,
+    scalar_loss,
     to_device,
 )
 from .hessian import HessianOperator
@@ -310,7 +311,7 @@ def _full_loss(
             inputs = to_device(inputs, fm.device)
             targets = to_device(targets, fm.device)
             n = batch_size(targets)
-            loss = loss_fn(fm(params, inputs), targets).double()
+            loss = scalar_loss(loss_fn, fm(params, inputs), targets).double()
             total[0] += loss * n if reduction == "mean" else loss
             total[1] += n
     distributed.all_reduce_sum(total)
