@@ -32,6 +32,7 @@ from .. import distributed
 from .._checks import check_finite_tensor, check_int, check_number
 from .._linalg import coldot64
 from .._model import full_precision
+from .lanczos import check_operator_output
 from .linop import LinearOperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -78,6 +79,7 @@ def _block_lanczos_tridiag(
     anorm = torch.zeros(c, dtype=torch.float64)
     for j in range(num_steps):
         W = operator.matmat(basis[-1])
+        check_operator_output(W)
         alpha[:, j] = coldot64(basis[-1], W).cpu()
         anorm = torch.maximum(anorm, alpha[:, j].abs())
         for _ in range(2):  # full reorthogonalisation, column by column
@@ -134,7 +136,8 @@ def spectral_density(
             not a real tensor with data, or an integer argument is not an integer.
         ValueError: If ``num_probes``, ``num_steps`` or ``chunk_size`` is ``< 1``,
             ``num_points < 2``, ``sigma <= 0``, ``seed < 0`` or ``grid`` is not
-            one-dimensional or has non-finite entries.
+            one-dimensional or has non-finite entries, or the operator's
+            products are not finite (NaN or infinite entries).
 
     Example:
         >>> import torch

@@ -34,6 +34,7 @@ from torch import Tensor
 from .._checks import check_int, check_number
 from .._linalg import coldot64
 from .._model import full_precision
+from .lanczos import check_operator_output
 from .linop import LinearOperator
 
 __all__ = [
@@ -326,7 +327,8 @@ def hutchpp_trace(
     Raises:
         TypeError: If ``operator`` is not a :class:`LinearOperator` or an integer
             argument is not an integer.
-        ValueError: If ``num_matvecs < 3``, ``seed < 0`` or ``chunk_size < 1``.
+        ValueError: If ``num_matvecs < 3``, ``seed < 0`` or ``chunk_size < 1``,
+            or the operator's products are not finite (NaN or infinite entries).
     """
     _check_operator(operator)
     check_int("num_matvecs", num_matvecs, ge=3)
@@ -337,7 +339,9 @@ def hutchpp_trace(
     gen = _generator(operator, seed)
     s = min((num_matvecs + 2) // 3, P)
     S = _rademacher(P, s, gen, operator)
-    Q, _ = torch.linalg.qr(operator.matmat(S).double())
+    AS = operator.matmat(S)
+    check_operator_output(AS)
+    Q, _ = torch.linalg.qr(AS.double())
     Q = Q.to(operator.dtype)
     t_low = float(coldot64(Q, operator.matmat(Q)).sum())
     n_rest = num_matvecs - 2 * s

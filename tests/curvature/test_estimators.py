@@ -262,3 +262,21 @@ def test_hutchpp_invalid(kwargs, err, match):
 def test_density_invalid(kwargs, err, match):
     with pytest.raises(err, match=match):
         spectral_density(DenseOperator(torch.eye(3)), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda A: hutchpp_trace(A, num_matvecs=9),
+        lambda A: spectral_density(A, num_probes=2, num_steps=3),
+    ],
+    ids=["hutchpp", "density"],
+)
+def test_non_finite_operator_is_named_not_blamed_on_an_argument(fn, bad):
+    # a NaN/Inf product used to be reported as "`V` must be finite", an
+    # argument the caller never passed (audit)
+    M = torch.eye(6, dtype=torch.float64)
+    M[2, 2] = bad
+    with pytest.raises(ValueError, match="operator's output is non-finite"):
+        fn(DenseOperator(M))
