@@ -470,7 +470,8 @@ class FunctionalModel:
         numel: Total number of selected entries, ``P``.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module``.
+        TypeError: If ``model`` is not an ``nn.Module``, or ``params`` is a single
+            tensor or name instead of an iterable of them.
         ValueError: If ``mode`` is unknown, ``model`` has no parameters, the
             selection is empty, names a tensor that is not a parameter of
             ``model``, or selects a parameter twice.
@@ -499,6 +500,12 @@ class FunctionalModel:
         if params is None:
             names = [n for n, p in named.items() if p.requires_grad]
         else:
+            if isinstance(params, (Tensor, str)):
+                # list() would split it into rows or characters
+                raise TypeError(
+                    "`params` must be an iterable of parameters or of their names; "
+                    f"got a single {type(params).__name__}: wrap it in a list."
+                )
             params = list(params)
             by_id = {id(p): n for n, p in named.items()}
             names = []

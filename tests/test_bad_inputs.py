@@ -863,6 +863,20 @@ ROWS += [
         ValueError,
         "`params`",
     ),
+    # a single tensor or name was split into rows or characters (audit)
+    ("hess/params-one-tensor", lambda e: _hess(e, params=e.w), TypeError, "`params`"),
+    (
+        "hess/params-one-name",
+        lambda e: _hess(e, params="0.weight"),
+        TypeError,
+        "`params`",
+    ),
+    (
+        "psg/params-one-tensor",
+        lambda e: per_sample_gradients(e.model, e.loss_fn, e.X, e.y, params=e.w),
+        TypeError,
+        "`params`",
+    ),
     # complex or meta v0 was accepted (complex: imaginary part dropped) (audit)
     (
         "sharp/v0-complex",
