@@ -652,6 +652,32 @@ ROWS += [
         "`curvature`",
     ),
     ("probe/cov", lambda e: _probe(e, cov="full"), ValueError, "`cov`"),
+    # too few samples for a covariance raised at the first probe, in the
+    # training loop (audit)
+    (
+        "probe/one-sample",
+        lambda e: NoiseProbe(e.model, e.loss_fn, (e.X[:1], e.y[:1])),
+        ValueError,
+        "`probe_data`",
+    ),
+    (
+        "probe/one-sample-list",
+        lambda e: NoiseProbe(e.model, e.loss_fn, [(e.X[:1], e.y[:1])]),
+        ValueError,
+        "`probe_data`",
+    ),
+    (
+        "probe/one-minibatch",
+        lambda e: _probe(e, cov="minibatch", batch_size=9),
+        ValueError,
+        "`probe_data`",
+    ),
+    (
+        "probe/max_samples-one-minibatch",
+        lambda e: _probe(e, cov="minibatch", batch_size=4, max_samples=7),
+        ValueError,
+        "`probe_data`",
+    ),
     ("probe/route", lambda e: _probe(e, route="fast"), ValueError, "`route`"),
     ("probe/tol<0", lambda e: _probe(e, tol=-1.0), ValueError, "`tol`"),
     (

@@ -27,6 +27,7 @@ from .._checks import check_choice, check_int
 from .._model import (
     FunctionalModel,
     as_batches,
+    batch_size,
     detect_reduction,
     full_precision,
     preserve_global_rng,
@@ -180,6 +181,28 @@ def _check_measurement(
         _metrics._flatten_displacement(args["displacement"], fm)
 
 
+def _check_sample_count(batches: list[Any], options: dict[str, Any]) -> None:
+    """Refuse now a probe batch too small for the first probe's covariance.
+
+    Without this, the first probe raised into the training loop at step
+    ``every``. ``batches`` is the checked list of ``(inputs, targets)`` pairs.
+    """
+    max_samples = options.get(
+        "max_samples",
+        inspect.signature(_metrics.noise_geometry).parameters["max_samples"].default,
+    )
+    n = min(sum(batch_size(y) for _, y in batches), max_samples)
+    if options.get("cov", "per_sample") == "minibatch":
+        B, what = int(options["batch_size"]), f"batches of {options['batch_size']}"
+    else:
+        B, what = 1, "samples"
+    if n // B < 2:
+        raise ValueError(
+            f"`probe_data` must hold at least 2 {what} for a covariance; got {n} "
+            "samples."
+        )
+
+
 def _append_line(path: str, line: str) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
@@ -275,9 +298,12 @@ class NoiseProbe:
     Raises:
         ValueError: If ``every < 1``, ``k < 1`` or ``k`` exceeds the number of
             measured parameters (when an eigenbasis metric is asked for),
-            ``probe_data`` is empty or a batch's inputs and targets differ in
-            length, ``model`` has no parameters, ``loss_fn``'s ``reduction`` is
-            not ``"mean"`` or ``"sum"``, an option
+            ``probe_data`` is empty, holds fewer than 2 samples (or batches of
+            ``batch_size`` with ``cov="minibatch"``; checked here for a batch or
+            a list of batches outside ``torch.distributed``, a loader at the
+            first probe) or a batch's inputs and targets differ in length,
+            ``model`` has no parameters, ``loss_fn``'s ``reduction`` is not
+            ``"mean"`` or ``"sum"``, an option
             :func:`~geoopt_sgd.noise_geometry` would reject (``curvature``,
             ``cov``, ``route``, ...), a metric name is unknown (the message lists
             the valid ones),
@@ -351,6 +377,8 @@ class NoiseProbe:
         if isinstance(options.get("params"), Iterator):
             options["params"] = list(options["params"])  # read twice below
         _check_measurement(model, loss_fn, metrics, k, options)
+        if isinstance(batches, list) and not distributed.is_distributed():
+            _check_sample_count(batches, options)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.probe_data = probe_data
