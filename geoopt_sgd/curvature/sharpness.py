@@ -311,6 +311,8 @@ def _full_loss(
             inputs = to_device(inputs, fm.device)
             targets = to_device(targets, fm.device)
             n = batch_size(targets)
+            if n == 0:  # its mean loss is NaN; it holds nothing (as in the operators)
+                continue
             loss = scalar_loss(loss_fn, fm(params, inputs), targets).double()
             total[0] += loss * n if reduction == "mean" else loss
             total[1] += n

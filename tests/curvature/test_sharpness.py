@@ -267,6 +267,20 @@ def test_expected_sharpness_seeded_and_rng_untouched():
     assert a == b and a.value != c.value
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_expected_sharpness_skips_an_empty_batch(reduction):
+    # an empty batch's mean loss is NaN: it made the estimate NaN, where the
+    # operators and noise_geometry skip it (audit)
+    model, _, (X, y) = mlp_case()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    ref = expected_sharpness(model, loss_fn, [(X[:7], y[:7]), (X[7:], y[7:])])
+    got = expected_sharpness(
+        model, loss_fn, [(X[:7], y[:7]), (X[:0], y[:0]), (X[7:], y[7:])]
+    )
+    assert math.isfinite(got.value)
+    assert got.value == pytest.approx(ref.value, rel=1e-12)
+
+
 def test_expected_sharpness_sum_reduction_and_params_subset():
     model = linear(d=4, k=1)
     X, y = make_data(n=10, d=4, k=1, classification=False)
