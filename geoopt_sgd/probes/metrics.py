@@ -547,6 +547,11 @@ def noise_geometry(
     if wanted & _EIGEN and k > P:
         raise ValueError(f"`k` must be <= P = {P}; got {k}.")
     if v0 is not None:
+        if isinstance(v0, Tensor) and v0.shape[:1] != (P,):
+            # the eigensolver's message for a wrong length, raised now
+            raise ValueError(
+                f"`v0`: expected shape ({P},) or ({P}, m); got {tuple(v0.shape)}."
+            )
         check_vector_shape("v0", v0, P)
         check_finite_tensor("v0", v0)
     delta = None if displacement is None else _flatten_displacement(displacement, fm)
