@@ -553,6 +553,25 @@ class FunctionalModel:
         )
         self.dtypes: list[torch.dtype] = [p.dtype for p in self.params]
 
+    @property
+    def batch_coupled(self) -> bool:
+        """Whether a sample's outputs depend on the other samples of its batch.
+
+        True in train mode (batch statistics), and in eval mode when a BatchNorm
+        keeps no running statistics (``track_running_stats=False``), so that it
+        normalises with the batch's statistics in eval mode too. Per-sample
+        gradients are then rows of the batch's Jacobian, not gradients on
+        batches of one.
+        """
+        if self.mode == "train":
+            return True
+        return any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is None
+            and m.running_var is None
+            for m in self.model.modules()
+        )
+
     def buffers(self) -> dict[str, Tensor]:
         """Return the model's current buffers (not cloned)."""
         return dict(self.model.named_buffers())

@@ -458,7 +458,7 @@ class ProbeSet:
         rows = []
         with self._policy():
             for (x, y), S in zip(self.batches, lam, strict=True):
-                if self.fm.mode == "train":
+                if self.fm.batch_coupled:
                     J = jacrev(
                         lambda p, x=x, y=y: self.loss_and_out(p, x, y)[1],
                         chunk_size=self.chunk_size,
@@ -536,7 +536,9 @@ def per_sample_loss_gradients(
     Eval mode: ``vmap(grad)`` over single samples, ``chunk_size`` at a time (memory
     ``chunk_size x`` one sample's backward). Train mode: the rows of the Jacobian of
     the batch's per-sample-loss vector (``jacrev`` with ``chunk_size``), so that
-    BatchNorm's batch statistics couple the samples exactly as in the batch loss.
+    BatchNorm's batch statistics couple the samples exactly as in the batch loss;
+    also in eval mode when a BatchNorm keeps no running statistics
+    (:attr:`~geoopt_sgd._model.FunctionalModel.batch_coupled`).
 
     Args:
         fm: The functional model.
@@ -554,7 +556,7 @@ def per_sample_loss_gradients(
         return torch.cat([t.reshape(*t.shape[:lead], -1) for t in g], dim=-1)
 
     with fm.policy(), math_sdpa():
-        if fm.mode == "train":
+        if fm.batch_coupled:
 
             def lv(p: list[Tensor]) -> Tensor:
                 return vmap(sample_loss)(fm(p, x), y)

@@ -119,5 +119,49 @@ def test_train_mode_turns_multihead_attention_dropout_off():
     assert torch.equal(rng, torch.get_rng_state())
     G_ref = per_sample_gradients(plain, loss_fn, X, y, mode="train")
     torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12)
-    ref = noise_geometry(plain, loss_fn, (X, y), mode="train", k=2, metrics=["tr_sigma"])
+    ref = noise_geometry(
+        plain, loss_fn, (X, y), mode="train", k=2, metrics=["tr_sigma"]
+    )
     assert ng.values["tr_sigma"] == pytest.approx(ref.values["tr_sigma"], rel=1e-12)
+
+
+def test_batchnorm_without_running_stats_couples_samples_in_eval_mode():
+    # BatchNorm(track_running_stats=False) normalises with the batch's
+    # statistics in eval mode too: the rows must be gradients of L_i in the
+    # batch forward (their mean the batch gradient), not on batches of one (audit)
+    from geoopt_sgd import HessianOperator, noise_geometry
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    ).double()
+    X = torch.randn(6, 2, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    out = model.eval()(X)
+    per = nn.functional.cross_entropy(out, y, reduction="none")
+    params = list(model.parameters())
+    ref = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(per[i], params, retain_graph=True)
+                ]
+            )
+            for i in range(6)
+        ]
+    ).detach()
+    G = per_sample_gradients(model, loss_fn, X, y)
+    torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)
+    grad = HessianOperator(model, loss_fn, (X, y)).gradient()
+    torch.testing.assert_close(G.mean(0), grad, rtol=1e-10, atol=1e-12)
+    ng = noise_geometry(
+        model, loss_fn, (X, y), k=2, metrics=["tr_sigma"], route="exact"
+    )
+    tr_sigma = torch.cov(ref.T, correction=0).trace().item()
+    assert ng.values["tr_sigma"] == pytest.approx(tr_sigma, rel=1e-10)
