@@ -498,7 +498,8 @@ class NoiseProbe:
             state_dict: As returned by :meth:`state_dict`.
 
         Raises:
-            ValueError: If a counter is missing or negative.
+            ValueError: If a counter is missing or negative, or the eigenvectors
+                do not have one row per measured parameter.
         """
         for key in ("step_count", "num_probes"):
             if key not in state_dict:
@@ -507,6 +508,21 @@ class NoiseProbe:
                     "NoiseProbe.state_dict()."
                 )
             check_int(f"state_dict['{key}']", int(state_dict[key]), ge=0)
+        v = state_dict.get("eigenvectors")
+        if v is not None:
+            # a warm start of another size would raise at the next probe,
+            # inside the training loop
+            P = FunctionalModel(
+                self.model,
+                self.options.get("params"),
+                mode=self.options.get("mode", "eval"),
+            ).numel
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != P:
+                raise ValueError(
+                    f"`state_dict['eigenvectors']` must be a ({P}, k) tensor for the "
+                    f"{P} parameters this probe measures; got {shape}."
+                )
         self.step_count = int(state_dict["step_count"])
         self.num_probes = int(state_dict["num_probes"])
         self.num_nonfinite = int(state_dict.get("num_nonfinite", 0))

@@ -340,6 +340,33 @@ def test_state_dict_round_trip_weights_only(measure):
         probe2.load_state_dict({"step_count": -1, "num_probes": 0})
 
 
+def test_load_state_dict_refuses_eigenvectors_of_another_size():
+    # a checkpoint's warm start for another parameter count raised at the next
+    # probe, inside the training loop (audit)
+    model = mlp()
+    X, y = make_data()
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, k=2)
+    P = sum(p.numel() for p in model.parameters())
+    before = probe.state_dict()
+    for bad in (torch.ones(P + 1, 2), torch.ones(2, P), torch.ones(P, 2, 1)):
+        with pytest.raises(ValueError, match=r"`state_dict\['eigenvectors'\]`"):
+            probe.load_state_dict(
+                {"step_count": 5, "num_probes": 1, "eigenvectors": bad}
+            )
+        assert probe.state_dict() == before  # nothing loaded
+    probe.load_state_dict(
+        {"step_count": 5, "num_probes": 1, "eigenvectors": torch.ones(P, 2)}
+    )
+    assert probe.step_count == 5
+    sub = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), k=2, params=[model[0].weight]
+    )
+    with pytest.raises(ValueError, match=r"`state_dict\['eigenvectors'\]`"):
+        sub.load_state_dict(
+            {"step_count": 0, "num_probes": 0, "eigenvectors": torch.ones(P, 2)}
+        )
+
+
 def _probe(**kwargs):
     model = mlp()
     return NoiseProbe(model, nn.CrossEntropyLoss(), make_data(), **kwargs)
