@@ -73,6 +73,7 @@ __all__ = [
     "preserve_global_rng",
     "autocast_off",
     "map_inputs",
+    "sample_dims",
     "full_precision",
     "as_batches",
     "batch_size",
@@ -154,21 +155,43 @@ _BATCH_FN_HINT = (
 )
 
 
-def map_inputs(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of ``inputs`` (a tensor, tuple/list or dict).
+def _per_sample(x: Any) -> bool:
+    """Whether an entry of the inputs has a leading sample dimension."""
+    return isinstance(x, Tensor) and x.dim() >= 1
 
-    Non-tensor entries of a tuple/list/dict are kept as they are.
+
+def map_inputs(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every per-sample tensor of ``inputs`` (tensor, tuple/list, dict).
+
+    Entries of a tuple/list/dict that are not tensors, or are 0-dimensional
+    tensors (no sample dimension, e.g. a scale), are kept as they are.
     """
     if isinstance(inputs, Tensor):
         return fn(inputs)
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(fn(x) if isinstance(x, Tensor) else x for x in inputs)
+        return type(inputs)(fn(x) if _per_sample(x) else x for x in inputs)
     if isinstance(inputs, Mapping):
-        return {k: fn(v) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        return {k: fn(v) if _per_sample(v) else v for k, v in inputs.items()}
     raise TypeError(
         "inputs must be a tensor, a tuple/list of tensors or a dict of tensors; "
         f"got {type(inputs).__name__}."
     )
+
+
+def sample_dims(inputs: Any) -> Any:
+    """The ``in_dims`` of ``inputs`` for a :func:`torch.func.vmap` over samples.
+
+    ``0`` for each per-sample tensor, ``None`` for the entries :func:`map_inputs`
+    keeps (non-tensors such as ``None`` or a flag, 0-dimensional tensors), in
+    the structure of ``inputs``.
+    """
+    if isinstance(inputs, Tensor):
+        return 0
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(0 if _per_sample(x) else None for x in inputs)
+    if isinstance(inputs, Mapping):
+        return {k: 0 if _per_sample(v) else None for k, v in inputs.items()}
+    return None
 
 
 def _pair(batch: Any, name: str, index: int | None, mapped: bool) -> tuple[Any, Tensor]:

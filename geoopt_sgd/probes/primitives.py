@@ -38,7 +38,7 @@ from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 from .. import distributed
 from .._linalg import CHUNK, row_gram64
 from .._losses import SampleLoss, per_sample_loss, square_loss_scale
-from .._model import FunctionalModel, map_inputs
+from .._model import FunctionalModel, map_inputs, sample_dims
 from ..curvature.hvp import make_hvp, math_sdpa
 from ..curvature.linop import LinearOperator
 
@@ -473,7 +473,7 @@ class ProbeSet:
                                     -1
                                 )
                             ),
-                            in_dims=(None, 0, 0),
+                            in_dims=(None, sample_dims(x), 0),  # noqa: B023 - used at once
                         )(self.params, xc, yc),
                         x,
                         y,
@@ -566,7 +566,7 @@ def per_sample_loss_gradients(
         def single(p: list[Tensor], xi: Any, yi: Tensor) -> Tensor:
             return sample_loss(fm(p, _unsqueeze(xi))[0], yi)
 
-        g_fn = vmap(grad(single), in_dims=(None, 0, 0))
+        g_fn = vmap(grad(single), in_dims=(None, sample_dims(x), 0))
         return _chunked(
             lambda xc, yc: g_fn(params, xc, yc), x, y, chunk_size, lambda g: flat(g, 1)
         )

@@ -165,3 +165,53 @@ def test_batchnorm_without_running_stats_couples_samples_in_eval_mode():
     )
     tr_sigma = torch.cov(ref.T, correction=0).trace().item()
     assert ng.values["tr_sigma"] == pytest.approx(tr_sigma, rel=1e-10)
+
+
+class _Optional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, mask=None, scale=1.0):
+        out = self.lin(x) * scale
+        return out if mask is None else out * mask
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda X: (X, None, 2.0),
+        lambda X: {"x": X, "mask": None, "scale": torch.tensor(2.0)},
+    ],
+    ids=["tuple-None-float", "dict-None-0dim"],
+)
+def test_non_tensor_and_0dim_inputs_are_kept(make):
+    # entries without a sample dimension (None, a float, a 0-dim tensor) are
+    # passed as they are, as the operators do; vmap raised on them (audit)
+    from geoopt_sgd import noise_geometry
+
+    torch.manual_seed(0)
+    model = _Optional().double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    ref = []
+    for i in range(5):
+        model.zero_grad()
+        loss_fn(model(X[i : i + 1], scale=2.0), y[i : i + 1]).backward()
+        ref.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    ref = torch.stack(ref)
+    G = per_sample_gradients(model, loss_fn, make(X), y, chunk_size=2)
+    torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-12)
+    ng = noise_geometry(
+        model,
+        loss_fn,
+        (make(X), y),
+        k=2,
+        metrics=["tr_sigma"],
+        route="exact",
+        max_samples=4,
+    )
+    tr_sigma = torch.cov(ref[:4].T, correction=0).trace().item()
+    assert ng.values["tr_sigma"] == pytest.approx(tr_sigma, rel=1e-10)
