@@ -81,6 +81,7 @@ __all__ = [
     "detect_reduction",
     "scalar_loss",
     "to_device",
+    "outside_inference",
     "unwrap_model",
 ]
 
@@ -101,6 +102,24 @@ def to_device(x: Any, device: torch.device) -> Any:
         return type(x)(to_device(t, device) for t in x)
     if isinstance(x, dict):
         return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def outside_inference(x: Any) -> Any:
+    """Clone the tensors of ``x`` made under :func:`torch.inference_mode`.
+
+    Tensors nested in tuples/lists/dicts too; call under
+    ``torch.inference_mode(False)`` so the clones are ordinary tensors.
+    Autograd cannot save an inference tensor for backward, so inputs made in
+    inference mode (a Lightning validation loop) are copied once; every other
+    entry is returned as it is.
+    """
+    if isinstance(x, Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(outside_inference(t) for t in x)
+    if isinstance(x, dict):
+        return {k: outside_inference(v) for k, v in x.items()}
     return x
 
 

@@ -41,6 +41,7 @@ from .._model import (
     detect_reduction,
     full_precision,
     local_batches,
+    outside_inference,
     preserve_global_rng,
     scalar_loss,
     to_device,
@@ -360,6 +361,8 @@ class DataOperator(LinearOperator):
                 for x, y in batches
                 if batch_size(y) > 0
             ]
+            with torch.inference_mode(False):
+                batches = [outside_inference((x, y)) for x, y in batches]
         self._data = batches
         self.num_samples = self.fmodel.total_count(self._batches())
         if self.num_samples == 0:
@@ -390,7 +393,9 @@ class DataOperator(LinearOperator):
             for i, (x, y) in enumerate(self._data):
                 check_batch(x, y, index=i)
                 if batch_size(y) > 0:
-                    yield to_device(x, dev), to_device(y, dev)
+                    with torch.inference_mode(False):
+                        x, y = outside_inference((to_device(x, dev), to_device(y, dev)))
+                    yield x, y
 
     def _weight(self, targets: Tensor) -> float:
         if self.loss_reduction == "sum":
@@ -402,7 +407,14 @@ class DataOperator(LinearOperator):
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
-        with self.fmodel.policy(), math_sdpa(), torch.enable_grad():
+        # inference_mode(False): the graphs are built even when the caller is
+        # inside torch.inference_mode (e.g. a Lightning validation hook)
+        with (
+            self.fmodel.policy(),
+            math_sdpa(),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+        ):
             yield
 
     # --- cache -----------------------------------------------------------------
@@ -457,9 +469,13 @@ class DataOperator(LinearOperator):
 
     # --- products ----------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
-        if V.shape[1] > 1 and self.block_used == "batched":
-            return self._matmat_batched(V)
-        return self._matmat_loop(V)
+        # ordinary tensors throughout, also under torch.inference_mode (the
+        # products are written in place while the graphs' context is active)
+        with torch.inference_mode(False):
+            V = outside_inference(V)
+            if V.shape[1] > 1 and self.block_used == "batched":
+                return self._matmat_batched(V)
+            return self._matmat_loop(V)
 
     @full_precision
     def choose_block(
@@ -575,10 +591,10 @@ class DataOperator(LinearOperator):
 
     # --- full-data loss and gradient --------------------------------------------
     def _loss_and_grad(self) -> tuple[Tensor, Tensor]:
-        loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        grad = torch.zeros(self._size, dtype=self.dtype, device=self.device)
         params = [p.detach() for p in self.fmodel.params]
-        with self._context():
+        with self._context():  # ordinary tensors, also under torch.inference_mode
+            loss = torch.zeros((), dtype=self.dtype, device=self.device)
+            grad = torch.zeros(self._size, dtype=self.dtype, device=self.device)
             for x, y in self._batches():
                 g, val = torch.func.grad_and_value(
                     lambda ps, x=x, y=y: self._batch_loss(ps, x, y)

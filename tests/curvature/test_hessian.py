@@ -526,3 +526,30 @@ def test_train_mode_turns_multihead_attention_dropout_off(method):
     assert model.training and model.att.training
     H_ref = HessianOperator(plain, CE, (X, y), method=method, mode="train").to_dense()
     assert_close_report(H, H_ref, 1e-12, 1e-12)
+
+
+@pytest.mark.parametrize("loader", [False, True], ids=["list", "loader"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
+def test_works_under_inference_mode(method, loader):
+    # called inside torch.inference_mode (a Lightning validation hook), with
+    # data made there: "element 0 of tensors does not require grad" and
+    # "Inference tensors cannot be saved for backward" before (audit)
+    from geoopt_sgd import GGNOperator, sharpness
+
+    model, (X, y) = mlp(), make_data(12)
+    H_ref = dense_hessian(model, CE, (X, y))
+    G_ref = dense_ggn(model, CE, (X, y))
+    lam_ref = float(torch.linalg.eigvalsh(H_ref)[-1])
+    with torch.inference_mode():
+        Xi, yi = X.clone(), y.clone()
+        data = (Xi, yi)
+        if loader:
+            data = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(Xi, yi), batch_size=5
+            )
+        H = HessianOperator(model, CE, data, method=method, max_cached_batches=0)
+        assert_close_report(H.to_dense(), H_ref, RTOL, ATOL)
+        assert H.gradient().shape == (H.shape[0],)
+        assert_close_report(GGNOperator(model, CE, data).to_dense(), G_ref, RTOL, ATOL)
+        rep = sharpness(model, CE, data, method=method)
+        assert rep.lambda_max == pytest.approx(lam_ref, rel=1e-6)
