@@ -31,6 +31,7 @@ from .._model import (
     detect_reduction,
     full_precision,
     preserve_global_rng,
+    to_device,
     unwrap_model,
 )
 from . import metrics as _metrics
@@ -619,6 +620,9 @@ class NoiseProbe:
         with torch.no_grad(), fm.policy():
             batch_fn = self.options.get("batch_fn")
             for inputs, targets in as_batches(self.probe_data, batch_fn):
+                # on the model's device, as noise_geometry reads the batches
+                inputs = to_device(inputs, fm.device)
+                targets = to_device(targets, fm.device)
                 loss = self.loss_fn(fm(fm.params, inputs), targets)
                 if not bool(torch.isfinite(loss).all()):
                     return False

@@ -297,6 +297,23 @@ def test_exception_on_nonfinite_probe_loss_recorded_as_nan(measure):
     assert torch.equal(rng, torch.get_rng_state())
 
 
+@pytest.mark.gpu
+def test_exception_on_nonfinite_cpu_probe_batch_of_a_cuda_model(measure):
+    # the NaN check reads the batch on the model's device, as noise_geometry does:
+    # a CPU probe batch of a CUDA model is recorded as NaN, not a device error
+    model = mlp().cuda()
+    X, y = make_data()
+    X = X.clone()
+    X[0, 0] = float("nan")
+    measure(_raiser)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, metrics=["mu"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt)
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert math.isnan(probe.history[0]["mu"])
+
+
 def test_exception_on_finite_inputs_propagates(measure):
     model = mlp()
     X, y = make_data()
