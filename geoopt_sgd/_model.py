@@ -23,6 +23,12 @@ taken as they are: each layer computes in its own parameters' dtype, and the fla
 operator outputs) are in the widest of them (``torch.promote_types``), so they hold
 every parameter exactly; an operator's ``dtype`` is that one.
 
+Weight normalisation (``torch.nn.utils.weight_norm`` or
+``torch.nn.utils.parametrizations.weight_norm``) is evaluated as
+``v * (g / ||v||)`` inside the policy: torch's fused ``_weight_norm`` kernel has a
+wrong second derivative (a non-symmetric Hessian in the direction ``v``; torch
+2.14.1) and no forward-mode AD. The values are the same to rounding.
+
 Either way the model is evaluated with :func:`torch.func.functional_call` on
 *cloned* buffers, so its running statistics (``num_batches_tracked`` included),
 its ``training`` flags and its ``.grad`` fields are untouched afterwards, and no
@@ -60,6 +66,8 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
+from torch.overrides import TorchFunctionMode
 
 from . import distributed
 from ._checks import check_choice
@@ -476,6 +484,53 @@ def full_precision(fn: _F) -> _F:
     return out  # type: ignore[return-value]
 
 
+class _CompositeWeightNorm(TorchFunctionMode):
+    """Evaluate ``torch._weight_norm`` as ``v * (g / norm_except_dim(v, 2, dim))``.
+
+    That is the definition torch's own composite path uses; the fused kernel
+    ``_weight_norm_interface`` it dispatches to has a wrong double backward
+    (the Hessian in ``v`` is not even symmetric) and no forward-mode AD.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
+
+
+def _uses_weight_norm(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is weight-normalised (either torch API)."""
+    from torch.nn.utils import parametrize
+
+    for m in model.modules():
+        if any(isinstance(h, _WeightNormHook) for h in m._forward_pre_hooks.values()):
+            return True
+        if parametrize.is_parametrized(m):
+            for plist in m.parametrizations.values():
+                if any(type(q).__name__ == "_WeightNorm" for q in plist):
+                    return True
+    return False
+
+
+@contextlib.contextmanager
+def _composite_weight_norm(model: nn.Module) -> Iterator[None]:
+    """:class:`_CompositeWeightNorm` while ``model`` uses weight normalisation."""
+    if not _uses_weight_norm(model):
+        yield
+        return
+    with _CompositeWeightNorm():
+        yield
+
+
 @contextlib.contextmanager
 def _mode_policy(model: nn.Module, mode: Mode) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
@@ -623,9 +678,14 @@ class FunctionalModel:
         """Apply the mode policy to the model for the duration of the block.
 
         Autocast is disabled inside (see :func:`autocast_off`): the model is
-        evaluated in its parameters' dtype.
+        evaluated in its parameters' dtype. Weight normalisation is evaluated
+        by its composite definition (see the module docstring).
         """
-        with _mode_policy(self.model, self.mode), autocast_off(self.device.type):
+        with (
+            _mode_policy(self.model, self.mode),
+            autocast_off(self.device.type),
+            _composite_weight_norm(self.model),
+        ):
             yield
 
     def __call__(self, params: Sequence[Tensor], inputs: Any) -> Tensor:

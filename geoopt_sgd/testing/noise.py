@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+from .._model import _composite_weight_norm
+
 __all__ = [
     "dense_curvature",
     "dense_metrics",
@@ -48,8 +50,12 @@ class _Policy:
         for m in self.model.modules():
             if "Dropout" in type(m).__name__:
                 m.eval()
+        # torch's fused weight-norm kernel has a wrong second derivative
+        self.weight_norm = _composite_weight_norm(self.model)
+        self.weight_norm.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
+        self.weight_norm.__exit__(*exc)
         for m, f in self.flags:
             m.training = f
 
