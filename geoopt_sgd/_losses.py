@@ -33,6 +33,7 @@ __all__ = [
     "SampleLoss",
     "per_sample_loss",
     "per_sample_losses",
+    "plain_loss",
     "square_loss_scale",
 ]
 
@@ -126,6 +127,17 @@ def per_sample_losses(
     return vmap(per_sample_loss(loss_fn))(outputs, targets)
 
 
+def plain_loss(loss_fn: Any, cls: type[nn.Module]) -> bool:
+    """Whether ``loss_fn`` is a ``cls`` that computes ``cls``'s own loss.
+
+    That is an instance whose ``forward`` is ``cls.forward``.
+
+    A subclass that overrides ``forward`` (a masked or rescaled loss) computes
+    something else, so the closed-form output curvatures of ``cls`` do not apply.
+    """
+    return isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward
+
+
 def square_loss_scale(loss_fn: Any, outputs_per_sample: int) -> float | None:
     """Return ``c`` when ``L_i = c/2 ||f(x_i) - y_i||^2`` for this loss, else ``None``.
 
@@ -138,11 +150,12 @@ def square_loss_scale(loss_fn: Any, outputs_per_sample: int) -> float | None:
 
     Returns:
         ``1`` for :class:`HalfSquaredError`, ``2/K`` for :class:`torch.nn.MSELoss`
-        with ``reduction="mean"``, ``2`` with ``"sum"``; ``None`` for any other loss.
+        with ``reduction="mean"``, ``2`` with ``"sum"``; ``None`` for any other loss
+        (a subclass overriding ``forward`` included, see :func:`plain_loss`).
     """
-    if isinstance(loss_fn, HalfSquaredError):
+    if plain_loss(loss_fn, HalfSquaredError):
         return 1.0
-    if isinstance(loss_fn, nn.MSELoss):
+    if plain_loss(loss_fn, nn.MSELoss):
         if loss_fn.reduction == "mean":
             return 2.0 / outputs_per_sample
         if loss_fn.reduction == "sum":

@@ -400,8 +400,10 @@ def detect_reduction(
         ``"mean"`` or ``"sum"``.
 
     Raises:
-        ValueError: If the reduction is not ``"mean"`` or ``"sum"``, or
-            ``loss_fn.reduction`` is ``"none"`` (whatever ``reduction`` says).
+        ValueError: If the reduction is not ``"mean"`` or ``"sum"``,
+            ``loss_fn.reduction`` is ``"none"`` (whatever ``reduction`` says), or
+            ``reduction`` contradicts ``loss_fn.reduction`` (``"mean"`` against
+            ``"sum"``: the batches would be weighted for the other one).
     """
     attribute = getattr(loss_fn, "reduction", "mean")
     # an explicit ``loss_reduction`` cannot make a per-sample loss scalar
@@ -413,6 +415,19 @@ def detect_reduction(
     if reduction is None:
         reduction = attribute
     check_choice("loss_reduction", reduction, ("mean", "sum"))
+    # (a loss without the attribute, or with another one such as KLDivLoss's
+    # "batchmean", is taken as ``reduction`` says)
+    if (
+        hasattr(loss_fn, "reduction")
+        and attribute in ("mean", "sum")
+        and reduction != attribute
+    ):
+        raise ValueError(
+            f"`loss_reduction`={reduction!r} contradicts the loss_fn's "
+            f"reduction={attribute!r}: pass loss_reduction={attribute!r} or None "
+            "(read from `loss_fn`); `loss_reduction` is for a loss without a "
+            "`reduction` attribute."
+        )
     return reduction  # type: ignore[return-value]
 
 

@@ -35,10 +35,26 @@ def _log_cosh(out: Tensor, y: Tensor) -> Tensor:
     return torch.log(torch.cosh(out - y)).sum(-1).mean()
 
 
+class _ScaledMSE(nn.MSELoss):
+    """A subclass computing another loss: MSELoss's closed form must not apply."""
+
+    def forward(self, out: Tensor, y: Tensor) -> Tensor:
+        return 3.0 * super().forward(out, y)
+
+
+class _PenalisedCE(nn.CrossEntropyLoss):
+    """Cross-entropy plus a logit penalty: not the softmax closed form."""
+
+    def forward(self, out: Tensor, y: Tensor) -> Tensor:
+        return super().forward(out, y) + 0.1 * (out**2).sum(-1).mean()
+
+
 LOSSES = {
     "mse": (nn.MSELoss(), "regression"),
     "ce": (nn.CrossEntropyLoss(), "classes"),
     "custom": (_log_cosh, "regression"),
+    "mse_subclass": (_ScaledMSE(), "regression"),
+    "ce_subclass": (_PenalisedCE(), "classes"),
 }
 
 
@@ -159,3 +175,19 @@ def test_square_losses_probe_curvature(loss_fn, scale):
     want = torch.linalg.eigvalsh(scale * G).flip(0)[:TOP]
     got = _probes(model, loss_fn, X, y, "ggn")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("cls", [GGNOperator, HessianOperator])
+def test_loss_reduction_contradicting_the_loss_is_refused(cls):
+    # the batches would be weighted for the other reduction
+    model, _, X, y = _problem("mse")
+    with pytest.raises(ValueError, match="`loss_reduction`='mean' contradicts"):
+        cls(model, nn.MSELoss(reduction="sum"), (X, y), loss_reduction="mean")
+    with pytest.raises(ValueError, match="`loss_reduction`='sum' contradicts"):
+        cls(model, nn.MSELoss(), (X, y), loss_reduction="sum")
+    # agreeing, or for a loss without the attribute, it is taken as given
+    cls(model, nn.MSELoss(reduction="sum"), (X, y), loss_reduction="sum")
+    cls(model, _log_cosh, (X, y), loss_reduction="sum")
+    # another reduction attribute (KLDivLoss's "batchmean", a mean over samples)
+    kl = nn.KLDivLoss(reduction="batchmean")
+    cls(model, kl, (X, torch.softmax(y, -1)), loss_reduction="mean")

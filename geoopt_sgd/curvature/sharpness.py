@@ -172,7 +172,9 @@ def sharpness(
             every Ritz vector of its solve) or
             :class:`~geoopt_sgd.EigenResult`; see ``v0`` of
             :func:`~geoopt_sgd.top_eigenpairs` for the block warm start.
-        loss_reduction: Override the reduction read from ``loss_fn``.
+        loss_reduction: ``"mean"`` or ``"sum"`` for a loss without a
+            ``reduction`` attribute; default read from ``loss_fn.reduction``,
+            which it must match where present.
         max_matvecs: Budget of the eigensolver (see
             :func:`~geoopt_sgd.top_eigenpairs`).
         batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
@@ -363,7 +365,9 @@ def expected_sharpness(
         seed: Seed of the private generator; ``None`` means ``0``.
         mode: ``"eval"`` or ``"train"`` (the package's mode policy).
         params: Parameters (or names) to perturb; default all trainable.
-        loss_reduction: Override the reduction read from ``loss_fn``.
+        loss_reduction: ``"mean"`` or ``"sum"`` for a loss without a
+            ``reduction`` attribute; default read from ``loss_fn.reduction``,
+            which it must match where present.
         batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
             loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
             be a tensor, a tuple/list (``model(*inputs)``) or a dict

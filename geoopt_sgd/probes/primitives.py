@@ -37,7 +37,7 @@ from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from .. import distributed
 from .._linalg import CHUNK, row_gram64
-from .._losses import SampleLoss, per_sample_loss, square_loss_scale
+from .._losses import SampleLoss, per_sample_loss, plain_loss, square_loss_scale
 from .._model import FunctionalModel, map_inputs, sample_dims
 from ..curvature.hvp import make_hvp, math_sdpa
 from ..curvature.linop import LinearOperator
@@ -116,7 +116,7 @@ class ProbeSet:
         self._record: _Record | None = None
         self._keep: _Record | None = None
         self.span_residual = math.nan
-        self.is_softmax_ce = isinstance(loss_fn, nn.CrossEntropyLoss) and (
+        self.is_softmax_ce = plain_loss(loss_fn, nn.CrossEntropyLoss) and (
             loss_fn.weight is None or loss_fn.reduction == "mean"
         )
 
