@@ -146,6 +146,28 @@ def gloo_group(rank, world, port):
         dist.destroy_process_group()
 
 
+def spawn_gloo(fn, args, nprocs=2, timeout=60.0):
+    """``mp.spawn(fn, args=(world, port, *args))``, failing instead of hanging.
+
+    A rank left waiting in a collective (another rank raised or skipped it) is
+    killed after ``timeout`` seconds and the test fails with ``"hang"``.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(
+        fn, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise AssertionError(f"hang: a rank still running after {timeout} s")
+
+
 # --------------------------------------------------------------- recipe results
 
 RESULT_KEYS = frozenset(

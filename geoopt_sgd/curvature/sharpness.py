@@ -28,10 +28,10 @@ from .._checks import (
 from .._linalg import coldot64
 from .._model import (
     FunctionalModel,
-    as_batches,
     batch_size,
     detect_reduction,
     full_precision,
+    local_batches,
     preserve_global_rng,
     scalar_loss,
     to_device,
@@ -305,7 +305,7 @@ def _full_loss(
 ) -> float:
     """Full-data loss at ``params``: mean weighted by batch sizes, or sum.
 
-    ``data`` is the output of :func:`~geoopt_sgd._model.as_batches`.
+    ``data`` is the output of :func:`~geoopt_sgd._model.local_batches`.
     """
     total = torch.zeros(2, dtype=torch.float64, device=fm.device)
     with preserve_global_rng(), torch.no_grad(), fm.policy():
@@ -319,6 +319,9 @@ def _full_loss(
             total[0] += loss * n if reduction == "mean" else loss
             total[1] += n
     distributed.all_reduce_sum(total)
+    if total[1] == 0:  # after the reduction: the same error on every rank
+        where = " on every rank" if distributed.is_distributed() else ""
+        raise ValueError(f"`data` is empty{where}: it yields no samples.")
     if reduction == "mean":
         return float(total[0] / total[1])
     return float(total[0])
@@ -356,7 +359,9 @@ def expected_sharpness(
         model: The model.
         loss_fn: The loss, reduction ``"mean"`` or ``"sum"``.
         data: One ``(inputs, targets)`` batch or an iterable of batches (see
-            :mod:`geoopt_sgd._model` for the batch structure).
+            :mod:`geoopt_sgd._model` for the batch structure). Under
+            ``torch.distributed``, this rank's shard (it may be empty): the
+            losses are summed over ranks.
         sigma: Standard deviation of the perturbation, ``> 0``.
         num_samples: Draws of ``nu`` (each costs two full-data losses when
             antithetic, else one).
@@ -381,16 +386,19 @@ def expected_sharpness(
         TypeError: If ``sigma`` is not a number, ``num_samples`` / ``seed`` not
             an integer, or ``data`` (after ``batch_fn``) is not
             ``(inputs, targets)`` batches.
-        ValueError: If ``sigma <= 0``, ``num_samples < 1`` or ``seed < 0`` (and
-            :class:`~geoopt_sgd._model.FunctionalModel` errors for ``mode`` and
-            ``params``).
+        ValueError: If ``sigma <= 0``, ``num_samples < 1`` or ``seed < 0``; if
+            ``data`` holds no sample (on every rank, under ``torch.distributed``);
+            and :class:`~geoopt_sgd._model.FunctionalModel` errors for ``mode``
+            and ``params``.
     """
     check_number("sigma", sigma, gt=0)
     check_int("num_samples", num_samples, ge=1)
     check_int("seed", seed, ge=0, allow_none=True)
     fm = FunctionalModel(model, params, mode=mode)
     reduction = detect_reduction(loss_fn, loss_reduction)
-    data = as_batches(data, batch_fn)
+    # an empty shard joins the reductions with zeros (raising on one rank alone
+    # would leave the others waiting in the first all-reduce)
+    data = local_batches(data, batch_fn)
     gen = torch.Generator(device=fm.device).manual_seed(0 if seed is None else seed)
     theta = fm.params
     base = _full_loss(fm, loss_fn, data, reduction, theta)
