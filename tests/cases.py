@@ -156,9 +156,7 @@ def spawn_gloo(fn, args, nprocs=2, timeout=60.0):
 
     import torch.multiprocessing as mp
 
-    ctx = mp.spawn(
-        fn, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False
-    )
+    ctx = mp.spawn(fn, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=0.5):
         if time.monotonic() > deadline:

@@ -26,10 +26,10 @@ from .. import distributed
 from .._checks import check_choice, check_int
 from .._model import (
     FunctionalModel,
-    as_batches,
     batch_size,
     detect_reduction,
     full_precision,
+    local_batches,
     preserve_global_rng,
     to_device,
     unwrap_model,
@@ -265,9 +265,9 @@ class NoiseProbe:
         model: The trained model (DDP/DataParallel wrappers are unwrapped).
         loss_fn: The loss, as for :func:`~geoopt_sgd.noise_geometry`.
         probe_data: The fixed probe batch ``(inputs, targets)`` or a re-iterable of
-            batches (under ``torch.distributed``: this rank's shard). Batch
-            structure: :mod:`geoopt_sgd._model`; any other structure (e.g. a
-            loader of dicts) through the option ``batch_fn`` of
+            batches (under ``torch.distributed``: this rank's shard, possibly
+            empty). Batch structure: :mod:`geoopt_sgd._model`; any other
+            structure (e.g. a loader of dicts) through the option ``batch_fn`` of
             :func:`~geoopt_sgd.noise_geometry`. A loader's first batch is read
             here to check it (the global RNG restored).
         every: Probe after every ``every``-th optimizer step. Default: ``100``.
@@ -367,7 +367,10 @@ class NoiseProbe:
                 "DataLoader); got a one-shot iterator, which the first probe would "
                 "exhaust. Pass list(...) of it."
             )
-        batches = as_batches(probe_data, options.get("batch_fn"))
+        # an empty shard is refused only outside torch.distributed: there the
+        # rank joins every reduction of noise_geometry with zeros (raising on
+        # one rank alone would leave the others waiting)
+        batches = local_batches(probe_data, options.get("batch_fn"))
         if not isinstance(batches, list):
             # check a loader's first batch now, not at the first probe; its
             # sampler may draw from the global RNG, which is restored
@@ -619,7 +622,9 @@ class NoiseProbe:
         fm = FunctionalModel(self.model, mode=self.options.get("mode", "eval"))
         with torch.no_grad(), fm.policy():
             batch_fn = self.options.get("batch_fn")
-            for inputs, targets in as_batches(self.probe_data, batch_fn):
+            for inputs, targets in local_batches(self.probe_data, batch_fn):
+                if batch_size(targets) == 0:  # a NaN mean over no sample
+                    continue
                 # on the model's device, as noise_geometry reads the batches
                 inputs = to_device(inputs, fm.device)
                 targets = to_device(targets, fm.device)
