@@ -572,7 +572,8 @@ class FunctionalModel:
         model: The user's model (DDP/DataParallel wrappers are unwrapped).
         params: Which parameters to differentiate: ``None`` (all with
             ``requires_grad``), or an iterable of parameter tensors of the model, or
-            of their names. Parameters outside the selection are held fixed.
+            of their names (a wrapper's ``"module."``-prefixed names too).
+            Parameters outside the selection are held fixed.
         mode: ``"eval"`` or ``"train"``; see the module docstring.
 
     Attributes:
@@ -623,6 +624,14 @@ class FunctionalModel:
             names = []
             for p in params:
                 if isinstance(p, str):
+                    if (
+                        p not in named
+                        and self.model is not model
+                        and p.startswith("module.")
+                        and p[len("module.") :] in named
+                    ):
+                        # a wrapper's name (``ddp.named_parameters()``)
+                        p = p[len("module.") :]
                     if p not in named:
                         raise ValueError(
                             f"`params`: {p!r} is not a parameter name of the model."
