@@ -2,6 +2,7 @@
 
 import os
 
+import cases
 import pytest
 import torch
 import torch.distributed as dist
@@ -109,3 +110,72 @@ def test_empty_noise_shard_on_one_rank(tmp_path):
         assert torch.isfinite(r0[kind]).all() and not torch.equal(r0[kind], start)
     for r in (r0, r1):
         assert "empty on every process" in r["all_empty_error"]
+
+
+RESUME_KINDS = ("isotropic", "diagonal", "hessian", "sgd_matched")
+
+
+def _resume_worker(rank, world, port, out_dir):
+    with cases.gloo_group(rank, world, port):
+        X, y = make_data(n=12, seed=0)
+        # uneven shards: 7 and 5 samples (batch_size=3 leaves a remainder on both)
+        X, y = (X[:7], y[:7]) if rank == 0 else (X[7:], y[7:])
+        results = {}
+        for kind in RESUME_KINDS:
+            results[kind] = _run_resumable(kind, X, y, 4, None, out_dir, rank)
+            # two steps, rank 0's checkpoint (the usual DDP practice) loaded on
+            # every rank into a fresh model and optimizer, two more steps
+            _run_resumable(kind, X, y, 2, "save", out_dir, rank)
+            dist.barrier()
+            results[kind + "-resumed"] = _run_resumable(
+                kind, X, y, 2, "load", out_dir, rank
+            )
+            dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"resume{rank}.pt"))
+
+
+def _run_resumable(kind, X, y, steps, ckpt, out_dir, rank):
+    loss_fn = nn.CrossEntropyLoss()
+    model = mlp(seed=0)
+    path = os.path.join(out_dir, "ckpt.pt")
+    if ckpt == "load":
+        state = torch.load(path, weights_only=True)
+        model.load_state_dict(state["model"])
+    ddp = DDP(model)
+    opt = NoisyGD(
+        ddp.parameters(),
+        lr=0.1,
+        noise=kind,
+        noise_scale=0.1,
+        batch_size=3,
+        k=2,
+        refresh_every=3,
+        model=ddp,
+        loss_fn=loss_fn,
+        data=(X, y),
+        seed=11,
+    )
+    if ckpt == "load":
+        opt.load_state_dict(state["opt"])
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(ddp(X), y).backward()
+        opt.step()
+    if ckpt == "save" and rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    return torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_from_rank0_checkpoint_with_uneven_shards(tmp_path):
+    cases.spawn_gloo(_resume_worker, (str(tmp_path),), timeout=90)
+    r0 = torch.load(tmp_path / "resume0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "resume1.pt", weights_only=True)
+    start = torch.cat([p.detach().reshape(-1) for p in mlp(seed=0).parameters()])
+    for kind in RESUME_KINDS:
+        assert torch.equal(r0[kind], r1[kind]), kind
+        assert not torch.equal(r0[kind], start), kind
+        # resumed bit for bit, identical on both replicas
+        assert torch.equal(r0[kind + "-resumed"], r0[kind]), kind
+        assert torch.equal(r1[kind + "-resumed"], r0[kind]), kind
