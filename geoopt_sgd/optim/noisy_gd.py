@@ -245,6 +245,11 @@ class NoisyGD(torch.optim.Optimizer):
         magnitude: ``"sgd"``, ``"unit"`` or ``"raw"``; see above.
         num_batches: At most this many mini-batch gradients for ``C``
             (``None``: every disjoint batch of ``data``; Z19 CIFAR: 100).
+            The mini-batches are cut from each batch of ``data`` (its trailing
+            partial one dropped). Under ``torch.distributed`` that happens on
+            each rank's shard and ``num_batches`` counts per rank; the ranks'
+            gradients are then gathered, so ``C`` uses up to
+            ``world_size * num_batches`` of them.
         mode: Mode policy of the curvature source: ``"eval"`` or ``"train"``
             (see :mod:`geoopt_sgd._model`).
         loss_reduction: ``"mean"``, ``"sum"`` or ``None`` (read from
