@@ -272,6 +272,8 @@ class Run:
 
         Creates the folder, takes its lock (held until the ``with`` block ends)
         and deletes the temporary files of writes a killed run left there.
+        ``config.json`` is written once the checkpoint has been accepted, so a
+        refused ``--resume`` leaves the folder's files as they were.
 
         Returns:
             :attr:`state`: the checkpoint's state with ``cfg.resume`` and a
@@ -286,7 +288,6 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         remove_stale_temp_files(self.out)
-        write_json(self.out / "config.json", self.config)
         if self.cfg.resume:
             path = self.out / "checkpoint.pt"
             saved = load_checkpoint(path, config=self.config)
@@ -303,6 +304,8 @@ class Run:
                 )
             if saved is not None:
                 self.state = saved["state"]
+        # after the checks: a refused --resume leaves the folder's config.json
+        write_json(self.out / "config.json", self.config)
         return self.state
 
     def save(self) -> None:

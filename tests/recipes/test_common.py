@@ -616,6 +616,27 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_exits_2(
     assert e.value.code == 0
 
 
+@pytest.mark.parametrize("kind", ["a changed config", "truncated"])
+def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, kind):
+    # config.json describes the checkpoint and results.json next to it: a --resume
+    # that is refused (another config, a damaged checkpoint) must not overwrite it
+    folder = tmp_path / "x"
+    with C.Run("x", Cfg(out_dir=str(tmp_path))) as run:
+        run.open()
+        run.save()
+    before = (folder / "config.json").read_bytes()
+    if kind == "truncated":
+        path = folder / "checkpoint.pt"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    cfg = Cfg(out_dir=str(tmp_path), resume=True, steps=99)
+    if kind == "truncated":
+        cfg = Cfg(out_dir=str(tmp_path), resume=True)
+    with C.Run("x", cfg) as run:
+        with pytest.raises(ValueError, match="--resume: the checkpoint"):
+            run.open()
+    assert (folder / "config.json").read_bytes() == before
+
+
 def test_a_damaged_checkpoint_leaves_the_rng_states_alone(tmp_path):
     path = tmp_path / "x" / "checkpoint.pt"
     _write_damaged(path, "bad rng")
