@@ -168,7 +168,8 @@ def validate(cfg: Config) -> None:
 
     Raises:
         ValueError: On an invalid field (unknown part, model, dataset or dynamic;
-            non-positive lr; counts < 1; a batch above half the training set).
+            non-positive lr or sharpness radius; counts < 1; a batch above half
+            the training set).
     """
     common.check_choice(cfg, "part", ("toy", "net", "both"))
     common.check_config_basics(cfg)
@@ -181,6 +182,10 @@ def validate(cfg: Config) -> None:
     common.check_min(
         cfg, ("k", "geometry_k", "top_k", "eval_every", "refresh_every"), 1
     )
+    common.check_min(cfg, ("gd_steps", "steps", "sharpness_samples"), 1)
+    common.check_min(cfg, ("geometry_every", "toy_traj_runs"), 0)
+    if not cfg.sharpness_sigma > 0:
+        raise ValueError(f"`sharpness_sigma` must be > 0; got {cfg.sharpness_sigma!r}.")
     bad = [d for d in cfg.dynamics if d not in NET_DYNAMICS]
     if bad or not cfg.dynamics:
         raise ValueError(

@@ -204,6 +204,17 @@ def test_quick_passes_verdict(tmp_path):
         (dict(num_corrupt=500, num_train=200), ValueError, "`num_corrupt` must be in"),
         (dict(batch_size=150), ValueError, "`batch_size` must be <= num_train/2"),
         (dict(dataset="mnist"), ValueError, "pass --data-dir DIR"),
+        # counts and radii the run used to accept: negative step counts gave an
+        # empty run and a FAIL verdict (exit 1); the sharpness draws and radius
+        # failed only after GD, with the output folder written
+        (dict(steps=-1), ValueError, "`steps` must be >= 1; got -1"),
+        (dict(steps=0), ValueError, "`steps` must be >= 1; got 0"),
+        (dict(gd_steps=-5), ValueError, "`gd_steps` must be >= 1; got -5"),
+        (dict(geometry_every=-1), ValueError, "`geometry_every` must be >= 0"),
+        (dict(toy_traj_runs=-1), ValueError, "`toy_traj_runs` must be >= 0"),
+        (dict(sharpness_samples=0), ValueError, "`sharpness_samples` must be >= 1"),
+        (dict(sharpness_sigma=0.0), ValueError, "`sharpness_sigma` must be > 0"),
+        (dict(sharpness_sigma=-1.0), ValueError, "`sharpness_sigma` must be > 0"),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, kw, error, match):
