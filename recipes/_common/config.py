@@ -248,7 +248,13 @@ def parse_config(
     try:
         if config_file is not None:
             with open(config_file) as fh:
-                base = config_from_dict(cls, json.load(fh), base)
+                values = json.load(fh)
+            if not isinstance(values, dict):
+                raise ValueError(
+                    f"--config: {config_file!r} must hold a JSON object of field "
+                    f'values ({{"field": value, ...}}); got a {type(values).__name__}.'
+                )
+            base = config_from_dict(cls, values, base)
         return config_from_dict(cls, ns, base)
     except (OSError, ValueError) as err:
         parser.error(str(err))

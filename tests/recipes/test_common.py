@@ -70,6 +70,20 @@ def test_parse_config_errors(tmp_path, capsys):
     assert "unknown config field(s) 'stepz'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["5", "[1, 2]", '"steps"', "null"])
+def test_parse_config_file_that_is_not_an_object(tmp_path, capsys, text):
+    # a JSON number raised a TypeError traceback; a list or a string was read as
+    # field names ("unknown config field(s) 1, 2")
+    f = tmp_path / "c.json"
+    f.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        C.parse_config(Cfg, ["--config", str(f)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--config: {str(f)!r} must hold a JSON object of field values" in err
+    assert "Traceback" not in err and "unknown config field" not in err
+
+
 def test_config_dict_roundtrip():
     cfg = Cfg(ks=(3,), note="x")
     d = C.config_to_dict(cfg)
