@@ -177,15 +177,18 @@ def validate(cfg: Config) -> None:
         cfg, ("toy_runs", "toy_points", "toy_steps", "num_seeds", "batch_size"), 1
     )
     for name in ("toy_noise_var", "const_noise"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"`{name}` must be >= 0; got {getattr(cfg, name)}.")
+        value = getattr(cfg, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"`{name}` must be >= 0 and finite; got {value}.")
     common.check_min(
         cfg, ("k", "geometry_k", "top_k", "eval_every", "refresh_every"), 1
     )
     common.check_min(cfg, ("gd_steps", "steps", "sharpness_samples"), 1)
     common.check_min(cfg, ("geometry_every", "toy_traj_runs"), 0)
-    if not cfg.sharpness_sigma > 0:
-        raise ValueError(f"`sharpness_sigma` must be > 0; got {cfg.sharpness_sigma!r}.")
+    if not (cfg.sharpness_sigma > 0 and math.isfinite(cfg.sharpness_sigma)):
+        raise ValueError(
+            f"`sharpness_sigma` must be > 0 and finite; got {cfg.sharpness_sigma!r}."
+        )
     bad = [d for d in cfg.dynamics if d not in NET_DYNAMICS]
     if bad or not cfg.dynamics:
         raise ValueError(

@@ -144,8 +144,13 @@ def validate(cfg: Config) -> None:
     common.check_min(cfg, ("sharpness_samples",), 1)
     if not 0 <= cfg.momentum < 1:
         raise ValueError(f"`momentum` must be in [0, 1); got {cfg.momentum!r}.")
-    if not cfg.tol > 0 or not cfg.sharpness_sigma > 0:
-        raise ValueError("`tol` and `sharpness_sigma` must be > 0.")
+    for name in ("tol", "sharpness_sigma"):
+        value = getattr(cfg, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(
+                "`tol` and `sharpness_sigma` must be > 0 and finite; got "
+                f"`{name}` = {value!r}."
+            )
 
 
 def build(cfg: Config, device: torch.device) -> tuple[nn.Module, common.DataSplit]:

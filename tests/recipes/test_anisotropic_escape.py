@@ -215,6 +215,9 @@ def test_quick_passes_verdict(tmp_path):
         (dict(sharpness_samples=0), ValueError, "`sharpness_samples` must be >= 1"),
         (dict(sharpness_sigma=0.0), ValueError, "`sharpness_sigma` must be > 0"),
         (dict(sharpness_sigma=-1.0), ValueError, "`sharpness_sigma` must be > 0"),
+        (dict(sharpness_sigma=math.inf), ValueError, "`sharpness_sigma` must be > 0"),
+        (dict(toy_noise_var=math.inf), ValueError, "`toy_noise_var` must be >= 0 an"),
+        (dict(const_noise=math.inf), ValueError, "`const_noise` must be >= 0 and f"),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, kw, error, match):

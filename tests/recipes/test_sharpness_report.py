@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import cases
 import pytest
@@ -129,6 +130,9 @@ def test_dense_check_model_is_small():
         ({"sharpness_samples": 0}, r"`sharpness_samples` must be >= 1; got 0."),
         ({"momentum": 1.0}, r"`momentum` must be in \[0, 1\); got 1.0."),
         ({"tol": 0.0}, r"`tol` and `sharpness_sigma` must be > 0."),
+        # accepted before; sigma = inf failed after training, with the folder written
+        ({"tol": math.inf}, r"`tol` and `sharpness_sigma` must be > 0 and finite"),
+        ({"sharpness_sigma": math.inf}, r"finite; got `sharpness_sigma` = inf\."),
     ],
 )
 def test_bad_config(tmp_path, change, match):
