@@ -131,8 +131,8 @@ def validate(cfg: Config) -> None:
     Raises:
         ValueError: On the first invalid field.
     """
+    common.check_choice(cfg, "dataset", ("digits", "mnist"))  # before the generic one
     common.check_config_basics(cfg)
-    common.check_choice(cfg, "dataset", ("digits", "mnist"))
     common.check_min(
         cfg,
         (

@@ -268,6 +268,8 @@ def test_missing_gamma_fails():
     ("change", "match"),
     [
         ({"dataset": "cifar10"}, r"`dataset` must be one of 'digits', 'mnist'"),
+        # an unknown name listed all four datasets, cifar10 and fashion_mnist too
+        ({"dataset": "nope"}, r"`dataset` must be one of 'digits', 'mnist'; got 'n"),
         ({"lr": 0.0}, r"`lr` must be > 0; got 0.0."),
         ({"top_n": 37}, r"`top_n` must be <= the block's size width\^2 = 36"),
         ({"top_n": 2}, r"`top_n` must be >= 3; got 2."),
