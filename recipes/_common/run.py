@@ -281,12 +281,24 @@ class Run:
 
         Raises:
             OutDirBusy: If another run holds the folder's lock.
-            ValueError: If the checkpoint was written with another config, by
-                an older layout of the recipes (no ``state`` in it), or is
-                damaged.
+            ValueError: If the folder cannot be created or written, or the
+                checkpoint was written with another config, by an older layout
+                of the recipes (no ``state`` in it), or is damaged.
         """
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(
+                f"--out-dir: cannot create {str(self.out)!r} ({err.strerror or err}); "
+                "pass another --out-dir."
+            ) from None
+        try:
+            self._lock.acquire()
+        except OSError as err:  # the lock file cannot be written there
+            raise ValueError(
+                f"--out-dir: cannot write to {str(self.out)!r} "
+                f"({err.strerror or err}); pass another --out-dir."
+            ) from None
         remove_stale_temp_files(self.out)
         if self.cfg.resume:
             path = self.out / "checkpoint.pt"

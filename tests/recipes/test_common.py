@@ -699,6 +699,22 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, monkeypatch, caps
         b.open()
 
 
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_an_out_dir_that_cannot_be_created_names_it_and_exits_2(
+    tmp_path, monkeypatch, capsys, where
+):
+    # a NotADirectoryError traceback and exit 1 before
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" if where == "a file" else tmp_path / "f" / "g"
+    monkeypatch.setattr("sys.argv", ["x.py", "--out-dir", str(out)])
+    with pytest.raises(SystemExit) as e:
+        C.cli("x", Cfg, _open_main, "doc")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out-dir: cannot create {str(out / 'x')!r}")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     import os
     import signal
