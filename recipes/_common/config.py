@@ -301,16 +301,30 @@ def check_device(name: str) -> str:
         ``name`` unchanged.
 
     Raises:
-        ValueError: If the name is unknown or CUDA is not available.
+        ValueError: If the name is unknown or malformed, CUDA is not available,
+            or the CUDA index is not below the device count.
     """
     if name.split(":")[0] not in DEVICES:
         raise ValueError(
             f"`device` must be one of {', '.join(map(repr, DEVICES))}; got {name!r}."
         )
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"`device` {name!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1')."
+        ) from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"`device` is {name!r} but CUDA is not available here; pass --device cpu."
         )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(
+                f"`device` {name!r}: this machine has {count} CUDA device(s), "
+                f"'cuda:0' to 'cuda:{count - 1}'."
+            )
     return name
 
 

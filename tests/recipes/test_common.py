@@ -124,6 +124,21 @@ def test_check_device_no_cuda():
         C.check_device("cuda")
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_check_device_malformed_name_or_missing_gpu(monkeypatch, cuda):
+    # 'cpu:abc' raised torch's RuntimeError (a traceback, exit 1); on a GPU machine
+    # 'cuda:x' did too and 'cuda:7' failed only when the model moved there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
+    for bad in ("cpu:abc", "cpu:", "cuda:x", "cuda:"):
+        with pytest.raises(ValueError, match=f"`device` {bad!r} is not a device"):
+            C.check_device(bad)
+    if cuda:
+        assert C.check_device("cuda:1") == "cuda:1" and C.check_device("cuda")
+        with pytest.raises(ValueError, match="`device` 'cuda:2': this machine has 2"):
+            C.check_device("cuda:2")
+
+
 def test_check_config_basics_loss():
     @dataclass(frozen=True)
     class L:
