@@ -448,7 +448,8 @@ def cli(
     path. Exit status: 0 when every verdict row passes, 1 when one fails, 2 when
     the run stops on an error its message tells the user how to fix (a bad
     config, a missing dataset, a diverged training, a damaged checkpoint, an
-    output folder in use by another run), printed without a traceback.
+    output folder in use by another run), printed without a traceback, and 130
+    on Ctrl-C (with how to continue: ``--resume`` where a checkpoint was saved).
 
     Args:
         recipe: The recipe's name.
@@ -466,6 +467,17 @@ def cli(
     except (ValueError, FileNotFoundError, Diverged, OutDirBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C: the running stage saved its progress on the way out
+        checkpoint = Path(cfg.out_dir) / recipe / "checkpoint.pt"
+        hint = (
+            f"its progress is in {checkpoint}: run the same command with --resume "
+            "to continue"
+            if checkpoint.exists()
+            else "nothing was saved yet"
+        )
+        print(f"interrupted: {hint}.", file=sys.stderr)
+        sys.exit(130)
     if report is not None:
         print(report(results))
     print(verdict_table(results["verdict"]))

@@ -569,6 +569,29 @@ def test_cli_exit_status(tmp_path, monkeypatch, capsys):
     assert "error: `note` is bad; pass another" in capsys.readouterr().err
 
 
+def test_cli_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    # Ctrl-C: exit 130 without a traceback, pointing to --resume once a stage
+    # has saved the progress
+    def interrupted(save):
+        def run(cfg):
+            with C.Run("x", cfg) as run:
+                run.open()
+                if save:
+                    run.save()
+                raise KeyboardInterrupt
+
+        return run
+
+    monkeypatch.setattr("sys.argv", ["x.py", "--out-dir", str(tmp_path)])
+    for save, hint in ((False, "nothing was saved yet"), (True, "--resume")):
+        with pytest.raises(SystemExit) as e:
+            C.cli("x", Cfg, interrupted(save), "doc")
+        assert e.value.code == 130
+        err = capsys.readouterr().err
+        assert err.startswith("interrupted: ") and hint in err, err
+        assert "Traceback" not in err
+
+
 def test_resume_from_an_older_checkpoint_layout_says_so(tmp_path):
     cfg = Cfg(out_dir=str(tmp_path), resume=True)
     C.save_checkpoint(
