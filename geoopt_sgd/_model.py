@@ -57,6 +57,7 @@ read (a list's batches when the entry point is called or built).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import types
@@ -279,6 +280,10 @@ def _check_batch_fn(batch_fn: Any) -> None:
         )
 
 
+class EmptyData(ValueError):
+    """``data`` holds no sample (a ``ValueError``; see :func:`local_batches`)."""
+
+
 def as_batches(
     data: Any,
     batch_fn: Callable[[Any], Any] | None = None,
@@ -322,11 +327,11 @@ def as_batches(
         # as its second entry
         inputs, targets = _pair(data, name, None, False)
         if targets.dim() >= 1 and batch_size(targets) == 0:
-            raise ValueError(f"`{name}` is empty: the batch has 0 samples.")
+            raise EmptyData(f"`{name}` is empty: the batch has 0 samples.")
         check_batch(inputs, targets, name=name)
         return [(inputs, targets)]
     if isinstance(data, (list, tuple)) and len(data) == 0:
-        raise ValueError(f"`{name}` is empty: got an empty sequence of batches.")
+        raise EmptyData(f"`{name}` is empty: got an empty sequence of batches.")
     if isinstance(data, (list, tuple)):
         out = []
         for i, batch in enumerate(data):
@@ -362,7 +367,7 @@ def local_batches(
     """
     try:
         return as_batches(data, batch_fn)
-    except ValueError:
+    except EmptyData:  # not a malformed batch: that is an error on any rank
         if not distributed.is_distributed():
             raise
         return []
@@ -523,16 +528,17 @@ class _CompositeWeightNorm(TorchFunctionMode):
 
 
 def _uses_weight_norm(model: nn.Module) -> bool:
-    """Whether a module of ``model`` is weight-normalised (either torch API)."""
-    from torch.nn.utils import parametrize
+    """Whether a module of ``model`` is weight-normalised (either torch API).
 
+    One pass over the modules: the ``parametrizations`` API registers a
+    ``_WeightNorm`` module, the older one a forward pre-hook.
+    """
     for m in model.modules():
-        if any(isinstance(h, _WeightNormHook) for h in m._forward_pre_hooks.values()):
+        if type(m).__name__ == "_WeightNorm":
             return True
-        if parametrize.is_parametrized(m):
-            for plist in m.parametrizations.values():
-                if any(type(q).__name__ == "_WeightNorm" for q in plist):
-                    return True
+        hooks = m._forward_pre_hooks
+        if hooks and any(isinstance(h, _WeightNormHook) for h in hooks.values()):
+            return True
     return False
 
 
@@ -654,7 +660,7 @@ class FunctionalModel:
                 "`params` selects no parameter: the model has none with "
                 "requires_grad=True. Pass `params=` explicitly."
             )
-        repeated = sorted({n for n in names if names.count(n) > 1})
+        repeated = sorted(n for n, c in collections.Counter(names).items() if c > 1)
         if repeated:
             raise ValueError(
                 f"`params` selects {repeated[0]!r} more than once (a tensor or name "

@@ -406,3 +406,22 @@ def test_batch_fn_length_mismatch():
     i, t = short(_raw(1)[0])
     with pytest.raises(ValueError, match="inputs have 3 samples"):
         per_sample_gradients(inner, nn.MSELoss(), i, t)
+
+
+def test_only_empty_data_is_an_empty_shard_under_distributed(monkeypatch):
+    # under torch.distributed an empty shard joins the reductions with zeros;
+    # a malformed batch (or a batch_fn raising ValueError) is still an error
+    from geoopt_sgd import _model, distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    X, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    assert _model.local_batches((X[:0], y[:0])) == []
+    assert _model.local_batches([]) == []
+    with pytest.raises(ValueError, match="differ|length|samples"):
+        _model.local_batches((X, y[:2]))
+
+    def bad_fn(batch):
+        raise ValueError("no label in this batch")
+
+    with pytest.raises(ValueError, match="no label"):
+        _model.local_batches([{"x": X}], bad_fn)
