@@ -458,7 +458,9 @@ class NoisyGD(torch.optim.Optimizer):
         Statistics cached under other settings than this optimizer's
         (``noise``, ``magnitude``, ``batch_size``, ``curvature``,
         ``num_batches``, ``mode``, ``loss_reduction``) are dropped, and the next
-        step refreshes them.
+        step refreshes them. A different ``k`` keeps them: the noise is drawn
+        from the checkpoint's eigenpairs until the next scheduled refresh, whose
+        eigensolve starts from them.
 
         Args:
             state_dict: A dict from :meth:`state_dict`. A plain torch SGD state
@@ -498,7 +500,12 @@ class NoisyGD(torch.optim.Optimizer):
             self.stats = dict(extra["stats"])
 
     def _cache_settings(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _CACHE_SETTINGS}
+        settings = {name: getattr(self, name) for name in _CACHE_SETTINGS}
+        loss_fn = getattr(self, "loss_fn", None)
+        if loss_fn is not None:
+            # as resolved: None and the loss's own reduction are the same setting
+            settings["loss_reduction"] = detect_reduction(loss_fn, self.loss_reduction)
+        return settings
 
     @property
     def stats(self) -> dict[str, float | int]:

@@ -685,6 +685,39 @@ def test_statistics_cached_under_other_settings_are_refreshed(saved, now):
     assert torch.equal(*runs)
 
 
+def test_loss_reduction_none_and_the_losss_own_are_the_same_setting():
+    # a checkpoint saved with loss_reduction=None (read from the loss: "mean")
+    # keeps its statistics in an optimizer built with loss_reduction="mean"
+    X, y = make_data(n=12)
+
+    def make(model, reduction):
+        return NoisyGD(
+            model.parameters(),
+            lr=0.1,
+            noise="hessian",
+            k=2,
+            batch_size=3,
+            noise_scale=0.05,
+            seed=7,
+            refresh_every=10,
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            data=(X, y),
+            loss_reduction=reduction,
+        )
+
+    model = mlp()
+    opt = make(model, None)
+    _train(model, opt, X, y, 3)
+    twin = mlp(seed=123)
+    twin.load_state_dict(model.state_dict())
+    resumed = make(twin, "mean")
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state_dict()["noisy_gd"]["cache"]  # kept, not dropped
+    _train(twin, resumed, X, y, 2)
+    assert resumed.stats["n_refresh"] == 1  # no refresh before step 10
+
+
 @pytest.mark.parametrize("steps_before", [0, 3])
 def test_plain_sgd_state_dict_leaves_the_noise_stream_as_it_was(steps_before):
     # a plain state dict carries no noise state: it sets the groups (the lr here)
