@@ -23,6 +23,7 @@ __all__ = [
     "check_state_dict",
     "check_unique_params",
     "check_vector_shape",
+    "integer_value",
 ]
 
 
@@ -140,6 +141,24 @@ def check_int(
         raise ValueError(f"`{name}` must be >= {ge}; got {value}.")
     if le is not None and value > le:
         raise ValueError(f"`{name}` must be <= {le}; got {value}.")
+    return value
+
+
+def integer_value(value: Any) -> Any:
+    """``value``, or the Python int a one-element integer tensor holds.
+
+    For counters read from a state dict, checked afterwards with
+    :func:`check_int` (which then names a float, a string, ... as not an
+    integer instead of converting it).
+    """
+    if (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not value.is_floating_point()
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    ):
+        return int(value.item())
     return value
 
 

@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .._checks import check_int, check_param_group, check_state_dict
+from .._checks import (
+    check_int,
+    check_param_group,
+    check_state_dict,
+    integer_value,
+)
 
 __all__ = ["ProbedSGD"]
 
@@ -193,7 +198,11 @@ class ProbedSGD(torch.optim.SGD):
                 )
             for key in ("step_count", "num_probes"):
                 # the probe checks them too, but only after the optimizer loaded
-                check_int(f"state_dict['probe'][{key!r}]", int(probe_state[key]), ge=0)
+                check_int(
+                    f"state_dict['probe'][{key!r}]",
+                    integer_value(probe_state[key]),
+                    ge=0,
+                )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "probe"})
         if probe_state is not None and self.probe is not None:
             self.probe.load_state_dict(probe_state)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, integer_value
 from .._model import (
     FunctionalModel,
     batch_size,
@@ -511,7 +511,7 @@ class NoiseProbe:
                     f"`state_dict` has no {key!r} entry; pass a dict returned by "
                     "NoiseProbe.state_dict()."
                 )
-            check_int(f"state_dict['{key}']", int(state_dict[key]), ge=0)
+            check_int(f"state_dict['{key}']", integer_value(state_dict[key]), ge=0)
         v = state_dict.get("eigenvectors")
         if v is not None:
             # a warm start of another size would raise at the next probe,

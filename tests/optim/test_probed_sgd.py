@@ -318,8 +318,11 @@ def test_hooks_scheduler_repr_deepcopy(measure):
     assert opt.probe is probe and probe.attached
 
 
+@pytest.mark.parametrize(
+    ("value", "error"), [(-1, ValueError), (1.5, TypeError), ("3", TypeError)]
+)
 @pytest.mark.parametrize("key", ["step_count", "num_probes"])
-def test_negative_probe_counter_is_refused_before_anything_loads(measure, key):
+def test_bad_probe_counter_is_refused_before_anything_loads(measure, key, value, error):
     model = mlp()
     measure(_noop)
     probe = NoiseProbe(model, torch.nn.MSELoss(), make_data())
@@ -328,14 +331,18 @@ def test_negative_probe_counter_is_refused_before_anything_loads(measure, key):
     torch.nn.functional.cross_entropy(model(X), y).backward()
     opt.step()
     sd = opt.state_dict()
-    bad = {**sd, "probe": {**sd["probe"], key: -1}}
+    bad = {**sd, "probe": {**sd["probe"], key: value}}
     fresh = ProbedSGD(
         model.parameters(),
         lr=0.5,
         momentum=0.9,
         probe=NoiseProbe(model, torch.nn.MSELoss(), make_data()),
     )
-    with pytest.raises(ValueError, match=rf"state_dict\['probe'\]\['{key}'\]"):
+    with pytest.raises(error, match=rf"state_dict\['probe'\]\['{key}'\]"):
         fresh.load_state_dict(bad)
     assert fresh.param_groups[0]["lr"] == 0.5 and not fresh.state
     assert fresh.probe.step_count == 0
+    # a counter saved as a one-element integer tensor still loads
+    good = {**sd, "probe": {**sd["probe"], key: torch.tensor(sd["probe"][key])}}
+    fresh.load_state_dict(good)
+    assert fresh.probe.step_count == sd["probe"]["step_count"]
