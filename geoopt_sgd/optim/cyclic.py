@@ -736,6 +736,16 @@ class CyclicLRWrapper(torch.optim.Optimizer):
             groups[i].update(group_keys)
             groups[i][_STEP_KEY] = position
         self._apply_schedule([groups[i] for i in new])
+        # note the adopted groups' lr as written (only theirs: noting every
+        # group here would hide another group's lr changed outside the wrapper)
+        noted = self.__dict__.get("_group_keys")
+        if noted is not None:
+            for i in new:
+                keys = {k: v for k, v in groups[i].items() if k != "params"}
+                if i < len(noted):
+                    noted[i] = keys
+                else:
+                    noted.append(keys)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer and put it on the schedule.

@@ -629,6 +629,22 @@ def test_group_added_to_inner_optimizer_is_in_the_next_state_dict():
     assert opt.lr_at(3) == [cyclic_lr(3, 0.1, 0.5, 2)] * 2
 
 
+def test_adopted_group_lr_changed_outside_is_caught_at_the_next_step():
+    # a group adopted by lr_at is noted as written, so a manual lr change to it
+    # before the next step is refused like any other group's
+    model = _model()
+    X, y = _data()
+    inner = torch.optim.SGD(model[0].parameters(), lr=1.0)
+    opt = CyclicLRWrapper(inner, 0.1, 0.5, 2)
+    _train(opt, model, X, y, 1)
+    inner.add_param_group({"params": list(model[2].parameters())})
+    opt.lr_at(3)  # adopts the group
+    inner.param_groups[1]["lr"] = 0.77
+    _loss(model, X, y).backward()
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['lr'\] was changed"):
+        opt.step()
+
+
 def test_group_added_to_inner_optimizer_needs_bounds_for_per_group_lists():
     model = _model()
     X, y = _data()
