@@ -435,6 +435,14 @@ class Stages:
         return result
 
 
+def _mtime(path: Path) -> int | None:
+    """``path``'s modification time in ns, ``None`` if it does not exist."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def cli(
     recipe: str,
     config_cls: type,
@@ -462,6 +470,8 @@ def cli(
         SystemExit: Always.
     """
     cfg = parse_config(config_cls, description=doc)
+    checkpoint = Path(cfg.out_dir) / recipe / "checkpoint.pt"
+    before = _mtime(checkpoint)  # a checkpoint an earlier run left in the folder
     try:
         results = main(cfg)
     except (ValueError, FileNotFoundError, Diverged, OutDirBusy) as err:
@@ -469,11 +479,11 @@ def cli(
         sys.exit(2)
     except KeyboardInterrupt:
         # Ctrl-C: the running stage saved its progress on the way out
-        checkpoint = Path(cfg.out_dir) / recipe / "checkpoint.pt"
+        saved = _mtime(checkpoint) not in (None, before)  # written by this run
         hint = (
             f"its progress is in {checkpoint}: run the same command with --resume "
             "to continue"
-            if checkpoint.exists()
+            if saved
             else "nothing was saved yet"
         )
         print(f"interrupted: {hint}.", file=sys.stderr)

@@ -583,7 +583,12 @@ def test_cli_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys):
         return run
 
     monkeypatch.setattr("sys.argv", ["x.py", "--out-dir", str(tmp_path)])
-    for save, hint in ((False, "nothing was saved yet"), (True, "--resume")):
+    # the second run saves; the third finds its checkpoint but saves none itself
+    for save, hint in (
+        (False, "nothing was saved yet"),
+        (True, "--resume"),
+        (False, "nothing was saved yet"),
+    ):
         with pytest.raises(SystemExit) as e:
             C.cli("x", Cfg, interrupted(save), "doc")
         assert e.value.code == 130
