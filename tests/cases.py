@@ -26,6 +26,21 @@ def mlp(d=5, h=6, k=3, *, seed=0, dtype=torch.float64):
     return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, k)).to(dtype)
 
 
+class AttentionNet(nn.Module):
+    """``nn.MultiheadAttention`` (4 features, 2 heads) and a linear head on the
+    mean token; its ``dropout`` is the attention dropout, drawn functionally in
+    train mode (no ``Dropout`` submodule)."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, _ = self.att(x, x, x)
+        return self.head(h.mean(1))
+
+
 def linear(d=5, k=1, *, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return nn.Linear(d, k).to(dtype)

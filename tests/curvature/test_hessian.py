@@ -13,6 +13,7 @@ import weakref
 import pytest
 import torch
 from cases import (
+    AttentionNet,
     assert_same_state,
     image_data,
     linear,
@@ -498,25 +499,14 @@ def test_dense_references_take_batch_fn():
         dense_hessian(model, CE, dicts)
 
 
-class _AttentionNet(nn.Module):
-    def __init__(self, dropout: float) -> None:
-        super().__init__()
-        self.att = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        h, _ = self.att(x, x, x)
-        return self.head(h.mean(1))
-
-
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
 def test_train_mode_turns_multihead_attention_dropout_off(method):
     # nn.MultiheadAttention draws its attention dropout functionally in train
     # mode (no Dropout submodule): it must be off like every dropout, so the
     # operator is that of the same model with dropout=0 and no RNG is drawn.
     torch.manual_seed(0)
-    model = _AttentionNet(0.5).double().train()
-    plain = _AttentionNet(0.0).double()
+    model = AttentionNet(0.5).double().train()
+    plain = AttentionNet(0.0).double()
     plain.load_state_dict(model.state_dict())
     X = torch.randn(4, 3, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (4,))

@@ -635,6 +635,22 @@ def test_plain_sgd_state_dict_loads():
     assert opt.param_groups[0]["lr"] == 0.3
 
 
+def _refreshing_noisy_gd(model, X, y, **kw):
+    """A NoisyGD whose statistics refresh at step 0 and every 10 steps."""
+    kw = {"k": 2, "batch_size": 3, **kw}
+    return NoisyGD(
+        model.parameters(),
+        lr=0.1,
+        noise_scale=0.05,
+        seed=7,
+        refresh_every=10,
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        data=(X, y),
+        **kw,
+    )
+
+
 @pytest.mark.parametrize(
     "saved, now",
     [
@@ -653,18 +669,7 @@ def test_statistics_cached_under_other_settings_are_refreshed(saved, now):
     X, y = make_data(n=12)
 
     def make(model, **kw):
-        kw = {"k": 2, "batch_size": 3, **kw}
-        return NoisyGD(
-            model.parameters(),
-            lr=0.1,
-            noise_scale=0.05,
-            seed=7,
-            refresh_every=10,
-            model=model,
-            loss_fn=nn.CrossEntropyLoss(),
-            data=(X, y),
-            **kw,
-        )
+        return _refreshing_noisy_gd(model, X, y, **kw)
 
     model = mlp()
     opt = make(model, **saved)
@@ -691,19 +696,8 @@ def test_loss_reduction_none_and_the_losss_own_are_the_same_setting():
     X, y = make_data(n=12)
 
     def make(model, reduction):
-        return NoisyGD(
-            model.parameters(),
-            lr=0.1,
-            noise="hessian",
-            k=2,
-            batch_size=3,
-            noise_scale=0.05,
-            seed=7,
-            refresh_every=10,
-            model=model,
-            loss_fn=nn.CrossEntropyLoss(),
-            data=(X, y),
-            loss_reduction=reduction,
+        return _refreshing_noisy_gd(
+            model, X, y, noise="hessian", loss_reduction=reduction
         )
 
     model = mlp()

@@ -96,19 +96,9 @@ def test_train_mode_turns_multihead_attention_dropout_off():
     # raised a vmap randomness error before.
     from geoopt_sgd import noise_geometry
 
-    class Net(nn.Module):
-        def __init__(self, dropout):
-            super().__init__()
-            self.att = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x):
-            h, _ = self.att(x, x, x)
-            return self.head(h.mean(1))
-
     torch.manual_seed(0)
-    model = Net(0.5).double().train()
-    plain = Net(0.0).double()
+    model = cases.AttentionNet(0.5).double().train()
+    plain = cases.AttentionNet(0.0).double()
     plain.load_state_dict(model.state_dict())
     X = torch.randn(4, 3, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (4,))
