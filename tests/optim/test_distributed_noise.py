@@ -16,23 +16,28 @@ from geoopt_sgd import NoisyGD
 KINDS = ("isotropic", "diagonal", "hessian", "sgd_matched", "geometry_aware")
 
 
-def _train(kind, X, y, *, data):
-    """Three DDP steps with ``kind`` noise from ``data``; the global RNG untouched."""
-    loss_fn = nn.CrossEntropyLoss()
-    ddp = DDP(mlp(seed=0))
-    opt = NoisyGD(
+def _ddp_noisy_gd(ddp, kind, data, *, refresh_every):
+    """NoisyGD with ``kind`` noise on a DDP model, its statistics from ``data``."""
+    return NoisyGD(
         ddp.parameters(),
         lr=0.1,
         noise=kind,
         noise_scale=0.1,
         batch_size=3,
         k=2,
-        refresh_every=2,
+        refresh_every=refresh_every,
         model=ddp,
-        loss_fn=loss_fn,
+        loss_fn=nn.CrossEntropyLoss(),
         data=data,
         seed=11,
     )
+
+
+def _train(kind, X, y, *, data):
+    """Three DDP steps with ``kind`` noise from ``data``; the global RNG untouched."""
+    loss_fn = nn.CrossEntropyLoss()
+    ddp = DDP(mlp(seed=0))
+    opt = _ddp_noisy_gd(ddp, kind, data, refresh_every=2)
     rng = torch.get_rng_state()
     for _ in range(3):
         opt.zero_grad()
@@ -142,19 +147,7 @@ def _run_resumable(kind, X, y, steps, ckpt, out_dir, rank):
         state = torch.load(path, weights_only=True)
         model.load_state_dict(state["model"])
     ddp = DDP(model)
-    opt = NoisyGD(
-        ddp.parameters(),
-        lr=0.1,
-        noise=kind,
-        noise_scale=0.1,
-        batch_size=3,
-        k=2,
-        refresh_every=3,
-        model=ddp,
-        loss_fn=loss_fn,
-        data=(X, y),
-        seed=11,
-    )
+    opt = _ddp_noisy_gd(ddp, kind, (X, y), refresh_every=3)
     if ckpt == "load":
         opt.load_state_dict(state["opt"])
     for _ in range(steps):
