@@ -479,7 +479,9 @@ def cli(
         sys.exit(2)
     except KeyboardInterrupt:
         # Ctrl-C: the running stage saved its progress on the way out
-        saved = _mtime(checkpoint) not in (None, before)  # written by this run
+        # a checkpoint this run wrote, or the one it resumed from
+        now = _mtime(checkpoint)
+        saved = now is not None and (now != before or getattr(cfg, "resume", False))
         hint = (
             f"its progress is in {checkpoint}: run the same command with --resume "
             "to continue"

@@ -595,6 +595,11 @@ def test_cli_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert err.startswith("interrupted: ") and hint in err, err
         assert "Traceback" not in err
+    # a resumed run stopped before it saves: the checkpoint it resumed from holds
+    monkeypatch.setattr("sys.argv", ["x.py", "--out-dir", str(tmp_path), "--resume"])
+    with pytest.raises(SystemExit) as e:
+        C.cli("x", Cfg, interrupted(False), "doc")
+    assert e.value.code == 130 and "--resume" in capsys.readouterr().err
 
 
 def test_resume_from_an_older_checkpoint_layout_says_so(tmp_path):
