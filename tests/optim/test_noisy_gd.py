@@ -593,6 +593,20 @@ def test_curvature_source_is_side_effect_free(mode):
 # -------------------------------------------------------------- resume
 
 
+def _resume(model, opt, make, *, map_location=None, device="cpu"):
+    """Save ``model`` and ``opt`` to bytes, load them (``map_location``) into a
+    fresh model on ``device`` and ``make(model)``; return both."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, map_location=map_location, weights_only=True)
+    resumed = mlp(seed=123).to(device)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = make(resumed)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    return resumed, resumed_opt
+
+
 @pytest.mark.parametrize(
     "kind",
     ["isotropic", "diagonal", "hessian", "sgd_matched"],
@@ -613,14 +627,7 @@ def test_resume_from_state_dict_is_bit_exact(kind):
     model = mlp()
     opt = make(model)
     _train(model, opt, X, y, 3)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = mlp(seed=123)
-    resumed.load_state_dict(ckpt["model"])
-    resumed_opt = make(resumed)
-    resumed_opt.load_state_dict(ckpt["opt"])
+    resumed, resumed_opt = _resume(model, opt, make)
     _train(resumed, resumed_opt, X, y, 2)
     for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -776,14 +783,7 @@ def test_resume_on_cuda_from_a_cpu_mapped_checkpoint(kind):
     model = mlp().cuda()
     opt = make(model)
     _train(model, opt, X, y, 3)  # refresh at step 2: step 3 draws from the cache
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, map_location="cpu", weights_only=True)
-    resumed = mlp(seed=123).cuda()
-    resumed.load_state_dict(ckpt["model"])
-    resumed_opt = make(resumed)
-    resumed_opt.load_state_dict(ckpt["opt"])
+    resumed, resumed_opt = _resume(model, opt, make, map_location="cpu", device="cuda")
     _train(resumed, resumed_opt, X, y, 1)
     for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
