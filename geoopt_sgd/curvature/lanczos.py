@@ -707,7 +707,7 @@ def check_operator_output(w: Tensor) -> None:
         raise ValueError(
             f"the operator's output is non-finite ({n_bad} NaN or infinite entries "
             "in A v): the operator is not finite here (e.g. a NaN or infinite "
-            "loss, or non-finite parameters); no eigenpairs can be computed."
+            "loss, or non-finite parameters); nothing can be estimated from it."
         )
 
 

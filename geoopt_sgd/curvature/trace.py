@@ -112,6 +112,9 @@ def rademacher_probes(
     Stops after ``num_probes`` probes or ``max_matvecs`` products, whichever is
     fewer; the probes come from the operator's seeded generator, drawn probe by
     probe, so they do not depend on ``chunk_size``.
+
+    Raises:
+        ValueError: If a product holds NaN or infinite entries.
     """
     P = operator.shape[0]
     gen = _generator(operator, seed)
@@ -120,7 +123,9 @@ def rademacher_probes(
     while done < budget:
         c = min(chunk_size, budget - done)
         Z = _rademacher(P, c, gen, operator)
-        yield Z, operator.matmat(Z)
+        AZ = operator.matmat(Z)
+        check_operator_output(AZ)
+        yield Z, AZ
         done += c
 
 
@@ -190,7 +195,8 @@ def hutchinson_trace(
         TypeError: If ``operator`` is not a :class:`LinearOperator` or an integer
             argument is not an integer.
         ValueError: If ``num_probes``, ``max_matvecs`` or ``chunk_size`` is
-            ``< 1``, ``seed < 0`` or ``rtol <= 0``.
+            ``< 1``, ``seed < 0`` or ``rtol <= 0``, or the operator's products
+            are not finite (NaN or infinite entries).
 
     Example:
         >>> import torch

@@ -270,8 +270,11 @@ def test_density_invalid(kwargs, err, match):
     [
         lambda A: hutchpp_trace(A, num_matvecs=9),
         lambda A: spectral_density(A, num_probes=2, num_steps=3),
+        lambda A: hutchinson_trace(A, num_probes=4),
+        lambda A: hutchinson_diagonal(A, num_probes=4),
+        lambda A: squared_frobenius(A, num_probes=4),
     ],
-    ids=["hutchpp", "density"],
+    ids=["hutchpp", "density", "hutchinson", "diagonal", "frobenius"],
 )
 def test_non_finite_operator_is_named_not_blamed_on_an_argument(fn, bad):
     # a NaN/Inf product used to be reported as "`V` must be finite", an
