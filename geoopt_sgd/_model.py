@@ -9,7 +9,13 @@ sources. The policy (documented once here, referenced everywhere):
 * ``mode="train"``: normalisation layers use batch statistics (fixed per batch),
   dropout-like modules (``*Dropout*``, ``DropPath``, ``DropBlock``) and
   :class:`torch.nn.MultiheadAttention` (whose train mode only adds its attention
-  dropout) stay in eval mode, so the operator is a fixed symmetric matrix.
+  dropout) stay in eval mode, and dropout drawn by a function call is off too:
+  ``F.dropout`` and its variants in a ``forward`` (as timm's classifier heads
+  call it with ``training=self.training``) return their input, and recurrent
+  kernels (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run without dropout between
+  layers. So the operator is a fixed symmetric matrix. (Other random draws in a
+  ``forward``, e.g. a hand-written ``torch.bernoulli`` mask, are not switched
+  off.)
 
 Whatever autocast context the caller is in (``torch.autocast`` on the CPU, CUDA or
 the parameters' device), autocast is disabled for the evaluation and for the
@@ -504,13 +510,55 @@ def full_precision(fn: _F) -> _F:
     return out  # type: ignore[return-value]
 
 
-class _CompositeWeightNorm(TorchFunctionMode):
-    """Evaluate ``torch._weight_norm`` as ``v * (g / norm_except_dim(v, 2, dim))``.
+# Dropout drawn by a function call, not a Dropout module: ``F.dropout(x, p,
+# training=self.training)`` in a forward (timm's classifier heads), and the
+# ``torch.*dropout*`` functions it calls. Inside the train-mode policy each one
+# is the identity, as a Dropout module in eval mode is.
+_DROPOUT_FUNCTIONS = frozenset(
+    {
+        torch.nn.functional.dropout,
+        torch.nn.functional.dropout1d,
+        torch.nn.functional.dropout2d,
+        torch.nn.functional.dropout3d,
+        torch.nn.functional.alpha_dropout,
+        torch.nn.functional.feature_alpha_dropout,
+        torch.dropout,
+        torch.dropout_,
+        torch.alpha_dropout,
+        torch.alpha_dropout_,
+        torch.feature_dropout,
+        torch.feature_dropout_,
+        torch.feature_alpha_dropout,
+        torch.feature_alpha_dropout_,
+    }
+)
+# The recurrent kernels take the dropout between layers as an argument: index 5
+# of ``(input, hx, params, has_biases, num_layers, dropout, train, ...)``, 6 of
+# the packed-sequence overload ``(data, batch_sizes, hx, params, has_biases,
+# num_layers, dropout, train, ...)``.
+_RNN_FUNCTIONS = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
 
-    That is the definition torch's own composite path uses; the fused kernel
-    ``_weight_norm_interface`` it dispatches to has a wrong double backward
-    (the Hessian in ``v`` is not even symmetric) and no forward-mode AD.
+
+class _PolicyFunctions(TorchFunctionMode):
+    """The function-level part of the mode policy (see the module docstring).
+
+    With ``weight_norm``: ``torch._weight_norm`` is evaluated as
+    ``v * (g / norm_except_dim(v, 2, dim))``, the definition torch's own
+    composite path uses; the fused kernel ``_weight_norm_interface`` it
+    dispatches to has a wrong double backward (the Hessian in ``v`` is not even
+    symmetric) and no forward-mode AD. With ``no_dropout``: functional dropout
+    returns its input and recurrent kernels run without dropout between layers.
     """
+
+    def __init__(self, *, weight_norm: bool, no_dropout: bool) -> None:
+        super().__init__()
+        special: set[Callable[..., Any]] = set()
+        if weight_norm:
+            special.add(torch._weight_norm)
+        if no_dropout:
+            special |= _DROPOUT_FUNCTIONS | _RNN_FUNCTIONS
+        # one set lookup per torch call of the forward: the common path is cheap
+        self._special = frozenset(special)
 
     def __torch_function__(
         self,
@@ -520,10 +568,17 @@ class _CompositeWeightNorm(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func not in self._special:
+            return func(*args, **kwargs)
         if func is torch._weight_norm:
             v, g, *rest = args
             dim = rest[0] if rest else kwargs.get("dim", 0)
             return v * (g / torch.norm_except_dim(v, 2, dim))
+        if func in _DROPOUT_FUNCTIONS:
+            return args[0] if args else kwargs["input"]
+        if len(args) > 6:  # a recurrent kernel: no dropout between layers
+            args = list(args)
+            args[5 if isinstance(args[3], bool) else 6] = 0.0
         return func(*args, **kwargs)
 
 
@@ -543,12 +598,18 @@ def _uses_weight_norm(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _composite_weight_norm(model: nn.Module) -> Iterator[None]:
-    """:class:`_CompositeWeightNorm` while ``model`` uses weight normalisation."""
-    if not _uses_weight_norm(model):
+def _policy_functions(model: nn.Module, mode: Mode) -> Iterator[None]:
+    """:class:`_PolicyFunctions` where needed: weight norm, or train mode.
+
+    In eval mode a forward's ``F.dropout(..., training=self.training)`` is
+    already off and nothing is intercepted (no per-call overhead).
+    """
+    weight_norm = _uses_weight_norm(model)
+    no_dropout = mode == "train"
+    if not (weight_norm or no_dropout):
         yield
         return
-    with _CompositeWeightNorm():
+    with _PolicyFunctions(weight_norm=weight_norm, no_dropout=no_dropout):
         yield
 
 
@@ -714,7 +775,7 @@ class FunctionalModel:
         with (
             _mode_policy(self.model, self.mode),
             autocast_off(self.device.type),
-            _composite_weight_norm(self.model),
+            _policy_functions(self.model, self.mode),
         ):
             yield
 

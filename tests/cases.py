@@ -9,6 +9,7 @@ import socket
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 
 def make_data(n=12, d=5, k=3, *, classification=True, seed=0, dtype=torch.float64):
@@ -39,6 +40,38 @@ class AttentionNet(nn.Module):
     def forward(self, x):
         h, _ = self.att(x, x, x)
         return self.head(h.mean(1))
+
+
+class InlineDropNet(nn.Module):
+    """Input ``(N, 3, 4)``: a linear layer, ``F.dropout`` and ``F.dropout1d``
+    called functionally with ``training=self.training`` (as timm's heads do; no
+    ``Dropout`` submodule), and a linear head on the mean token."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.p = dropout
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        h = F.dropout(h, self.p, training=self.training)
+        h = F.dropout1d(h, self.p, training=self.training)
+        return self.head(h.mean(1))
+
+
+class LSTMNet(nn.Module):
+    """Input ``(N, 3, 4)``: a two-layer ``nn.LSTM`` (dropout between its layers,
+    drawn inside the LSTM kernel in train mode) and a linear head."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 3, num_layers=2, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        return self.head(h[:, -1])
 
 
 def linear(d=5, k=1, *, seed=0, dtype=torch.float64):

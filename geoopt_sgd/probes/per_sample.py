@@ -49,7 +49,8 @@ def per_sample_gradients(
       couples the samples, so row ``i`` is the gradient of sample ``i``'s loss in
       the batch forward pass (a row of the Jacobian of the per-sample-loss vector,
       ``jacrev`` with ``chunk_size``): one forward and ``N`` vector-Jacobian
-      products of the batch. Dropout-like modules stay off in both modes. A
+      products of the batch. Dropout stays off in both modes (modules and
+      functional dropout; see :mod:`geoopt_sgd._model`). A
       BatchNorm with ``track_running_stats=False`` normalises with the batch's
       statistics in eval mode too, so it takes this route in both modes.
 

@@ -9,6 +9,7 @@ y_i||^2``), ``L`` is the mean over samples, and ``Sigma`` uses ``1/n``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
-from .._model import _composite_weight_norm
+from .._model import _mode_policy, _policy_functions
 
 __all__ = [
     "dense_curvature",
@@ -41,23 +42,18 @@ def _setup(model: nn.Module, mode: str) -> tuple[list[str], list[Tensor], dict]:
 
 
 class _Policy:
+    # the package's mode policy (which modules and functions are switched off),
+    # so the references measure the same function; the computation is theirs
     def __init__(self, model: nn.Module, mode: str) -> None:
+        self.stack = contextlib.ExitStack()
         self.model, self.mode = model, mode
 
     def __enter__(self) -> None:
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.mode == "train")
-        for m in self.model.modules():
-            if "Dropout" in type(m).__name__:
-                m.eval()
-        # torch's fused weight-norm kernel has a wrong second derivative
-        self.weight_norm = _composite_weight_norm(self.model)
-        self.weight_norm.__enter__()
+        self.stack.enter_context(_mode_policy(self.model, self.mode))
+        self.stack.enter_context(_policy_functions(self.model, self.mode))
 
     def __exit__(self, *exc: Any) -> None:
-        self.weight_norm.__exit__(*exc)
-        for m, f in self.flags:
-            m.training = f
+        self.stack.__exit__(*exc)
 
 
 def per_sample_gradients_loop(

@@ -14,6 +14,8 @@ import pytest
 import torch
 from cases import (
     AttentionNet,
+    InlineDropNet,
+    LSTMNet,
     assert_same_state,
     image_data,
     linear,
@@ -499,21 +501,25 @@ def test_dense_references_take_batch_fn():
         dense_hessian(model, CE, dicts)
 
 
+@pytest.mark.parametrize(
+    "net", [AttentionNet, InlineDropNet, LSTMNet], ids=lambda c: c.__name__
+)
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
-def test_train_mode_turns_multihead_attention_dropout_off(method):
-    # nn.MultiheadAttention draws its attention dropout functionally in train
-    # mode (no Dropout submodule): it must be off like every dropout, so the
-    # operator is that of the same model with dropout=0 and no RNG is drawn.
+def test_train_mode_turns_functional_dropout_off(method, net):
+    # dropout drawn without a Dropout submodule in train mode: in
+    # nn.MultiheadAttention, F.dropout in a forward (timm's heads), between an
+    # LSTM's layers. It must be off like every dropout, so the operator is that
+    # of the same model with dropout=0 and no RNG is drawn.
     torch.manual_seed(0)
-    model = AttentionNet(0.5).double().train()
-    plain = AttentionNet(0.0).double()
+    model = net(0.5).double().train()
+    plain = net(0.0).double()
     plain.load_state_dict(model.state_dict())
     X = torch.randn(4, 3, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (4,))
     rng = torch.get_rng_state()
     H = HessianOperator(model, CE, (X, y), method=method, mode="train").to_dense()
     assert torch.equal(rng, torch.get_rng_state())
-    assert model.training and model.att.training
+    assert model.training and all(m.training for m in model.modules())
     H_ref = HessianOperator(plain, CE, (X, y), method=method, mode="train").to_dense()
     assert_close_report(H, H_ref, 1e-12, 1e-12)
 
@@ -623,3 +629,20 @@ def test_weight_norm_noise_references_and_probe_hessian():
     expected = torch.linalg.eigvalsh(H_ref).flip(0)[:3]
     got = geo.eigenvalues.to(torch.float64)
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_train_mode_timm_head_dropout_is_off():
+    # timm's heads call F.dropout(x, drop_rate, training=self.training): in
+    # train mode the operator must be that of drop_rate=0, drawing no RNG
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3, drop_rate=0.5).train()
+    plain = timm.create_model("test_resnet", num_classes=3)
+    plain.load_state_dict(model.state_dict())
+    X, y = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    rng = torch.get_rng_state()
+    Hv = HessianOperator(model, CE, (X, y), mode="train").matvec(v)
+    assert torch.equal(rng, torch.get_rng_state())
+    Hv_ref = HessianOperator(plain, CE, (X, y), mode="train").matvec(v)
+    assert_close_report(Hv, Hv_ref, 1e-5, 1e-6 * float(Hv_ref.abs().max()))

@@ -90,15 +90,20 @@ def test_errors():
         per_sample_gradients(model, loss_fn, X[:0], y[:0])
 
 
-def test_train_mode_turns_multihead_attention_dropout_off():
-    # nn.MultiheadAttention's dropout is functional (no Dropout submodule): in
-    # train mode it must be off too, leaving the global RNG alone; noise_geometry
-    # raised a vmap randomness error before.
+@pytest.mark.parametrize(
+    "net", [cases.AttentionNet, cases.InlineDropNet, cases.LSTMNet],
+    ids=lambda c: c.__name__,
+)  # fmt: skip
+def test_train_mode_turns_functional_dropout_off(net):
+    # dropout without a Dropout submodule (nn.MultiheadAttention's, F.dropout
+    # in a forward, between an LSTM's layers): in train mode it must be off
+    # too, leaving the global RNG alone; noise_geometry raised a vmap
+    # randomness error before.
     from geoopt_sgd import noise_geometry
 
     torch.manual_seed(0)
-    model = cases.AttentionNet(0.5).double().train()
-    plain = cases.AttentionNet(0.0).double()
+    model = net(0.5).double().train()
+    plain = net(0.0).double()
     plain.load_state_dict(model.state_dict())
     X = torch.randn(4, 3, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (4,))
