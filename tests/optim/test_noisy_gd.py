@@ -2,6 +2,7 @@
 
 import copy
 import io
+import itertools
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from cases import assert_same_state, image_data, make_data, mlp, model_state, ti
 from torch import nn
 
 from geoopt_sgd import NoisyGD
-from geoopt_sgd.testing import noisy_gd_covariance
+from geoopt_sgd.testing import noisy_gd_covariance, per_sample_gradients_loop
 
 # ------------------------------------------------------------------ helpers
 
@@ -404,6 +405,65 @@ def test_sum_reduction_scales_the_sgd_noise_by_n(kind):
         )
         out.append(_draw(opt, model, 2))
     torch.testing.assert_close(out[1], X.shape[0] * out[0], rtol=1e-12, atol=1e-13)
+
+
+def _partitions(items, B):
+    """Every split of ``items`` into unordered groups of ``B`` (len divisible by B)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for others in itertools.combinations(rest, B - 1):
+        left = [i for i in rest if i not in others]
+        for tail in _partitions(left, B):
+            yield [[first, *others], *tail]
+
+
+@pytest.mark.parametrize("B", [2, 4])
+@pytest.mark.parametrize("kind", ["isotropic_matched", "diagonal", "sgd_leading"])
+def test_minibatch_covariance_at_b_above_1_is_that_of_one_partition(kind, B):
+    # The C kinds at B > 1 (the B = 1 tests cannot see a factor of B): every
+    # refresh cuts the n samples into n/B disjoint batches at random, so Tr C
+    # must be (1/M) sum_b ||mean_{i in b} grad L_i - grad L||^2 of one of the
+    # partitions, computed here from per-sample gradients by a loop. Over all
+    # partitions its mean is Tr(Sigma) / B * (n - B) / (n - 1), the
+    # without-replacement covariance, not Tr(Sigma) / B.
+    X, y = _design()
+    model, loss_fn = _linear(), nn.MSELoss()
+    D = per_sample_gradients_loop(model, loss_fn, X, y).double()
+    n = D.shape[0]
+    grad = D.mean(0)
+    candidates = []
+    for part in _partitions(list(range(n)), B):
+        dev = torch.stack([D[g].mean(0) - grad for g in part])
+        candidates.append(float((dev * dev).sum()) / len(part))
+    cand = torch.tensor(candidates, dtype=torch.float64)
+    assert len(candidates) == (105 if B == 2 else 35)
+    tr_sigma = float(((D - grad) ** 2).sum()) / n
+    assert float(cand.mean()) == pytest.approx(
+        tr_sigma / B * (n - B) / (n - 1), rel=1e-12
+    )
+    opt = NoisyGD(
+        model.parameters(),
+        lr=0.0,
+        noise=kind,
+        batch_size=B,
+        model=model,
+        loss_fn=loss_fn,
+        data=(X, y),
+        refresh_every=1,
+        k=2,
+        seed=3,
+    )
+    seen = []
+    for _ in range(6):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        trace_c = opt.stats["reference_sq_norm"]
+        assert float((cand - trace_c).abs().min()) <= 1e-12 * trace_c, trace_c
+        seen.append(trace_c)
+    assert len(set(seen)) > 1  # the partition is redrawn at every refresh
 
 
 def test_sgd_matched_is_the_same_for_one_batch_or_a_list_of_batches():
