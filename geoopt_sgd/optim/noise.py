@@ -282,7 +282,9 @@ def minibatch_statistics(batch_gradients: Tensor) -> tuple[Tensor, Tensor, Tenso
 
     ``C = (1/M) Σ_b g_b g_bᵀ - ḡ ḡᵀ`` over ``M`` mini-batch gradients (the
     ZYT estimator with ``1/M``); with disjoint batches of size ``B`` it
-    estimates the SGD noise covariance ``Σ/B``.
+    estimates the SGD noise covariance ``Σ/B``. When the batches split ``n``
+    samples at random, its mean is ``(n - B)/(n - 1) · Σ/B``, the covariance of
+    sampling without replacement (``docs/science/conventions.md``).
 
     Args:
         batch_gradients: ``g_b`` stacked as rows, shape ``(M, P)``, ``M >= 2``.
