@@ -220,6 +220,38 @@ def test_isotropic_coupling_two_scales_differ_exactly_by_the_scale(units):
     assert outs[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=lambda f: f"foreach={f}")
+@pytest.mark.parametrize("kind", ["isotropic", "sgd_matched"])
+def test_learning_rate_scales_gradient_unit_noise_only(kind, foreach):
+    # The other covariance tests run at lr = 1, where eta cannot show. Gradient
+    # units: theta moves by -eta xi, so the parameters get eta^2 S (SGD's
+    # eta^2 Sigma / B); parameter units: by +xi whatever eta is. Same seed and
+    # step, zero gradient: the displacements must be exact multiples.
+    def displacement(lr, units):
+        X, y = _design()
+        model = _linear()
+        opt = NoisyGD(
+            model.parameters(),
+            lr=lr,
+            noise=kind,
+            noise_scale=0.5,
+            batch_size=2,
+            model=model,
+            loss_fn=nn.MSELoss(),
+            data=(X, y),
+            noise_units=units,
+            seed=11,
+            foreach=foreach,
+        )
+        return _draw(opt, model, 1)[0]  # theta_0 - theta_1
+
+    ref = displacement(1.0, "grad")  # = xi (the noise in gradient units)
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(displacement(0.3, "grad"), 0.3 * ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(displacement(0.3, "param"), -ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(displacement(1.0, "param"), -ref, rtol=1e-12, atol=0)
+
+
 def test_noise_schedule_multiplies_the_scale():
     # theta reset to 0 and zero grads with lr = 1: each step writes -s(t) z_t
     # exactly, and a multiplier of 2 is exact in floating point
