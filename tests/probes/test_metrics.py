@@ -44,6 +44,9 @@ CONFIGS = [
     ("mlp-ce", {"curvature": "hessian"}),
     ("mlp-mse", {"curvature": "hessian"}),
     ("mlp-mse", {"cov": "minibatch", "batch_size": 3}),
+    # a trailing partial batch (dropped): the batch means' mean is not grad L
+    ("mlp-ce", {"cov": "minibatch", "batch_size": 5}),
+    ("mlp-mse", {"cov": "minibatch", "batch_size": 3, "curvature": "hessian"}),
 ]
 
 
