@@ -31,6 +31,7 @@ from ._checks import check_choice
 __all__ = [
     "HalfSquaredError",
     "SampleLoss",
+    "check_per_sample_loss",
     "per_sample_loss",
     "per_sample_losses",
     "plain_loss",
@@ -108,6 +109,58 @@ def per_sample_loss(loss_fn: Callable[..., Tensor]) -> SampleLoss:
         return loss_fn(out.unsqueeze(0), y.unsqueeze(0)).reshape(())
 
     return sample_loss
+
+
+def check_per_sample_loss(
+    loss_fn: Any, targets: Tensor, *, name: str = "loss_fn"
+) -> None:
+    """Raise where the mean of the per-sample losses is not ``loss_fn``'s mean.
+
+    :class:`torch.nn.CrossEntropyLoss` and :class:`torch.nn.NLLLoss` with
+    ``reduction="mean"`` and class-index targets divide by the summed class
+    weights of the batch's targets, not by the number of samples: with
+    ``weight`` the weight cancels on a batch of one (``L_i`` is the unweighted
+    loss), and a target equal to ``ignore_index`` gives ``L_i = 0/0``. The
+    per-sample tools would then measure another loss than the user trains with
+    (or NaN), so they refuse it. (Probability targets are averaged over samples
+    and pass.)
+
+    Args:
+        loss_fn: The user's loss.
+        targets: A batch's targets.
+        name: The argument's name in the message.
+
+    Raises:
+        ValueError: Naming the attribute and the fix (``reduction="sum"``,
+            under which every sample carries its weight and an ignored one
+            contributes 0).
+    """
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return
+    if getattr(loss_fn, "reduction", None) != "mean" or targets.is_floating_point():
+        return
+    kind = type(loss_fn).__name__
+    fix = (
+        "pass the loss with reduction='sum' (every sample then carries its "
+        "weight, and an ignored one contributes 0)"
+    )
+    if getattr(loss_fn, "weight", None) is not None:
+        raise ValueError(
+            f"`{name}` ({kind} with `weight` and reduction='mean') divides by the "
+            "batch's summed class weights, so its batch loss is not the mean of "
+            "per-sample losses, and on one sample the weight cancels: the "
+            "per-sample measurements cannot use it. To measure the weighted "
+            f"loss, {fix}; else drop `weight`."
+        )
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if ignore is not None and bool((targets == ignore).any()):
+        raise ValueError(
+            f"`{name}` ({kind}, reduction='mean') ignores targets equal to "
+            f"ignore_index={ignore}, and the data holds "
+            f"{int((targets == ignore).sum())} such targets: their per-sample "
+            "losses are 0/0 and the batch loss is not the mean over samples. "
+            f"Leave them out of the data, or {fix}."
+        )
 
 
 def per_sample_losses(

@@ -191,3 +191,132 @@ def test_loss_reduction_contradicting_the_loss_is_refused(cls):
     # another reduction attribute (KLDivLoss's "batchmean", a mean over samples)
     kl = nn.KLDivLoss(reduction="batchmean")
     cls(model, kl, (X, torch.softmax(y, -1)), loss_reduction="mean")
+
+
+# --- losses whose "mean" is not the mean over samples ---------------------------
+_W = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+
+
+def _refusers(loss_fn, X, y):
+    # every per-sample tool, as a user calls it (NoisyGD: its first step)
+    from geoopt_sgd import NoiseProbe, per_sample_gradients
+
+    model = _problem("ce")[0]
+
+    def noisy_gd_step():
+        opt = NoisyGD(
+            model.parameters(), lr=0.1, noise="sgd_matched", batch_size=2,
+            model=model, loss_fn=loss_fn, data=(X, y),
+        )  # fmt: skip
+        loss_fn(model(X), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step()
+        finally:
+            for a, b in zip(before, model.parameters(), strict=True):
+                assert torch.equal(a, b)  # nothing changed
+
+    return {
+        "noise_geometry": lambda: noise_geometry(model, loss_fn, (X, y), k=2),
+        "per_sample_gradients": lambda: per_sample_gradients(model, loss_fn, X, y),
+        "NoiseProbe": lambda: NoiseProbe(model, loss_fn, (X, y), k=2),
+        "NoisyGD": noisy_gd_step,
+    }
+
+
+@pytest.mark.parametrize(
+    "tool", ["noise_geometry", "per_sample_gradients", "NoiseProbe", "NoisyGD"]
+)
+@pytest.mark.parametrize("cls", [nn.CrossEntropyLoss, nn.NLLLoss])
+def test_weighted_or_ignoring_mean_loss_is_refused(cls, tool):
+    # CE/NLL with reduction="mean" divide by the batch's summed class weights:
+    # on one sample a class weight cancels (L_i unweighted) and an ignored
+    # target gives 0/0, so the per-sample tools would measure another loss
+    # than the user's (or NaN): a clear error where the loss enters (audit)
+    _, _, X, y = _problem("ce")
+    with pytest.raises(ValueError, match="divides by the batch's summed class"):
+        _refusers(cls(weight=_W), X, y)[tool]()
+    y_ign = y.clone()
+    y_ign[3] = -100
+    with pytest.raises(ValueError, match=r"ignore_index=-100, and the data holds 1"):
+        _refusers(cls(), X, y_ign)[tool]()
+
+
+def test_weighted_losses_that_decompose_are_measured_weighted():
+    # reduction="sum" (every sample carries its weight), and probability
+    # targets (averaged over samples) pass; their per-sample losses are the
+    # weighted ones, so their mean (sum) is the loss itself
+    from geoopt_sgd._losses import per_sample_losses
+
+    model, _, X, y = _problem("ce")
+    out = model(X).detach()
+    soft = torch.softmax(torch.randn(10, K, dtype=torch.float64), -1)
+    keep = (y != 1).double()
+    # the weighted per-sample losses written out: w_{y_i} (-log softmax)_{y_i},
+    # sum_c w_c p_ic (-log softmax)_c, and 0 for an ignored target
+    cases = [
+        (
+            nn.CrossEntropyLoss(weight=_W, reduction="sum"), y,
+            lambda o: -_W[y] * torch.log_softmax(o, -1)[torch.arange(10), y],
+        ),
+        (
+            nn.CrossEntropyLoss(weight=_W), soft,
+            lambda o: -(_W * soft * torch.log_softmax(o, -1)).sum(-1),
+        ),
+        (
+            nn.CrossEntropyLoss(ignore_index=1, reduction="sum"), y,
+            lambda o: -keep * torch.log_softmax(o, -1)[torch.arange(10), y],
+        ),
+    ]  # fmt: skip
+    for loss_fn, targets, by_hand in cases:
+        losses = per_sample_losses(loss_fn, out, targets)
+        torch.testing.assert_close(losses, by_hand(out), rtol=1e-12, atol=1e-14)
+        reduce = torch.sum if loss_fn.reduction == "sum" else torch.mean
+        assert float(reduce(losses)) == pytest.approx(
+            float(loss_fn(out, targets)), rel=1e-12
+        )
+        res = noise_geometry(
+            model, loss_fn, (X, targets), k=2, route="exact", metrics=["tr_sigma"]
+        )
+        G = torch.stack(
+            [
+                torch.cat(
+                    [
+                        g.reshape(-1)
+                        for g in torch.autograd.grad(
+                            by_hand(model(X))[i], list(model.parameters())
+                        )
+                    ]
+                )
+                for i in range(10)
+            ]
+        )
+        tr_sigma = float((G - G.mean(0)).square().sum(1).mean())
+        assert res.values["tr_sigma"] == pytest.approx(tr_sigma, rel=1e-9)
+    # with reduction="sum" the ignored samples' rows are zero (not NaN)
+    ce = nn.CrossEntropyLoss(weight=_W, ignore_index=1, reduction="sum")
+    assert torch.isfinite(per_sample_losses(ce, out, y)).all()
+
+
+@pytest.mark.parametrize(
+    "case", ["weighted_soft", "unnormalised_soft", "weighted_sum", "smoothing"]
+)
+def test_probe_curvature_of_weighted_and_soft_target_ce(case):
+    # the probes' output curvature of a CE that is not the plain softmax case
+    # (class weights, probability targets whose weights do not sum to 1) is
+    # that loss's, not diag(p) - p p^T: the GGN's top eigenvalues against the
+    # dense GGN of the mean of the per-sample losses (audit)
+    model, _, X, y = _problem("ce")
+    g = torch.Generator().manual_seed(1)
+    soft = torch.softmax(torch.randn(10, K, generator=g, dtype=torch.float64), -1)
+    loss_fn, targets = {
+        "weighted_soft": (nn.CrossEntropyLoss(weight=_W), soft),
+        "unnormalised_soft": (nn.CrossEntropyLoss(), 3.0 * soft),
+        "weighted_sum": (nn.CrossEntropyLoss(weight=_W, reduction="sum"), y),
+        "smoothing": (nn.CrossEntropyLoss(label_smoothing=0.2), y),
+    }[case]
+    # the per-sample tools report per-sample averages for either reduction
+    scale = 1.0 / len(y) if loss_fn.reduction == "sum" else 1.0
+    want = torch.linalg.eigvalsh(_dense(model, loss_fn, X, targets, "ggn"))
+    got = _probes(model, loss_fn, X, targets, "ggn")
+    torch.testing.assert_close(got, scale * want.flip(0)[:TOP], rtol=1e-6, atol=0.0)

@@ -26,6 +26,7 @@ from .._checks import (
     check_param_group,
     check_state_dict,
 )
+from .._losses import check_per_sample_loss
 from .._model import detect_reduction, local_batches, preserve_global_rng
 from . import noise as _noise
 from ._functional import noisy_gd_update
@@ -563,7 +564,7 @@ class NoisyGD(torch.optim.Optimizer):
             # listing `data` may draw from the global RNG (a shuffling
             # DataLoader's sampler); the promise is that it stays untouched
             with preserve_global_rng():
-                self._src = NoiseSource(
+                src = NoiseSource(
                     self.model,  # type: ignore[arg-type]
                     self.loss_fn,  # type: ignore[arg-type]
                     self.data,
@@ -572,6 +573,13 @@ class NoisyGD(torch.optim.Optimizer):
                     loss_reduction=self.loss_reduction,
                     batch_fn=self.batch_fn,
                 )
+            if self.noise == "sgd_matched" or needs_minibatches(
+                self.noise, self.magnitude
+            ):
+                # these kinds weight per-sample losses (see _losses)
+                for _, targets in src.batches:
+                    check_per_sample_loss(self.loss_fn, targets)
+            self._src = src
         return self._src
 
     def _refresh(self, t: int) -> None:

@@ -452,7 +452,10 @@ def noise_geometry(
         model: The model (DDP wrappers are unwrapped).
         loss_fn: The loss, applied to batches of one as given (``nn.MSELoss``:
             ``(1/K) ||r||^2``; the papers' ``1/2 ||r||^2`` is
-            :class:`~geoopt_sgd.HalfSquaredError`).
+            :class:`~geoopt_sgd.HalfSquaredError`). The metrics are per-sample
+            averages, the same for ``reduction="mean"`` and ``"sum"``; a
+            class-weighted (or ``ignore_index``-hit) cross-entropy with
+            ``reduction="mean"`` is refused (``docs/science/conventions.md``).
         data: The probe batch ``(inputs, targets)`` or an iterable of batches (see
             :mod:`geoopt_sgd._model` for the batch structure); under
             ``torch.distributed`` this rank's shard.
@@ -498,8 +501,11 @@ def noise_geometry(
             ``cov="minibatch"`` without ``batch_size``; ``route="exact"`` under
             ``torch.distributed``; a displacement or ``v0`` of the wrong shape or
             with non-finite entries; a parameter selected twice; a ``loss_fn``
-            whose ``reduction`` is not ``"mean"`` or ``"sum"``; a model without
-            parameters; a batch whose inputs and targets differ in length.
+            whose ``reduction`` is not ``"mean"`` or ``"sum"``, or a
+            cross-entropy/NLL loss with ``reduction="mean"`` and class
+            ``weight`` (or targets equal to its ``ignore_index``); a model
+            without parameters; a batch whose inputs and targets differ in
+            length.
         TypeError: On non-integer counts, a displacement of the wrong type, a
             complex ``v0``, a ``loss_fn`` or ``batch_fn`` that is not callable, a
             ``model`` that is not a module, or ``data`` (after ``batch_fn``) that is not

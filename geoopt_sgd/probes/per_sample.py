@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
-from .._losses import per_sample_loss
+from .._losses import check_per_sample_loss, per_sample_loss
 from .._model import FunctionalModel, check_batch, full_precision, to_device
 from .primitives import per_sample_loss_gradients
 
@@ -108,6 +108,7 @@ def per_sample_gradients(
     check_batch(inputs, targets, name="targets")
     if int(targets.shape[0]) == 0:
         raise ValueError("`targets` is empty: the batch has 0 samples.")
+    check_per_sample_loss(loss_fn, targets)
     inputs = to_device(inputs, fm.device)
     targets = to_device(targets, fm.device)
     with torch.enable_grad():

@@ -37,7 +37,13 @@ from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from .. import distributed
 from .._linalg import CHUNK, row_gram64
-from .._losses import SampleLoss, per_sample_loss, plain_loss, square_loss_scale
+from .._losses import (
+    SampleLoss,
+    check_per_sample_loss,
+    per_sample_loss,
+    plain_loss,
+    square_loss_scale,
+)
 from .._model import FunctionalModel, map_inputs, sample_dims
 from ..curvature.hvp import make_hvp, math_sdpa
 from ..curvature.linop import LinearOperator
@@ -88,6 +94,8 @@ class ProbeSet:
     ) -> None:
         self.fm = fmodel
         self.loss_fn = loss_fn
+        for _, targets in batches:
+            check_per_sample_loss(loss_fn, targets)
         self.sample_loss = per_sample_loss(loss_fn)
         self.batches = batches
         self.chunk_size = chunk_size
@@ -116,8 +124,11 @@ class ProbeSet:
         self._record: _Record | None = None
         self._keep: _Record | None = None
         self.span_residual = math.nan
-        self.is_softmax_ce = plain_loss(loss_fn, nn.CrossEntropyLoss) and (
-            loss_fn.weight is None or loss_fn.reduction == "mean"
+        # diag(p) - p p^T is the output Hessian of an unweighted CE whose target
+        # weights sum to 1 (class indices, label smoothing); class weights or
+        # probability targets take the dense route
+        self.is_softmax_ce = (
+            plain_loss(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None
         )
 
     @contextlib.contextmanager
@@ -220,7 +231,11 @@ class ProbeSet:
                     scale = square_loss_scale(self.loss_fn, K)
                     if scale is not None:
                         lam.append(OutputCurvature("identity", K, scale=scale))
-                    elif self.is_softmax_ce and out.dim() == 2:
+                    elif (
+                        self.is_softmax_ce
+                        and out.dim() == 2
+                        and not y.is_floating_point()
+                    ):
                         lam.append(OutputCurvature("softmax", K, out.softmax(-1)))
                     else:
                         L = vmap(hessian(self.sample_loss))(out, y).reshape(b, K, K)

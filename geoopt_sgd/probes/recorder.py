@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int, integer_value
+from .._losses import check_per_sample_loss
 from .._model import (
     FunctionalModel,
     batch_size,
@@ -375,8 +376,12 @@ class NoiseProbe:
             # check a loader's first batch now, not at the first probe; its
             # sampler may draw from the global RNG, which is restored
             with preserve_global_rng():
-                for _ in batches:
+                for _, targets in batches:
+                    check_per_sample_loss(loss_fn, targets)
                     break
+        else:
+            for _, targets in batches:
+                check_per_sample_loss(loss_fn, targets)
         self._check_options(options)
         if isinstance(options.get("params"), Iterator):
             options["params"] = list(options["params"])  # read twice below
