@@ -283,3 +283,54 @@ def test_non_finite_operator_is_named_not_blamed_on_an_argument(fn, bad):
     M[2, 2] = bad
     with pytest.raises(ValueError, match="operator's output is non-finite"):
         fn(DenseOperator(M))
+
+
+# --- exact given the probes: the seeded Rademacher draws replayed ------------
+
+
+def _probes(P, n, seed):
+    # the estimators' probes: n x P signs, drawn probe by probe from the seed
+    g = torch.Generator().manual_seed(seed)
+    return (2 * torch.randint(0, 2, (n, P), generator=g) - 1).double().T
+
+
+def _mean_se(x):
+    # sample mean and standard error (sd with n - 1) over the last dimension
+    n = x.shape[-1]
+    return x.mean(-1), x.std(-1, correction=1) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 10])
+def test_estimates_and_stderrs_are_the_formulas_on_their_probes(chunk_size):
+    P, n, seed = 20, 7, 5
+    A = sym(spectrum(P=P), seed=2)
+    Z = _probes(P, n, seed)
+    AZ = A @ Z
+    kw = {"num_probes": n, "seed": seed, "chunk_size": chunk_size}
+    for est, samples in (
+        (hutchinson_trace(DenseOperator(A), **kw), (Z * AZ).sum(0)),
+        (squared_frobenius(DenseOperator(A), **kw), AZ.square().sum(0)),
+    ):
+        v, se = _mean_se(samples)
+        assert est.value == pytest.approx(float(v), rel=1e-12)
+        assert est.stderr == pytest.approx(float(se), rel=1e-12)
+    dg = hutchinson_diagonal(DenseOperator(A), **kw)
+    v, se = _mean_se(Z * AZ)
+    torch.testing.assert_close(dg.value, v, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(dg.stderr, se, rtol=1e-10, atol=1e-13)
+
+
+def test_hutchpp_is_its_formula_on_its_probes():
+    # s = (m + 2) // 3 sketch probes S, Q = orth(A S), tr(Q^T A Q) plus the
+    # Hutchinson mean of the next m - 2 s probes deflated by Q
+    P, m, seed = 20, 13, 3
+    A = sym(spectrum(P=P), seed=2)
+    s = (m + 2) // 3
+    Z = _probes(P, s + m - 2 * s, seed)
+    Q, _ = torch.linalg.qr(A @ Z[:, :s])
+    G = Z[:, s:] - Q @ (Q.T @ Z[:, s:])
+    v, se = _mean_se((G * (A @ G)).sum(0))
+    est = hutchpp_trace(DenseOperator(A), num_matvecs=m, seed=seed, chunk_size=2)
+    assert est.value == pytest.approx(float(torch.trace(Q.T @ A @ Q) + v), rel=1e-12)
+    assert est.stderr == pytest.approx(float(se), rel=1e-10)
+    assert est.n_matvec == m and est.num_probes == s + m - 2 * s

@@ -362,3 +362,58 @@ def test_operators_and_eigensolver_under_autocast_are_bitwise_the_same():
         assert got.dtype == torch.float32 and torch.equal(got, ref)
         assert torch.equal(got_eig.eigenvalues, ref_eig.eigenvalues)
         assert torch.equal(got_eig.eigenvectors, ref_eig.eigenvectors)
+
+
+def test_sharpness_trace_and_frobenius_are_the_formulas_on_their_probes():
+    # the seeded Rademacher probes replayed through the dense Hessian: the mean of
+    # z^T H z and its standard error (sd with n - 1); ||H||_F = sqrt(mean ||H z||^2)
+    # with the delta-method error se(f) / (2 sqrt(f))
+    model, loss_fn, data = mlp_case()
+    H = dense_hessian(model, loss_fn, data)
+    P, n, seed = H.shape[0], 13, 2
+    rep = sharpness(model, loss_fn, data, k=1, trace_probes=n, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    Z = (2 * torch.randint(0, 2, (n, P), generator=g) - 1).double().T
+    HZ = H @ Z
+    t, f = (Z * HZ).sum(0), HZ.square().sum(0)
+    fro = math.sqrt(float(f.mean()))
+    assert rep.trace == pytest.approx(float(t.mean()), rel=1e-10)
+    assert rep.trace_stderr == pytest.approx(float(t.std()) / math.sqrt(n), rel=1e-10)
+    assert rep.frobenius == pytest.approx(fro, rel=1e-10)
+    se_f = float(f.std()) / math.sqrt(n)
+    assert rep.frobenius_stderr == pytest.approx(se_f / (2 * fro), rel=1e-10)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_expected_sharpness_one_sided_is_the_mean_loss_change(absolute):
+    # antithetic=False: each sample is L(theta + nu) - L(theta) (its absolute
+    # value with absolute=True), nu drawn per parameter from the seeded generator
+    # (float32 normals times sigma); replayed here with the model's own forward
+    model, loss_fn, data = mlp_case()
+    X, y = data
+    sigma, n, seed = 0.05, 6, 3
+    est = expected_sharpness(
+        model,
+        loss_fn,
+        data,
+        sigma=sigma,
+        num_samples=n,
+        seed=seed,
+        antithetic=False,
+        absolute=absolute,
+    )
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        base = float(loss_fn(model(X), y))
+        diffs = []
+        for _ in range(n):
+            moved = {
+                k: p + sigma * torch.randn(p.shape, generator=g).to(p.dtype)
+                for k, p in params.items()
+            }
+            d = float(loss_fn(torch.func.functional_call(model, moved, (X,)), y)) - base
+            diffs.append(abs(d) if absolute else d)
+    d = torch.tensor(diffs, dtype=torch.float64)
+    assert est.value == pytest.approx(float(d.mean()), rel=1e-10)
+    assert est.stderr == pytest.approx(float(d.std()) / math.sqrt(n), rel=1e-8)

@@ -7,9 +7,15 @@ import torch
 from torch import nn
 
 from geoopt_sgd import noise_geometry
+from geoopt_sgd.probes import _exact
 from geoopt_sgd.probes._stats import haar, linregress, random_directions, spearman
 from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS, NoiseGeometry
-from geoopt_sgd.testing import dense_curvature, dense_metrics
+from geoopt_sgd.testing import (
+    dense_curvature,
+    dense_metrics,
+    gradient_covariance,
+    per_sample_gradients_loop,
+)
 
 # Exact route vs explicit float64 matrices: the same quantities summed in a different
 # order (Gram identities vs P x P products), so agreement to ~1e-12 relative;
@@ -120,6 +126,50 @@ def test_exact_route_matches_dense(name, kw):
     )
     lam = torch.linalg.eigvalsh(C).flip(0)[:K]
     torch.testing.assert_close(res.eigenvalues, lam, rtol=1e-6, atol=1e-9)
+
+
+def test_exact_route_hessian_hutchinson_fallback_matches_dense(monkeypatch):
+    # beyond _DENSE_HESSIAN_MAX parameters the exact route takes Tr H and ||H||_F^2
+    # from Rademacher probes: forced here on a tiny model and checked against the
+    # same probes (the call's generator's first draw) applied to the dense Hessian
+    monkeypatch.setattr(_exact, "_DENSE_HESSIAN_MAX", 0)
+    model, loss_fn, X, y = _case("mlp-ce")
+    P, s = _numel(model), 5
+    keys = ["tr_sigma", "tr_h_sigma", "tr_h_sigma_iso", "alpha", "beta", "mu"]
+    res = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        metrics=keys,
+        curvature="hessian",
+        route="exact",
+        num_probes=s,
+        seed=SEED,
+    )
+    H = dense_curvature(model, loss_fn, X, y, kind="hessian")
+    gen = torch.Generator().manual_seed(SEED)
+    Z = torch.randint(0, 2, (P, s), generator=gen, dtype=torch.int8).double() * 2 - 1
+    HZ = H @ Z
+    tr_h, fro2_h = float((Z * HZ).sum()) / s, float((HZ * HZ).sum()) / s
+    assert not math.isclose(tr_h, float(H.trace()), rel_tol=1e-3)  # probes, not H
+    sigma = gradient_covariance(per_sample_gradients_loop(model, loss_fn, X, y))
+    sigma = sigma["sigma"]
+    with torch.no_grad():
+        L = float(loss_fn(model(X), y))
+    tr_s, fro_s, tr_hs = (
+        float(sigma.trace()),
+        float(sigma.norm()),
+        float((H * sigma).sum()),
+    )
+    want = {
+        "tr_sigma": tr_s,
+        "tr_h_sigma": tr_hs,
+        "tr_h_sigma_iso": tr_h * tr_s / P,
+        "alpha": tr_hs / (math.sqrt(fro2_h) * fro_s),
+        "beta": fro_s / (2 * L * math.sqrt(fro2_h)),
+        "mu": tr_hs / (2 * L * fro2_h),
+    }
+    _compare(res, want, keys)
 
 
 def test_default_metrics_and_json():

@@ -204,6 +204,58 @@ def test_sketch_matches_dense_estimator(name, num_probes):
         assert res.standard_errors[key] == pytest.approx(se, rel=1e-7, abs=1e-14), key
 
 
+@pytest.mark.parametrize("num_probes", [5, 10])
+def test_sketch_hessian_traces_match_dense_probes(num_probes):
+    # curvature="hessian": Tr(Sigma_1 H) from s natural probes xi_t = D^T z_t /
+    # sqrt(n), Tr H and ||H||_F^2 from s Rademacher probes. The private
+    # generator's draws replayed (r = 8 random directions, num_probes - r more,
+    # the natural probes' normals, then the Rademacher signs) through the
+    # explicit Hessian and per-sample gradients D: equal to float64 rounding
+    model, loss_fn, X, y = _case("mlp-ce")
+    P, n, s = _numel(model), X.shape[0], num_probes
+    keys = ["tr_h_sigma", "mu", "mu1", "mu2", "loss_alignment"]
+    res = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        metrics=[*keys, "tr_sigma", "tr_h_sigma_iso"],
+        curvature="hessian",
+        route="sketch",
+        k=3,
+        num_probes=s,
+        seed=4,
+    )
+    gen = torch.Generator().manual_seed(4)
+    random_directions(P, 8, gen)
+    if s > 8:
+        random_directions(P, s - 8, gen)
+    z = torch.randn(s, n, generator=gen, dtype=torch.float64)
+    Z = torch.randint(0, 2, (P, s), generator=gen, dtype=torch.int8).double() * 2 - 1
+    D = psg(model, loss_fn, X, y)
+    H = dense_curvature(model, loss_fn, X, y, kind="hessian")
+    xi = D.T @ z.T / math.sqrt(n)
+    gbar = D.mean(0)
+    tr_s1h = float((xi * (H @ xi)).sum()) / s
+    tr_s2h = float(gbar @ H @ gbar)
+    tr_h = float((Z * (H @ Z)).sum()) / s
+    fro2_h = float((H @ Z).square().sum()) / s
+    with torch.no_grad():
+        L = float(loss_fn(model(X), y))
+    den = 2 * L * fro2_h
+    want = {
+        "tr_h_sigma": tr_s1h - tr_s2h,
+        "mu": (tr_s1h - tr_s2h) / den,
+        "mu1": tr_s1h / den,
+        "mu2": tr_s2h / den,
+        "loss_alignment": tr_s1h / den,
+    }
+    for key in keys:
+        assert res.values[key] == pytest.approx(want[key], rel=1e-9), key
+    # tr_h_sigma_iso = Tr H Tr Sigma / P with the sketch's Tr Sigma
+    iso = tr_h * res.values["tr_sigma"] / P
+    assert res.values["tr_h_sigma_iso"] == pytest.approx(iso, rel=1e-9)
+
+
 def test_trace_estimators_leave_one_out_and_exact_part():
     g = torch.Generator().manual_seed(0)
 
