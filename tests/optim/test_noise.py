@@ -147,6 +147,16 @@ def test_low_rank_noise_with_no_positive_eigenvalue_is_zero_not_nan():
     assert torch.equal(xi, torch.zeros(4, dtype=torch.float64))
 
 
+def test_low_rank_noise_counts_negative_eigenvalues_as_zero():
+    # unclamped Ritz values: a negative eigenvalue adds nothing (not sqrt|lambda|)
+    U = torch.linalg.qr(_random_spd(5)[:, :3])[0]
+    lam = torch.tensor([4.0, -1.0, 0.25], dtype=torch.float64)
+    xi = N.low_rank_noise(lam, U, generator=_gen(3), scale=2.0)
+    z = N.standard_normal(3, generator=_gen(3), dtype=torch.float64)
+    roots = torch.tensor([2.0, 0.0, 0.5], dtype=torch.float64)
+    assert torch.equal(xi, U @ (z * roots * 2.0))
+
+
 def test_low_rank_noise_errors():
     U = torch.zeros(4, 2)
     with pytest.raises(ValueError, match=r"`eigenvectors`: expected shape \(P, 3\)"):

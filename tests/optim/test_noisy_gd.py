@@ -11,6 +11,8 @@ from cases import assert_same_state, image_data, make_data, mlp, model_state, ti
 from torch import nn
 
 from geoopt_sgd import NoisyGD
+from geoopt_sgd.optim._noise_source import STREAM_PARTITION
+from geoopt_sgd.optim.noise import make_generator
 from geoopt_sgd.testing import noisy_gd_covariance, per_sample_gradients_loop
 
 # ------------------------------------------------------------------ helpers
@@ -354,6 +356,35 @@ def test_target_is_the_trace_of_the_dense_covariance(kind, magnitude):
     )
     _draw(opt, model, 1)
     assert opt.stats["target_sq_norm"] == pytest.approx(float(S.trace()), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["isotropic_matched", "diagonal", "sgd_leading"])
+def test_minibatch_covariance_of_batches_of_two_replays_the_partition(kind):
+    # B > 1: C is the covariance (1/M) of the means of M = n / B disjoint batches
+    # of a random partition (randperm from the refresh's partition stream, step
+    # 0), replayed here on explicit per-sample gradients: E||xi||^2 = s^2 Tr C
+    B = 2
+    opt, model, loss_fn, X, y = _source(B, noise=kind, k=2, noise_scale=1.5)
+    D = per_sample_gradients_loop(model, loss_fn, X, y)
+    n = D.shape[0]
+    gen = make_generator(5, 0, "cpu", stream=STREAM_PARTITION)
+    means = D[torch.randperm(n, generator=gen)].reshape(n // B, B, -1).mean(1)
+    dev = means - means.mean(0)
+    C = dev.T @ dev / (n // B)
+    _draw(opt, model, 1)
+    want = 1.5**2 * float(C.trace())
+    assert opt.stats["target_sq_norm"] == pytest.approx(want, rel=1e-10)
+    assert opt.stats["reference_sq_norm"] == pytest.approx(want / 1.5**2, rel=1e-10)
+
+
+def test_reference_sq_norm_of_iso_is_its_trace_at_unit_scale():
+    # ISO's reference: 2 L Tr H / B, the trace of its covariance at noise_scale=1
+    opt, model, loss_fn, X, y = _source(2, noise="geometry_aware_isotropic")
+    S = noisy_gd_covariance(
+        "geometry_aware_isotropic", model, loss_fn, X, y, batch_size=2, k=2
+    )
+    _draw(opt, model, 1)
+    assert opt.stats["reference_sq_norm"] == pytest.approx(float(S.trace()), rel=1e-10)
 
 
 def test_dense_covariance_twin_errors():
