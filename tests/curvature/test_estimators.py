@@ -334,3 +334,31 @@ def test_hutchpp_is_its_formula_on_its_probes():
     assert est.value == pytest.approx(float(torch.trace(Q.T @ A @ Q) + v), rel=1e-12)
     assert est.stderr == pytest.approx(float(se), rel=1e-10)
     assert est.n_matvec == m and est.num_probes == s + m - 2 * s
+
+
+def test_hutchpp_exact_when_the_sketch_spans_everything():
+    # s = min((m + 2) // 3, P) = P: Q spans R^P, tr(Q^T A Q) = tr A exactly and
+    # no Hutchinson part is left: standard error 0
+    A = sym([3.0, -1.0, 0.5, 2.0])
+    est = hutchpp_trace(DenseOperator(A), num_matvecs=12)
+    assert est.value == pytest.approx(4.5, rel=1e-12)
+    assert est.stderr == 0.0
+
+
+def test_density_is_the_gaussian_mixture_of_its_nodes_at_the_default_width():
+    # sigma defaults to 1% of the node range; with num_steps = P the nodes are the
+    # eigenvalues, so the range is lambda_max - lambda_min. The density is
+    # (1/n_v) sum_l sum_i tau_li^2 N(x; theta_li, sigma^2) on the returned nodes
+    lams = spectrum(P=30)
+    sd = spectral_density(
+        DenseOperator(sym(lams)), num_probes=3, num_steps=30, num_points=50
+    )
+    span = float(lams.max() - lams.min())
+    assert sd.sigma == pytest.approx(0.01 * span, rel=1e-8)
+    assert float(sd.grid[0]) == pytest.approx(float(lams.min()) - 5 * sd.sigma)
+    assert float(sd.grid[-1]) == pytest.approx(float(lams.max()) + 5 * sd.sigma)
+    x = sd.grid[:, None, None]
+    kern = torch.exp(-((x - sd.nodes) ** 2) / (2 * sd.sigma**2))
+    kern = kern / (sd.sigma * math.sqrt(2 * math.pi))
+    want = (kern * sd.weights).sum((1, 2)) / 3
+    torch.testing.assert_close(sd.density, want, rtol=1e-12, atol=1e-14)

@@ -51,6 +51,23 @@ def test_mlp_matches_dense_ggn(loss):
     assert (ref - dense_hessian(model, loss_fn, (X, y))).abs().max() > 1e-3
 
 
+def test_loss_linear_in_the_outputs_has_zero_ggn():
+    # Lambda = d^2 loss / d f^2 = 0: G = 0 (while H, from the model's curvature,
+    # is not)
+    model = mlp()
+    X, y = make_data(12, classification=False)
+
+    def loss_fn(out, t):
+        return (out * t).mean()
+
+    ref = dense_ggn(model, loss_fn, (X, y), loss_reduction="mean")
+    G = GGNOperator(model, loss_fn, (X, y), loss_reduction="mean").to_dense()
+    assert_close_report(G, ref, RTOL, ATOL)
+    assert G.abs().max() == 0
+    H = dense_hessian(model, loss_fn, (X, y), loss_reduction="mean")
+    assert H.abs().max() > 1e-3
+
+
 def test_cross_entropy_ggn_closed_form():
     # linear model: J_i is explicit and Lambda_i = (diag(p_i) - p_i p_i^T) / N
     model = linear(5, 3)
