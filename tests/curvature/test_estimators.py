@@ -94,6 +94,21 @@ def test_rtol_stops_early_and_max_matvecs_caps():
     assert A.n_matvec == est.n_matvec + 37
 
 
+def test_rtol_waits_for_min_num_probes_and_ten():
+    # zero variance (diagonal A): the stderr test passes from the second probe,
+    # but the stop waits for min(num_probes, 10) probes
+    d = torch.tensor([1.0, -2.0, 3.5, 4.0], dtype=torch.float64)
+    A = DenseOperator(torch.diag(d))
+    kw = {"rtol": 0.5, "chunk_size": 1}
+    for est in (
+        hutchinson_trace(A, num_probes=100, **kw),
+        hutchinson_diagonal(A, num_probes=100, **kw),
+        squared_frobenius(A, num_probes=100, **kw),
+    ):
+        assert est.num_probes == 10 and est.n_matvec == 10
+    assert hutchinson_trace(A, num_probes=4, **kw).num_probes == 4
+
+
 def test_chunk_size_does_not_change_probes():
     A = DenseOperator(sym(spectrum()))
     a = hutchinson_trace(A, num_probes=23, chunk_size=5, seed=3)
