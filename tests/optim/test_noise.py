@@ -200,6 +200,19 @@ def test_minibatch_eigenpairs_match_dense_eigh():
     torch.testing.assert_close(V6 @ torch.diag(e6) @ V6.T, C, atol=1e-12, rtol=0)
 
 
+def test_minibatch_eigenpairs_drop_the_round_off_null_direction():
+    # C has rank M - 1: its Gram's last eigenvalue is round-off, of either sign
+    # (positive ~1e-16 for seeds 1, 3, 4): it is dropped below tol = 1e-12 M
+    # e_max, never kept as a direction scaled by 1 / sqrt(1e-16)
+    for seed in range(6):
+        G = _batch_grads(M=6, P=9, seed=seed)
+        e, V = N.minibatch_eigenpairs(G, 6)
+        assert e[-1] == 0 and torch.equal(V[:, -1], torch.zeros(9, dtype=G.dtype))
+        torch.testing.assert_close(
+            V[:, :5].T @ V[:, :5], torch.eye(5, dtype=G.dtype), atol=1e-10, rtol=0
+        )
+
+
 def test_minibatch_errors():
     with pytest.raises(ValueError, match=r"with M >= 2 mini-batches; got \(1, 3\)"):
         N.minibatch_statistics(torch.zeros(1, 3))

@@ -131,7 +131,8 @@ def test_exact_route_matches_dense(name, kw):
 def test_exact_route_hessian_hutchinson_fallback_matches_dense(monkeypatch):
     # beyond _DENSE_HESSIAN_MAX parameters the exact route takes Tr H and ||H||_F^2
     # from Rademacher probes: forced here on a tiny model and checked against the
-    # same probes (the call's generator's first draw) applied to the dense Hessian
+    # same probes (the call's generator's first draw, one (P, s) block: the
+    # operator takes at least 8 columns per pass) applied to the dense Hessian
     monkeypatch.setattr(_exact, "_DENSE_HESSIAN_MAX", 0)
     model, loss_fn, X, y = _case("mlp-ce")
     P, s = _numel(model), 5
