@@ -328,7 +328,8 @@ def hutchpp_trace(
 
     Returns:
         An :class:`Estimate`; ``stderr`` is that of the Hutchinson part (``nan``
-        when it used fewer than two probes).
+        when it used fewer than two probes; ``0.0`` when the sketch spans all
+        ``P`` dimensions, so the trace is exact).
 
     Raises:
         TypeError: If ``operator`` is not a :class:`LinearOperator` or an integer
