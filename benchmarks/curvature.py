@@ -436,6 +436,24 @@ def hvp_cost(model, data, reps):
 
 # --- main --------------------------------------------------------------------
 
+MODELS = ("mlp", "cnn", "digits", "clustered")
+
+
+def _positive(cast):
+    """An argparse ``type``: ``cast(text)``, which must be > 0."""
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its messages
+    return parse
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -445,26 +463,43 @@ def main(argv=None):
         help="small MLP + timm test_resnet (seconds-minutes)",
     )
     ap.add_argument(
-        "--ks", type=int, nargs="+", default=[5, 20], help="numbers of eigenvalues"
+        "--ks",
+        type=_positive(int),
+        nargs="+",
+        default=[5, 20],
+        help="numbers of eigenvalues",
     )
     ap.add_argument(
-        "--tol", type=float, default=1e-3, help="tolerance passed to every tool"
+        "--tol",
+        type=_positive(float),
+        default=1e-3,
+        help="tolerance passed to every tool",
     )
     ap.add_argument(
         "--models",
         nargs="+",
         default=["mlp", "cnn"],
-        help="any of 'mlp', 'cnn', 'digits', 'clustered'",
+        choices=MODELS,
+        metavar="MODEL",
+        help=f"any of {', '.join(MODELS)}",
     )
     ap.add_argument(
-        "--tools", nargs="+", default=list(TOOLS), help=f"subset of {list(TOOLS)}"
+        "--tools",
+        nargs="+",
+        default=list(TOOLS),
+        choices=list(TOOLS),
+        metavar="TOOL",
+        help=f"subset of {list(TOOLS)}",
     )
     ap.add_argument(
-        "--hvp-reps", type=int, default=5, help="repetitions for the HVP cost"
+        "--hvp-reps",
+        type=_positive(int),
+        default=5,
+        help="repetitions for the HVP cost",
     )
     ap.add_argument(
         "--seeds",
-        type=int,
+        type=_positive(int),
         default=5,
         help="start vectors per tool (HVPs and seconds are their means; errors "
         "the max, missed the total)",
@@ -555,6 +590,12 @@ def main(argv=None):
                     except NotApplicable as e:
                         row["not_applicable"] = str(e)
                         break
+                    except ImportError as e:  # a peer that is not installed
+                        row["not_installed"] = (
+                            f"{e.name or e} is not installed "
+                            "(pip install -e '.[bench]')"
+                        )
+                        break
                     except Exception as e:  # a peer tool crashing is a result
                         row.update(
                             crashed=f"{type(e).__name__}: {e}",
@@ -563,6 +604,8 @@ def main(argv=None):
                         break
                 if "not_applicable" in row:
                     print(f"{tool:24s} {k:3d} skipped: {row['not_applicable']}")
+                elif "not_installed" in row:
+                    print(f"{tool:24s} {k:3d} skipped: {row['not_installed']}")
                 elif "crashed" in row:
                     print(f"{tool:24s} {k:3d} crashed: {row['crashed']}", flush=True)
                 else:

@@ -63,3 +63,53 @@ def test_warm_start_quick_reproduces_the_recorded_synthetic_rows(bench, tmp_path
     recorded = json.loads((BENCH / "results" / "warm_start.json").read_text())
     got = [r["products"] for r in result["synthetic"]]
     assert got == [r["products"] for r in recorded["synthetic"]]
+
+
+def _exit_code(fn, *args):
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    return exc.value.code
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--models", "MLP"],  # a typo used to run the CNN (resnet18 without --quick)
+        ["--models", "clustered", "--tools", "geoopt"],
+        ["--models", "clustered", "--seeds", "0"],
+        ["--models", "clustered", "--ks", "0"],
+        ["--models", "clustered", "--tol", "0"],
+        ["--models", "clustered", "--hvp-reps", "0"],
+    ],
+)
+def test_curvature_rejects_bad_arguments(bench, monkeypatch, tmp_path, capsys, argv):
+    curvature = bench("curvature")
+
+    def no_cnn(quick):
+        raise AssertionError("built the CNN")
+
+    monkeypatch.setattr(curvature, "make_cnn", no_cnn)
+    out = tmp_path / "c.json"
+    assert _exit_code(curvature.main, [*argv, "--out", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_curvature_names_a_missing_peer(bench, monkeypatch, tmp_path, capsys):
+    import json
+
+    curvature = bench("curvature")
+    for name in ("hessian_eigenthings", "pyhessian", "pyhessian.hessian"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    out = tmp_path / "c.json"
+    argv = ["--quick", "--models", "mlp", "--ks", "3", "--seeds", "2"]
+    argv += ["--hvp-reps", "1", "--tools", "geoopt_sgd", "hessian_eigenthings"]
+    curvature.main([*argv, "pyhessian@acc", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "crashed" not in printed
+    assert printed.count("not installed") == 2
+    runs = {r["tool"]: r for r in json.loads(out.read_text())["problems"][0]["runs"]}
+    assert "hessian_eigenthings" in runs["hessian_eigenthings"]["not_installed"]
+    assert "pyhessian" in runs["pyhessian@acc"]["not_installed"]
+    assert "crashed" not in runs["pyhessian@acc"]
+    assert len(runs["geoopt_sgd"]["seeds"]) == 2
