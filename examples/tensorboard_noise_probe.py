@@ -25,15 +25,31 @@ from torch.utils.tensorboard import SummaryWriter
 from geoopt_sgd import NoiseProbe, ProbedSGD
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)  # argparse turns a ValueError into "invalid ... value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     """Train with the probe writing to TensorBoard."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a few steps (for tests)")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="600 (10 with --tiny)"
+    )
+    parser.add_argument(
+        "--every",
+        type=positive_int,
+        default=None,
+        help="probe every N steps: 50 (5 with --tiny)",
+    )
     parser.add_argument("--log-dir", default="runs/examples/tensorboard")
     args = parser.parse_args()
-    steps, every = (10, 5) if args.tiny else (args.steps, args.every)
+    steps = args.steps or (10 if args.tiny else 600)
+    every = args.every or (5 if args.tiny else 50)
 
     torch.manual_seed(0)
     d = load_digits()

@@ -27,6 +27,14 @@ from sklearn.datasets import load_digits
 from geoopt_sgd import NoiseProbe, ProbedSGD
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)  # argparse turns a ValueError into "invalid ... value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """The 1,797 8x8 digits of scikit-learn (offline), as (N, 1, 8, 8) images."""
     d = load_digits()
@@ -39,11 +47,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a few steps (for tests)")
     parser.add_argument("--model", default="test_byobnet", help="any timm name")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=50, help="probe every N steps")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="600 (10 with --tiny)"
+    )
+    parser.add_argument(
+        "--every",
+        type=positive_int,
+        default=None,
+        help="probe every N steps: 50 (5 with --tiny)",
+    )
     parser.add_argument("--out-dir", default="runs/examples/timm_noise_probe")
     args = parser.parse_args()
-    steps, every = (10, 5) if args.tiny else (args.steps, args.every)
+    steps = args.steps or (10 if args.tiny else 600)
+    every = args.every or (5 if args.tiny else 50)
+    if every > steps:
+        parser.error(f"--every {every} > --steps {steps}: no probe would run")
     n_probe, k = (64, 4) if args.tiny else (128, 10)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,41 @@ def test_timm_noise_probe(tmp_path):
     assert (out / "noise.png").stat().st_size > 0
 
 
+def run_failing(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(
+        args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@_needs("timm", "sklearn", "matplotlib")
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--steps", "3", "--every", "5"],  # no probe would run: nothing to plot
+        ["--every", "0"],
+        ["--steps", "-1"],
+    ],
+)
+def test_timm_noise_probe_bad_settings_exit_2(tmp_path, flags):
+    out = tmp_path / "out"
+    proc = run_failing(
+        [sys.executable, script("timm_noise_probe.py"), *flags, "--out-dir", str(out)],
+        tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@_needs("timm", "sklearn", "matplotlib")
+def test_timm_noise_probe_tiny_keeps_explicit_flags(tmp_path):
+    out = tmp_path / "out"
+    run_example("timm_noise_probe.py", tmp_path, "--every", "2", "--out-dir", str(out))
+    assert [r["step"] for r in read_jsonl(out / "noise.jsonl")] == [2, 4, 6, 8, 10]
+
+
 @_needs("timm", "sklearn", "tensorboard")
 def test_tensorboard_noise_probe(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import (
