@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: the environment record and a timer.
+"""Shared pieces of the benchmark scripts: the environment record, a timer and
+the command lines' checks.
 
 Imported as ``_common`` by the scripts in this folder (run as
 ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``).
@@ -6,6 +7,7 @@ Imported as ``_common`` by the scripts in this folder (run as
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -72,13 +74,54 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+def synchronize(device: str | torch.device) -> None:
+    """Wait for ``device``'s queued kernels (CUDA); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(
+    fn: Callable[[], Any],
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+
+    On CUDA each call is timed from and to a :func:`synchronize`, so the time is
+    that of the kernels, not of queueing them.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type``: ``cast(text)``, which must be > 0 (else exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def timm_model(name: str) -> str:
+    """An argparse ``type``: the name of a model timm can build (else exit 2)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise argparse.ArgumentTypeError(f"timm has no model {name!r}")
+    return name

@@ -2,7 +2,7 @@
 
 Three measurements, all on CPU unless ``device="cuda"``:
 
-1. **Optimizer step alone** on a timm CNN's parameters (resnet18, 11.7M), with
+1. **Optimizer step alone** on a timm CNN's parameters (resnet18, 11.2M), with
    fixed random gradients: ``torch.optim.SGD(foreach=True)`` vs ``NoisyGD``
    with ``noise="none"`` and ``noise="isotropic"`` (foreach). Median over
    ``repeats`` timed steps.
@@ -11,6 +11,8 @@ Three measurements, all on CPU unless ``device="cuda"``:
 3. **Hessian-aligned noise** (``noise="hessian"``) on a small timm CNN with a
    fixed data set: HVPs per step and wall time per step, amortised over
    ``refresh_every`` (warm-started Lanczos), against plain SGD's step.
+
+On CUDA every timing starts and ends with a synchronisation.
 
 Run alone: ``python benchmarks/_noisy_gd_bench.py`` (prints JSON).
 """
@@ -23,13 +25,15 @@ import time
 from typing import Any
 
 import torch
-from _common import median_seconds
+from _common import median_seconds, synchronize
 from torch import nn
 
 from geoopt_sgd import NoisyGD
 
 
-def _step_times(model: nn.Module, repeats: int, warmup: int) -> dict[str, float]:
+def _step_times(
+    model: nn.Module, repeats: int, warmup: int, device: str = "cpu"
+) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     for p in params:
@@ -49,8 +53,10 @@ def _step_times(model: nn.Module, repeats: int, warmup: int) -> dict[str, float]
     samples: dict[str, list[float]] = {name: [] for name in opts}
     for _ in range(repeats):
         for name, opt in opts.items():
+            synchronize(device)
             start = time.perf_counter()
             opt.step()
+            synchronize(device)
             samples[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(ts) for name, ts in samples.items()}
 
@@ -88,7 +94,7 @@ def bench_noisy_gd(
     # 1. step alone on a timm CNN's parameters
     model = timm.create_model(model_name, pretrained=False, num_classes=10).to(device)
     numel = sum(p.numel() for p in model.parameters())
-    steps = _step_times(model, repeats, warmup)
+    steps = _step_times(model, repeats, warmup, device)
     result["step_alone"] = {
         "model": model_name,
         "params": numel,
@@ -118,7 +124,9 @@ def bench_noisy_gd(
             loss_fn(model(x), y).backward()
             opt.step()
 
-        iters[name] = 1e3 * median_seconds(iteration, max(3, repeats // 2), 1)
+        iters[name] = 1e3 * median_seconds(
+            iteration, max(3, repeats // 2), 1, device=device
+        )
     result["train_iteration"] = {
         "batch": batch,
         "image_size": image_size,
@@ -151,11 +159,13 @@ def bench_noisy_gd(
                 data=(xs, ys),
                 seed=seed,
             )
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(hessian_steps):
             opt.zero_grad()
             loss_fn(small(xs), ys).backward()
             opt.step()
+        synchronize(device)
         timings[name] = 1e3 * (time.perf_counter() - start) / hessian_steps
         if name == "hessian":
             stats = dict(opt.stats)

@@ -36,12 +36,13 @@ import statistics
 import time
 
 import torch
-from _common import environment, load_average
+from _common import environment, load_average, positive, synchronize
 from torch import nn
 
 from geoopt_sgd import GGNOperator, HessianOperator
 
 OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}
+MODELS = ("mlp", "test_resnet", "resnet18")
 
 
 def make_problem(name, device):
@@ -63,11 +64,6 @@ def make_problem(name, device):
         X = torch.randn(n, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
     return model.eval().to(device), (X.to(device), y.to(device))
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def per_column_costs(model, data, operator, blocks, reps, max_block, device):
@@ -99,15 +95,15 @@ def per_column_costs(model, data, operator, blocks, reps, max_block, device):
             )
     for fn in jobs.values():  # warm-up; the first product builds the graph
         fn()
-        _sync(device)
+        synchronize(device)
     times = {key: [] for key in jobs}
     keys = list(jobs)
     for rep in range(reps):
         for key in keys[rep % len(keys) :] + keys[: rep % len(keys)]:
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             jobs[key]()
-            _sync(device)
+            synchronize(device)
             times[key].append(time.perf_counter() - t0)
     t_grad = statistics.median(times["grad"])
     rows = []
@@ -132,15 +128,19 @@ def per_column_costs(model, data, operator, blocks, reps, max_block, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["mlp", "test_resnet", "resnet18"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument(
         "--operators", nargs="+", default=["hessian"], choices=list(OPERATORS)
     )
-    ap.add_argument("--blocks", type=int, nargs="+", default=[1, 4, 8, 16])
-    ap.add_argument("--resnet18-blocks", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--max-block", type=int, default=16, help="the operators' cap")
-    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (medians)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blocks", type=positive(int), nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--resnet18-blocks", type=positive(int), nargs="+", default=[1, 4])
+    ap.add_argument(
+        "--max-block", type=positive(int), default=16, help="the operators' cap"
+    )
+    ap.add_argument(
+        "--reps", type=positive(int), default=7, help="timed repetitions (medians)"
+    )
+    ap.add_argument("--threads", type=positive(int), default=2)
     ap.add_argument(
         "--device",
         default="cpu",

@@ -52,7 +52,7 @@ import traceback
 
 import numpy as np
 import torch
-from _common import environment, load_average
+from _common import environment, load_average, positive
 from torch import nn
 
 from geoopt_sgd import DenseOperator, HessianOperator, LinearOperator, top_eigenpairs
@@ -439,22 +439,6 @@ def hvp_cost(model, data, reps):
 MODELS = ("mlp", "cnn", "digits", "clustered")
 
 
-def _positive(cast):
-    """An argparse ``type``: ``cast(text)``, which must be > 0."""
-
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = cast.__name__  # argparse names the type in its messages
-    return parse
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -464,14 +448,14 @@ def main(argv=None):
     )
     ap.add_argument(
         "--ks",
-        type=_positive(int),
+        type=positive(int),
         nargs="+",
         default=[5, 20],
         help="numbers of eigenvalues",
     )
     ap.add_argument(
         "--tol",
-        type=_positive(float),
+        type=positive(float),
         default=1e-3,
         help="tolerance passed to every tool",
     )
@@ -493,13 +477,13 @@ def main(argv=None):
     )
     ap.add_argument(
         "--hvp-reps",
-        type=_positive(int),
+        type=positive(int),
         default=5,
         help="repetitions for the HVP cost",
     )
     ap.add_argument(
         "--seeds",
-        type=_positive(int),
+        type=positive(int),
         default=5,
         help="start vectors per tool (HVPs and seconds are their means; errors "
         "the max, missed the total)",

@@ -39,7 +39,7 @@ import time
 from typing import Any
 
 import torch
-from _common import environment, load_average
+from _common import environment, load_average, positive, synchronize, timm_model
 
 from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD
 
@@ -84,13 +84,11 @@ def bench_steps(
     names = list(opts)
 
     def run_block(opt: torch.optim.Optimizer) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(block):
             opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return (time.perf_counter() - start) / block
 
     for name in names:
@@ -157,9 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="timm test_resnet")
-    parser.add_argument("--model", default=None, help="timm model (default resnet18)")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--block", type=int, default=None, help="steps per timing")
+    parser.add_argument(
+        "--model", type=timm_model, default=None, help="timm model (default resnet18)"
+    )
+    parser.add_argument("--repeats", type=positive(int), default=None)
+    parser.add_argument(
+        "--block", type=positive(int), default=None, help="steps per timing"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-hessian", action="store_true")
     parser.add_argument(
@@ -189,7 +191,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "noisy_gd": hessian,
     }
 
-    print(f"step alone on {model} ({steps['params']:,} params), ms/step (median):")
+    print(
+        f"step alone on {model} ({steps['params']:,} params), ms/step (median); "
+        "x SGD: the median of the per-repetition ratios (paired), not the ratio "
+        "of the medians:"
+    )
     for name, ms in steps["ms_per_step_median"].items():
         extra = ""
         if name != "sgd_foreach":

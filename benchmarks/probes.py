@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import environment, load_average, median_seconds
+from _common import environment, load_average, median_seconds, positive, timm_model
 from torch import nn
 
 from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry
@@ -52,6 +52,8 @@ from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS
 from geoopt_sgd.probes.primitives import ProbeSet
 
 ESCAPE = ("sharp_fraction", "loss_energy_fraction")
+SECTIONS = ("per_sample", "metric_costs", "overhead", "overhead_lean", "step_time")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -339,23 +341,45 @@ def main(argv=None):
     ap.add_argument(
         "--quick", action="store_true", help="small settings (~30 min on 1 busy core)"
     )
-    ap.add_argument("--models", default="test_resnet,resnet18")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--per-sample-n", type=int, default=None)
-    ap.add_argument("--probe-batch", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="overhead run length")
-    ap.add_argument("--run-every", type=int, default=None)
-    ap.add_argument("--every", type=int, default=400)
+    ap.add_argument(
+        "--models", default="test_resnet,resnet18", help="comma-separated timm names"
+    )
+    ap.add_argument("--image-size", type=positive(int), default=32)
+    ap.add_argument("--k", type=positive(int), default=10)
+    ap.add_argument("--per-sample-n", type=positive(int), default=None)
+    ap.add_argument("--probe-batch", type=positive(int), default=None)
+    ap.add_argument(
+        "--steps", type=positive(int), default=None, help="overhead run length"
+    )
+    ap.add_argument("--run-every", type=positive(int), default=None)
+    ap.add_argument("--every", type=positive(int), default=400)
     ap.add_argument(
         "--lean-metrics",
         default="loss,alpha,beta,mu,mu1,mu2,tr_sigma,tr_h_sigma,tr_h_sigma_iso",
         help="metrics of the 'overhead_lean' probe (no eigenbasis metrics)",
     )
-    ap.add_argument("--lean-num-probes", type=int, default=8)
-    ap.add_argument("--sections", default="per_sample,metric_costs,overhead,step_time")
-    ap.add_argument("--out", default="benchmarks/results/probes.json")
+    ap.add_argument("--lean-num-probes", type=positive(int), default=8)
+    ap.add_argument(
+        "--sections",
+        default="per_sample,metric_costs,overhead,step_time",
+        help=f"comma-separated, of {', '.join(SECTIONS)}",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON file (default results/probes.json, probes_quick.json with --quick)",
+    )
     args = ap.parse_args(argv)
+    unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    for name in args.models.split(","):
+        try:
+            timm_model(name)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"--models: {e}")
+    if args.out is None:
+        args.out = str(RESULTS / ("probes_quick.json" if args.quick else "probes.json"))
 
     q = args.quick
     per_sample_n = args.per_sample_n or (16 if q else 64)

@@ -113,3 +113,55 @@ def test_curvature_names_a_missing_peer(bench, monkeypatch, tmp_path, capsys):
     assert "pyhessian" in runs["pyhessian@acc"]["not_installed"]
     assert "crashed" not in runs["pyhessian@acc"]
     assert len(runs["geoopt_sgd"]["seeds"]) == 2
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("probes", ["--sections", "step-time"]),  # used to run nothing, silently
+        ("probes", ["--models", "no_such_model", "--sections", "step_time"]),
+        ("probes", ["--every", "0", "--models", "test_resnet", "--sections", "x"]),
+        ("probes", ["--k", "0", "--models", "test_resnet", "--sections", "x"]),
+        ("block_products", ["--models", "resnet"]),
+        ("block_products", ["--models", "mlp", "--blocks", "0"]),
+        ("block_products", ["--models", "mlp", "--reps", "0"]),
+        ("optimizers", ["--repeats", "-1", "--no-hessian"]),
+        ("optimizers", ["--block", "0", "--no-hessian"]),
+        ("optimizers", ["--model", "no_such_model", "--no-hessian"]),
+    ],
+)
+def test_bad_arguments_exit_2(bench, tmp_path, capsys, script, argv):
+    out = tmp_path / "r.json"
+    assert _exit_code(bench(script).main, [*argv, "--out", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_probes_quick_keeps_the_full_settings_file(bench, monkeypatch, tmp_path):
+    import json
+
+    probes = bench("probes")
+    monkeypatch.setattr(probes, "RESULTS", tmp_path)
+    monkeypatch.setattr(probes, "bench_step_time", lambda *a, **kw: {"stub": True})
+    probes.main(["--quick", "--models", "test_resnet", "--sections", "step_time"])
+    assert [p.name for p in tmp_path.iterdir()] == ["probes_quick.json"]
+    saved = json.loads((tmp_path / "probes_quick.json").read_text())
+    assert saved["quick"] is True and saved["step_time"] == {"stub": True}
+
+
+def test_gpu_timings_synchronise(bench, monkeypatch):
+    """On CUDA every timed step waits for its kernels (counted on a CPU stand-in)."""
+    import torch
+    from torch import nn
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(a))
+    common = bench("_common")
+    common.median_seconds(lambda: None, repeats=2, warmup=0, device="cpu")
+    assert calls == []
+    common.median_seconds(lambda: None, repeats=2, warmup=0, device="cuda:0")
+    assert len(calls) == 4
+    calls.clear()
+    model = nn.Linear(3, 2)  # stays on the CPU: only the device string is "cuda"
+    bench("_noisy_gd_bench")._step_times(model, repeats=2, warmup=0, device="cuda")
+    assert len(calls) == 2 * 3 * 2  # 2 repeats x 3 optimizers, before and after
