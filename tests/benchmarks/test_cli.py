@@ -165,3 +165,49 @@ def test_gpu_timings_synchronise(bench, monkeypatch):
     model = nn.Linear(3, 2)  # stays on the CPU: only the device string is "cuda"
     bench("_noisy_gd_bench")._step_times(model, repeats=2, warmup=0, device="cuda")
     assert len(calls) == 2 * 3 * 2  # 2 repeats x 3 optimizers, before and after
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """``python benchmarks/<script>.py ...`` lines of the benchmark pages."""
+    import re
+    import shlex
+
+    found = []
+    for page in (BENCH / "README.md", ROOT / "docs" / "benchmarks.md"):
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            m = re.match(r"\s*(?:\w+=\S+ )*python (benchmarks/\w+\.py)(.*)", line)
+            if m:
+                args = shlex.split(m.group(2).split("#")[0])
+                found.append((m.group(1), args))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_pages_document_every_script():
+    assert {Path(s).name for s, _ in COMMANDS} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize(
+    "script, args", COMMANDS, ids=[" ".join(c[1]) or c[0] for c in COMMANDS]
+)
+def test_documented_command_parses(monkeypatch, script, args):
+    """Each documented command's arguments are accepted (parsed, not run)."""
+    import argparse
+    import runpy
+
+    parsed = []
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, *a, **kw):
+        parsed.append(original(self, *a, **kw))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert exc.value.code == 0 and len(parsed) == 1
