@@ -20,6 +20,7 @@ Run (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a few steps (for tests)")
     parser.add_argument("--out", default="runs/examples/ddp_noise.jsonl")
     args = parser.parse_args()
+    if "RANK" not in os.environ:  # torchrun sets it for every process
+        parser.error(
+            "launch it with torchrun: torchrun --standalone --nproc_per_node 2 "
+            "examples/ddp_probe_noisy_gd.py"
+        )
     steps = 6 if args.tiny else 300
 
     dist.init_process_group("gloo")  # torchrun sets rank, world size, address

@@ -164,6 +164,16 @@ def test_ddp_probe_noisy_gd(tmp_path):
     assert all(r["num_samples"] == 128 for r in records)  # both shards of 64
 
 
+def test_ddp_example_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    proc = run_failing(
+        [sys.executable, script("ddp_probe_noisy_gd.py"), "--tiny"], tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "torchrun" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @_needs("timm")
 def test_timm_create_optimizer(tmp_path):
     stdout = run_example("timm_create_optimizer.py", tmp_path)
