@@ -14,7 +14,7 @@ Three measurements, all on CPU unless ``device="cuda"``:
 
 On CUDA every timing starts and ends with a synchronisation.
 
-Run alone: ``python benchmarks/_noisy_gd_bench.py`` (prints JSON).
+Run alone: ``python benchmarks/_noisy_gd_bench.py [--device cuda]`` (prints JSON).
 """
 
 from __future__ import annotations
@@ -189,6 +189,12 @@ def bench_noisy_gd(
 
 
 if __name__ == "__main__":
+    import argparse
+
     from _common import environment
 
-    print(json.dumps({"env": environment(), **bench_noisy_gd()}, indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    args = parser.parse_args()
+    result = bench_noisy_gd(device=args.device)
+    print(json.dumps({"env": environment(args.device), **result}, indent=2))

@@ -32,7 +32,7 @@ def bench(monkeypatch):
     return load
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "_noisy_gd_bench.py"])
 def test_help_answers_and_runs_nothing(script, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
