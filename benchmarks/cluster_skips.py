@@ -121,9 +121,11 @@ def parse_tool(tool: str) -> tuple[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ks", default="3,4,5,8,10,20", help="comma-separated k >= 3")
     parser.add_argument(
-        "--starts", type=int, default=100, help="start vectors per width"
+        "--ks", default=None, help="comma-separated k >= 3 (3,4,5,8,10,20; 5 quick)"
+    )
+    parser.add_argument(
+        "--starts", type=int, default=None, help="start vectors per width (100; 20)"
     )
     parser.add_argument(
         "--tools",
@@ -131,12 +133,16 @@ def main() -> None:
         help=f"comma-separated, each one of {TOOLS}, optionally name@tol",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="k = 5, 20 start vectors per width"
+        "--quick",
+        action="store_true",
+        help="k = 5, 20 start vectors per width, unless --ks/--starts say otherwise",
     )
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args()
-    if args.quick:
-        args.ks, args.starts = "5", 20
+    if args.ks is None:
+        args.ks = "5" if args.quick else "3,4,5,8,10,20"
+    if args.starts is None:
+        args.starts = 20 if args.quick else 100
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if args.out is None:
         name = "cluster_skips_quick.json" if args.quick else "cluster_skips.json"

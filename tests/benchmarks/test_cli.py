@@ -211,3 +211,14 @@ def test_documented_command_parses(monkeypatch, script, args):
     with pytest.raises(SystemExit) as exc:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     assert exc.value.code == 0 and len(parsed) == 1
+
+
+def test_cluster_skips_quick_keeps_explicit_ks_and_starts(bench, monkeypatch, tmp_path):
+    import json
+
+    out = tmp_path / "cs.json"
+    argv = ["--quick", "--ks", "8", "--starts", "1", "--tools", "unchecked"]
+    monkeypatch.setattr(sys, "argv", ["cluster_skips.py", *argv, "--out", str(out)])
+    bench("cluster_skips").main()
+    config = json.loads(out.read_text())["config"]
+    assert config["ks"] == [8] and config["starts"] == 1 and config["quick"]
