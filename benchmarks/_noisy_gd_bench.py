@@ -10,7 +10,9 @@ Three measurements, all on CPU unless ``device="cuda"``:
    small batch: the noise's share of a real step.
 3. **Hessian-aligned noise** (``noise="hessian"``) on a small timm CNN with a
    fixed data set: HVPs per step and wall time per step, amortised over
-   ``refresh_every`` (warm-started Lanczos), against plain SGD's step.
+   ``refresh_every`` (warm-started Lanczos), against plain SGD's step; each
+   trains its own copy of the same initial model, after an untimed
+   forward/backward pass.
 
 On CUDA every timing starts and ends with a synchronisation.
 
@@ -19,6 +21,7 @@ Run alone: ``python benchmarks/_noisy_gd_bench.py [--device cuda]`` (prints JSON
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -135,14 +138,19 @@ def bench_noisy_gd(
     }
     del model
 
-    # 3. Hessian-aligned noise on a small CNN: HVPs per step, amortised
-    small = timm.create_model(small_model_name, pretrained=False, num_classes=10)
-    small = small.to(device)
+    # 3. Hessian-aligned noise on a small CNN: HVPs per step, amortised. Each
+    # optimizer trains its own copy of the same initial model, after one untimed
+    # forward/backward pass (the first pass's one-off costs fall on neither)
+    initial = timm.create_model(small_model_name, pretrained=False, num_classes=10)
+    initial = initial.to(device)
     xs = torch.randn(small_samples, 3, 32, 32, device=device)
     ys = torch.randint(0, 10, (small_samples,), device=device)
     timings = {}
     stats: dict[str, Any] = {}
     for name in ("sgd", "hessian"):
+        small = copy.deepcopy(initial)
+        loss_fn(small(xs), ys).backward()
+        small.zero_grad(set_to_none=True)
         if name == "sgd":
             opt = torch.optim.SGD(small.parameters(), lr=1e-4)
         else:
