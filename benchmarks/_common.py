@@ -125,3 +125,16 @@ def timm_model(name: str) -> str:
     if not timm.is_model(name):
         raise argparse.ArgumentTypeError(f"timm has no model {name!r}")
     return name
+
+
+def usable_device(text: str) -> str:
+    """An argparse ``type``: ``"cpu"`` or a CUDA device present here (else exit 2)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: only 'cpu' and 'cuda' are timed")
+    return text

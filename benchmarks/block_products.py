@@ -36,7 +36,7 @@ import statistics
 import time
 
 import torch
-from _common import environment, load_average, positive, synchronize
+from _common import environment, load_average, positive, synchronize, usable_device
 from torch import nn
 
 from geoopt_sgd import GGNOperator, HessianOperator
@@ -143,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=positive(int), default=2)
     ap.add_argument(
         "--device",
+        type=usable_device,
         default="cpu",
         help="'cpu' (measured) or 'cuda' (the same script on a GPU; not measured "
         "in benchmarks/README.md)",

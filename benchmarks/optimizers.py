@@ -39,7 +39,14 @@ import time
 from typing import Any
 
 import torch
-from _common import environment, load_average, positive, synchronize, timm_model
+from _common import (
+    environment,
+    load_average,
+    positive,
+    synchronize,
+    timm_model,
+    usable_device,
+)
 
 from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD
 
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--block", type=positive(int), default=None, help="steps per timing"
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=usable_device, default="cpu")
     parser.add_argument("--no-hessian", action="store_true")
     parser.add_argument(
         "--out",

@@ -198,6 +198,10 @@ def test_documented_command_parses(monkeypatch, script, args):
     import argparse
     import runpy
 
+    import torch
+
+    if "cuda" in args and not torch.cuda.is_available():
+        pytest.skip("a CUDA command: its --device is refused without CUDA")
     parsed = []
     original = argparse.ArgumentParser.parse_args
 
@@ -222,3 +226,19 @@ def test_cluster_skips_quick_keeps_explicit_ks_and_starts(bench, monkeypatch, tm
     bench("cluster_skips").main()
     config = json.loads(out.read_text())["config"]
     assert config["ks"] == [8] and config["starts"] == 1 and config["quick"]
+
+
+@pytest.mark.parametrize("script", ["block_products", "optimizers"])
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_unusable_device_exits_2(bench, tmp_path, capsys, script, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    argv = ["--device", device, "--out", str(tmp_path / "r.json")]
+    if script == "block_products":
+        argv += ["--models", "mlp"]
+    else:
+        argv += ["--quick", "--no-hessian"]
+    assert _exit_code(bench(script).main, argv) == 2
+    assert "--device" in capsys.readouterr().err
