@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
@@ -71,6 +72,7 @@ def main() -> None:
     warm = sharpness(model, loss_fn, measure, k=k, trace_probes=0, v0=previous)
     print(f"last point again: {cold.n_hvp} HVPs cold, {warm.n_hvp} warm-started")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
 

@@ -139,7 +139,7 @@ def test_noisy_gd_hessian(tmp_path):
 
 @_needs("sklearn")
 def test_track_sharpness(tmp_path):
-    out = tmp_path / "sharpness.jsonl"
+    out = tmp_path / "runs" / "sharpness.jsonl"  # a folder that does not exist yet
     stdout = run_example("track_sharpness.py", tmp_path, "--out", str(out))
     records = read_jsonl(out)
     assert [r["step"] for r in records] == [10, 20]
