@@ -185,7 +185,7 @@ def main(argv=None):
 
 def _write(results, path):
     results["env"]["load_average_end"] = load_average()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -628,7 +628,7 @@ def main(argv=None):
                         )
         results["problems"].append(prob)
     results["env"]["load_average_end"] = load_average()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {args.out}")

@@ -242,3 +242,18 @@ def test_unusable_device_exits_2(bench, tmp_path, capsys, script, device):
         argv += ["--quick", "--no-hessian"]
     assert _exit_code(bench(script).main, argv) == 2
     assert "--device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("curvature", ["--models", "clustered", "--ks", "3", "--seeds", "1"]),
+        ("block_products", ["--models", "mlp", "--blocks", "1", "--reps", "1"]),
+    ],
+)
+def test_out_file_in_the_current_folder(bench, monkeypatch, tmp_path, script, argv):
+    """``--out name.json`` (no folder) is written where the user stands."""
+    monkeypatch.chdir(tmp_path)
+    extra = ["--tools", "geoopt_sgd"] if script == "curvature" else ["--threads", "1"]
+    bench(script).main([*argv, *extra, "--out", "r.json"])
+    assert (tmp_path / "r.json").stat().st_size > 0
