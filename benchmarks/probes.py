@@ -373,6 +373,9 @@ def main(argv=None):
     unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
     if unknown:
         ap.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    unknown = [m for m in args.lean_metrics.split(",") if m not in METRICS]
+    if unknown:
+        ap.error(f"--lean-metrics: unknown {unknown}; see geoopt_sgd's METRICS")
     for name in args.models.split(","):
         try:
             timm_model(name)

@@ -122,6 +122,7 @@ def test_curvature_names_a_missing_peer(bench, monkeypatch, tmp_path, capsys):
         ("probes", ["--models", "no_such_model", "--sections", "step_time"]),
         ("probes", ["--every", "0", "--models", "test_resnet", "--sections", "x"]),
         ("probes", ["--k", "0", "--models", "test_resnet", "--sections", "x"]),
+        ("probes", ["--quick", "--models", "test_resnet", "--lean-metrics", "mu,nu"]),
         ("block_products", ["--models", "resnet"]),
         ("block_products", ["--models", "mlp", "--blocks", "0"]),
         ("block_products", ["--models", "mlp", "--reps", "0"]),
