@@ -110,7 +110,8 @@ def positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            kind = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value

@@ -389,6 +389,10 @@ def main(argv=None):
     probe_batch = args.probe_batch or (32 if q else 128)
     steps = args.steps or (12 if q else 40)
     run_every = args.run_every or (6 if q else 20)
+    if run_every > steps and {"overhead", "overhead_lean"} & set(
+        args.sections.split(",")
+    ):
+        ap.error(f"--run-every {run_every} > --steps {steps}: no probe would run")
     models = args.models.split(",")
     sections = args.sections.split(",")
     reps = 2 if q else 3

@@ -123,6 +123,11 @@ def test_curvature_names_a_missing_peer(bench, monkeypatch, tmp_path, capsys):
         ("probes", ["--every", "0", "--models", "test_resnet", "--sections", "x"]),
         ("probes", ["--k", "0", "--models", "test_resnet", "--sections", "x"]),
         ("probes", ["--quick", "--models", "test_resnet", "--lean-metrics", "mu,nu"]),
+        (
+            "probes",
+            ["--quick", "--models", "test_resnet", "--sections", "overhead"]
+            + ["--steps", "3", "--run-every", "4"],  # no probe in the run
+        ),
         ("block_products", ["--models", "resnet"]),
         ("block_products", ["--models", "mlp", "--blocks", "0"]),
         ("block_products", ["--models", "mlp", "--reps", "0"]),
