@@ -22,14 +22,28 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """Import ``benchmarks/<name>.py`` as its command line does (its folder first)."""
+def bench_modules(monkeypatch):
+    """``benchmarks/`` first on ``sys.path``, its modules fresh, restored afterwards.
+
+    recipes/ (on pytest's ``pythonpath``) has its own ``_common`` package, which
+    the recipe tests import: while a test here runs, ``_common`` is the benchmarks'
+    module, and afterwards the previous entries of ``sys.modules`` come back.
+    """
     monkeypatch.syspath_prepend(str(BENCH))
+    names = ["_common", "_noisy_gd_bench", *(Path(s).stem for s in SCRIPTS)]
+    saved = {name: sys.modules.pop(name, None) for name in names}
+    yield
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
 
-    def load(name: str):
-        return importlib.import_module(name)
 
-    return load
+@pytest.fixture
+def bench(bench_modules):
+    """Import ``benchmarks/<name>.py`` as its command line does (its folder first)."""
+    return importlib.import_module
 
 
 @pytest.mark.parametrize("script", [*SCRIPTS, "_noisy_gd_bench.py"])
@@ -199,7 +213,7 @@ def test_the_pages_document_every_script():
 @pytest.mark.parametrize(
     "script, args", COMMANDS, ids=[" ".join(c[1]) or c[0] for c in COMMANDS]
 )
-def test_documented_command_parses(monkeypatch, script, args):
+def test_documented_command_parses(bench_modules, monkeypatch, script, args):
     """Each documented command's arguments are accepted (parsed, not run)."""
     import argparse
     import runpy
@@ -216,7 +230,6 @@ def test_documented_command_parses(monkeypatch, script, args):
         raise SystemExit(0)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
-    monkeypatch.syspath_prepend(str(BENCH))
     monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
     with pytest.raises(SystemExit) as exc:
         runpy.run_path(str(ROOT / script), run_name="__main__")
