@@ -74,6 +74,42 @@ class LSTMNet(nn.Module):
         return self.head(h[:, -1])
 
 
+class SDPANet(nn.Module):
+    """Input ``(N, 3, 4)``: one-head self-attention through
+    ``F.scaled_dot_product_attention`` with ``dropout_p=p if self.training else
+    0`` (timm's ``Attention``, Hugging Face's SDPA attention; no ``Dropout``
+    submodule runs), and a linear head on the mean token."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.p = dropout
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.p if self.training else 0.0
+        )
+        return self.head(h.mean(1))
+
+
+class PackedGRUNet(nn.Module):
+    """Input ``(N, 3, 4)``: a two-layer ``nn.GRU`` on a packed sequence (the
+    kernel's packed overload, dropout between its layers) and a linear head."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 3, num_layers=2, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        lengths = [x.shape[1]] * x.shape[0]
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        _, h = self.rnn(packed)
+        return self.head(h[-1])
+
+
 def linear(d=5, k=1, *, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return nn.Linear(d, k).to(dtype)

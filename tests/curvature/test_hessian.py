@@ -16,6 +16,8 @@ from cases import (
     AttentionNet,
     InlineDropNet,
     LSTMNet,
+    PackedGRUNet,
+    SDPANet,
     assert_same_state,
     image_data,
     linear,
@@ -502,7 +504,9 @@ def test_dense_references_take_batch_fn():
 
 
 @pytest.mark.parametrize(
-    "net", [AttentionNet, InlineDropNet, LSTMNet], ids=lambda c: c.__name__
+    "net",
+    [AttentionNet, InlineDropNet, LSTMNet, SDPANet, PackedGRUNet],
+    ids=lambda c: c.__name__,
 )
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
 def test_train_mode_turns_functional_dropout_off(method, net):

@@ -91,7 +91,13 @@ def test_errors():
 
 
 @pytest.mark.parametrize(
-    "net", [cases.AttentionNet, cases.InlineDropNet, cases.LSTMNet],
+    "net", [
+        cases.AttentionNet,
+        cases.InlineDropNet,
+        cases.LSTMNet,
+        cases.SDPANet,
+        cases.PackedGRUNet,
+    ],
     ids=lambda c: c.__name__,
 )  # fmt: skip
 def test_train_mode_turns_functional_dropout_off(net):
