@@ -13,7 +13,8 @@ sources. The policy (documented once here, referenced everywhere):
   ``F.dropout`` and its variants in a ``forward`` (as timm's classifier heads
   call it with ``training=self.training``) return their input, and recurrent
   kernels (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run without dropout between
-  layers. So the operator is a fixed symmetric matrix. (Other random draws in a
+  layers, and ``F.scaled_dot_product_attention`` without attention dropout
+  (timm's attention passes ``dropout_p`` while ``self.training``). So the operator is a fixed symmetric matrix. (Other random draws in a
   ``forward``, e.g. a hand-written ``torch.bernoulli`` mask, are not switched
   off.)
 
@@ -537,6 +538,10 @@ _DROPOUT_FUNCTIONS = frozenset(
 # the packed-sequence overload ``(data, batch_sizes, hx, params, has_biases,
 # num_layers, dropout, train, ...)``.
 _RNN_FUNCTIONS = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
+# Attention dropout drawn inside the kernel: ``dropout_p`` (index 4) of
+# ``scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)``,
+# passed as ``p if self.training else 0`` by timm's and Hugging Face's attention.
+_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
 class _PolicyFunctions(TorchFunctionMode):
@@ -547,7 +552,8 @@ class _PolicyFunctions(TorchFunctionMode):
     composite path uses; the fused kernel ``_weight_norm_interface`` it
     dispatches to has a wrong double backward (the Hessian in ``v`` is not even
     symmetric) and no forward-mode AD. With ``no_dropout``: functional dropout
-    returns its input and recurrent kernels run without dropout between layers.
+    returns its input, recurrent kernels run without dropout between layers and
+    ``scaled_dot_product_attention`` without attention dropout.
     """
 
     def __init__(self, *, weight_norm: bool, no_dropout: bool) -> None:
@@ -556,7 +562,7 @@ class _PolicyFunctions(TorchFunctionMode):
         if weight_norm:
             special.add(torch._weight_norm)
         if no_dropout:
-            special |= _DROPOUT_FUNCTIONS | _RNN_FUNCTIONS
+            special |= _DROPOUT_FUNCTIONS | _RNN_FUNCTIONS | {_SDPA}
         # one set lookup per torch call of the forward: the common path is cheap
         self._special = frozenset(special)
 
@@ -576,6 +582,12 @@ class _PolicyFunctions(TorchFunctionMode):
             return v * (g / torch.norm_except_dim(v, 2, dim))
         if func in _DROPOUT_FUNCTIONS:
             return args[0] if args else kwargs["input"]
+        if func is _SDPA:  # no attention dropout
+            if "dropout_p" in kwargs:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+            elif len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            return func(*args, **kwargs)
         if len(args) > 6:  # a recurrent kernel: no dropout between layers
             args = list(args)
             args[5 if isinstance(args[3], bool) else 6] = 0.0

@@ -514,6 +514,9 @@ def test_train_mode_turns_functional_dropout_off(method, net):
     # nn.MultiheadAttention, F.dropout in a forward (timm's heads), between an
     # LSTM's layers. It must be off like every dropout, so the operator is that
     # of the same model with dropout=0 and no RNG is drawn.
+    if net is PackedGRUNet and method in ("fwd_rev", "rev_rev"):
+        # a packed sequence does not run under vmap (dropout or not)
+        pytest.skip("packed sequences do not run under torch.func.vmap")
     torch.manual_seed(0)
     model = net(0.5).double().train()
     plain = net(0.0).double()

@@ -96,7 +96,6 @@ def test_errors():
         cases.InlineDropNet,
         cases.LSTMNet,
         cases.SDPANet,
-        cases.PackedGRUNet,
     ],
     ids=lambda c: c.__name__,
 )  # fmt: skip
