@@ -20,17 +20,20 @@ explicitly: nothing here converts one loss into another.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from . import distributed
 from ._checks import check_choice
 
 __all__ = [
     "HalfSquaredError",
     "SampleLoss",
+    "check_per_sample_batches",
     "check_per_sample_loss",
     "per_sample_loss",
     "per_sample_losses",
@@ -161,6 +164,54 @@ def check_per_sample_loss(
             "losses are 0/0 and the batch loss is not the mean over samples. "
             f"Leave them out of the data, or {fix}."
         )
+
+
+def check_per_sample_batches(
+    loss_fn: Any,
+    batches: Iterable[tuple[Any, Tensor]],
+    *,
+    device: torch.device | str,
+    name: str = "loss_fn",
+) -> None:
+    """:func:`check_per_sample_loss` on every batch, with one verdict on all ranks.
+
+    Under ``torch.distributed`` an ``ignore_index`` target may sit on one
+    rank's shard only: raising there alone would leave the other ranks waiting
+    in the measurement's next collective, so the verdict is summed over ranks
+    (one all-reduce, only for a cross-entropy/NLL loss with
+    ``reduction="mean"``) and every rank raises.
+
+    Args:
+        loss_fn: The user's loss.
+        batches: This rank's ``(inputs, targets)`` batches (possibly none).
+        device: Where the all-reduce runs (the model's device).
+        name: The argument's name in the message.
+
+    Raises:
+        ValueError: As :func:`check_per_sample_loss`, on every rank.
+    """
+    error: ValueError | None = None
+    try:
+        for _, targets in batches:
+            check_per_sample_loss(loss_fn, targets, name=name)
+    except ValueError as exc:
+        error = exc
+    collective = (
+        distributed.is_distributed()
+        and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
+        and getattr(loss_fn, "reduction", None) == "mean"
+    )
+    if collective:
+        flag = torch.tensor([float(error is not None)], device=device)
+        if float(distributed.all_reduce_sum(flag)[0]) > 0 and error is None:
+            error = ValueError(
+                f"`{name}` ({type(loss_fn).__name__}, reduction='mean') is refused "
+                "on another rank's data (see that rank's message: class `weight` "
+                "or targets equal to ignore_index); pass the loss with "
+                "reduction='sum', or leave those targets out of the data."
+            )
+    if error is not None:
+        raise error
 
 
 def per_sample_losses(

@@ -14,9 +14,9 @@ sources. The policy (documented once here, referenced everywhere):
   call it with ``training=self.training``) return their input, and recurrent
   kernels (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run without dropout between
   layers, and ``F.scaled_dot_product_attention`` without attention dropout
-  (timm's attention passes ``dropout_p`` while ``self.training``). So the operator is a fixed symmetric matrix. (Other random draws in a
-  ``forward``, e.g. a hand-written ``torch.bernoulli`` mask, are not switched
-  off.)
+  (timm's attention passes ``dropout_p`` while ``self.training``). So the
+  operator is a fixed symmetric matrix. (Other random draws in a ``forward``,
+  e.g. a hand-written ``torch.bernoulli`` mask, are not switched off.)
 
 Whatever autocast context the caller is in (``torch.autocast`` on the CPU, CUDA or
 the parameters' device), autocast is disabled for the evaluation and for the

@@ -26,7 +26,7 @@ from .._checks import (
     check_param_group,
     check_state_dict,
 )
-from .._losses import check_per_sample_loss
+from .._losses import check_per_sample_batches
 from .._model import detect_reduction, local_batches, preserve_global_rng
 from . import noise as _noise
 from ._functional import noisy_gd_update
@@ -577,8 +577,9 @@ class NoisyGD(torch.optim.Optimizer):
                 self.noise, self.magnitude
             ):
                 # these kinds weight per-sample losses (see _losses)
-                for _, targets in src.batches:
-                    check_per_sample_loss(self.loss_fn, targets)
+                check_per_sample_batches(
+                    self.loss_fn, src.batches, device=src.fm.device
+                )
             self._src = src
         return self._src
 

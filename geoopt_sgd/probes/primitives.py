@@ -39,7 +39,7 @@ from .. import distributed
 from .._linalg import CHUNK, row_gram64
 from .._losses import (
     SampleLoss,
-    check_per_sample_loss,
+    check_per_sample_batches,
     per_sample_loss,
     plain_loss,
     square_loss_scale,
@@ -94,8 +94,7 @@ class ProbeSet:
     ) -> None:
         self.fm = fmodel
         self.loss_fn = loss_fn
-        for _, targets in batches:
-            check_per_sample_loss(loss_fn, targets)
+        check_per_sample_batches(loss_fn, batches, device=fmodel.device)
         self.sample_loss = per_sample_loss(loss_fn)
         self.batches = batches
         self.chunk_size = chunk_size
