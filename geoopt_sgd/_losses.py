@@ -32,6 +32,7 @@ from ._checks import check_choice
 
 __all__ = [
     "HalfSquaredError",
+    "PerSampleLossError",
     "SampleLoss",
     "check_per_sample_batches",
     "check_per_sample_loss",
@@ -114,6 +115,17 @@ def per_sample_loss(loss_fn: Callable[..., Tensor]) -> SampleLoss:
     return sample_loss
 
 
+class PerSampleLossError(ValueError):
+    """A loss whose ``"mean"`` is not the mean of its per-sample losses.
+
+    Raised by :func:`check_per_sample_loss`; a :class:`ValueError`, told apart
+    so that a caller that turns non-finite measurements into NaN records
+    (:class:`~geoopt_sgd.NoiseProbe`) still raises it: a batch whose targets
+    all equal ``ignore_index`` has a NaN loss, and its refusal is not a
+    diverged run.
+    """
+
+
 def check_per_sample_loss(
     loss_fn: Any, targets: Tensor, *, name: str = "loss_fn"
 ) -> None:
@@ -148,7 +160,7 @@ def check_per_sample_loss(
         "weight, and an ignored one contributes 0)"
     )
     if getattr(loss_fn, "weight", None) is not None:
-        raise ValueError(
+        raise PerSampleLossError(
             f"`{name}` ({kind} with `weight` and reduction='mean') divides by the "
             "batch's summed class weights, so its batch loss is not the mean of "
             "per-sample losses, and on one sample the weight cancels: the "
@@ -157,7 +169,7 @@ def check_per_sample_loss(
         )
     ignore = getattr(loss_fn, "ignore_index", None)
     if ignore is not None and bool((targets == ignore).any()):
-        raise ValueError(
+        raise PerSampleLossError(
             f"`{name}` ({kind}, reduction='mean') ignores targets equal to "
             f"ignore_index={ignore}, and the data holds "
             f"{int((targets == ignore).sum())} such targets: their per-sample "
@@ -190,11 +202,11 @@ def check_per_sample_batches(
     Raises:
         ValueError: As :func:`check_per_sample_loss`, on every rank.
     """
-    error: ValueError | None = None
+    error: PerSampleLossError | None = None
     try:
         for _, targets in batches:
             check_per_sample_loss(loss_fn, targets, name=name)
-    except ValueError as exc:
+    except PerSampleLossError as exc:
         error = exc
     collective = (
         distributed.is_distributed()
@@ -204,7 +216,7 @@ def check_per_sample_batches(
     if collective:
         flag = torch.tensor([float(error is not None)], device=device)
         if float(distributed.all_reduce_sum(flag)[0]) > 0 and error is None:
-            error = ValueError(
+            error = PerSampleLossError(
                 f"`{name}` ({type(loss_fn).__name__}, reduction='mean') is refused "
                 "on another rank's data (see that rank's message: class `weight` "
                 "or targets equal to ignore_index); pass the loss with "

@@ -320,3 +320,20 @@ def test_probe_curvature_of_weighted_and_soft_target_ce(case):
     want = torch.linalg.eigvalsh(_dense(model, loss_fn, X, targets, "ggn"))
     got = _probes(model, loss_fn, X, targets, "ggn")
     torch.testing.assert_close(got, scale * want.flip(0)[:TOP], rtol=1e-6, atol=0.0)
+
+
+def test_noise_probe_refuses_a_later_loader_batch_of_ignored_targets():
+    # a loader's first batch is checked when the probe is built, the others at
+    # a probe; a batch whose targets are all ignore_index has a NaN loss, and
+    # the refusal must not be recorded as a NaN (diverged) probe (review)
+    from geoopt_sgd import NoiseProbe
+
+    model, _, X, y = _problem("ce")
+    y = y.clone()
+    y[8:] = -100  # the last batch, ignored entirely
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, y), batch_size=4
+    )
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), loader, k=2)
+    with pytest.raises(ValueError, match=r"ignore_index=-100, and the data holds 2"):
+        probe.measure()

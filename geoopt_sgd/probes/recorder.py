@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int, integer_value
-from .._losses import check_per_sample_loss
+from .._losses import PerSampleLossError, check_per_sample_loss
 from .._model import (
     FunctionalModel,
     batch_size,
@@ -617,6 +617,10 @@ class NoiseProbe:
                 return noise_geometry(
                     self.model, self.loss_fn, self.probe_data, **kwargs
                 )
+        except PerSampleLossError:
+            # a loader batch of ignored targets only: its loss is NaN, but the
+            # loss is refused, not diverged
+            raise
         except Exception:
             if self._probe_loss_finite():
                 raise
