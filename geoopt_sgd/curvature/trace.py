@@ -350,7 +350,9 @@ def hutchpp_trace(
     check_operator_output(AS)
     Q, _ = torch.linalg.qr(AS.double())
     Q = Q.to(operator.dtype)
-    t_low = float(coldot64(Q, operator.matmat(Q)).sum())
+    AQ = operator.matmat(Q)
+    check_operator_output(AQ)
+    t_low = float(coldot64(Q, AQ).sum())
     n_rest = num_matvecs - 2 * s
     samples: list[Tensor] = []
     done = 0
@@ -358,7 +360,9 @@ def hutchpp_trace(
         c = min(chunk_size, n_rest - done)
         G = _rademacher(P, c, gen, operator)
         G = G - Q @ (Q.T @ G)
-        samples.append(coldot64(G, operator.matmat(G)).cpu())
+        AG = operator.matmat(G)
+        check_operator_output(AG)
+        samples.append(coldot64(G, AG).cpu())
         done += c
     if samples:
         mean, se = mean_stderr(torch.cat(samples))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_choice, check_int, integer_value
-from .._losses import PerSampleLossError, check_per_sample_loss
+from .._losses import PerSampleLossError, check_per_sample_batches
 from .._model import (
     FunctionalModel,
     batch_size,
@@ -372,20 +372,19 @@ class NoiseProbe:
         # rank joins every reduction of noise_geometry with zeros (raising on
         # one rank alone would leave the others waiting)
         batches = local_batches(probe_data, options.get("batch_fn"))
+        head = batches
         if not isinstance(batches, list):
             # check a loader's first batch now, not at the first probe; its
             # sampler may draw from the global RNG, which is restored
             with preserve_global_rng():
-                for _, targets in batches:
-                    check_per_sample_loss(loss_fn, targets)
-                    break
-        else:
-            for _, targets in batches:
-                check_per_sample_loss(loss_fn, targets)
+                head = [b for b, _ in zip(batches, range(1), strict=False)]
         self._check_options(options)
         if isinstance(options.get("params"), Iterator):
             options["params"] = list(options["params"])  # read twice below
         _check_measurement(model, loss_fn, metrics, k, options)
+        # one verdict on every rank (a refusal on one shard alone would hang)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        check_per_sample_batches(loss_fn, head, device=device)
         if isinstance(batches, list) and not distributed.is_distributed():
             _check_sample_count(batches, options)
         self.model = unwrap_model(model)

@@ -377,3 +377,21 @@ def test_density_is_the_gaussian_mixture_of_its_nodes_at_the_default_width():
     kern = kern / (sd.sigma * math.sqrt(2 * math.pi))
     want = (kern * sd.weights).sum((1, 2)) / 3
     torch.testing.assert_close(sd.density, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad_call", [2, 3], ids=["deflated-part", "hutchinson-part"])
+def test_hutchpp_checks_every_product(bad_call):
+    # Hutch++ takes three sets of products (the sketch A S, A Q and the
+    # deflated Hutchinson probes): a non-finite one in any of them is named,
+    # not summed into a NaN estimate (review)
+    class Flaky(DenseOperator):
+        calls = 0
+
+        def _matmat(self, V):
+            type(self).calls += 1
+            out = super()._matmat(V)
+            return out * math.nan if type(self).calls == bad_call else out
+
+    A = Flaky(torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="operator's output is non-finite"):
+        hutchpp_trace(A, num_matvecs=12, chunk_size=10)
