@@ -110,6 +110,19 @@ class PackedGRUNet(nn.Module):
         return self.head(h[-1])
 
 
+def dropout_twins(net):
+    """``net(0.5)`` in train mode, ``net(0.0)`` with the same weights, and a
+    float64 batch ``(4, 3, 4)`` with two classes: a model whose dropout must be
+    off in the train-mode policy, and its reference without dropout."""
+    torch.manual_seed(0)
+    model = net(0.5).double().train()
+    plain = net(0.0).double()
+    plain.load_state_dict(model.state_dict())
+    X = torch.randn(4, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (4,))
+    return model, plain, X, y
+
+
 def linear(d=5, k=1, *, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return nn.Linear(d, k).to(dtype)

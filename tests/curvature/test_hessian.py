@@ -19,6 +19,7 @@ from cases import (
     PackedGRUNet,
     SDPANet,
     assert_same_state,
+    dropout_twins,
     image_data,
     linear,
     make_data,
@@ -517,12 +518,7 @@ def test_train_mode_turns_functional_dropout_off(method, net):
     if net is PackedGRUNet and method in ("fwd_rev", "rev_rev"):
         # a packed sequence does not run under vmap (dropout or not)
         pytest.skip("packed sequences do not run under torch.func.vmap")
-    torch.manual_seed(0)
-    model = net(0.5).double().train()
-    plain = net(0.0).double()
-    plain.load_state_dict(model.state_dict())
-    X = torch.randn(4, 3, 4, dtype=torch.float64)
-    y = torch.randint(0, 2, (4,))
+    model, plain, X, y = dropout_twins(net)
     rng = torch.get_rng_state()
     H = HessianOperator(model, CE, (X, y), method=method, mode="train").to_dense()
     assert torch.equal(rng, torch.get_rng_state())

@@ -106,12 +106,7 @@ def test_train_mode_turns_functional_dropout_off(net):
     # randomness error before.
     from geoopt_sgd import noise_geometry
 
-    torch.manual_seed(0)
-    model = net(0.5).double().train()
-    plain = net(0.0).double()
-    plain.load_state_dict(model.state_dict())
-    X = torch.randn(4, 3, 4, dtype=torch.float64)
-    y = torch.randint(0, 2, (4,))
+    model, plain, X, y = cases.dropout_twins(net)
     loss_fn = nn.CrossEntropyLoss()
     rng = torch.get_rng_state()
     G = per_sample_gradients(model, loss_fn, X, y, mode="train")
