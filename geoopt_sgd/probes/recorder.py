@@ -11,6 +11,7 @@ bit for bit: see :class:`NoiseProbe` for how each piece of state is protected.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import os
@@ -377,7 +378,7 @@ class NoiseProbe:
             # check a loader's first batch now, not at the first probe; its
             # sampler may draw from the global RNG, which is restored
             with preserve_global_rng():
-                head = [b for b, _ in zip(batches, range(1), strict=False)]
+                head = list(itertools.islice(batches, 1))
         self._check_options(options)
         if isinstance(options.get("params"), Iterator):
             options["params"] = list(options["params"])  # read twice below
