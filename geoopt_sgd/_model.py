@@ -644,6 +644,37 @@ def _mode_policy(model: nn.Module, mode: Mode) -> Iterator[None]:
             m.training = f
 
 
+# What torch.func says when a forward cannot run under its transforms: vmap's
+# own refusals (``.item()``, data-dependent control flow, random draws) and a
+# kernel reading the raw storage of a transformed tensor (packed sequences under
+# ``grad``/``jvp``; torch 2.14.1).
+_TRANSFORM_MARKERS = ("vmap: ", "doesn't have storage")
+_UNTRANSFORMABLE = (
+    "The model's forward cannot run under torch.func's transforms (grad, jvp, "
+    "vmap), which this computation needs (per-sample gradients, the probes, and "
+    "the 'fwd_rev'/'rev_rev' HVP routes). Known causes: a packed sequence "
+    "(`nn.utils.rnn.pack_padded_sequence`: pad the batch instead), `.item()` or "
+    "data-dependent control flow on a tensor, a random draw in `forward`. "
+    "HessianOperator and GGNOperator with method='double_backward' (the "
+    "default) need no transform. torch said: {err}"
+)
+
+
+class UntransformableModelError(RuntimeError):
+    """The model's forward cannot run under torch.func's transforms."""
+
+
+def _untransformable(err: RuntimeError, params: Sequence[Tensor]) -> bool:
+    """Whether ``err`` is torch.func refusing the forward (not a user error)."""
+    msg = str(err)
+    if not any(m in msg for m in _TRANSFORM_MARKERS):
+        return False
+    if msg.startswith("vmap: "):
+        return True
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return is_wrapped is None or any(is_wrapped(p) for p in params)
+
+
 class FunctionalModel:
     """A model seen as a pure function of (a subset of) its parameters.
 
@@ -812,9 +843,14 @@ class FunctionalModel:
             args, kwargs = (), dict(inputs)
         else:
             args = (inputs,)
-        return functional_call(
-            self.model, values, args, kwargs, tie_weights=True, strict=False
-        )
+        try:
+            return functional_call(
+                self.model, values, args, kwargs, tie_weights=True, strict=False
+            )
+        except RuntimeError as e:
+            if _untransformable(e, params):
+                raise UntransformableModelError(_UNTRANSFORMABLE.format(err=e)) from e
+            raise
 
     def total_count(self, batches: Iterable[Batch]) -> int:
         """Number of samples in ``batches``, summed over ranks when distributed."""

@@ -55,8 +55,9 @@ def per_sample_gradients(
       statistics in eval mode too, so it takes this route in both modes.
 
     The model is untouched (parameters, ``.grad``, buffers, training flags, global
-    RNG). Forward-mode is not used, so attention kernels without a JVP are fine; a
-    model that draws random numbers in its forward raises from ``vmap``.
+    RNG). Forward-mode is not used, so attention kernels without a JVP are fine. A
+    forward that ``vmap`` cannot transform (a packed sequence, ``.item()`` control
+    flow, a random draw) raises a ``RuntimeError`` that names the cause.
 
     For large ``P`` do not materialise this matrix: :func:`noise_geometry` gets
     every directional quantity from one ``jvp`` of the per-sample losses instead.

@@ -28,16 +28,19 @@ from .._checks import check_choice, check_int, integer_value
 from .._losses import PerSampleLossError, check_per_sample_batches
 from .._model import (
     FunctionalModel,
+    UntransformableModelError,
     batch_size,
     detect_reduction,
     full_precision,
     local_batches,
+    map_inputs,
     preserve_global_rng,
     to_device,
     unwrap_model,
 )
 from . import metrics as _metrics
 from .metrics import DEFAULT_METRICS, METRICS, noise_geometry
+from .primitives import per_sample_loss, per_sample_loss_gradients
 
 __all__ = ["NoiseProbe"]
 
@@ -140,6 +143,35 @@ def _check_sinks(sinks: Any) -> tuple[list[str], list[Any]]:
                 f"TensorBoard SummaryWriter; got {type(sink).__name__} in `sinks`."
             )
     return paths, writers
+
+
+def _check_transformable(
+    model: Any, loss_fn: Any, head: Iterable[Any], options: dict[str, Any]
+) -> None:
+    """Refuse now a model whose forward torch.func cannot transform.
+
+    Every probe runs the model under ``vjp`` and ``vmap(grad)``; a packed
+    sequence, ``.item()`` control flow or a random draw in ``forward`` would make
+    the first probe raise inside the user's training loop. The per-sample
+    gradients of the first (at most two) samples of the first batch show it
+    now, with the global RNG restored. Any other failure is left to the first
+    probe, which reports it as before.
+    """
+    first = next((b for b in head if batch_size(b[1]) > 0), None)
+    if first is None:
+        return
+    inputs, targets = first
+    m = min(2, batch_size(targets))
+    fm = FunctionalModel(model, options.get("params"), mode=options.get("mode", "eval"))
+    inputs = to_device(map_inputs(inputs, lambda t: t[:m]), fm.device)
+    targets = to_device(targets[:m], fm.device)
+    try:
+        with preserve_global_rng(), torch.enable_grad():
+            per_sample_loss_gradients(fm, per_sample_loss(loss_fn), inputs, targets)
+    except UntransformableModelError:
+        raise
+    except Exception:  # the first probe reports it
+        return
 
 
 def _check_measurement(
@@ -321,6 +353,10 @@ class NoiseProbe:
             re-iterable of batches (one-shot iterators are
             refused: the first probe would exhaust them), or ``sinks`` is neither
             a path nor an iterable of sinks.
+        RuntimeError: If the model's ``forward`` cannot run under
+            ``torch.func``'s transforms (a packed sequence, ``.item()`` control
+            flow, a random draw), found on the first two samples of the first
+            batch with the global RNG restored.
 
     Example:
         Three lines in an existing training loop::
@@ -388,6 +424,7 @@ class NoiseProbe:
         check_per_sample_batches(loss_fn, head, device=device)
         if isinstance(batches, list) and not distributed.is_distributed():
             _check_sample_count(batches, options)
+        _check_transformable(model, loss_fn, head, options)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.probe_data = probe_data
