@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -114,9 +114,15 @@ class ProbeContext:
         return out
 
     def hutchinson_hessian(self, st: Traces, num_probes: int) -> None:
-        """Set ``st.tr_c`` and ``st.fro2_c`` of the Hessian by Hutchinson."""
+        """Set ``st.tr_c`` and ``st.fro2_c`` of the Hessian by Hutchinson.
+
+        Their per-probe terms ``z_t^T H z_t`` and ``||H z_t||^2`` go to
+        ``st.terms`` (for the jackknife); the products are global, so the
+        terms are the same on every rank.
+        """
         # Rademacher probes, drawn a chunk of columns at a time (int8: P-sized)
         tr = fro2 = 0.0
+        terms_tr, terms_fro2 = [], []
         for sl in chunks(num_probes, self.vec_chunk):
             shape = (self.P, sl.stop - sl.start)
             Z = torch.randint(0, 2, shape, generator=self.gen, dtype=torch.int8)
@@ -124,7 +130,11 @@ class ProbeContext:
             HZ = self.matmat("hessian", Z)
             tr += float((Z * HZ).sum())
             fro2 += float((HZ * HZ).sum())
+            terms_tr.append((Z * HZ).sum(0).double().cpu())
+            terms_fro2.append((HZ * HZ).sum(0).double().cpu())
         st.tr_c, st.fro2_c = tr / num_probes, fro2 / num_probes
+        st.terms["tr_c"] = torch.cat(terms_tr)
+        st.terms["fro2_c"] = torch.cat(terms_fro2)
 
 
 @dataclass
@@ -138,6 +148,10 @@ class Traces:
         tr_c: ``Tr H``.
         tr_sc_direct: ``Tr(Sigma H)`` estimated directly (sketch route, GGN).
         chi: ``chi_i = Tr(M_i G)`` ``(n,)`` (GGN only).
+        terms: For the estimates that are means over ``s`` probes (the
+            Hessian's ``tr_s1c``, ``tr_c``, ``fro2_c``), their ``(s,)`` float64
+            per-probe terms by attribute name, in probe order (for the
+            jackknife); empty where not estimated so.
     """
 
     tr_s1c: float = math.nan
@@ -146,6 +160,7 @@ class Traces:
     tr_c: float = math.nan
     tr_sc_direct: float = math.nan
     chi: Tensor | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def tr_sc(self) -> float:

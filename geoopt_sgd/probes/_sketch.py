@@ -8,6 +8,7 @@ docstring).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -224,10 +225,16 @@ def _hessian_traces(ctx: ProbeContext, rbar: Tensor, s: int) -> Traces:
     z = torch.randn(s, M, generator=ctx.gen, dtype=torch.float64)
     c1 = (ctx.W.T @ z.to(ctx.device, ctx.dtype).T) / M**0.5
     t1 = 0.0
+    terms = []
     for sl in chunks(s, ctx.vec_chunk):
         xi1 = ctx.probe.weighted_gradient(c1[:, sl]).reshape(-1, P).T
-        t1 += float((xi1 * ctx.matmat("hessian", xi1)).sum())
+        H_xi1 = ctx.matmat("hessian", xi1)
+        t1 += float((xi1 * H_xi1).sum())
+        # per-probe xi_t^T H xi_t for the jackknife; xi_t and H xi_t are
+        # reduced over ranks already, so the terms agree on every rank
+        terms.append((xi1 * H_xi1).sum(0).double().cpu())
     st.tr_s1c = t1 / s
+    st.terms["tr_s1c"] = torch.cat(terms)
     st.tr_s2c = float(rbar @ ctx.matmat("hessian", rbar.reshape(P, 1))[:, 0])
     ctx.hutchinson_hessian(st, s)
     return st
@@ -243,33 +250,61 @@ def sketch_standard_errors(
 ) -> dict[str, float]:
     """Leave-one-probe-out jackknife standard errors of the sketch estimates.
 
+    Replicate ``t`` leaves out isotropic probe ``t`` of the sketch and, with the
+    Hessian, natural probe ``t`` (``Tr(Sigma_1 H)``) and Rademacher probe ``t``
+    (``Tr H``, ``||H||_F^2``) together; ``Tr(Sigma_2 H)`` is exact and stays.
+    The three families are drawn independently, so the triples ``t`` are
+    independent and identically distributed and the estimates a function of
+    them: deleting triple ``t`` is a valid delete-one jackknife.
+
     Args:
         sk: The sketch (``s >= 3`` probes).
-        traces: The curvatures' traces of the full sketch.
+        traces: The curvatures' traces of the full sketch (the Hessian's with
+            their per-probe ``terms``).
         curvature: ``"ggn"`` or ``"hessian"``.
         proj: ``u_1^T Sigma u_1 / lambda_1`` (``projection_coefficient``'s factor).
         L: The mean loss.
         P: Number of parameters.
 
     Returns:
-        Standard errors by metric name (``tr_sigma``; with the GGN also the ratio
-        metrics, ``gradient_uniformity`` and ``projection_coefficient``).
+        Standard errors by metric name: ``tr_sigma``; with the ``curvature``
+        matrix's traces the ratio metrics and ``projection_coefficient``; with
+        the GGN's ``gradient_uniformity``; with the Hessian's ``mu_hessian``.
     """
     loo = sk.leave_one_out()
+    s = loo["tr_sigma"].shape[0]
+    # the Hessian's probe means without probe t: (sum - term_t) / (s - 1)
+    hess_loo: dict[str, Tensor] = {}
+    if "hessian" in traces:
+        for name, v in traces["hessian"].terms.items():
+            hess_loo[name] = (v.sum() - v) / (s - 1)
     reps = []
-    for t in range(loo["tr_sigma"].shape[0]):
+    for t in range(s):
         tr_s = float(loo["tr_sigma"][t])
+        fro2_s = float(loo["fro2_sigma"][t])
         rep = {"tr_sigma": tr_s}
-        if curvature == "ggn" and sk.need_ggn:
+        kinds: dict[str, Traces] = {}
+        if sk.need_ggn:
             st = Traces()
             st.tr_c = float(loo["tr_c"][t])
             st.fro2_c = float(loo["fro2_c"][t])
             st.tr_s2c = traces["ggn"].tr_s2c
             st.tr_sc_direct = float(loo["tr_sc"][t])
             st.tr_s1c = st.tr_sc_direct + st.tr_s2c
-            rep.update(ratio_metrics(st, tr_s, float(loo["fro2_sigma"][t]), L, P))
+            kinds["ggn"] = st
+        if "hessian" in traces:
+            kinds["hessian"] = dataclasses.replace(
+                traces["hessian"], **{a: float(v[t]) for a, v in hess_loo.items()}
+            )
+        if curvature in kinds:
+            rep.update(ratio_metrics(kinds[curvature], tr_s, fro2_s, L, P))
+        if sk.need_ggn:
             chi = loo["chi"][:, t]
             rep["gradient_uniformity"] = float(chi.min() / chi.mean())
-            rep["projection_coefficient"] = div(proj * st.tr_c, tr_s)
+        if curvature in kinds:
+            rep["projection_coefficient"] = div(proj * kinds[curvature].tr_c, tr_s)
+        if "hessian" in kinds:
+            ratios = ratio_metrics(kinds["hessian"], tr_s, fro2_s, L, P)
+            rep["mu_hessian"] = ratios["mu"]
         reps.append(rep)
     return jackknife(reps)
