@@ -59,7 +59,12 @@ Routes (``route=``):
   ``curvature="hessian"``, ``Tr(Sigma_1 H)`` uses ``s`` uncentred natural probes
   ``xi_1 ~ (0, Sigma_1)`` (one backward each) and ``s`` HVPs, ``Tr H`` and
   ``||H||_F`` Hutchinson with ``s`` Rademacher probes (``s`` HVPs); relative
-  errors about ``sqrt(2 / s)`` there.
+  errors about ``sqrt(2 / s)`` there. Their jackknife leaves out natural probe
+  ``t`` and Rademacher probe ``t`` with isotropic probe ``t`` (``Tr(Sigma_2 H)``
+  is exact and stays): the three families are independent, so the ``s``
+  triples are independent draws and every metric gets a standard error as
+  with the GGN. Over 60 seeds of a 57-parameter MLP (``s = 8``) the mean
+  standard error was 0.89-1.15 times the spread of the estimates.
 * ``"auto"`` (default): ``"exact"`` when ``n (K + 1) P <= 2e7`` (160 MB of float64),
   the Gram products cost ``(n K)^2 P <= 2e10`` flops, and not distributed; else
   ``"sketch"``.
@@ -220,8 +225,8 @@ class NoiseGeometry:
         num_samples: Probe samples used (over all ranks).
         route: ``"exact"`` or ``"sketch"``.
         standard_errors: Jackknife standard errors of the sketch route's
-            estimates by metric name (empty on the exact route; with
-            ``curvature="hessian"`` only ``tr_sigma``).
+            estimates by metric name, with either ``curvature`` (empty on the
+            exact route and with ``num_probes < 3``).
     """
 
     values: dict[str, float]

@@ -15,6 +15,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 CONFIGS = {
     "per_sample": {"cov": "per_sample"},
     "minibatch": {"cov": "minibatch", "batch_size": 2},
+    # natural and Rademacher probes, their per-probe terms for the jackknife
+    "hessian": {"curvature": "hessian"},
 }
 
 METRICS = [
@@ -56,6 +58,7 @@ def _worker(rank, world, port, out_dir):
             torch.save(
                 {
                     "values": res.values,
+                    "standard_errors": res.standard_errors,
                     "eigenvalues": res.eigenvalues,
                     "noise_energies": res.noise_energies,
                     "route": res.route,
@@ -94,6 +97,12 @@ def test_two_ranks_equal_one_process(tmp_path):
             for key in ref.values:
                 a, b = got["values"][key], ref.values[key]
                 assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (name, key)
+            # the jackknife too, with either curvature
+            assert got["standard_errors"].keys() == ref.standard_errors.keys()
+            assert "mu" in ref.standard_errors
+            for key, b in ref.standard_errors.items():
+                a = got["standard_errors"][key]
+                assert math.isclose(a, b, rel_tol=1e-7, abs_tol=1e-12), (name, key)
             torch.testing.assert_close(
                 got["eigenvalues"], ref.eigenvalues, rtol=1e-9, atol=0
             )
