@@ -128,10 +128,11 @@ class ProbeContext:
             Z = torch.randint(0, 2, shape, generator=self.gen, dtype=torch.int8)
             Z = (Z.to(self.dtype) * 2 - 1).to(self.device)
             HZ = self.matmat("hessian", Z)
-            tr += float((Z * HZ).sum())
-            fro2 += float((HZ * HZ).sum())
-            terms_tr.append((Z * HZ).sum(0).double().cpu())
-            terms_fro2.append((HZ * HZ).sum(0).double().cpu())
+            ZHZ, HZ2 = Z * HZ, HZ * HZ
+            tr += float(ZHZ.sum())
+            fro2 += float(HZ2.sum())
+            terms_tr.append(ZHZ.sum(0).double().cpu())
+            terms_fro2.append(HZ2.sum(0).double().cpu())
         st.tr_c, st.fro2_c = tr / num_probes, fro2 / num_probes
         st.terms["tr_c"] = torch.cat(terms_tr)
         st.terms["fro2_c"] = torch.cat(terms_fro2)

@@ -228,11 +228,11 @@ def _hessian_traces(ctx: ProbeContext, rbar: Tensor, s: int) -> Traces:
     terms = []
     for sl in chunks(s, ctx.vec_chunk):
         xi1 = ctx.probe.weighted_gradient(c1[:, sl]).reshape(-1, P).T
-        H_xi1 = ctx.matmat("hessian", xi1)
-        t1 += float((xi1 * H_xi1).sum())
+        prod = xi1 * ctx.matmat("hessian", xi1)
+        t1 += float(prod.sum())
         # per-probe xi_t^T H xi_t for the jackknife; xi_t and H xi_t are
         # reduced over ranks already, so the terms agree on every rank
-        terms.append((xi1 * H_xi1).sum(0).double().cpu())
+        terms.append(prod.sum(0).double().cpu())
     st.tr_s1c = t1 / s
     st.terms["tr_s1c"] = torch.cat(terms)
     st.tr_s2c = float(rbar @ ctx.matmat("hessian", rbar.reshape(P, 1))[:, 0])
