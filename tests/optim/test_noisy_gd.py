@@ -11,7 +11,7 @@ from cases import assert_same_state, image_data, make_data, mlp, model_state, ti
 from torch import nn
 
 from geoopt_sgd import NoisyGD
-from geoopt_sgd.optim._noise_source import STREAM_PARTITION
+from geoopt_sgd.optim._noise_source import STREAM_PARTITION, STREAM_WEIGHTS
 from geoopt_sgd.optim.noise import make_generator
 from geoopt_sgd.testing import noisy_gd_covariance, per_sample_gradients_loop
 
@@ -102,6 +102,7 @@ def test_noise_none_equals_torch_sgd_bit_for_bit(foreach, maximize, weight_decay
             o.step()
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
+        assert torch.equal(a.grad, b.grad)  # the gradients are left as they were
 
 
 @pytest.mark.parametrize("units", ["grad", "param"])
@@ -432,6 +433,21 @@ def test_realised_norm_is_exact_however_often_stats_are_read(noise):
     assert opt.stats["realised_sq_norm"] == float(p.detach() @ p.detach())
 
 
+def test_realised_norm_mean_is_the_mean_over_steps():
+    # stats["realised_sq_norm_mean"] is the plain mean of the steps' ||xi||^2
+    p = torch.zeros(30, dtype=torch.float64, requires_grad=True)
+    opt = NoisyGD([p], lr=1.0, noise="isotropic", seed=3, noise_scale=0.5)
+    norms = []
+    for _ in range(5):
+        p.grad = torch.zeros_like(p)
+        p.detach().zero_()
+        opt.step()
+        norms.append(float(p.detach() @ p.detach()))
+        assert opt.stats["realised_sq_norm"] == pytest.approx(norms[-1], rel=1e-14)
+        want = math.fsum(norms) / len(norms)
+        assert opt.stats["realised_sq_norm_mean"] == pytest.approx(want, rel=1e-14)
+
+
 def test_ggn_curvature_equals_hessian_on_a_linear_model():
     # linear model + MSE: GGN = Hessian exactly, so both give the same top-2 mass
     stats = []
@@ -550,6 +566,21 @@ def test_sgd_matched_is_the_same_for_one_batch_or_a_list_of_batches():
     torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-14)
 
 
+def test_sgd_matched_replays_its_weight_stream():
+    # xi = sum_i w_i grad L_i with w = (z - mean z) / sqrt(n B), z the n normals
+    # of the weight stream of step t: replayed on explicit per-sample gradients
+    B = 2
+    opt, model, loss_fn, X, y = _source(B, noise="sgd_matched", noise_scale=1.5)
+    D = per_sample_gradients_loop(model, loss_fn, X, y)
+    n = D.shape[0]
+    samples = _draw(opt, model, 2)
+    for t in range(2):
+        gen = make_generator(5, t, "cpu", stream=STREAM_WEIGHTS)
+        z = torch.randn(n, generator=gen, dtype=torch.float64)
+        w = (z - z.mean()) / math.sqrt(n * B)
+        torch.testing.assert_close(samples[t], 1.5 * D.T @ w, rtol=1e-12, atol=1e-14)
+
+
 def test_isotropic_noise_over_mixed_dtypes():
     p32 = torch.zeros(4, requires_grad=True)
     p64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
@@ -559,6 +590,27 @@ def test_isotropic_noise_over_mixed_dtypes():
     assert p32.dtype == torch.float32 and p64.dtype == torch.float64
     assert (p32 != 0).all() and (p64 != 0).all()
     assert opt.stats["target_sq_norm"] == 7.0
+
+
+def test_isotropic_buckets_draw_from_their_own_streams():
+    # one draw per (device, dtype) bucket, bucket b from stream b of step t:
+    # replayed here, bit for bit (lr = 1, zero gradients: theta moves by -z)
+    p32 = torch.zeros(4, requires_grad=True)
+    p64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    q32 = torch.zeros(2, requires_grad=True)
+    opt = NoisyGD([p32, p64, q32], lr=1.0, noise="isotropic", seed=9)
+    for t in range(2):
+        for p in (p32, p64, q32):
+            p.grad = torch.zeros_like(p)
+            p.detach().zero_()
+        opt.step()
+        z32 = torch.randn(6, generator=make_generator(9, t, "cpu", stream=0))
+        z64 = torch.randn(
+            3, generator=make_generator(9, t, "cpu", stream=1), dtype=torch.float64
+        )
+        assert torch.equal(p32.detach(), -z32[:4])
+        assert torch.equal(q32.detach(), -z32[4:])
+        assert torch.equal(p64.detach(), -z64)
 
 
 def test_magnitude_unit_and_raw():
@@ -576,6 +628,16 @@ def test_k_larger_than_p_uses_the_whole_spectrum():
     _draw(opt, model, 1)
     # all of diag(2, 2, 8, 18); a full Krylov space is exact up to round-off
     assert opt.stats["target_sq_norm"] == pytest.approx(30.0, rel=1e-9)
+
+
+def test_top_eigvec_solves_for_one_eigenpair_only():
+    # rank one: the refresh asks the eigensolver for the top pair alone, not k
+    opt, model, *_ = _source(1, noise="top_eigvec", k=3)
+    _draw(opt, model, 1)
+    assert opt._cache["eigenvalues"].shape == (1,)
+    assert opt._cache["eigenvectors"].shape == (4, 1)
+    # the top of diag(2, 2, 8, 18), e_w3 up to sign (Lanczos tol 1e-3)
+    assert float(opt._cache["eigenvalues"][0]) == pytest.approx(18.0, rel=1e-5)
 
 
 def test_negative_curvature_is_clamped_and_counted_never_nan():
@@ -606,8 +668,11 @@ def test_negative_curvature_is_clamped_and_counted_never_nan():
 def test_refresh_cadence_and_hvp_accounting():
     opt, model, *_ = _source(1, noise="hessian", k=2, noise_scale=1.0)
     opt.refresh_every = 3
-    _draw(opt, model, 7)  # refreshes at steps 0, 3, 6
-    assert opt.stats["n_refresh"] == 3
+    counts = []
+    for _ in range(7):  # refreshes at steps 0, 3, 6
+        _draw(opt, model, 1)
+        counts.append(opt.stats["n_refresh"])
+    assert counts == [1, 1, 1, 2, 2, 2, 3]
     assert opt.stats["n_hvp"] > 0
     assert opt.stats["hvp_per_step"] == pytest.approx(opt.stats["n_hvp"] / 7)
 
@@ -755,6 +820,30 @@ def test_resume_from_state_dict_is_bit_exact(kind):
     for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed_opt.stats["step"] == 5
+
+
+def test_resume_takes_the_checkpoints_seed():
+    # the seed is part of the noise state: a checkpoint loaded into an optimizer
+    # built with another seed continues the checkpoint's stream, bit for bit
+    X, y = make_data(n=12)
+
+    def make(seed):
+        return lambda model: _classifier_noisy_gd(
+            model, X, y, lr=0.1, noise="isotropic", noise_scale=0.05, seed=seed
+        )
+
+    ref = mlp()
+    ref_opt = make(7)(ref)
+    _train(ref, ref_opt, X, y, 4)
+
+    model = mlp()
+    opt = make(7)(model)
+    _train(model, opt, X, y, 2)
+    resumed, resumed_opt = _resume(model, opt, make(8))
+    assert resumed_opt.seed == 7
+    _train(resumed, resumed_opt, X, y, 2)
+    for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_plain_sgd_state_dict_loads():
@@ -1023,3 +1112,16 @@ def test_params_outside_the_model_raise():
     opt.param_groups[0]["params"][0].grad = torch.zeros(3)
     with pytest.raises(ValueError, match=r"`params` must hold parameters of `model`"):
         opt.step()
+
+
+def test_finite_check_is_exact_when_the_sum_overflows():
+    # the refresh's check sums each tensor first; a finite tensor whose float32
+    # sum overflows must still count as finite (then every element is checked)
+    from geoopt_sgd.optim._noise_source import _all_finite
+
+    big = torch.full((4,), 3e38)
+    assert not bool(torch.isfinite(big.sum()))
+    assert _all_finite([big, torch.ones(2, dtype=torch.float64)])
+    assert not _all_finite([big, torch.tensor([1.0, math.inf])])
+    assert not _all_finite([torch.tensor([math.nan, 1.0])])
+    assert _all_finite([torch.tensor([2**62, 2**62])])  # integers are skipped

@@ -687,3 +687,112 @@ def test_probe_step_inside_autocast():
     rec = probe.history[0]
     assert rec["n_nonfinite"] == 0.0 and probe.num_nonfinite == 0
     assert rec["mu"] == ref.values["mu"]
+
+
+def test_warm_start_off_never_keeps_or_passes_eigenvectors(measure):
+    # warm_start=False: no eigenvectors are kept (the checkpoint holds None) and
+    # none are passed as v0, not even ones loaded from a checkpoint
+    model = mlp()
+    X, y = make_data()
+    vandal = Vandal()
+    measure(vandal)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, warm_start=False)
+    probe.measure()
+    assert probe.state_dict()["eigenvectors"] is None
+    P = sum(p.numel() for p in model.parameters())
+    probe.load_state_dict(
+        {"step_count": 1, "num_probes": 1, "eigenvectors": torch.ones(P, 2)}
+    )
+    probe.measure()
+    assert [c["v0"] for c in vandal.calls] == [None, None]
+
+
+class NaNVectors(Vandal):
+    """A Vandal whose second measurement returns NaN eigenvectors."""
+
+    def __call__(self, *args, **kwargs):
+        result = super().__call__(*args, **kwargs)
+        if len(self.calls) == 2:
+            result.eigenvectors = torch.full_like(result.eigenvectors, math.nan)
+        return result
+
+
+def test_non_finite_eigenvectors_are_not_a_warm_start(measure):
+    # the next probe starts from the last finite eigenvectors, never from NaN ones
+    model = mlp()
+    X, y = make_data()
+    vandal = NaNVectors()
+    measure(vandal)
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1, k=2)
+    for _ in range(3):
+        probe.measure()
+    assert vandal.calls[0]["v0"] is None
+    for call in vandal.calls[1:]:
+        assert torch.equal(call["v0"], torch.ones_like(call["v0"]))
+
+
+def test_writers_get_the_tag_prefix(measure):
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": 0.5}))
+    writer = Writer()
+    probe = NoiseProbe(
+        model, nn.CrossEntropyLoss(), (X, y), sinks=[writer], tag_prefix="geo/run1"
+    )
+    probe.measure()
+    tags = {t for t, _, _ in writer.calls}
+    assert ("geo/run1/loss", 0.5, 0) in writer.calls
+    assert {"geo/run1/eigenvalues/0", "geo/run1/cost_n_hvp"} <= tags
+    assert all(t.startswith("geo/run1/") for t in tags)
+
+
+def test_state_dict_round_trip_keeps_the_non_finite_count(measure):
+    model = mlp()
+    X, y = make_data()
+    measure(Vandal({"loss": float("nan")}))
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        probe.measure()
+    probe.measure()
+    sd = probe.state_dict()
+    assert sd["num_nonfinite"] == 2
+    probe2 = NoiseProbe(model, nn.CrossEntropyLoss(), (X, y), every=1)
+    probe2.load_state_dict(sd)
+    assert probe2.num_nonfinite == 2
+    probe2.load_state_dict({"step_count": 0, "num_probes": 0})  # older checkpoint
+    assert probe2.num_nonfinite == 0
+
+
+def test_exception_with_an_empty_probe_batch_still_propagates(measure):
+    # an empty batch's loss is a NaN mean over no sample, not a non-finite loss:
+    # the error of a probe on finite data is raised, not recorded as NaN
+    model = mlp()
+    X, y = make_data()
+    measure(_raiser)
+    data = [(X, y), (X[:0], y[:0])]
+    probe = NoiseProbe(model, nn.CrossEntropyLoss(), data, every=1)
+    with pytest.raises(RuntimeError, match="eigensolver broke down"):
+        probe.measure()
+
+
+def test_too_few_samples_for_a_covariance_refused_at_construction():
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    X, y = make_data(n=6)
+    with pytest.raises(ValueError, match="at least 2 samples .* got 1 samples"):
+        NoiseProbe(model, loss_fn, (X[:1], y[:1]))
+    NoiseProbe(model, loss_fn, (X[:2], y[:2]))
+    # cov="minibatch": two batches of batch_size, among the first max_samples
+    with pytest.raises(ValueError, match="at least 2 batches of 4 .* got 6 samples"):
+        NoiseProbe(model, loss_fn, (X, y), cov="minibatch", batch_size=4)
+    NoiseProbe(model, loss_fn, (X, y), cov="minibatch", batch_size=3)
+    with pytest.raises(ValueError, match="at least 2 batches of 3 .* got 5 samples"):
+        NoiseProbe(
+            model, loss_fn, (X, y), cov="minibatch", batch_size=3, max_samples=5
+        )
