@@ -793,6 +793,4 @@ def test_too_few_samples_for_a_covariance_refused_at_construction():
         NoiseProbe(model, loss_fn, (X, y), cov="minibatch", batch_size=4)
     NoiseProbe(model, loss_fn, (X, y), cov="minibatch", batch_size=3)
     with pytest.raises(ValueError, match="at least 2 batches of 3 .* got 5 samples"):
-        NoiseProbe(
-            model, loss_fn, (X, y), cov="minibatch", batch_size=3, max_samples=5
-        )
+        NoiseProbe(model, loss_fn, (X, y), cov="minibatch", batch_size=3, max_samples=5)
