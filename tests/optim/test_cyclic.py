@@ -214,6 +214,33 @@ def test_cycle_momentum_matches_torch(opt_name):
         opt.step()
 
 
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_as_scheduler_cycles_momentum_like_torch(opt_name):
+    # as_scheduler with cycle_momentum=True writes the same momentum (betas[0])
+    # and lr before every optimizer step as torch's CyclicLR, exactly
+    def make(model):
+        if opt_name == "sgd":
+            return torch.optim.SGD(_groups(model), lr=1.0, momentum=0.5)
+        return torch.optim.Adam(_groups(model), lr=1.0)
+
+    kw = {"base_momentum": [0.8, 0.7], "max_momentum": [0.9, 0.95]}
+    ref = make(_model())
+    ref_sched = CyclicLR(ref, 0.01, 0.1, 3, 4, cycle_momentum=True, **kw)
+    wrapper = CyclicLRWrapper(
+        make(_model()), 0.01, 0.1, 3, 4, cycle_momentum=True, **kw
+    )
+    opt, sched = wrapper.optimizer, wrapper.as_scheduler()
+    key = "betas" if opt_name == "adam" else "momentum"
+    for _ in range(12):
+        for g_ref, g in zip(ref.param_groups, opt.param_groups, strict=True):
+            assert g[key] == g_ref[key]
+            assert g["lr"] == g_ref["lr"]
+        ref.step()
+        ref_sched.step()
+        opt.step()
+        sched.step()
+
+
 def test_cycle_momentum_needs_momentum():
     class Plain(torch.optim.Optimizer):
         def __init__(self, params):
