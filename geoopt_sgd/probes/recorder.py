@@ -266,7 +266,9 @@ class NoiseProbe:
     (non-finite values written as ``null``, so every line is strict JSON); each
     item with an ``add_scalar(tag, value, step)`` method (a TensorBoard
     ``SummaryWriter``, duck-typed) gets every number as ``<tag_prefix>/<name>``
-    (list entries as ``<name>/<i>``); ``callback(record)`` is called last. Under
+    (list entries as ``<name>/<i>``) but ``step``, which is its ``step`` argument,
+    and ``probe_seconds`` (the measurement's time is there as ``cost_seconds``);
+    ``callback(record)`` is called last. Under
     ``torch.distributed`` every rank measures (the metrics reduce across ranks) and
     keeps the history; only rank 0 writes to ``sinks`` and calls ``callback``.
     A path's parent folders are created when the probe is built. A sink (or the

@@ -751,6 +751,10 @@ def test_writers_get_the_tag_prefix(measure):
     assert ("geo/run1/loss", 0.5, 0) in writer.calls
     assert {"geo/run1/eigenvalues/0", "geo/run1/cost_n_hvp"} <= tags
     assert all(t.startswith("geo/run1/") for t in tags)
+    # the step is add_scalar's own argument; the probe's wall time stays in the
+    # record and the JSON lines (the docstring's exceptions)
+    assert not {"geo/run1/step", "geo/run1/probe_seconds"} & tags
+    assert "probe_seconds" in probe.history[-1]
 
 
 def test_state_dict_round_trip_keeps_the_non_finite_count(measure):
