@@ -94,6 +94,18 @@ class SDPANet(nn.Module):
         return self.head(h.mean(1))
 
 
+class SDPAPositionalNet(SDPANet):
+    """:class:`SDPANet` passing ``attn_mask`` and ``dropout_p`` positionally
+    (``F.scaled_dot_product_attention(q, k, v, None, p)``)."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(
+            q, k, v, None, self.p if self.training else 0.0
+        )
+        return self.head(h.mean(1))
+
+
 class PackedGRUNet(nn.Module):
     """Input ``(N, 3, 4)``: a two-layer ``nn.GRU`` on a packed sequence (the
     kernel's packed overload, dropout between its layers) and a linear head."""

@@ -1008,6 +1008,30 @@ ROWS += [
         "`v`",
     ),
     (
+        "dense/non-square",
+        lambda e: DenseOperator(torch.zeros(3, 2)),
+        ValueError,
+        "`matrix`",
+    ),
+    (
+        "dense/matvec-short",
+        lambda e: DenseOperator(torch.eye(3)).matvec(torch.ones(2)),
+        ValueError,
+        "`v`",
+    ),
+    (
+        "dense/matmat-short",
+        lambda e: DenseOperator(torch.eye(3)).matmat(torch.ones(2, 4)),
+        ValueError,
+        "`V`",
+    ),
+    (
+        "hess/matvec-short",
+        lambda e: _hess(e).matvec(torch.ones(_P(e) - 1)),
+        ValueError,
+        "`v`",
+    ),
+    (
         "dense/matvec-meta",
         lambda e: DenseOperator(torch.eye(3)).matvec(torch.ones(3, device="meta")),
         ValueError,

@@ -18,6 +18,7 @@ from cases import (
     LSTMNet,
     PackedGRUNet,
     SDPANet,
+    SDPAPositionalNet,
     assert_same_state,
     dropout_twins,
     image_data,
@@ -204,6 +205,8 @@ def test_auto_works_without_forward_ad():
     for method in ("auto", "rev_rev", "double_backward"):
         H = HessianOperator(model, CE, data, method=method, max_cached_batches=0)
         assert_close_report(H.to_dense(), ref, RTOL, ATOL)
+    # the documented default route ("auto" is "double_backward")
+    assert HessianOperator(model, CE, data).method_used == "double_backward"
 
 
 def test_layer_subset_and_names():
@@ -292,6 +295,9 @@ def test_matvec_forms_and_counting():
     assert H.n_matvec == 7
     # float32 inputs are cast to the operator's dtype
     assert H.matvec(V[:, 0].float()).dtype == torch.float64
+    flat32 = H.flatten([t.float() for t in H.unflatten(V[:, 0])])
+    assert flat32.dtype == torch.float64
+    assert torch.equal(flat32, V[:, 0].float().double())
 
 
 def test_loss_and_gradient_full_data():
@@ -330,6 +336,29 @@ def test_cache_follows_in_place_parameter_changes():
         model[0].bias.add_(0.5)
     ref = dense_hessian(model, CE, (X, y), params=last) @ u
     assert_close_report(H_sub.matvec(u), ref, RTOL, ATOL)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_cache_follows_in_place_buffer_changes(kind):
+    # a training step's forward moves BatchNorm's running statistics in place
+    # (parameters untouched): the cached eval-mode graphs must be rebuilt
+    from geoopt_sgd import GGNOperator
+
+    model, (Xi, yi) = tiny_cnn(), image_data(10)
+    Op, dense = {
+        "hessian": (HessianOperator, dense_hessian),
+        "ggn": (GGNOperator, dense_ggn),
+    }[kind]
+    op = Op(model, CE, (Xi, yi))
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0)).double()
+    before = op.matvec(v)
+    model.train()
+    with torch.no_grad():
+        model(2.0 * Xi + 1.0)
+    model.eval()
+    ref = dense(model, CE, (Xi, yi)) @ v
+    assert (ref - before).abs().max() > 1e-3  # the running statistics moved
+    assert_close_report(op.matvec(v), ref, RTOL, ATOL)
 
 
 def test_release_and_no_reference_cycle():
@@ -506,7 +535,14 @@ def test_dense_references_take_batch_fn():
 
 @pytest.mark.parametrize(
     "net",
-    [AttentionNet, InlineDropNet, LSTMNet, SDPANet, PackedGRUNet],
+    [
+        AttentionNet,
+        InlineDropNet,
+        LSTMNet,
+        SDPANet,
+        SDPAPositionalNet,
+        PackedGRUNet,
+    ],
     ids=lambda c: c.__name__,
 )
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: f"method={m}")
@@ -610,6 +646,40 @@ def test_weight_norm_hessian_matches_its_definition(api, method):
     # outside the operator the model runs torch's own kernel, as before
     out = model(X)
     assert out.grad_fn is not None
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_weight_norm_along_dim_1_matches_its_definition(api):
+    # the composite takes the kernel's `dim`: with dim=1 the norm runs over the
+    # rows of v (one g per input column), not over each row
+    from torch.nn.utils import parametrizations, weight_norm
+
+    torch.manual_seed(0)
+    head = nn.Linear(6, 3)
+    head = (
+        weight_norm(head, dim=1)
+        if api == "hook"
+        else parametrizations.weight_norm(head, dim=1)
+    )
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), head).double()
+    X, y = make_data(n=16, d=5, k=3)
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(flat):
+        parts = dict(zip(names, flat_split(model, flat), strict=True))
+        g = next(parts[n] for n in names if n.endswith(("weight_g", "original0")))
+        v = next(parts[n] for n in names if n.endswith(("weight_v", "original1")))
+        assert g.shape == (1, 6)
+        w2 = v * (g / v.norm(dim=0, keepdim=True))
+        h = torch.tanh(X @ parts["0.weight"].T + parts["0.bias"])
+        return CE(h @ w2.T + parts["2.bias"], y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    H_ref = torch.autograd.functional.hessian(f, flat)
+    for method in ("double_backward", "fwd_rev"):
+        H = HessianOperator(model, CE, (X, y), method=method).to_dense()
+        assert_close_report(H, H_ref, RTOL, ATOL)
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")

@@ -364,6 +364,21 @@ def test_operators_and_eigensolver_under_autocast_are_bitwise_the_same():
         assert torch.equal(got_eig.eigenvectors, ref_eig.eigenvectors)
 
 
+def test_operator_loss_and_gradient_under_autocast_are_bitwise_the_same():
+    # loss() and gradient() are no products: the mode policy itself turns
+    # autocast off around the model's evaluation
+    from geoopt_sgd import GGNOperator, HessianOperator
+
+    model, loss_fn, data = _conv_problem()
+    for Op in (HessianOperator, GGNOperator):
+        op = Op(model, loss_fn, data)
+        ref_loss, ref_grad = op.loss(), op.gradient()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_loss, got_grad = op.loss(), op.gradient()
+        assert got_loss == ref_loss
+        assert got_grad.dtype == torch.float32 and torch.equal(got_grad, ref_grad)
+
+
 def test_sharpness_trace_and_frobenius_are_the_formulas_on_their_probes():
     # the seeded Rademacher probes replayed through the dense Hessian: the mean of
     # z^T H z and its standard error (sd with n - 1); ||H||_F = sqrt(mean ||H z||^2)
