@@ -154,3 +154,25 @@ def test_noise_probe_construction_leaves_rng_and_model_alone():
     assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+class StorageMessageNet(nn.Module):
+    """A user's own error whose message happens to read like torch.func's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        raise RuntimeError("my_kernel: this tensor doesn't have storage yet")
+
+
+def test_a_users_storage_error_outside_the_transforms_passes_through():
+    # "doesn't have storage" is a transform's refusal only when it is raised
+    # on transformed parameters; the transform-free route passes it as it is
+    model = StorageMessageNet().double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with pytest.raises(RuntimeError) as info:
+        HessianOperator(model, SUM, (X, y), method="double_backward").to_dense()
+    assert type(info.value) is RuntimeError
+    assert "torch.func's transforms" not in str(info.value)

@@ -96,6 +96,7 @@ def test_errors():
         cases.InlineDropNet,
         cases.LSTMNet,
         cases.SDPANet,
+        cases.SDPAPositionalNet,
     ],
     ids=lambda c: c.__name__,
 )  # fmt: skip
@@ -210,3 +211,47 @@ def test_non_tensor_and_0dim_inputs_are_kept(make):
     )
     tr_sigma = torch.cov(ref[:4].T, correction=0).trace().item()
     assert ng.values["tr_sigma"] == pytest.approx(tr_sigma, rel=1e-10)
+
+
+def _loop_rows(model, loss_fn, X, y):
+    # explicit loop: the gradient of loss_fn on each batch of one
+    rows = []
+    for i in range(y.shape[0]):
+        loss = loss_fn(model(X[i : i + 1]), y[i : i + 1]).reshape(())
+        g = torch.autograd.grad(loss, list(model.parameters()))
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_class_weighted_cross_entropy_without_mean_carries_the_weight(reduction):
+    # only reduction="mean" divides by the summed weights (refused); with
+    # "none" or "sum" row i is w[y_i] times the unweighted sample gradient
+    model, _, X, y = _case("mlp-ce")
+    w = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
+    loss_fn = nn.CrossEntropyLoss(weight=w, reduction=reduction)
+    got = per_sample_gradients(model, loss_fn, X, y)
+    ref = _loop_rows(model, loss_fn, X, y)
+    torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
+    plain = _loop_rows(model, nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(got, w[y].unsqueeze(1) * plain, rtol=0, atol=ATOL)
+
+
+def test_probe_weighted_gradient_over_batches_of_different_sizes():
+    # grad sum_i c_i L_i over several probe batches: each batch takes its own
+    # slice of the weights (sizes 2, 3, 5), one weighting or several
+    from geoopt_sgd._model import FunctionalModel
+    from geoopt_sgd.probes.primitives import ProbeSet
+
+    model, loss_fn, X, y = _case("mlp-ce")
+    cuts = [0, 2, 5, 10]
+    batches = [(X[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    probe = ProbeSet(FunctionalModel(model), loss_fn, batches)
+    rows = _loop_rows(model, loss_fn, X[:10], y[:10])
+    C = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(
+        probe.weighted_gradient(C[:, 0]), C[:, 0] @ rows, rtol=1e-12, atol=ATOL
+    )
+    torch.testing.assert_close(
+        probe.weighted_gradient(C), C.T @ rows, rtol=1e-12, atol=ATOL
+    )
