@@ -395,3 +395,84 @@ def test_hutchpp_checks_every_product(bad_call):
     A = Flaky(torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64)))
     with pytest.raises(ValueError, match="operator's output is non-finite"):
         hutchpp_trace(A, num_matvecs=12, chunk_size=10)
+
+
+def density_probes(seed, P, num_probes, chunk_size):
+    """The unit Rademacher probes of ``spectral_density``, replayed (one row each)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, done = [], 0
+    while done < num_probes:
+        c = min(chunk_size, num_probes - done)
+        Z = torch.randint(0, 2, (c, P), generator=g)
+        rows.append((2 * Z - 1).double() / math.sqrt(P))
+        done += c
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 7])
+def test_density_quadrature_is_gauss_on_its_probes(num_steps):
+    # m Lanczos steps from v give the m-point Gauss rule of v's spectral measure:
+    # sum_i tau_i^2 theta_i^p = v^T A^p v exactly for p < 2m (probes replayed)
+    A = sym(spectrum(P=40))
+    sd = spectral_density(
+        DenseOperator(A), num_probes=5, num_steps=num_steps, seed=4, chunk_size=2
+    )
+    V = density_probes(4, 40, 5, 2)
+    for p in range(2 * num_steps):
+        want = (V * (torch.linalg.matrix_power(A, p) @ V.T).T).sum(1)
+        got = (sd.weights * sd.nodes**p).sum(1)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * 20.0**p)
+
+
+def test_density_full_krylov_weights_are_the_squared_overlaps():
+    # num_steps = P: the nodes are the eigenvalues and the weights (u_j^T v)^2
+    A = sym(spectrum(P=30))
+    lam, U = torch.linalg.eigh(A)
+    sd = spectral_density(DenseOperator(A), num_probes=3, num_steps=30, seed=2)
+    V = density_probes(2, 30, 3, 10)
+    for i in range(3):
+        order = sd.nodes[i].argsort()
+        torch.testing.assert_close(sd.nodes[i][order], lam, rtol=0, atol=1e-10)
+        want = (U.T @ V[i]) ** 2
+        torch.testing.assert_close(sd.weights[i][order], want, rtol=0, atol=1e-10)
+
+
+def test_density_exhausted_krylov_space_pads_and_spans_the_live_nodes():
+    # three distinct eigenvalues, five times each: every probe's Krylov space has
+    # dimension 3, so each row has 3 live nodes (the eigenvalues, weighted by the
+    # probe's mass on each eigenspace) and zero-weight padding, which must not
+    # widen the default width or grid (node 0.0 is padding, not an eigenvalue)
+    A = sym([2.0] * 5 + [3.0] * 5 + [5.0] * 5, seed=3)
+    _, U = torch.linalg.eigh(A)
+    sd = spectral_density(
+        DenseOperator(A), num_probes=2, num_steps=8, num_points=40, seed=1
+    )
+    V = density_probes(1, 15, 2, 10)
+    for i in range(2):
+        live = sd.weights[i] > 0
+        assert int(live.sum()) == 3
+        nodes, order = sd.nodes[i][live].sort()
+        torch.testing.assert_close(
+            nodes, torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-10
+        )
+        mass = ((U.T @ V[i]) ** 2).reshape(3, 5).sum(1)
+        torch.testing.assert_close(sd.weights[i][live][order], mass, rtol=0, atol=1e-10)
+    assert sd.sigma == pytest.approx(0.01 * 3.0, rel=1e-8)
+    assert float(sd.grid[0]) == pytest.approx(2.0 - 5 * sd.sigma, rel=1e-6)
+    assert float(sd.grid[-1]) == pytest.approx(5.0 + 5 * sd.sigma, rel=1e-6)
+
+
+@pytest.mark.parametrize("c", [3.0, -3.0])
+def test_density_of_a_multiple_of_the_identity(c):
+    # c I in a rotated basis (round-off in every product): one live node c per
+    # probe, the Krylov space ends after one step whatever the sign of c, and the
+    # default width is 1% of |c| (the node range is only round-off)
+    A = sym([c] * 12, seed=5)
+    sd = spectral_density(DenseOperator(A), num_probes=2, num_points=11)
+    assert sd.nodes.shape == (2, 12)
+    want = torch.full((2,), c, dtype=torch.float64)
+    torch.testing.assert_close(sd.nodes[:, 0], want, rtol=1e-13, atol=0)
+    assert bool((sd.weights[:, 0] == 1).all() and (sd.weights[:, 1:] == 0).all())
+    assert sd.sigma == pytest.approx(0.01 * abs(c), rel=1e-10)
+    assert float(sd.grid[0]) == pytest.approx(c - 5 * sd.sigma, rel=1e-6)
+    assert sd.n_matvec == 2
