@@ -453,7 +453,10 @@ def test_density_exhausted_krylov_space_pads_and_spans_the_live_nodes():
         assert int(live.sum()) == 3
         nodes, order = sd.nodes[i][live].sort()
         torch.testing.assert_close(
-            nodes, torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-10
+            nodes,
+            torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64),
+            rtol=0,
+            atol=1e-10,
         )
         mass = ((U.T @ V[i]) ** 2).reshape(3, 5).sum(1)
         torch.testing.assert_close(sd.weights[i][live][order], mass, rtol=0, atol=1e-10)

@@ -432,3 +432,47 @@ def test_expected_sharpness_one_sided_is_the_mean_loss_change(absolute):
     d = torch.tensor(diffs, dtype=torch.float64)
     assert est.value == pytest.approx(float(d.mean()), rel=1e-10)
     assert est.stderr == pytest.approx(float(d.std()) / math.sqrt(n), rel=1e-8)
+
+
+def test_sharpness_dense_path_eigenvectors_are_the_top_ones():
+    # k + 1 >= P takes the dense eigh: the top-k eigenvectors (up to sign) in
+    # the order of the values, no guard vectors
+    model = linear(d=2, k=1)
+    X, y = make_data(n=8, d=2, k=1, classification=False)
+    H = dense_hessian(model, nn.MSELoss(), (X, y)).double()
+    _, U = torch.linalg.eigh(H)
+    rep = sharpness(model, nn.MSELoss(), (X, y), k=2, trace_probes=0)
+    overlap = (rep.eigenvectors.double().T @ U.flip(1)[:, :2]).diagonal().abs()
+    torch.testing.assert_close(
+        overlap, torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    assert rep.next_eigenvectors is None and rep.verified and rep.converged
+
+
+def test_sharpness_lambda_min_converges_in_absolute_terms():
+    # lambda_min = 1e-6 lambda_max on an explicit quadratic (H = 2 X^T X / n):
+    # lambda_min needs only tol * lambda_max in absolute terms (as documented),
+    # which took 11 products here; relative to |lambda_min| it took 20
+    P, n = 60, 200
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    lam = torch.cat(
+        [
+            torch.tensor([4.0, 3.0, 2.5], dtype=torch.float64),
+            0.5 + torch.rand(P - 4, generator=g, dtype=torch.float64),
+            torch.tensor([4e-6], dtype=torch.float64),
+        ]
+    )
+    U, _ = torch.linalg.qr(torch.randn(n, P, generator=g, dtype=torch.float64))
+    X = math.sqrt(n / 2) * (U * lam.sqrt()) @ Q.T
+    y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(P, 1, bias=False).double()
+    ref = torch.linalg.eigvalsh(dense_hessian(model, nn.MSELoss(), (X, y)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = sharpness(
+            model, nn.MSELoss(), (X, y), k=2, trace_probes=0, max_matvecs=15
+        )
+    assert rep.converged and rep.n_hvp <= 15
+    torch.testing.assert_close(rep.top_eigenvalues, ref.flip(0)[:2], rtol=1e-3, atol=0)
+    assert abs(rep.lambda_min - float(ref[0])) <= 1e-3 * float(ref[-1])
