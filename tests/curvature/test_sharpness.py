@@ -476,3 +476,17 @@ def test_sharpness_lambda_min_converges_in_absolute_terms():
     assert rep.converged and rep.n_hvp <= 15
     torch.testing.assert_close(rep.top_eigenvalues, ref.flip(0)[:2], rtol=1e-3, atol=0)
     assert abs(rep.lambda_min - float(ref[0])) <= 1e-3 * float(ref[-1])
+
+
+@pytest.mark.parametrize("k, budget", [(1, 1), (3, 2), (3, 3)])
+def test_sharpness_budget_below_k_plus_one_is_refused(k, budget):
+    # the k top eigenvalues and lambda_min are k + 1 Ritz values: a budget of at
+    # most k products cannot give them (it raised an IndexError, mutation audit)
+    model, loss_fn, data = mlp_case()
+    with pytest.raises(ValueError, match="max_matvecs"):
+        sharpness(model, loss_fn, data, k=k, max_matvecs=budget, trace_probes=0)
+    # k + 1 products give k + 1 values (unconverged, with a warning)
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        rep = sharpness(model, loss_fn, data, k=k, max_matvecs=k + 1, trace_probes=0)
+    assert rep.top_eigenvalues.shape == (k,) and rep.n_hvp == k + 1
+    assert rep.lambda_min <= float(rep.top_eigenvalues[-1])
