@@ -176,7 +176,7 @@ def sharpness(
             ``reduction`` attribute; default read from ``loss_fn.reduction``,
             which it must match where present.
         max_matvecs: Budget of the eigensolver (see
-            :func:`~geoopt_sgd.top_eigenpairs`).
+            :func:`~geoopt_sgd.top_eigenpairs`), at least ``k + 1``.
         batch_fn: ``None`` or a callable mapping one batch of ``data`` (as a
             loader yields it, e.g. a dict) to ``(inputs, targets)``; inputs may
             be a tensor, a tuple/list (``model(*inputs)``) or a dict
@@ -197,7 +197,8 @@ def sharpness(
             tensor or ``data`` (after ``batch_fn``) is not ``(inputs, targets)``
             batches.
         ValueError: If ``k < 1`` or ``k > P``, ``lr <= 0``, ``tol <= 0``,
-            ``trace_probes < 0``, ``seed < 0`` or ``v0`` has the wrong shape or
+            ``trace_probes < 0``, ``seed < 0``, ``max_matvecs <= k`` (with
+            ``k + 1 < P``) or ``v0`` has the wrong shape or
             non-finite entries (as in :func:`~geoopt_sgd.top_eigenpairs`; and
             the operator's own errors, e.g. an unknown ``method``).
     """
@@ -226,6 +227,11 @@ def sharpness(
         P = op.shape[0]
         if k > P:
             raise ValueError(f"`k` must be <= P = {P} (the parameter count); got {k}.")
+        if max_matvecs is not None and k + 1 < P and max_matvecs <= k:
+            raise ValueError(
+                f"`max_matvecs` must be >= k + 1 = {k + 1} (the k top eigenvalues "
+                f"and lambda_min are k + 1 Ritz values); got {max_matvecs}."
+            )
         if v0 is not None:
             check_vector_shape("v0", v0, P)
             check_finite_tensor("v0", v0)
