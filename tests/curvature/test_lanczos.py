@@ -1,6 +1,7 @@
 """Lanczos eigensolver vs dense float64 eigh on matrices with known spectra."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -318,3 +319,67 @@ def test_low_rank_breakdown_with_small_basis(max_basis, verify):
     torch.testing.assert_close(
         Y.T @ Y, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0
     )
+
+
+# --- the stopping rule, the DGKS pass and the dense path's residuals ---
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "BE", "LM"])
+def test_stops_converged_with_true_residuals_within_tol(which):
+    # the solve stops when every returned pair's true residual is within tol
+    # (not a multiple of it): converged, no warning, orthonormal vectors
+    A = sym(outlier_spectrum())
+    for tol in (1e-4, 1e-7):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = top_eigenpairs(
+                DenseOperator(A), 5, which=which, tol=tol, verify=False
+            )
+        assert res.converged
+        Y = res.eigenvectors
+        true = (A @ Y - Y * res.eigenvalues).norm(dim=0) / res.eigenvalues.abs()
+        assert bool((true <= tol).all()), (tol, true)
+        torch.testing.assert_close(res.residuals, true, rtol=1e-3, atol=1e-12)
+        torch.testing.assert_close(
+            Y.T @ Y, torch.eye(5, dtype=torch.float64), atol=1e-13, rtol=0
+        )
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-11])
+def test_basis_stays_orthonormal_when_the_krylov_space_nearly_closes(scale):
+    # rank 10 plus a bulk of size `scale`: after 10 steps A v is nearly in the
+    # basis and one Gram-Schmidt pass cancels; the second (DGKS) pass keeps the
+    # Ritz vectors orthonormal to round-off (one pass: ~1e-7 off)
+    g = torch.Generator().manual_seed(4)
+    lams = torch.cat(
+        [
+            torch.linspace(10, 1, 10, dtype=torch.float64),
+            scale * torch.randn(190, generator=g, dtype=torch.float64),
+        ]
+    )
+    A = sym(lams, seed=2)
+    ref = torch.linalg.eigvalsh(A).flip(0)
+    for k in (10, 12):
+        res = top_eigenpairs(DenseOperator(A), k, tol=1e-8, verify=False)
+        Y = res.eigenvectors
+        torch.testing.assert_close(
+            Y.T @ Y, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0
+        )
+        torch.testing.assert_close(res.eigenvalues[:10], ref[:10], rtol=1e-9, atol=0)
+
+
+def test_dense_path_residuals_are_the_documented_relative_residuals():
+    # k == P: dense eigh; residuals ||A u - lam u|| / max(|lam|, sqrt(eps) ||A||),
+    # here with an exact zero eigenvalue (floor sqrt(eps) * 7)
+    A = sym([3.0, -7.0, 2.0, 0.0], seed=1)
+    res = top_eigenpairs(DenseOperator(A), 4)
+    S = (A + A.T) / 2
+    lam, U = torch.linalg.eigh(S)
+    R = (S @ U - U * lam).norm(dim=0)
+    denom = lam.abs().clamp_min(math.sqrt(torch.finfo(torch.float64).eps) * 7.0)
+    idx = lam.argsort(descending=True)
+    torch.testing.assert_close(res.eigenvalues, lam[idx], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(res.residuals, (R / denom)[idx], rtol=1e-12, atol=0)
+    assert bool((res.residuals < 1e-7).all()) and res.converged and res.verified
+    Y = res.eigenvectors
+    torch.testing.assert_close(A @ Y, Y * res.eigenvalues, rtol=0, atol=1e-13)

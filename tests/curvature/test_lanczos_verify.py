@@ -323,3 +323,26 @@ def test_default_verifies_and_finds_an_exact_double_inside_the_top_k():
         assert plain.converged and not plain.verified
         skipped += max_rel_err(plain.eigenvalues, ref) > TOL
     assert skipped >= 4
+
+
+def test_bottom_next_eigenvalue_is_lambda_k_plus_1_from_below():
+    # "SA": the (k+1)-th smallest (its guard converges with the check); "BE":
+    # the (k+1)-th largest of the top end
+    lam = torch.cat(
+        [
+            -torch.linspace(20, 10, 6, dtype=torch.float64),
+            torch.rand(
+                200, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+            ),
+        ]
+    )
+    res = bottom_eigenpairs(DenseOperator(torch.diag(lam)), 4, tol=1e-10, verify=True)
+    torch.testing.assert_close(
+        res.eigenvalues,
+        -torch.tensor([20.0, 18.0, 16.0, 14.0], dtype=torch.float64),
+        rtol=1e-10,
+        atol=0,
+    )
+    assert res.next_eigenvalue == pytest.approx(-12.0, rel=1e-6)
+    be = top_eigenpairs(DenseOperator(torch.diag(-lam)), 4, which="BE", tol=1e-10)
+    assert be.next_eigenvalue == pytest.approx(16.0, rel=1e-6)
