@@ -346,3 +346,15 @@ def test_bottom_next_eigenvalue_is_lambda_k_plus_1_from_below():
     assert res.next_eigenvalue == pytest.approx(-12.0, rel=1e-6)
     be = top_eigenpairs(DenseOperator(torch.diag(-lam)), 4, which="BE", tol=1e-10)
     assert be.next_eigenvalue == pytest.approx(16.0, rel=1e-6)
+
+
+def test_goodness_is_larger_further_out_at_each_end():
+    # the skip check compares wanted values as "larger is further out": the top
+    # values themselves, the bottom ones negated (a skipped bottom value found
+    # later lowers them), magnitudes for "LM"
+    vals = torch.tensor([5.0, 4.0, -3.0, -2.0], dtype=torch.float64)
+    out = lanczos._goodness(vals, 2, False)
+    assert torch.equal(out, torch.tensor([5.0, 4.0, 3.0, 2.0], dtype=torch.float64))
+    assert torch.equal(vals, torch.tensor([5.0, 4.0, -3.0, -2.0], dtype=torch.float64))
+    lm = lanczos._goodness(torch.tensor([-6.0, 5.0], dtype=torch.float64), 2, True)
+    assert torch.equal(lm, torch.tensor([6.0, 5.0], dtype=torch.float64))
