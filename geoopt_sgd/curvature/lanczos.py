@@ -684,6 +684,11 @@ def _validate(
     check_choice("which", which, _WHICH)
     check_number("tol", tol, gt=0)
     check_int("max_matvecs", max_matvecs, ge=1, allow_none=True)
+    if max_matvecs is not None and k < P and max_matvecs < k:
+        raise ValueError(
+            f"`max_matvecs` must be >= k = {k}: m products span at most m "
+            f"eigenpairs; got {max_matvecs}."
+        )
     check_int("max_basis", max_basis, ge=min(k + 2, P), allow_none=True)
     check_int("seed", seed, ge=0, allow_none=True)
     if v0 is not None:
@@ -826,7 +831,8 @@ def top_eigenpairs(
         TypeError: If ``operator`` is not a :class:`LinearOperator`, ``v0`` is not a
             tensor, or an integer argument is not an integer.
         ValueError: If ``k`` is not in ``[1, P]``, ``which`` is unknown, ``tol <= 0``,
-            ``max_matvecs < 1``, ``max_basis < min(k + 2, P)``, ``seed < 0``, or
+            ``max_matvecs < 1`` (or ``< k`` when ``k < P``),
+            ``max_basis < min(k + 2, P)``, ``seed < 0``, or
             ``v0`` has the wrong shape or non-finite entries; or if the
             operator's output is non-finite (a NaN operator is never returned
             as converged).

@@ -222,6 +222,22 @@ def test_budget_exhausted_warns_and_says_so():
     assert res.residuals.max() > 1e-12
 
 
+@pytest.mark.parametrize("which", ["LA", "SA", "BE", "LM", "bottom"])
+def test_budget_below_k_is_refused_at_the_call(which):
+    # m products span at most m Ritz pairs: a budget below k returned fewer
+    # than the k pairs asked for (k = 5, budget 2: two values; mutation audit)
+    op = DenseOperator(sym(outlier_spectrum()))
+    fn = bottom_eigenpairs if which == "bottom" else top_eigenpairs
+    kwargs = {} if which == "bottom" else {"which": which}
+    for budget in (1, 2, 4):
+        with pytest.raises(ValueError, match=r"`max_matvecs` must be >= k = 5"):
+            fn(op, 5, max_matvecs=budget, **kwargs)
+    assert op.n_matvec == 0
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = fn(op, 5, tol=1e-12, max_matvecs=5, **kwargs)
+    assert res.eigenvalues.shape == (5,) and res.eigenvectors.shape[1] == 5
+
+
 def test_seeded_deterministic_and_global_rng_untouched():
     A = DenseOperator(sym(outlier_spectrum()))
     state = torch.get_rng_state()

@@ -203,7 +203,7 @@ def test_block_start_keeps_the_budget(calls):
     A, E = drifting(P=200)
     prev = top_eigenpairs(DenseOperator(A), 8, tol=1e-6, verify=False)
     At = A + 1e-7 * E
-    for budget in (3, 8):
+    for budget in (8,):  # a budget below k is refused (test_lanczos.py)
         op = DenseOperator(At)
         with pytest.warns(RuntimeWarning, match="did not converge"):
             res = top_eigenpairs(
