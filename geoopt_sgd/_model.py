@@ -670,7 +670,9 @@ def _untransformable(err: RuntimeError, params: Sequence[Tensor]) -> bool:
     if not any(m in msg for m in _TRANSFORM_MARKERS):
         return False
     if msg.startswith("vmap: "):
-        return True
+        # only inside a transform of the package: a plain forward raising it is
+        # the model's own vmap (its bug, under the transform-free route too)
+        return torch._C._functorch.maybe_current_level() is not None
     is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return is_wrapped is None or any(is_wrapped(p) for p in params)
 

@@ -176,3 +176,26 @@ def test_a_users_storage_error_outside_the_transforms_passes_through():
         HessianOperator(model, SUM, (X, y), method="double_backward").to_dense()
     assert type(info.value) is RuntimeError
     assert "torch.func's transforms" not in str(info.value)
+
+
+class OwnVmapItemNet(nn.Module):
+    """A user error: the model's own ``vmap`` calls ``.item()`` (fails in training too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.func.vmap(lambda r: r / r.abs().max().item())(h)
+
+
+@pytest.mark.parametrize("op", [HessianOperator, GGNOperator])
+def test_a_vmap_error_outside_the_package_transforms_passes_through(op):
+    # the default route runs no transform: the model's own vmap refusal is
+    # its bug (a plain forward raises it too), not one of the package's routes
+    model = OwnVmapItemNet().double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with pytest.raises(RuntimeError, match=r"^vmap: .*\.item\(\)") as info:
+        op(model, SUM, (X, y)).to_dense()
+    assert type(info.value) is RuntimeError
