@@ -179,7 +179,7 @@ def test_a_users_storage_error_outside_the_transforms_passes_through():
 
 
 class OwnVmapItemNet(nn.Module):
-    """A user error: the model's own ``vmap`` calls ``.item()`` (fails in training too)."""
+    """A user error: its own ``vmap`` calls ``.item()`` (fails in training too)."""
 
     def __init__(self) -> None:
         super().__init__()
