@@ -199,3 +199,30 @@ def test_a_vmap_error_outside_the_package_transforms_passes_through(op):
     with pytest.raises(RuntimeError, match=r"^vmap: .*\.item\(\)") as info:
         op(model, SUM, (X, y)).to_dense()
     assert type(info.value) is RuntimeError
+
+
+def test_noise_probe_keeps_a_model_the_sketch_route_runs():
+    # `.item()` on the batch's activations fails only under vmap over samples
+    # (per-sample gradients, the exact route); the sketch route's vjp and
+    # vmapped jvp of the batch forward run it, so route="sketch" is not refused
+    from geoopt_sgd import NoiseProbe
+
+    torch.manual_seed(0)
+    model = ItemNet().double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+    with pytest.raises(RuntimeError, match=r"torch.func's transforms.*\.item\(\)"):
+        NoiseProbe(model, SUM, (X, y), k=2, route="exact")
+    probe = NoiseProbe(model, SUM, (X, y), k=2, route="sketch", num_probes=3)
+    ref = noise_geometry(model, SUM, (X, y), k=2, route="sketch", num_probes=3, seed=0)
+    rec = probe.measure()
+    assert rec["route"] == "sketch"
+    assert rec["tr_sigma"] == pytest.approx(ref.values["tr_sigma"], rel=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_noise_probe_refuses_a_packed_sequence_on_the_sketch_route_too():
+    from geoopt_sgd import NoiseProbe
+
+    model, X, y = packed_batch()
+    with pytest.raises(RuntimeError, match="pack_padded_sequence"):
+        NoiseProbe(model, SUM, (X, y), every=1, k=2, route="sketch")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
 
 from .. import distributed
 from .._checks import check_choice, check_int, integer_value
@@ -38,6 +39,7 @@ from .._model import (
     to_device,
     unwrap_model,
 )
+from ..curvature.hvp import math_sdpa
 from . import metrics as _metrics
 from .metrics import DEFAULT_METRICS, METRICS, noise_geometry
 from .primitives import per_sample_loss, per_sample_loss_gradients
@@ -150,12 +152,17 @@ def _check_transformable(
 ) -> None:
     """Refuse now a model whose forward torch.func cannot transform.
 
-    Every probe runs the model under ``vjp`` and ``vmap(grad)``; a packed
-    sequence, ``.item()`` control flow or a random draw in ``forward`` would make
-    the first probe raise inside the user's training loop. The per-sample
-    gradients of the first (at most two) samples of the first batch show it
-    now, with the global RNG restored. Any other failure is left to the first
-    probe, which reports it as before.
+    Every probe runs the model under transforms; a packed sequence, ``.item()``
+    control flow or a random draw in ``forward`` would make the first probe
+    raise inside the user's training loop. The per-sample gradients
+    (``vmap(grad)``, the exact route) of the first (at most two) samples of the
+    first batch show it now, with the global RNG restored. Unless
+    ``route="exact"``, a refusal there is confirmed on the sketch route's
+    transforms of the batch forward (a ``vjp`` and a vmapped ``jvp``), which run
+    ``.item()`` on activations: a model that fails only under ``vmap`` over
+    samples is left to the first probe (it fails where ``"auto"`` picks the
+    exact route). Any other failure is left to the first probe, which reports
+    it as before.
     """
     first = next((b for b in head if batch_size(b[1]) > 0), None)
     if first is None:
@@ -169,9 +176,38 @@ def _check_transformable(
         with preserve_global_rng(), torch.enable_grad():
             per_sample_loss_gradients(fm, per_sample_loss(loss_fn), inputs, targets)
     except UntransformableModelError:
-        raise
+        # the sketch route transforms only the batch forward (a vjp and a
+        # vmapped jvp): `.item()` on activations runs there, so refuse such a
+        # model only where the first probe would
+        if options.get("route", "auto") == "exact" or not _batch_forward_runs(
+            fm, inputs
+        ):
+            raise
     except Exception:  # the first probe reports it
         return
+
+
+def _batch_forward_runs(fm: FunctionalModel, inputs: Any) -> bool:
+    """Whether the sketch route's transforms of the batch forward run."""
+    params = [p.detach() for p in fm.params]
+
+    def out(p: list[Tensor]) -> Tensor:
+        return fm(p, inputs)
+
+    try:
+        with preserve_global_rng(), torch.enable_grad(), fm.policy(), math_sdpa():
+            o, f_vjp = vjp(out, params)
+            f_vjp(torch.ones_like(o))
+            tangents = [
+                torch.ones((2, *p.shape), dtype=p.dtype, device=p.device)
+                for p in params
+            ]
+            vmap(lambda t: jvp(out, (params,), (t,))[1])(tangents)
+    except UntransformableModelError:
+        return False
+    except Exception:  # not the transforms' refusal: the first probe reports it
+        return True
+    return True
 
 
 def _check_measurement(
@@ -358,7 +394,9 @@ class NoiseProbe:
         RuntimeError: If the model's ``forward`` cannot run under
             ``torch.func``'s transforms (a packed sequence, ``.item()`` control
             flow, a random draw), found on the first two samples of the first
-            batch with the global RNG restored.
+            batch with the global RNG restored; with ``route`` other than
+            ``"exact"`` only where the sketch route's transforms fail too
+            (``.item()`` on activations runs there).
 
     Example:
         Three lines in an existing training loop::
