@@ -212,6 +212,14 @@ def test_noise_probe_keeps_a_model_the_sketch_route_runs():
     X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
     with pytest.raises(RuntimeError, match=r"torch.func's transforms.*\.item\(\)"):
         NoiseProbe(model, SUM, (X, y), k=2, route="exact")
+    bn = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5), model).double()
+    bn[0].running_mean.fill_(0.3)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    rng = torch.get_rng_state()
+    NoiseProbe(bn, SUM, (X, y), k=2, route="sketch")  # the check's second pass
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, state[k]) for k, v in bn.state_dict().items())
+    assert bn.training and all(p.grad is None for p in bn.parameters())
     probe = NoiseProbe(model, SUM, (X, y), k=2, route="sketch", num_probes=3)
     ref = noise_geometry(model, SUM, (X, y), k=2, route="sketch", num_probes=3, seed=0)
     rec = probe.measure()
