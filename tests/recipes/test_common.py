@@ -360,6 +360,13 @@ def test_results_payload_and_environment():
         (0.6, "<", 0.5, False),
         (float("nan"), "<=", 0.5, False),
         (None, ">=", 0.0, False),
+        # at the threshold: "<=" holds, "<" does not
+        (0.5, "<=", 0.5, True),
+        (0.5, "<", 0.5, False),
+        # a non-finite value fails whichever side of the threshold it lies on
+        (float("inf"), ">=", 0.9, False),
+        (float("-inf"), "<=", 0.5, False),
+        (float("nan"), ">=", 0.9, False),
     ],
 )
 def test_claim(value, op, thr, ok):

@@ -463,6 +463,42 @@ def test_unstable_directions_count():
     assert ed.unstable_directions(lam, 1.1) == 2  # 1.1 * 9.5 / 10 > 1
     assert ed.unstable_directions(lam, 1.01) == 1
     assert ed.unstable_directions(lam, 1.3) == 3
+    # eta' lambda_j = 2 exactly (1.25 * 8 / 10 = 1): |1 - eta' lambda_j| = 1, stable
+    assert ed.unstable_directions(lam, 1.25) == 2
+
+
+def test_summarise_arm_reads_the_early_growth_and_the_escaped_fraction():
+    cfg = ed.Config(model="mlp", max_steps=4, growth_steps=3)
+    L0 = 1e-3
+    minimum = ed.Minimum(
+        theta=torch.zeros(2), U=torch.eye(2), lam=torch.tensor([2.0, 1.0]), loss=L0
+    )
+    # one run escapes at step 2 and stops (its last loss is held), one never does
+    escaping = {
+        "loss": [2 * L0, 8 * L0],
+        "escape_step": 2,
+        "rho": {"1": [0.5, 0.6]},
+        "rho_at_escape": {"1": 0.6},
+        "shares_at_escape": [0.6, 0.3],
+        "loss_shares_at_escape": [0.7, 0.2],
+    }
+    staying = {
+        "loss": [L0] * 4,
+        "escape_step": None,
+        "rho": {"1": [0.1] * 4},
+        "rho_at_escape": {"1": 0.2},
+        "shares_at_escape": [0.2, 0.1],
+        "loss_shares_at_escape": [0.3, 0.1],
+    }
+    arm = {"name": "gd_unstable", "kind": "gd", "lr": 1.0, "batch": None}
+    out = ed.summarise_arm(arm, [escaping, staying], cfg, minimum, {})
+    assert out["mean_loss"] == pytest.approx([1.5 * L0, 4.5 * L0, 4.5 * L0, 4.5 * L0])
+    # the mean loss at step growth_steps = 3 over L(theta*), per step
+    assert out["growth_factor"] == pytest.approx(4.5 ** (1 / 3), rel=1e-12)
+    assert out["escaped_fraction"] == 0.5
+    assert out["escape_steps"] == [2, None]
+    assert out["shares_at_escape"] == pytest.approx([0.4, 0.2])
+    assert out["rho_k_at_escape"] == pytest.approx({"1": 0.4, "2": 0.6})
 
 
 # ---------------------------------------------------------------- verdict rows

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import types
 
 import cases
 import numpy as np
@@ -254,6 +255,39 @@ def test_each_verdict_row_can_fail(claim):
     FAILS[claim](m)
     failed = [r["claim"] for r in pl.verdict(m) if not r["passed"]]
     assert failed == [claim]
+
+
+def test_verdict_at_the_thresholds_and_on_a_nan_or_zero_baseline():
+    m = _passing_metrics()
+    m["ce"].update(gamma=2.0, spearman=0.8, comm_error=0.7)  # 0.7 / 1.4 = 0.5
+    m["mse"].update(gamma=1.0)
+    m["gamma_gap"] = 0.15
+    assert all(r["passed"] for r in pl.verdict(m))  # every threshold is inclusive
+    m = _passing_metrics()
+    m["mse"].update(gamma=math.nan, comm_baseline=0.0)
+    failed = {r["claim"] for r in pl.verdict(m) if not r["passed"]}
+    assert failed == {
+        "gamma_mse >= 1",
+        "gamma_mse <= 2",
+        "commutativity error / random baseline (mse)",
+    }
+
+
+def test_summarise_reads_the_last_measurement_and_gamma_ce_minus_gamma_mse():
+    def rec(gamma):
+        return dict.fromkeys(pl.PER_MEASURE, 0.0) | {"gamma": gamma}
+
+    runs = {
+        "ce": {"records": [rec(0.5), rec(1.6)]},
+        "mse": {"records": [rec(1.9), rec(1.2)]},
+    }
+    data = types.SimpleNamespace(y_train=torch.zeros(7))
+    m = pl.summarise(runs, pl.Config(width=3), data)
+    assert m["ce"]["gamma"] == 1.6 and m["mse"]["gamma"] == 1.2
+    assert m["gamma_gap"] == pytest.approx(0.4, rel=1e-12)
+    assert m["num_train"] == 7 and m["block_size"] == 9
+    runs["mse"]["records"][-1]["gamma"] = None  # no fit: no gap
+    assert pl.summarise(runs, pl.Config(width=3), data)["gamma_gap"] is None
 
 
 def test_missing_gamma_fails():
