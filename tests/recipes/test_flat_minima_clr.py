@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -124,6 +125,55 @@ def test_each_row_can_fail(change, failed):
     _, rows = R.summarise(seeds, R.Config())
     assert len(rows) == 4
     assert [r["passed"] for r in rows] == [i != failed for i in range(4)]
+
+
+def _cycles(arm: dict, cos2: list[float | None]) -> dict:
+    """``arm`` with one cycle per entry of ``cos2`` (None: no escape in it)."""
+    nan = math.nan
+    out = {k: [v[0]] + [v[1]] * len(cos2) for k, v in arm.items()}
+    out["cycle"] = list(range(len(cos2) + 1))
+    out["cos2_escape"] = [nan] + [nan if c is None else c for c in cos2]
+    out["escape_step"] = [None] + [None if c is None else 7 for c in cos2]
+    out["escape_distance"] = [nan] + [nan if c is None else 1e-3 for c in cos2]
+    return out
+
+
+def test_escape_rows_read_the_median_over_escapes():
+    def rows(gd, sgd):
+        arms = {
+            "gd": _cycles(_arm(*PASSING["gd"]), gd),
+            "sgd": _cycles(_arm(*PASSING["sgd"]), sgd),
+        }
+        seeds = {"0": {"lambda0": 10.0, "lrs": [0.1, 0.3], "arms": arms}}
+        metrics, rows = R.summarise(seeds, R.Config())
+        return metrics, [r["passed"] for r in rows]
+
+    # the median of three escapes is the middle one, not the largest or smallest
+    metrics, passed = rows([0.6, 0.65, 0.9], [0.1, 0.2, 0.35])
+    assert metrics["gd_cos2_escape_median"] == 0.65
+    assert metrics["sgd_cos2_escape_median"] == 0.2
+    assert passed == [True, True, False, True]
+    _, passed = rows([0.1, 0.75, 0.8], [0.0, 0.35, 0.4])
+    assert passed == [True, True, True, False]
+    # a cycle without an escape is left out of the median, not counted as NaN
+    metrics, passed = rows([0.9, None, 0.8, None], [None, 0.1])
+    assert metrics["gd_cos2_escape_median"] == pytest.approx(0.85)
+    assert metrics["gd_escapes"] == 2 and metrics["sgd_escapes"] == 1
+    assert passed == [True] * 4
+
+
+def test_a_seed_with_a_nan_final_trace_fails_the_flatness_rows():
+    arms = {arm: _arm(*PASSING[arm]) for arm in R.ARMS}
+    bad = copy.deepcopy(arms)
+    bad["sgd"]["trace"][-1] = math.nan
+    bad["sgd"]["lambda_max"][-1] = math.nan
+    seeds = {
+        "0": {"lambda0": 10.0, "lrs": [0.1, 0.3], "arms": arms},
+        "1": {"lambda0": 10.0, "lrs": [0.1, 0.3], "arms": bad},
+    }
+    metrics, rows = R.summarise(seeds, R.Config())
+    assert math.isnan(metrics["trace_ratio_sgd_over_gd"])
+    assert [r["passed"] for r in rows] == [False, False, True, True]
 
 
 def test_cos2():
