@@ -195,6 +195,66 @@ def test_a_diverging_run_fails_the_bound_row(tmp_path):
     assert not res["passed"]
 
 
+def _bound_arrays():
+    """Constructed runs of both parts on which every row passes."""
+    runs = []
+    for fam in ("mlp", "cnn"):
+        for w, P, trace, fro in ((2, 10, 1.0, 1.0), (8, 100, 10.0, 2.0)):
+            for B, final in ((5, 0.8), (40, 0.4)):
+                runs.append(
+                    {
+                        "family": fam,
+                        "width": w,
+                        "P": P,
+                        "B": B,
+                        # step 0 (the initialisation) is above the bound
+                        "step": [0, 10, 20],
+                        "ratio": [1.5, 0.5, 0.9],
+                        "diverged": False,
+                        "final_ratio": final,
+                        "final_trace": trace,
+                        "final_fro": fro,
+                    }
+                )
+    wide = [{"width": 4, "ratio": [6.0, 5.0, 7.0]}, {"width": 8, "ratio": [7.0, 8.0]}]
+    return {"bound": runs, "widths": wide}
+
+
+def _failed_rows(change=None):
+    cfg = R.Config(families=("mlp", "cnn"), mlp_widths=(2, 8), cnn_widths=(2, 8))
+    arrays = _bound_arrays()
+    if change:
+        change(arrays["bound"], arrays["widths"])
+    _, rows = R.summarise(arrays, cfg)
+    assert len(rows) == 5
+    return [i for i, r in enumerate(rows) if not r["passed"]]
+
+
+def _set(run, **kw):
+    run.update(kw)
+
+
+@pytest.mark.parametrize(
+    "change, failed",
+    [
+        (None, []),
+        # one evaluation after step 0 above the bound, in one run
+        (lambda b, w: b[5]["ratio"].__setitem__(2, 1.01), [0]),
+        # a run that diverged fails the bound row even where its ratios are finite
+        (lambda b, w: _set(b[3], diverged=True), [0]),
+        (lambda b, w: _set(b[1], final_ratio=0.8), [1]),  # 0.8 / 0.8 is not > 1
+        # a NaN ratio in one family fails the row though the other family passes
+        (lambda b, w: _set(b[7], final_ratio=math.nan), [1]),
+        (lambda b, w: _set(b[6], final_trace=3.9), [2]),  # cnn: 3.9 / 2 < 2
+        (lambda b, w: _set(b[4], final_trace=math.nan), [2]),
+        (lambda b, w: w[1]["ratio"].__setitem__(0, 4.9), [3]),
+        (lambda b, w: w[1].update(ratio=[5.0, 6.0]), [4]),  # median 6 -> 5.5
+    ],
+)
+def test_each_row_fails_on_its_side_of_the_threshold(change, failed):
+    assert _failed_rows(change) == failed
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
