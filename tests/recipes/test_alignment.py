@@ -412,3 +412,49 @@ def test_flatness_row_reads_the_mean_over_inits():
     assert [x["claim"] for x in rows if not x["passed"]] == [
         x["claim"] for x in rows if x["claim"].startswith("every run converged")
     ]
+
+
+def test_rows_fail_on_a_nan_init_a_zero_baseline_and_skip_zero_loss():
+    cfg = dataclasses.replace(tiny("unused"), inits=2)
+    runs, nsweep = _fake(dataclasses.replace(cfg, inits=1))
+    for key in list(runs):
+        runs[key + "/1"] = copy.deepcopy(runs[key])
+
+    def failed(runs_, nsweep_):
+        _, rows = R.summarise(runs_, nsweep_, cfg)
+        return [x["claim"] for x in rows if not x["passed"]]
+
+    assert failed(runs, nsweep) == []
+    # one initialisation of the largest cnn has no mu at convergence (NaN): the
+    # size's mean is NaN and the flatness row fails (not the other init alone)
+    w = R.widths_of(cfg, "cnn")[-1]
+    r = copy.deepcopy(runs)
+    r[f"cnn/{w}/1"]["mu"] = [1.0, math.nan, math.nan]
+    [c] = failed(r, nsweep)
+    assert "size (cnn)" in c
+    # a negative mu at convergence (smallest cnn) fails the flatness row too
+    r = copy.deepcopy(runs)
+    for i in ("", "/1"):
+        r[f"cnn/{R.widths_of(cfg, 'cnn')[0]}{i}"]["mu"] = [1.0, -0.5, -0.5]
+    assert any("size (cnn)" in c for c in failed(r, nsweep))
+    # no directional alignment at large n (0): the ratio is undefined, a failure
+    sp, n_lo, n_hi = R.SPECTRA[0], min(cfg.nsweep_samples), max(cfg.nsweep_samples)
+    ns = copy.deepcopy(nsweep)
+    for draw in ns[f"{sp}/{n_hi}"]["draws"]:
+        draw["g_top"] = [0.0, 0.0]
+    assert failed(runs, ns) == [
+        f"directional alignment weaker at small n ({sp}): median over training "
+        f"of min_j g(u_j), j <= {cfg.k}, n = {n_lo} over n = {n_hi}"
+    ]
+    # a measurement at L = 0 is left out (alpha and mu are 0/0 there)
+    r = copy.deepcopy(runs)
+    r["fcn/3"].update(loss=[1.0, 1.0, 0.0], alpha=[0.9, 0.9, 0.0])
+    r["fcn/3"]["mu"][2] = math.nan
+    assert failed(r, nsweep) == []
+    # the P span is max/min over the sizes whatever their order
+    r = copy.deepcopy(runs)
+    ws = R.widths_of(cfg, "fcn")
+    for i in ("", "/1"):
+        a, b = f"fcn/{ws[0]}{i}", f"fcn/{ws[-1]}{i}"
+        r[a]["num_params"], r[b]["num_params"] = r[b]["num_params"], r[a]["num_params"]
+    assert failed(r, nsweep) == []
