@@ -292,3 +292,61 @@ def test_toy_noise_agrees_with_noisy_gd(kind, noise):
     off_support = evecs[:, evals < 1e-15]
     assert float((xi @ off_support).norm()) <= 1e-12 * float(xi.norm())
     assert float(xi.norm()) > 0
+
+
+def _toy_rows(**rates):
+    base = dict(gd=0.0, const=0.05, diag=0.05, lead=0.2, hess=0.2)
+    base["1eig"] = 0.2
+    base.update(rates)
+    ratio = base.pop("ratio", 1.7)
+    toy = {"dynamics": {k: {"success_rate": v} for k, v in base.items()}}
+    toy["tr_hc_ratio"] = ratio
+    return [r["passed"] for r in R._toy_verdict(toy, {})]
+
+
+def test_toy_rows_at_and_past_their_thresholds():
+    assert _toy_rows() == [True] * 7  # every rate at its threshold passes
+    assert _toy_rows(gd=0.01) == [False] + [True] * 6
+    assert _toy_rows(diag=0.051) == [True, True, False] + [True] * 4
+    assert _toy_rows(hess=0.19) == [True] * 4 + [False, True, True]
+    assert _toy_rows(ratio=1.0) == [True] * 6 + [False]  # Tr(HC) ratio must be > 1
+    assert _toy_rows(lead=math.nan, ratio=math.nan) == [True] * 3 + [False] + [
+        True
+    ] * 2 + [False]
+
+
+def _net_rows(iso=(0.80, 2.0), aniso=(0.82, 1.0), geo=None):
+    geo = geo or [
+        {"tr_ratio": 4.0, "projection_coefficient": 0.9},
+        {"tr_ratio": 6.0, "projection_coefficient": 1.2},
+        {"tr_ratio": 7.0, "projection_coefficient": 1.5},
+    ]
+    dyn = {}
+    for group, (acc, sharp) in ((R.ISOTROPIC_GROUP, iso), (R.ANISOTROPIC_GROUP, aniso)):
+        for k in group:
+            dyn[k] = {
+                "final_test_acc": acc,
+                "final_train_acc": acc,
+                "expected_sharpness": sharp,
+            }
+    dyn["sgd"]["geometry"] = geo
+    metrics = {}
+    rows = R._net_verdict(R.Config(), {"0": {"dynamics": dyn}}, metrics)
+    return metrics, [r["passed"] for r in rows]
+
+
+def test_net_rows_on_constructed_runs():
+    metrics, passed = _net_rows()
+    assert passed == [True] * 4
+    # the medians over the geometry records, not their extremes
+    assert metrics["tr_ratio_median_along_sgd"] == 6.0
+    assert metrics["projection_coefficient_median_along_sgd"] == 1.2
+    assert _net_rows(aniso=(0.8099, 1.0))[1] == [False, True, True, True]  # < 1 pp
+    assert _net_rows(iso=(0.80, 1.0))[1] == [True, False, True, True]  # ratio 1
+    # zero or NaN expected sharpness of the isotropic group: no ratio, a failure
+    assert _net_rows(iso=(0.80, 0.0))[1] == [True, False, True, True]
+    assert _net_rows(iso=(math.nan, math.nan))[1] == [False, False, True, True]
+    low = [{"tr_ratio": v, "projection_coefficient": 1.0} for v in (4.9, 9.0, 1.0)]
+    assert _net_rows(geo=low)[1] == [True, True, False, False]  # median 4.9; a-hat 1
+    nan = [{"tr_ratio": math.nan}]  # no finite measurement: NaN medians fail
+    assert _net_rows(geo=nan)[1] == [True, True, False, False]
