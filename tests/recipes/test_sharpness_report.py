@@ -152,3 +152,33 @@ def test_quick_default(tmp_path):
     res = sr.main(dataclasses.replace(sr.Config.quick(), out_dir=str(tmp_path)))
     assert res["passed"], [r["claim"] for r in res["verdict"] if not r["passed"]]
     assert (tmp_path / "sharpness_report" / "sharpness.png").exists()
+
+
+def _verdict(**kw):
+    m = dict(
+        converged=True,
+        lambda_max=5.0,
+        lambda_min=-1.0,
+        density_mass=1.0,
+        frobenius=6.0,  # 36 >= 5^2 + 3^2 = 34
+        frobenius_stderr=0.0,
+        top_eigenvalues=[5.0, 3.0],
+    )
+    m.update(kw)
+    return [r["passed"] for r in sr.verdict(m)]
+
+
+def test_each_verdict_row_fails_on_its_side_of_the_threshold():
+    assert _verdict() == [True] * 4
+    assert _verdict(converged=False) == [False, True, True, True]
+    assert _verdict(lambda_min=5.5) == [True, False, True, True]
+    assert _verdict(lambda_min=5.0) == [True] * 4  # lambda_min = lambda_max
+    for mass, ok in ((1.04, True), (0.96, True), (1.06, False), (0.94, False)):
+        assert _verdict(density_mass=mass) == [True, True, ok, True], mass
+    assert _verdict(density_mass=math.nan) == [True, True, False, True]
+    # ||H||_F^2 = 25 < 34, short by 9 = 3 standard errors of ||H||_F^2 at 0.3
+    # (the s.e. of ||H||_F^2 is 2 ||H||_F s.e.(||H||_F) = 3)
+    assert _verdict(frobenius=5.0) == [True, True, True, False]
+    assert _verdict(frobenius=5.0, frobenius_stderr=0.29) == [True, True, True, False]
+    assert _verdict(frobenius=5.0, frobenius_stderr=0.3) == [True] * 4
+    assert _verdict(frobenius=None) == [True] * 3  # no Frobenius row
