@@ -573,6 +573,25 @@ def test_each_verdict_row_can_fail(row, change):
     assert _failed(summaries, metrics, cfg) == [row]
 
 
+@pytest.mark.parametrize(
+    ("rows", "change"),
+    [
+        ([0], lambda s, m: m.update(lambda_1=20.0)),  # train_lr * lambda_1 = 2: not < 2
+        ([6], lambda s, m: s["sgd"].update(gamma0=1.0)),  # gamma_0 = 1: not > 1
+        ([8], lambda s, m: s["control"].update(gamma0=1.0)),  # not < 1
+        ([], lambda s, m: s["sgd"].update(escaped_fraction=0.9)),  # >= 0.9
+        ([], lambda s, m: s["control"].update(escaped_fraction=0.1)),  # <= 0.1
+        # NaN shares fail every row that reads them, NaN growth its row
+        ([2, 3, 5], lambda s, m: s["sgd"].update(shares_at_escape=[math.nan] * 20)),
+        ([7], lambda s, m: s["sgd"].update(growth_factor=math.nan)),
+    ],
+)
+def test_verdict_rows_at_their_thresholds_and_on_nan(rows, change):
+    summaries, metrics, cfg = _passing()
+    change(summaries, metrics)
+    assert _failed(summaries, metrics, cfg) == rows
+
+
 def test_gd_row_reads_every_unstable_direction():
     summaries, metrics, cfg = _passing()
     # two directions unstable at eta' (1.1 lambda_2 / lambda_1 > 1): GD splits
