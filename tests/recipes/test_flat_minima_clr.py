@@ -114,6 +114,8 @@ PASSING = dict(gd=(5.0, 100.0, 0.99), sgd=(4.0, 50.0, 0.01))
         (dict(sgd=(4.0, 80.0, 0.01)), None),  # ... at 0.8 passes (<=)
         (dict(sgd=(5.0, 50.0, 0.01)), 1),  # lambda_max ratio 1: not < 1
         (dict(gd=(5.0, 100.0, 0.6999)), 2),  # GD escape cos^2 below 0.7
+        (dict(gd=(5.0, 100.0, 0.7)), None),  # ... at 0.7 passes (>=)
+        (dict(sgd=(4.0, 50.0, 0.3)), None),  # SGD's at 0.3 passes (<=)
         (dict(gd=(5.0, 100.0, None)), 2),  # GD never escapes
         (dict(sgd=(4.0, 50.0, 0.3001)), 3),  # SGD escape cos^2 above 0.3
         (dict(sgd=(4.0, 50.0, None)), 3),  # SGD never escapes
