@@ -255,6 +255,16 @@ def test_each_row_fails_on_its_side_of_the_threshold(change, failed):
     assert _failed_rows(change) == failed
 
 
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_nan_ratio_fails_the_iso_row_wherever_it_is(where):
+    # a NaN Tr(H Sigma) / Tr(H Sigma_iso) (a diverged epoch) fails the "min over
+    # widths and epochs" row, whichever epoch it is in
+    def change(b, w):
+        w[0]["ratio"][where] = math.nan
+
+    assert 3 in _failed_rows(change)
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
