@@ -713,7 +713,11 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
     if wide:
         z19 = "Zhu et al. 2019, arXiv:1803.00195, Fig. 4 (qualitative)"
         all_r = [v for w in wide for v in _finite(w["ratio"])]
-        metrics["z19_ratio_min"] = min(all_r) if all_r else math.nan
+        # a NaN ratio (a diverged epoch) makes the min NaN: min() skips a NaN
+        # that is not first
+        metrics["z19_ratio_min"] = (
+            min(all_r) if all_r and all(map(math.isfinite, all_r)) else math.nan
+        )
         medians = [_median(_finite(w["ratio"])) for w in wide]
         metrics["z19_ratio_median"] = {
             str(w["width"]): m for w, m in zip(wide, medians, strict=True)
