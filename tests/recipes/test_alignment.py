@@ -446,6 +446,13 @@ def test_rows_fail_on_a_nan_init_a_zero_baseline_and_skip_zero_loss():
         f"directional alignment weaker at small n ({sp}): median over training "
         f"of min_j g(u_j), j <= {cfg.k}, n = {n_lo} over n = {n_hi}"
     ]
+    # no finite mu at large n for either spectrum: the "min over the two
+    # spectra" is NaN and the row fails, whichever spectrum it is
+    for sp in R.SPECTRA:
+        ns = copy.deepcopy(nsweep)
+        for draw in ns[f"{sp}/{n_hi}"]["draws"]:
+            draw["mu"] = [math.nan, math.nan]
+        assert any(c.startswith("large-n linear regression") for c in failed(runs, ns))
     # a measurement at L = 0 is left out (alpha and mu are 0/0 there)
     r = copy.deepcopy(runs)
     r["fcn/3"].update(loss=[1.0, 1.0, 0.0], alpha=[0.9, 0.9, 0.0])

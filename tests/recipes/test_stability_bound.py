@@ -265,6 +265,15 @@ def test_a_nan_ratio_fails_the_iso_row_wherever_it_is(where):
     assert 3 in _failed_rows(change)
 
 
+def test_a_width_without_a_finite_ratio_fails_the_width_row():
+    # the widest width has no finite ratio: its median is NaN, and so is the last
+    # step of "median ratio(wider) / median ratio(narrower)"
+    def change(b, w):
+        w.append({"width": 16, "ratio": [math.nan, math.nan]})
+
+    assert _failed_rows(change) == [3, 4]
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
