@@ -738,7 +738,7 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
             C(
                 "the ratio does not decrease with width: min over consecutive "
                 "widths of median ratio(wider) / median ratio(narrower)",
-                min(steps) if steps else math.nan,
+                min(steps) if steps and all(map(math.isfinite, steps)) else math.nan,
                 ">=",
                 1.0,
                 source=f"ours (docs/recipes/stability_bound.md); claim: {z19}",
