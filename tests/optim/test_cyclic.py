@@ -192,13 +192,20 @@ def test_wrapper_never_touches_momentum():
     assert control.param_groups[0]["momentum"] == 0.9
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_cycle_momentum_matches_torch(opt_name):
+def _momentum_optimizer(opt_name):
+    """A builder of SGD with momentum or Adam over ``_groups(model)``."""
+
     def make(model):
         if opt_name == "sgd":
             return torch.optim.SGD(_groups(model), lr=1.0, momentum=0.5)
         return torch.optim.Adam(_groups(model), lr=1.0)
 
+    return make
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_cycle_momentum_matches_torch(opt_name):
+    make = _momentum_optimizer(opt_name)
     kw = {"base_momentum": [0.8, 0.7], "max_momentum": [0.9, 0.95]}
     ref = make(_model())
     sched = CyclicLR(ref, 0.01, 0.1, 3, 4, cycle_momentum=True, **kw)
@@ -218,11 +225,7 @@ def test_cycle_momentum_matches_torch(opt_name):
 def test_as_scheduler_cycles_momentum_like_torch(opt_name):
     # as_scheduler with cycle_momentum=True writes the same momentum (betas[0])
     # and lr before every optimizer step as torch's CyclicLR, exactly
-    def make(model):
-        if opt_name == "sgd":
-            return torch.optim.SGD(_groups(model), lr=1.0, momentum=0.5)
-        return torch.optim.Adam(_groups(model), lr=1.0)
-
+    make = _momentum_optimizer(opt_name)
     kw = {"base_momentum": [0.8, 0.7], "max_momentum": [0.9, 0.95]}
     ref = make(_model())
     ref_sched = CyclicLR(ref, 0.01, 0.1, 3, 4, cycle_momentum=True, **kw)

@@ -40,6 +40,15 @@ def _numel(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def _isotropic_probes(P, s, gen):
+    """The sketch's ``s`` isotropic probes, replayed from its generator (the
+    eigensolve's 8 random directions come first and serve as probes)."""
+    Zu = random_directions(P, 8, gen)
+    if s > 8:
+        Zu = torch.cat([Zu, random_directions(P, s - 8, gen)], 1)
+    return Zu[:, :s]
+
+
 def _dense_pieces(model, loss_fn, X, y, batch_size=None):
     """Explicit Sigma (or C), G and the per-sample M_i = J_i^T Lambda_i J_i (eval)."""
     cov = gradient_covariance(psg(model, loss_fn, X, y), batch_size=batch_size)
@@ -175,10 +184,7 @@ def test_sketch_matches_dense_estimator(name, num_probes):
         seed=4,
     )
     gen = torch.Generator().manual_seed(4)
-    Zu = random_directions(P, 8, gen)
-    if num_probes > 8:
-        Zu = torch.cat([Zu, random_directions(P, num_probes - 8, gen)], 1)
-    Zu = Zu[:, :num_probes]
+    Zu = _isotropic_probes(P, num_probes, gen)
     cov, G, Mi = _dense_pieces(model, loss_fn, X, y)
     U = res.eigenvectors
     est = _dense_estimates(cov["sigma"], cov["sigma2"], G, Mi, U, Zu)
@@ -462,10 +468,7 @@ def test_hessian_standard_errors_match_dense_jackknife(num_probes):
         seed=4,
     )
     gen = torch.Generator().manual_seed(4)
-    Zu = random_directions(P, 8, gen)
-    if s > 8:
-        Zu = torch.cat([Zu, random_directions(P, s - 8, gen)], 1)
-    Zu = Zu[:, :s]
+    Zu = _isotropic_probes(P, s, gen)
     z = torch.randn(s, n, generator=gen, dtype=torch.float64)
     Z = torch.randint(0, 2, (P, s), generator=gen, dtype=torch.int8).double() * 2 - 1
     D = psg(model, loss_fn, X, y)
