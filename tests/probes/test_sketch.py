@@ -49,6 +49,17 @@ def _isotropic_probes(P, s, gen):
     return Zu[:, :s]
 
 
+def _hessian_probes(P, n, s, seed):
+    """The Hessian sketch route's draws, replayed in its order: the ``s``
+    isotropic probes, the natural probes' normals ``(s, n)``, then the
+    Rademacher signs ``(P, s)``."""
+    gen = torch.Generator().manual_seed(seed)
+    Zu = _isotropic_probes(P, s, gen)
+    z = torch.randn(s, n, generator=gen, dtype=torch.float64)
+    Z = torch.randint(0, 2, (P, s), generator=gen, dtype=torch.int8).double() * 2 - 1
+    return Zu, z, Z
+
+
 def _dense_pieces(model, loss_fn, X, y, batch_size=None):
     """Explicit Sigma (or C), G and the per-sample M_i = J_i^T Lambda_i J_i (eval)."""
     cov = gradient_covariance(psg(model, loss_fn, X, y), batch_size=batch_size)
@@ -231,12 +242,7 @@ def test_sketch_hessian_traces_match_dense_probes(num_probes):
         num_probes=s,
         seed=4,
     )
-    gen = torch.Generator().manual_seed(4)
-    random_directions(P, 8, gen)
-    if s > 8:
-        random_directions(P, s - 8, gen)
-    z = torch.randn(s, n, generator=gen, dtype=torch.float64)
-    Z = torch.randint(0, 2, (P, s), generator=gen, dtype=torch.int8).double() * 2 - 1
+    _, z, Z = _hessian_probes(P, n, s, seed=4)
     D = psg(model, loss_fn, X, y)
     H = dense_curvature(model, loss_fn, X, y, kind="hessian")
     xi = D.T @ z.T / math.sqrt(n)
@@ -467,10 +473,7 @@ def test_hessian_standard_errors_match_dense_jackknife(num_probes):
         num_probes=s,
         seed=4,
     )
-    gen = torch.Generator().manual_seed(4)
-    Zu = _isotropic_probes(P, s, gen)
-    z = torch.randn(s, n, generator=gen, dtype=torch.float64)
-    Z = torch.randint(0, 2, (P, s), generator=gen, dtype=torch.int8).double() * 2 - 1
+    Zu, z, Z = _hessian_probes(P, n, s, seed=4)
     D = psg(model, loss_fn, X, y)
     H = dense_curvature(model, loss_fn, X, y, kind="hessian")
     cov, _, Mi = _dense_pieces(model, loss_fn, X, y)
