@@ -25,6 +25,16 @@ class FakeResult:
         return out
 
 
+class RecordingWriter:
+    """A duck-typed ``SummaryWriter``: keeps every ``add_scalar`` call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, tag, value, step):
+        self.calls.append((tag, value, step))
+
+
 class Vandal:
     """A measurement that does everything a probe must not leave behind.
 
@@ -201,14 +211,7 @@ def test_sinks_jsonl_writer_callback(tmp_path, measure):
     model = mlp()
     X, y = make_data()
 
-    class Writer:
-        def __init__(self):
-            self.calls = []
-
-        def add_scalar(self, tag, value, step):
-            self.calls.append((tag, value, step))
-
-    writer, seen = Writer(), []
+    writer, seen = RecordingWriter(), []
     path = tmp_path / "noise.jsonl"
     values = {"loss": 0.5, "mu": float("nan"), "alpha": float("inf")}
     measure(Vandal(values))
@@ -732,17 +735,10 @@ def test_non_finite_eigenvectors_are_not_a_warm_start(measure):
 
 
 def test_writers_get_the_tag_prefix(measure):
-    class Writer:
-        def __init__(self):
-            self.calls = []
-
-        def add_scalar(self, tag, value, step):
-            self.calls.append((tag, value, step))
-
     model = mlp()
     X, y = make_data()
     measure(Vandal({"loss": 0.5}))
-    writer = Writer()
+    writer = RecordingWriter()
     probe = NoiseProbe(
         model, nn.CrossEntropyLoss(), (X, y), sinks=[writer], tag_prefix="geo/run1"
     )
