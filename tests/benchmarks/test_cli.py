@@ -276,3 +276,19 @@ def test_out_file_in_the_current_folder(bench, monkeypatch, tmp_path, script, ar
     extra = ["--tools", "geoopt_sgd"] if script == "curvature" else ["--threads", "1"]
     bench(script).main([*argv, *extra, "--out", "r.json"])
     assert (tmp_path / "r.json").stat().st_size > 0
+
+
+def test_multiplicities_quick_restores_the_rule(bench, monkeypatch, tmp_path):
+    import json
+
+    from geoopt_sgd.curvature import lanczos
+
+    rule = lanczos._may_hide_copies
+    out = tmp_path / "m.json"
+    argv = ["multiplicities.py", "--quick", "--starts", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench("multiplicities").main()
+    assert lanczos._may_hide_copies is rule
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and all(r["checked"]["wrong"] == 0 for r in rows)
+    assert sum(r["one_copy_per_chain"]["wrong_verified"] for r in rows) >= 1

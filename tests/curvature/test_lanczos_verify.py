@@ -358,3 +358,132 @@ def test_goodness_is_larger_further_out_at_each_end():
     assert torch.equal(vals, torch.tensor([5.0, 4.0, -3.0, -2.0], dtype=torch.float64))
     lm = lanczos._goodness(torch.tensor([-6.0, 5.0], dtype=torch.float64), 2, True)
     assert torch.equal(lm, torch.tensor([6.0, 5.0], dtype=torch.float64))
+
+
+def exact_multiple(first, copies, ratio, P=400, seed=0):
+    """``A = Q diag(l) Q^T`` (float64): 30 values ``10 * ratio**i`` with
+    lambda_first repeated ``copies`` times exactly, over a bulk below them."""
+    g = torch.Generator().manual_seed(seed)
+    lam = 10 * ratio ** torch.arange(30, dtype=torch.float64)
+    lam[first : first + copies - 1] = lam[first - 1]
+    bulk = 0.5 * float(lam[-1]) * torch.rand(P - 30, generator=g, dtype=torch.float64)
+    lam = torch.cat([lam, bulk])
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    return DenseOperator((Q * lam) @ Q.T), lam.sort(descending=True).values
+
+
+def one_copy_per_chain(monkeypatch):
+    """The check before multiplicities: no fresh direction for equal values."""
+    monkeypatch.setattr(lanczos, "_may_hide_copies", lambda *args: None)
+
+
+@pytest.mark.parametrize(
+    ("first", "copies", "ratio", "k"),
+    [(3, 3, 0.9, 5), (3, 4, 0.98, 5), (1, 5, 0.98, 5), (16, 3, 0.9, 20)],
+)
+def test_exact_multiple_inside_the_top_k_found(monkeypatch, first, copies, ratio, k):
+    # The Krylov spaces of c start directions hold c vectors of one eigenspace:
+    # the check's fresh direction found the second copy of a double but not the
+    # third of a triple, and the solve returned the value after the multiple in
+    # its place, verified. Now as many equal values as start directions bring
+    # in another fresh direction, until one is left over. (Five copies at the
+    # top fill all k = 5: each fresh direction finds one more copy, a rise,
+    # and after 3 such checks the result says it could not verify.)
+    A, lam = exact_multiple(first, copies, ratio)
+    ref = lam[:k]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(10):
+            res = top_eigenpairs(A, k, tol=TOL, seed=seed)
+            assert max_rel_err(res.eigenvalues, ref) <= TOL, seed
+            assert res.verified == res.converged, seed
+            assert res.verified or copies == k, seed
+    one_copy_per_chain(monkeypatch)
+    wrong = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(10):
+            res = top_eigenpairs(A, k, tol=TOL, seed=seed)
+            wrong += res.verified and max_rel_err(res.eigenvalues, ref) > TOL
+    assert wrong >= 8
+
+
+def test_null_space_at_the_bottom_never_wrong_and_verified(monkeypatch):
+    # a PSD operator with a 10-dimensional null space (as a GGN of rank below
+    # P): the 5 smallest are all 0. Before, 3 zeros and two positive values
+    # came back verified; now the zeros are found, or the result says the
+    # check did not finish (the near-zero values converge to an absolute
+    # tolerance of tol * sqrt(eps) * ||A||, slowly)
+    g = torch.Generator().manual_seed(0)
+    P = 400
+    lam = torch.cat(
+        [
+            torch.zeros(10, dtype=torch.float64),
+            0.01 + torch.rand(P - 10, generator=g, dtype=torch.float64),
+        ]
+    )
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    A = DenseOperator((Q * lam) @ Q.T)
+    found = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(5):
+            res = bottom_eigenpairs(A, 5, tol=TOL, seed=seed)
+            right = float(res.eigenvalues.abs().max()) <= TOL
+            assert right or not res.verified, seed
+            found += right
+        assert found == 5
+        one_copy_per_chain(monkeypatch)
+        wrong = sum(
+            bool(res.verified and float(res.eigenvalues.abs().max()) > TOL)
+            for res in (bottom_eigenpairs(A, 5, tol=TOL, seed=s) for s in range(5))
+        )
+    assert wrong >= 4
+
+
+def test_multiple_that_ends_the_top_k_costs_nothing(monkeypatch):
+    # lambda_4 = lambda_5 = lambda_6 at k = 5: more copies would not change the
+    # returned values, so no fresh direction is added for them
+    A, lam = exact_multiple(4, 3, 0.9)
+    res = top_eigenpairs(A, 5, tol=TOL, seed=0)
+    assert res.verified and max_rel_err(res.eigenvalues, lam[:5]) <= TOL
+    one_copy_per_chain(monkeypatch)
+    assert top_eigenpairs(A, 5, tol=TOL, seed=0).n_matvec == res.n_matvec
+
+
+def test_may_hide_copies_groups_equal_values_per_end():
+    close = torch.full((5,), 1e-6, dtype=torch.float64)
+    top = torch.tensor([5.0, 4.0, 4.0, 4.0, 3.0], dtype=torch.float64)
+    # three equal values, three start directions: one copy may be missing
+    assert lanczos._may_hide_copies(top, 5, 3, close) == (True, 1, 3.5)
+    assert lanczos._may_hide_copies(top, 5, 4, close) is None
+    # values within `close` count as equal; order of selection does not matter
+    near = torch.tensor([4.0, 5.0, 4.0 + 1e-7, 3.0, 2.0], dtype=torch.float64)
+    assert lanczos._may_hide_copies(near, 5, 2, close) == (True, 1, 3.5)
+    assert lanczos._may_hide_copies(near, 5, 2, close / 100) is None
+    # a group that ends at the last returned value needs no more copies
+    last = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0], dtype=torch.float64)
+    assert lanczos._may_hide_copies(last, 5, 2, close) is None
+    # the bottom end (goodness: negated values), and "BE" with one per end
+    bottom = torch.tensor([0.0, 0.0, 0.0, -1.0, -2.0], dtype=torch.float64)
+    assert lanczos._may_hide_copies(bottom, 0, 3, close) == (False, 0, -0.5)
+    both = torch.tensor([5.0, 5.0, 4.0, 2.0, 2.0, 1.0], dtype=torch.float64)
+    assert lanczos._may_hide_copies(both, 3, 2, torch.full((6,), 1e-6)) == (
+        True,
+        0,
+        4.5,
+    )
+    assert lanczos._may_hide_copies(both, 3, 3, torch.full((6,), 1e-6)) is None
+
+
+def test_emergence_counts_values_past_the_level_at_each_end():
+    history = [
+        (1, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)),
+        (2, torch.tensor([-3.0, 1.0, 4.0], dtype=torch.float64)),
+        (3, torch.tensor([-3.0, 3.5, 4.0], dtype=torch.float64)),
+    ]
+    assert lanczos._emergence(history, False, True, 0, 3.0) == 2
+    assert lanczos._emergence(history, False, True, 1, 3.0) == 3
+    assert lanczos._emergence(history, False, False, 0, 2.5) == 2
+    assert lanczos._emergence(history, True, True, 2, 3.0) == 3
+    assert lanczos._emergence(history, False, True, 2, 3.0) == 3  # never: the last
