@@ -234,3 +234,25 @@ def test_noise_probe_refuses_a_packed_sequence_on_the_sketch_route_too():
     model, X, y = packed_batch()
     with pytest.raises(RuntimeError, match="pack_padded_sequence"):
         NoiseProbe(model, SUM, (X, y), every=1, k=2, route="sketch")
+
+
+def test_noise_probe_refuses_it_where_auto_picks_the_exact_route(monkeypatch):
+    # route="auto" (the default) takes the exact route on this small model,
+    # whose per-sample gradients fail: refused at construction, not at the
+    # first probe inside the training loop
+    from geoopt_sgd import NoiseProbe
+    from geoopt_sgd.probes import metrics
+
+    torch.manual_seed(0)
+    model = ItemNet().double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match=r"torch.func's transforms.*\.item\(\)"):
+        NoiseProbe(model, SUM, (X, y), k=2)
+    with pytest.raises(RuntimeError, match=r"torch.func's transforms.*\.item\(\)"):
+        NoiseProbe(model, SUM, [(X[:4], y[:4]), (X[4:], y[4:])], k=2, route="auto")
+    assert torch.equal(rng, torch.get_rng_state())
+    # where "auto" picks the sketch route (here: a smaller exact budget), it runs
+    monkeypatch.setattr(metrics, "_EXACT_MAX", 1)
+    probe = NoiseProbe(model, SUM, (X, y), k=2, num_probes=3)
+    assert probe.measure()["route"] == "sketch"

@@ -664,12 +664,19 @@ def _choose_route(route: str, probe: ProbeSet) -> str:
     K = probe.output_hessians()[0].K if probe.batches else 1
     if route != "auto":
         return route
-    exact = (
+    return "exact" if auto_picks_exact(n, K, P) else "sketch"
+
+
+def auto_picks_exact(n: int, K: int, P: int) -> bool:
+    """Whether ``route="auto"`` takes the exact route (module docstring).
+
+    For ``n`` samples of ``K`` outputs each and ``P`` parameters.
+    """
+    return (
         not distributed.is_distributed()
         and n * (K + 1) * P <= _EXACT_MAX
         and (n * K) ** 2 * P <= _EXACT_GRAM_FLOPS
     )
-    return "exact" if exact else "sketch"
 
 
 def _nan_result(wanted: set[str], probe: ProbeSet, t0: float) -> NoiseGeometry:

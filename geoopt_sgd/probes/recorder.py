@@ -148,7 +148,11 @@ def _check_sinks(sinks: Any) -> tuple[list[str], list[Any]]:
 
 
 def _check_transformable(
-    model: Any, loss_fn: Any, head: Iterable[Any], options: dict[str, Any]
+    model: Any,
+    loss_fn: Any,
+    head: Iterable[Any],
+    options: dict[str, Any],
+    n: int | None = None,
 ) -> None:
     """Refuse now a model whose forward torch.func cannot transform.
 
@@ -160,9 +164,10 @@ def _check_transformable(
     ``route="exact"``, a refusal there is confirmed on the sketch route's
     transforms of the batch forward (a ``vjp`` and a vmapped ``jvp``), which run
     ``.item()`` on activations: a model that fails only under ``vmap`` over
-    samples is left to the first probe (it fails where ``"auto"`` picks the
-    exact route). Any other failure is left to the first probe, which reports
-    it as before.
+    samples is refused where ``route="auto"`` would pick the exact route for
+    the probe's ``n`` samples (known for a list of batches; ``None``, for a
+    loader, leaves it to the first probe). Any other failure is left to the
+    first probe, which reports it as before.
     """
     first = next((b for b in head if batch_size(b[1]) > 0), None)
     if first is None:
@@ -179,12 +184,28 @@ def _check_transformable(
         # the sketch route transforms only the batch forward (a vjp and a
         # vmapped jvp): `.item()` on activations runs there, so refuse such a
         # model only where the first probe would
-        if options.get("route", "auto") == "exact" or not _batch_forward_runs(
-            fm, inputs
+        route = options.get("route", "auto")
+        if (
+            route == "exact"
+            or not _batch_forward_runs(fm, inputs)
+            or (route == "auto" and n is not None and _auto_exact(fm, inputs, n))
         ):
             raise
     except Exception:  # the first probe reports it
         return
+
+
+def _auto_exact(fm: FunctionalModel, inputs: Any, n: int) -> bool:
+    """Whether ``route="auto"`` takes the exact route for ``n`` such samples."""
+    try:
+        with preserve_global_rng(), torch.no_grad(), fm.policy(), math_sdpa():
+            out = fm([p.detach() for p in fm.params], inputs)
+    except Exception:  # the first probe reports it
+        return False
+    if not isinstance(out, Tensor):
+        return False  # the first probe reports it
+    K = out[0].numel() if out.dim() else 1
+    return _metrics.auto_picks_exact(n, K, sum(p.numel() for p in fm.params))
 
 
 def _batch_forward_runs(fm: FunctionalModel, inputs: Any) -> bool:
@@ -252,17 +273,22 @@ def _check_measurement(
         _metrics._flatten_displacement(args["displacement"], fm)
 
 
+def _sample_count(batches: list[Any], options: dict[str, Any]) -> int:
+    """The samples a probe of ``batches`` takes (at most ``max_samples``)."""
+    max_samples = options.get(
+        "max_samples",
+        inspect.signature(_metrics.noise_geometry).parameters["max_samples"].default,
+    )
+    return min(sum(batch_size(y) for _, y in batches), max_samples)
+
+
 def _check_sample_count(batches: list[Any], options: dict[str, Any]) -> None:
     """Refuse now a probe batch too small for the first probe's covariance.
 
     Without this, the first probe raised into the training loop at step
     ``every``. ``batches`` is the checked list of ``(inputs, targets)`` pairs.
     """
-    max_samples = options.get(
-        "max_samples",
-        inspect.signature(_metrics.noise_geometry).parameters["max_samples"].default,
-    )
-    n = min(sum(batch_size(y) for _, y in batches), max_samples)
+    n = _sample_count(batches, options)
     if options.get("cov", "per_sample") == "minibatch":
         B, what = int(options["batch_size"]), f"batches of {options['batch_size']}"
     else:
@@ -394,9 +420,11 @@ class NoiseProbe:
         RuntimeError: If the model's ``forward`` cannot run under
             ``torch.func``'s transforms (a packed sequence, ``.item()`` control
             flow, a random draw), found on the first two samples of the first
-            batch with the global RNG restored; with ``route`` other than
-            ``"exact"`` only where the sketch route's transforms fail too
-            (``.item()`` on activations runs there).
+            batch with the global RNG restored. A model that fails only under
+            ``vmap`` over samples (``.item()`` on activations, which the sketch
+            route runs) is refused for ``route="exact"``, and for ``"auto"``
+            where it would pick the exact route for the probe's samples (a
+            batch or a list of batches; with a loader the first probe says so).
 
     Example:
         Three lines in an existing training loop::
@@ -462,9 +490,11 @@ class NoiseProbe:
         # one verdict on every rank (a refusal on one shard alone would hang)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         check_per_sample_batches(loss_fn, head, device=device)
+        n = None
         if isinstance(batches, list) and not distributed.is_distributed():
             _check_sample_count(batches, options)
-        _check_transformable(model, loss_fn, head, options)
+            n = _sample_count(batches, options)
+        _check_transformable(model, loss_fn, head, options, n)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.probe_data = probe_data
