@@ -435,7 +435,7 @@ def thick_restart_lanczos(
     snap = None  # wanted Ritz values when the current check started
     early = False  # the first check's fresh vector joined before convergence
     conv_mv = 0  # products at convergence, in the current check
-    chains = 1  # start directions in the basis: the start vector, fresh ones
+    chains = 1  # start directions: the start vector, fresh ones (check, breakdown)
     spawned = 0  # checks started for a possible exact multiplicity
     first_conv = 0  # products at the first convergence
     window = 0  # products a multiplicity check waits for (0: the usual check)
@@ -539,6 +539,7 @@ def thick_restart_lanczos(
             if n == j:
                 Vt[n] = _random_unit(P, gen, Vt[:n], Vt)
                 n += 1
+                chains += 1  # a start direction of its own
         else:
             Vt[n] = w / beta
             n += 1

@@ -487,3 +487,20 @@ def test_emergence_counts_values_past_the_level_at_each_end():
     assert lanczos._emergence(history, False, False, 0, 2.5) == 2
     assert lanczos._emergence(history, True, True, 2, 3.0) == 3
     assert lanczos._emergence(history, False, True, 2, 3.0) == 3  # never: the last
+
+
+def test_breakdown_directions_count_as_start_directions(monkeypatch):
+    # two distinct eigenvalues (5 six times over 1): the Krylov space of each
+    # start direction is invariant after 2 products, and every breakdown brings
+    # in a fresh direction, which finds one more copy of 5. Those directions
+    # are start directions too: counting only the start vector and the check's
+    # fresh ones took 5 needless multiplicity checks (72 products against 22)
+    lam = torch.ones(400, dtype=torch.float64)
+    lam[:6] = 5.0
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))
+    A = DenseOperator((Q * lam) @ Q.T)
+    res = top_eigenpairs(A, 10, tol=TOL, seed=0)
+    assert res.verified and max_rel_err(res.eigenvalues, lam[:10]) <= TOL
+    one_copy_per_chain(monkeypatch)
+    assert top_eigenpairs(A, 10, tol=TOL, seed=0).n_matvec == res.n_matvec
