@@ -892,9 +892,10 @@ def top_eigenpairs(
     direction joins and the comparison waits 4 times the products the solve
     took to bring in the group's first member (on synthetic spectra with an
     exact triple, 1.2-6.1x the products of the check without this rule, which
-    returned two of the three copies as verified; spectra without equal values
-    pay nothing). Where each new direction keeps finding another copy, the
-    result says it could not verify. With ``verify=False`` a multiple
+    returned two of the three copies as verified; values within ``tol / 10``
+    of each other count as equal, and with ``"LM"`` so do ``+-lambda``).
+    Where each new direction keeps finding another copy, the result says it
+    could not verify. With ``verify=False`` a multiple
     eigenvalue can come back as one copy.
 
     Args:
@@ -923,6 +924,12 @@ def top_eigenpairs(
             about ``m`` products plus a few (k = 5, drifting synthetic
             operator: 10-11 against 19-23 from the summed vector). Farther
             out the solve is the single-vector one from the summed start.
+            A block start from a result that missed a copy of a repeated
+            value (one solved with ``verify=False``) can miss it again with
+            ``verified=True``: the solve converges in a few products, too
+            few for the check's fresh direction to bring the copy in (an
+            exact double l_3 at k = 5, P = 400: 10 of 10 start vectors; warm
+            from a verified result: none). Warm-start from verified results.
         verify: Run the skip check (see above; default ``True``); ``False``
             returns as soon as the residuals converge (``verified=False``), the
             solver as it was before the check.

@@ -411,9 +411,9 @@ def test_exact_multiple_inside_the_top_k_found(monkeypatch, first, copies, ratio
 def test_null_space_at_the_bottom_never_wrong_and_verified(monkeypatch):
     # a PSD operator with a 10-dimensional null space (as a GGN of rank below
     # P): the 5 smallest are all 0. Before, 3 zeros and two positive values
-    # came back verified; now the zeros are found, or the result says the
-    # check did not finish (the near-zero values converge to an absolute
-    # tolerance of tol * sqrt(eps) * ||A||, slowly)
+    # came back verified (4 or more of 5 start vectors); now the zeros are
+    # found (measured: 10 of 10 start vectors, 9 of them verified within the
+    # default budget), and a result that is not right must not say verified
     g = torch.Generator().manual_seed(0)
     P = 400
     lam = torch.cat(
@@ -504,3 +504,31 @@ def test_breakdown_directions_count_as_start_directions(monkeypatch):
     assert res.verified and max_rel_err(res.eigenvalues, lam[:10]) <= TOL
     one_copy_per_chain(monkeypatch)
     assert top_eigenpairs(A, 10, tol=TOL, seed=0).n_matvec == res.n_matvec
+
+
+def test_exact_triple_at_the_bottom_found():
+    # "SA": the same rule at the bottom end (goodness = negated values)
+    A, lam = exact_multiple(3, 3, 0.9)
+    neg = DenseOperator(-A.matrix)
+    ref = -lam[:5]
+    for seed in range(5):
+        res = bottom_eigenpairs(neg, 5, tol=TOL, seed=seed)
+        assert res.verified and max_rel_err(res.eigenvalues, ref) <= TOL, seed
+
+
+def test_warm_start_from_an_unchecked_result_is_a_documented_blind_spot():
+    # documented in top_eigenpairs' `v0`: a block start from a result that
+    # missed a copy converges in a few products and misses it again, verified;
+    # from a verified result it is right. If this starts failing because the
+    # warm check finds the copy, update the docs (an improvement).
+    A, lam = exact_multiple(3, 2, 0.9)
+    ref = lam[:5]
+    missed = 0
+    for seed in range(5):
+        prev = top_eigenpairs(A, 5, tol=TOL, seed=seed, verify=False)
+        warm = top_eigenpairs(A, 5, tol=TOL, seed=seed + 100, v0=prev)
+        missed += warm.verified and max_rel_err(warm.eigenvalues, ref) > TOL
+        good = top_eigenpairs(A, 5, tol=TOL, seed=seed)
+        again = top_eigenpairs(A, 5, tol=TOL, seed=seed + 100, v0=good)
+        assert again.verified and max_rel_err(again.eigenvalues, ref) <= TOL, seed
+    assert missed >= 4
