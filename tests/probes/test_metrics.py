@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from geoopt_sgd import noise_geometry
-from geoopt_sgd.probes import _exact
+from geoopt_sgd.probes import _context, _exact
 from geoopt_sgd.probes._stats import haar, linregress, random_directions, spearman
 from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS, NoiseGeometry
 from geoopt_sgd.testing import (
@@ -126,6 +126,49 @@ def test_exact_route_matches_dense(name, kw):
     )
     lam = torch.linalg.eigvalsh(C).flip(0)[:K]
     torch.testing.assert_close(res.eigenvalues, lam, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("name", "gram_chunk", "kw"),
+    [
+        ("mlp-ce", 60, {}),
+        ("mlp-ce", 400, {}),
+        ("mlp-mse", 60, {"cov": "minibatch", "batch_size": 5}),
+    ],
+)
+def test_exact_route_gram_chunks_match_dense(monkeypatch, name, gram_chunk, kw):
+    # the Gram products are formed in row chunks of ~_GRAM_CHUNK entries; at the
+    # test sizes every loop is one chunk, so shrink it until the loops of
+    # exact_traces run several chunks (checked; with n = 12 the per-sample cases
+    # also end on a shorter chunk: 5+5+2 rows, 11+1)
+    seen = []
+
+    def spy(n, c):
+        out = list(_context.chunks(n, c))
+        seen.append([s.stop - s.start for s in out])
+        return out
+
+    monkeypatch.setattr(_exact, "_GRAM_CHUNK", gram_chunk)
+    monkeypatch.setattr(_exact, "chunks", spy)
+    model, loss_fn, X, y = _case(name)
+    keys = [
+        "tr_sigma",
+        "tr_h_sigma",
+        "tr_h_sigma_iso",
+        "alpha",
+        "beta",
+        "mu",
+        "mu1",
+        "mu2",
+        "gradient_uniformity",
+    ]
+    res = noise_geometry(
+        model, loss_fn, (X, y), metrics=keys, route="exact", seed=SEED, **kw
+    )
+    assert len(seen) == 3  # Sigma's Gram, the GGN's Gram, R M^T
+    assert sum(len(sizes) > 1 for sizes in seen) >= 2, seen
+    ref = dense_metrics(model, loss_fn, X, y, batch_size=kw.get("batch_size"))
+    _compare(res, ref, keys)
 
 
 def test_exact_route_hessian_hutchinson_fallback_matches_dense(monkeypatch):
