@@ -8,6 +8,7 @@ from torch import nn
 
 from geoopt_sgd import noise_geometry
 from geoopt_sgd.probes import _context, _exact
+from geoopt_sgd.probes._eigenbasis import _zyt_metrics
 from geoopt_sgd.probes._stats import haar, linregress, random_directions, spearman
 from geoopt_sgd.probes.metrics import DEFAULT_METRICS, METRICS, NoiseGeometry
 from geoopt_sgd.testing import (
@@ -421,6 +422,30 @@ def test_linregress_and_spearman_match_scipy():
     )
     assert math.isnan(linregress(x[:1], y[:1])[0])
     assert math.isnan(spearman(x[:1], y[:1]))
+
+
+def test_power_law_and_spearman_leave_out_nonpositive_entries():
+    # the fit and the rank correlation use the entries where both the eigenvalue
+    # and the noise energy are positive (docs/science/metrics.md): an exactly
+    # zero eigenvalue (a null direction of the Hessian) or noise energy (no
+    # spread of the per-sample gradients along u_j) is left out, not log10(0)
+    stats = pytest.importorskip("scipy.stats")
+    lam = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    diag = torch.tensor([3.0, 0.0, 1.1, 0.2, 0.7], dtype=torch.float64)
+    values = {}
+    _zyt_metrics(
+        lam,
+        diag,
+        torch.diag(diag),
+        [],
+        {"power_law_exponent", "power_law_r2", "spearman"},
+        values,
+    )
+    keep = [0, 2, 3]
+    ref = stats.linregress(lam[keep].log10().numpy(), diag[keep].log10().numpy())
+    assert values["power_law_exponent"] == pytest.approx(ref.slope, rel=1e-12)
+    assert values["power_law_r2"] == pytest.approx(ref.rvalue**2, rel=1e-12)
+    assert values["spearman"] == pytest.approx(1.0, rel=1e-12)
 
 
 def test_commutativity_error_and_baseline_bounds():
