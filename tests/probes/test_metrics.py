@@ -305,6 +305,37 @@ def test_gd_escape_direction_is_sharpest():
     assert esc.direction_shares[0] == pytest.approx(1.0, rel=1e-9)
 
 
+def test_loss_shares_signed_with_negative_hessian_eigenvalues():
+    # loss_shares = lambda_i c_i^2 / sum_j lambda_j c_j^2, signed: with
+    # curvature="hessian" the top-k may hold negative eigenvalues (here k = P on
+    # a tanh net away from a minimum), checked against eigh of the dense Hessian
+    model = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_(torch.linspace(-0.8, 0.9, p.numel()).reshape(p.shape) + 0.1 * i)
+    X = torch.linspace(-2, 2, 8, dtype=torch.float64).reshape(-1, 1)
+    y = torch.sin(3 * X)
+    loss_fn = nn.MSELoss()
+    P = _numel(model)
+    delta = torch.linspace(-1, 1, P, dtype=torch.float64)
+    res = noise_geometry(
+        model,
+        loss_fn,
+        (X, y),
+        metrics=["sharp_fraction", "loss_energy_fraction"],
+        k=P,
+        curvature="hessian",
+        displacement=delta,
+        tol=1e-8,
+        seed=SEED,
+    )
+    H = dense_curvature(model, loss_fn, X, y, kind="hessian")
+    e, Q = torch.linalg.eigh(H)
+    assert float(e[0]) < -0.1  # indefinite: the shares have both signs
+    lc = e.flip(0) * (Q.flip(1).T @ delta) ** 2
+    torch.testing.assert_close(res.loss_shares, lc / lc.sum(), rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
 def test_sketch_route_statistical(curvature):
     # Each sketch quantity is a mean of s = 600 Gaussian-probe quadratic forms
