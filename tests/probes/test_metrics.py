@@ -479,6 +479,15 @@ def test_power_law_and_spearman_leave_out_nonpositive_entries():
     assert values["spearman"] == pytest.approx(1.0, rel=1e-12)
 
 
+def test_spearman_of_constant_ranks_is_nan_not_error():
+    # all ranks tied on one side: the correlation is undefined, NaN (not a
+    # ZeroDivisionError that would end the probe)
+    x = torch.ones(3, dtype=torch.float64)
+    y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert math.isnan(spearman(x, y))
+    assert math.isnan(spearman(y, x))
+
+
 def test_commutativity_error_and_baseline_bounds():
     # Both are ||C~ A - A C~||_F / ||C~ A||_F for symmetric C~, A; since
     # ||A C~||_F = ||(C~ A)^T||_F = ||C~ A||_F the triangle inequality bounds them
