@@ -1,6 +1,7 @@
 """Trace, diagonal, Frobenius and spectral-density estimators vs exact values."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -479,3 +480,98 @@ def test_density_of_a_multiple_of_the_identity(c):
     assert sd.sigma == pytest.approx(0.01 * abs(c), rel=1e-10)
     assert float(sd.grid[0]) == pytest.approx(c - 5 * sd.sigma, rel=1e-6)
     assert sd.n_matvec == 2
+
+
+# --- mutation audit: stopping rule and standard-error edge cases -------------
+
+
+def _first_stop(samples, rtol, num_probes):
+    # the documented rule on replayed samples, one probe per chunk: the first
+    # n >= min(num_probes, 10), n > 1, with stderr_n <= rtol * |mean_n|
+    for n in range(2, samples.shape[0] + 1):
+        m, se = _mean_se(samples[:n])
+        if n >= min(num_probes, 10) and se <= rtol * abs(m):
+            return n
+    return samples.shape[0]
+
+
+def test_rtol_stop_uses_the_magnitude_of_a_negative_trace():
+    # a negative trace (a Hessian near a saddle or maximum) stops as early as the
+    # positive one: the rule is stderr <= rtol * |value|, not rtol * value
+    P, num_probes, rtol, seed = 60, 400, 0.05, 2
+    A = -sym(spectrum(P=P))
+    Z = _probes(P, num_probes, seed)
+    want = _first_stop((Z * (A @ Z)).sum(0), rtol, num_probes)
+    assert want < num_probes  # the test exercises an early stop
+    est = hutchinson_trace(
+        DenseOperator(A), num_probes=num_probes, rtol=rtol, seed=seed, chunk_size=1
+    )
+    assert est.value < 0 and est.num_probes == want and est.n_matvec == want
+    pos = hutchinson_trace(
+        DenseOperator(-A), num_probes=num_probes, rtol=rtol, seed=seed, chunk_size=1
+    )
+    assert pos.num_probes == want and pos.value == -est.value
+
+
+def test_rtol_stops_at_ten_for_an_exact_zero_estimate():
+    # zero variance and a zero estimate: stderr 0 <= rtol * 0 holds, so the stop
+    # comes after min(num_probes, 10) probes, not after all of them
+    D = DenseOperator(torch.diag(torch.tensor([1.0, -1.0, 2.5, -2.5])))
+    Zero = DenseOperator(torch.zeros(4, 4, dtype=torch.float64))
+    kw = {"num_probes": 100, "rtol": 0.1, "chunk_size": 1}
+    for est in (
+        hutchinson_trace(D, **kw),
+        squared_frobenius(Zero, **kw),
+        hutchinson_diagonal(Zero, **kw),
+    ):
+        assert est.num_probes == 10 and est.n_matvec == 10
+        assert float(torch.as_tensor(est.value).abs().max()) == 0.0
+        assert float(torch.as_tensor(est.stderr).abs().max()) == 0.0
+
+
+def test_diagonal_stderr_of_a_zero_variance_entry_is_zero_not_nan():
+    # s2 - n * mean^2 of a constant entry rounds to a tiny negative number for
+    # values such as 0.1 (checked: n = 3 already); the variance is clamped at 0,
+    # so the stderr is ~0 rather than sqrt(negative) = nan, and rtol still stops
+    d = torch.tensor([0.1, 0.2, 0.3, 0.7, 1.1, 1 / 3], dtype=torch.float64)
+    A = DenseOperator(torch.diag(d))
+    for n in (3, 6, 12, 34):
+        est = hutchinson_diagonal(A, num_probes=n, chunk_size=1)
+        assert torch.all(torch.isfinite(est.stderr)), n
+        assert float(est.stderr.max()) < 1e-7
+        torch.testing.assert_close(est.value, d, rtol=1e-14, atol=0)
+    early = hutchinson_diagonal(A, num_probes=100, rtol=1e-3, chunk_size=1)
+    assert early.num_probes == 10
+
+
+def test_single_probe_has_nan_stderr_and_no_warning():
+    # one sample: stderr is nan (documented), computed without a "degrees of
+    # freedom <= 0" warning from std
+    A = sym(spectrum(P=12))
+    z = _probes(12, 1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr = hutchinson_trace(DenseOperator(A), num_probes=1)
+        fr = squared_frobenius(DenseOperator(A), num_probes=1)
+        dg = hutchinson_diagonal(DenseOperator(A), num_probes=1)
+        hpp = hutchpp_trace(DenseOperator(A), num_matvecs=5)  # s = 2, one probe left
+    assert tr.value == pytest.approx(float((z * (A @ z)).sum()), rel=1e-12)
+    assert fr.value == pytest.approx(float((A @ z).square().sum()), rel=1e-12)
+    torch.testing.assert_close(dg.value, (z * (A @ z))[:, 0], rtol=1e-12, atol=1e-14)
+    assert math.isnan(tr.stderr) and math.isnan(fr.stderr) and math.isnan(hpp.stderr)
+    assert bool(torch.isnan(dg.stderr).all())
+    assert tr.num_probes == fr.num_probes == dg.num_probes == 1
+
+
+def test_seed_none_means_seed_zero():
+    # documented: seed=None draws the probes of seed=0
+    A = DenseOperator(sym(spectrum(P=20)))
+    for fn, kw in (
+        (hutchinson_trace, {"num_probes": 7}),
+        (squared_frobenius, {"num_probes": 7}),
+        (hutchinson_diagonal, {"num_probes": 7}),
+        (hutchpp_trace, {"num_matvecs": 10}),
+    ):
+        a, b, c = fn(A, **kw), fn(A, seed=0, **kw), fn(A, seed=1, **kw)
+        assert torch.equal(torch.as_tensor(a.value), torch.as_tensor(b.value))
+        assert not torch.equal(torch.as_tensor(a.value), torch.as_tensor(c.value))
