@@ -282,10 +282,13 @@ def _select(theta: Tensor, n_top: int, n_bottom: int, magnitude: bool) -> Tensor
 
 
 def _random_unit(P: int, gen: torch.Generator, Vt: Tensor, like: Tensor) -> Tensor:
-    """A random unit vector orthogonal to the rows of ``Vt``."""
+    """A random unit vector orthogonal to the rows of ``Vt`` (rank 0's draw)."""
     for _ in range(3):
         z = torch.randn(P, generator=gen, device=like.device, dtype=torch.float32)
         z = z.to(like.dtype)
+        # ranks may hold differently seeded generators: all take rank 0's draw,
+        # as for the start block, or their Krylov bases part ways
+        distributed.broadcast(z)
         _, nrm = _orthogonalize(Vt, z)
         if nrm > 1e-3 * math.sqrt(P):
             return z / nrm
