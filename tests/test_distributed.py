@@ -82,7 +82,17 @@ def _measure(model, data, seed):
     warm = g.top_eigenpairs(H, 2, v0=_v0(100 + seed), tol=1e-10)
     sd = g.spectral_density(H, num_probes=2, num_steps=6, num_points=20, seed=seed)
     es = g.expected_sharpness(model, CE, data, sigma=0.1, num_samples=3, seed=seed)
+    kw = {"num_probes": 5, "seed": seed, "chunk_size": 3}
+    tr = g.hutchinson_trace(H, **kw)
+    fr = g.squared_frobenius(H, **kw)
+    dg = g.hutchinson_diagonal(H, **kw)
+    hpp = g.hutchpp_trace(H, num_matvecs=10, seed=seed)
+    sh = g.sharpness(model, CE, data, k=1, trace_probes=4, seed=seed)
     return {
+        "trace": torch.tensor([tr.value, tr.stderr, fr.value, fr.stderr]),
+        "diag": torch.stack([dg.value, dg.stderr]),
+        "hutchpp": torch.tensor([hpp.value, hpp.stderr]),
+        "sharpness": torch.tensor([sh.trace, sh.trace_stderr, sh.frobenius]),
         "eig": eig.eigenvalues,
         "eigvec": eig.eigenvectors.abs(),
         "warm": warm.eigenvalues,
