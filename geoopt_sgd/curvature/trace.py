@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .._checks import check_int, check_number
 from .._linalg import coldot64
 from .._model import full_precision
@@ -95,8 +96,11 @@ def _generator(operator: LinearOperator, seed: int | None) -> torch.Generator:
 
 
 def _rademacher(P: int, n: int, gen: torch.Generator, operator: LinearOperator):
-    # drawn probe by probe, so the probes do not depend on ``chunk_size``
+    # drawn probe by probe, so the probes do not depend on ``chunk_size``; under
+    # torch.distributed every rank takes rank 0's probes (ranks may be given
+    # different seeds; their products are summed over ranks)
     Z = torch.randint(0, 2, (n, P), generator=gen, device=operator.device)
+    distributed.broadcast(Z)
     return (2 * Z - 1).to(operator.dtype).T.contiguous()
 
 
