@@ -90,17 +90,19 @@ def _check_common(
 
 
 def _generator(operator: LinearOperator, seed: int | None) -> torch.Generator:
-    return torch.Generator(device=operator.device).manual_seed(
-        0 if seed is None else seed
-    )
+    seed = 0 if seed is None else seed
+    if distributed.is_distributed():
+        # ranks may be given different seeds, and their products are summed
+        # over ranks: every rank draws rank 0's probes (one integer sent, not
+        # the probes)
+        t = torch.tensor([seed], dtype=torch.int64, device=operator.device)
+        seed = int(distributed.broadcast(t)[0])
+    return torch.Generator(device=operator.device).manual_seed(seed)
 
 
 def _rademacher(P: int, n: int, gen: torch.Generator, operator: LinearOperator):
-    # drawn probe by probe, so the probes do not depend on ``chunk_size``; under
-    # torch.distributed every rank takes rank 0's probes (ranks may be given
-    # different seeds; their products are summed over ranks)
+    # drawn probe by probe, so the probes do not depend on ``chunk_size``
     Z = torch.randint(0, 2, (n, P), generator=gen, device=operator.device)
-    distributed.broadcast(Z)
     return (2 * Z - 1).to(operator.dtype).T.contiguous()
 
 
