@@ -88,7 +88,11 @@ def _measure(model, data, seed):
     dg = g.hutchinson_diagonal(H, **kw)
     hpp = g.hutchpp_trace(H, num_matvecs=10, seed=seed)
     sh = g.sharpness(model, CE, data, k=1, trace_probes=4, seed=seed)
+    ng = g.noise_geometry(model, CE, data, k=2, route="sketch", seed=seed)
     return {
+        "noise_geometry": torch.tensor(
+            [ng.values[m] for m in ("tr_sigma", "alpha", "mu", "tr_h_sigma")]
+        ),
         "trace": torch.tensor([tr.value, tr.stderr, fr.value, fr.stderr]),
         "diag": torch.stack([dg.value, dg.stderr]),
         "hutchpp": torch.tensor([hpp.value, hpp.stderr]),
