@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "broadcast", "is_distributed", "rank", "world_size"]
+__all__ = [
+    "all_reduce_sum",
+    "broadcast",
+    "is_distributed",
+    "rank",
+    "rank0_seed",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:
@@ -40,6 +47,25 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def rank0_seed(seed: int, device: torch.device | str = "cpu") -> int:
+    """Rank 0's ``seed`` on every rank (``seed`` itself without a process group).
+
+    Random draws whose products are summed over ranks must be the same on every
+    rank; ranks given different seeds (``seed = base + rank``) all take rank 0's.
+
+    Args:
+        seed: This rank's seed.
+        device: Where the one-integer message lives (the process group's device).
+
+    Returns:
+        Rank 0's seed.
+    """
+    if not is_distributed():
+        return seed
+    t = torch.tensor([seed], dtype=torch.int64, device=device)
+    return int(broadcast(t)[0])
 
 
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -90,13 +90,9 @@ def _check_common(
 
 
 def _generator(operator: LinearOperator, seed: int | None) -> torch.Generator:
-    seed = 0 if seed is None else seed
-    if distributed.is_distributed():
-        # ranks may be given different seeds, and their products are summed
-        # over ranks: every rank draws rank 0's probes (one integer sent, not
-        # the probes)
-        t = torch.tensor([seed], dtype=torch.int64, device=operator.device)
-        seed = int(distributed.broadcast(t)[0])
+    # ranks may be given different seeds, and their products are summed over
+    # ranks: every rank draws rank 0's probes (one integer sent, not the probes)
+    seed = distributed.rank0_seed(0 if seed is None else seed, operator.device)
     return torch.Generator(device=operator.device).manual_seed(seed)
 
 

@@ -566,7 +566,10 @@ def noise_geometry(
         check_vector_shape("v0", v0, P)
         check_finite_tensor("v0", v0)
     delta = None if displacement is None else _flatten_displacement(displacement, fm)
-    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    # ranks given different seeds draw rank 0's probes (their products are
+    # summed over ranks)
+    seed = distributed.rank0_seed(0 if seed is None else seed, fm.device)
+    gen = torch.Generator().manual_seed(seed)
     B = 1 if cov == "per_sample" else int(batch_size)  # type: ignore[arg-type]
     probe, L = _probe_and_loss(
         fm, loss_fn, data, wanted, cov, B, max_samples, chunk_size, batch_fn
