@@ -12,7 +12,7 @@ float64, and return an :class:`Estimate` with the standard error of the mean.
     \operatorname{diag}(A) = \mathbb{E}[z \odot A z], \qquad
     \|A\|_F^2 = \operatorname{tr}(A^\top A) = \mathbb{E}[\|A z\|^2].
 
-With ``rtol`` set, sampling stops as soon as the standard error falls below
+With ``rtol`` set, sampling stops as soon as the standard error is at most
 ``rtol * |estimate|`` (after at least ``min(num_probes, 10)`` probes).
 
 References:
