@@ -429,7 +429,7 @@ def test_online_linear_model_mu_at_least_one():
         model,
         nn.MSELoss(),
         (X, y),
-        metrics=["mu", "mu1", "alpha"],
+        metrics=["mu", "mu1"],
         route="exact",
         max_samples=n,
     )
