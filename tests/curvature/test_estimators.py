@@ -575,3 +575,8 @@ def test_seed_none_means_seed_zero():
         a, b, c = fn(A, **kw), fn(A, seed=0, **kw), fn(A, seed=1, **kw)
         assert torch.equal(torch.as_tensor(a.value), torch.as_tensor(b.value))
         assert not torch.equal(torch.as_tensor(a.value), torch.as_tensor(c.value))
+    kw = {"num_probes": 2, "num_steps": 6, "num_points": 20}
+    a, b = spectral_density(A, **kw), spectral_density(A, seed=0, **kw)
+    c = spectral_density(A, seed=1, **kw)
+    assert torch.equal(a.nodes, b.nodes) and torch.equal(a.weights, b.weights)
+    assert not torch.equal(a.nodes, c.nodes)
