@@ -549,3 +549,35 @@ def test_hessian_standard_errors_are_calibrated(name):
             abs(v - ex.values[m]) < 3 * e for v, e in zip(vals[m], ses[m], strict=True)
         )
         assert within >= 0.85 * 60, (m, within)
+
+
+def test_sketch_depends_on_the_deflation_basis_only_through_its_span(monkeypatch):
+    # the sketch orthonormalises its deflation basis (Q = U S^{-1/2}) and drops
+    # only numerically dependent directions (S's eigenvalues below 1e-12 of the
+    # largest). Handing it U A for an ill-conditioned A (cond 100, so S's
+    # eigenvalues spread over 1e-4) plus a dependent column spans the same
+    # space: every estimate and standard error is unchanged to rounding.
+    # Not orthonormalising (Q = U S^{-1}), or dropping well-conditioned
+    # directions, changes them.
+    from geoopt_sgd.probes import _sketch
+
+    model, loss_fn, X, y = _case("mlp-ce")
+    kw = {"metrics": SKETCH, "route": "sketch", "k": 3, "num_probes": 6, "seed": 2}
+    ref = noise_geometry(model, loss_fn, (X, y), **kw)
+    g = torch.Generator().manual_seed(1)
+    R, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    A = R @ torch.diag(torch.tensor([3.0, 1.0, 0.03], dtype=torch.float64))
+    A = torch.cat([A, A[:, :1] - 2 * A[:, 2:]], 1)  # (3, 4), rank 3
+
+    class Rebased(_sketch.Sketch):
+        def __init__(self, ctx, Zu, tZ, U, tU, need_ggn):
+            Ad = A.to(U)
+            super().__init__(ctx, Zu, tZ, U @ Ad, tU.combine(Ad), need_ggn)
+
+    monkeypatch.setattr(_sketch, "Sketch", Rebased)
+    got = noise_geometry(model, loss_fn, (X, y), **kw)
+    for key in SKETCH:
+        assert got.values[key] == pytest.approx(ref.values[key], rel=1e-9), key
+        assert got.standard_errors[key] == pytest.approx(
+            ref.standard_errors[key], rel=1e-7, abs=1e-14
+        ), key
