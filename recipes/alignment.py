@@ -839,7 +839,7 @@ def summarise(
         C(
             f"large-n linear regression gives mu >= 1: median mu along training at "
             f"n = {n_hi} (mean over draws), min over the two spectra",
-            min(large) if all(map(math.isfinite, large)) else math.nan,
+            common.strict_min(large),
             ">=",
             1.0,
             source=f"{SRC_WWS22}, Prop. 2.3 (Gaussian inputs: mu >= 1)",

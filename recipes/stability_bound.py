@@ -621,9 +621,7 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
 
         ratios = [v for run in runs for v in along(run)]
         worst = max(runs, key=lambda r: max(along(r) or [math.inf]))
-        metrics["ratio_max"] = (
-            max(ratios) if ratios and all(map(math.isfinite, ratios)) else math.nan
-        )
+        metrics["ratio_max"] = common.strict_max(ratios)
         metrics["ratio_at_init"] = {
             f"{r['family']}/{r['width']}/B={r['B']}": _finite(r["ratio"])[0]
             for r in runs
@@ -713,11 +711,8 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
     if wide:
         z19 = "Zhu et al. 2019, arXiv:1803.00195, Fig. 4 (qualitative)"
         all_r = [v for w in wide for v in _finite(w["ratio"])]
-        # a NaN ratio (a diverged epoch) makes the min NaN: min() skips a NaN
-        # that is not first
-        metrics["z19_ratio_min"] = (
-            min(all_r) if all_r and all(map(math.isfinite, all_r)) else math.nan
-        )
+        # a NaN ratio (a diverged epoch) makes the min NaN
+        metrics["z19_ratio_min"] = common.strict_min(all_r)
         medians = [_median(_finite(w["ratio"])) for w in wide]
         metrics["z19_ratio_median"] = {
             str(w["width"]): m for w, m in zip(wide, medians, strict=True)
@@ -738,7 +733,7 @@ def summarise(arrays: dict[str, list], cfg: Config) -> tuple[dict, list[dict]]:
             C(
                 "the ratio does not decrease with width: min over consecutive "
                 "widths of median ratio(wider) / median ratio(narrower)",
-                min(steps) if steps and all(map(math.isfinite, steps)) else math.nan,
+                common.strict_min(steps),
                 ">=",
                 1.0,
                 source=f"ours (docs/recipes/stability_bound.md); claim: {z19}",

@@ -70,7 +70,7 @@ from .run import (
     results_payload,
     seed_everything,
 )
-from .verdict import claim, verdict_table
+from .verdict import claim, strict_max, strict_min, verdict_table
 
 __all__ = [
     "DATASETS",
@@ -94,6 +94,8 @@ __all__ = [
     "check_min",
     "check_model_name",
     "claim",
+    "strict_max",
+    "strict_min",
     "cli",
     "config_from_dict",
     "config_to_dict",

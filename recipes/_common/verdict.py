@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["claim", "verdict_table"]
+__all__ = ["claim", "strict_max", "strict_min", "verdict_table"]
 
 _OPS = {
     ">=": lambda v, t: v >= t,
@@ -60,6 +60,22 @@ def claim(
         "source": source,
         "note": note,
     }
+
+
+def strict_min(values: Iterable[float]) -> float:
+    """The minimum, NaN when there is none or any value is not finite.
+
+    Python's ``min`` skips a NaN that is not first, so a row taking the worst
+    of several statistics would pass over a failed one.
+    """
+    vals = [float(v) for v in values]
+    return min(vals) if vals and all(map(math.isfinite, vals)) else math.nan
+
+
+def strict_max(values: Iterable[float]) -> float:
+    """The maximum, NaN when there is none or any value is not finite."""
+    vals = [float(v) for v in values]
+    return max(vals) if vals and all(map(math.isfinite, vals)) else math.nan
 
 
 def verdict_table(rows: Iterable[dict[str, Any]]) -> str:

@@ -869,3 +869,15 @@ def test_deep_linear_network_is_a_bias_free_product():
     assert C.model_wants_flat("deep_linear")
     with pytest.raises(ValueError, match="`input_dim` is needed for model 'rfm'"):
         C.make_model("rfm", 1)
+
+
+def test_strict_min_and_max_fail_on_any_nan_or_nothing():
+    import math
+
+    assert C.strict_min([3.0, 1.0, 2.0]) == 1.0
+    assert C.strict_max([3.0, 1.0, 2.0]) == 3.0
+    # Python's min/max skip a NaN that is not first: these do not
+    for f in (C.strict_min, C.strict_max):
+        assert math.isnan(f([1.0, math.nan, 2.0]))
+        assert math.isnan(f([1.0, math.inf]))
+        assert math.isnan(f([]))
