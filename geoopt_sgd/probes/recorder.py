@@ -273,22 +273,20 @@ def _check_measurement(
         _metrics._flatten_displacement(args["displacement"], fm)
 
 
-def _sample_count(batches: list[Any], options: dict[str, Any]) -> int:
-    """The samples a probe of ``batches`` takes (at most ``max_samples``)."""
-    max_samples = options.get(
-        "max_samples",
-        inspect.signature(_metrics.noise_geometry).parameters["max_samples"].default,
-    )
-    return min(sum(batch_size(y) for _, y in batches), max_samples)
-
-
-def _check_sample_count(batches: list[Any], options: dict[str, Any]) -> None:
+def _check_sample_count(batches: list[Any], options: dict[str, Any]) -> int:
     """Refuse now a probe batch too small for the first probe's covariance.
 
     Without this, the first probe raised into the training loop at step
     ``every``. ``batches`` is the checked list of ``(inputs, targets)`` pairs.
+
+    Returns:
+        The samples a probe of ``batches`` takes (at most ``max_samples``).
     """
-    n = _sample_count(batches, options)
+    max_samples = options.get(
+        "max_samples",
+        inspect.signature(_metrics.noise_geometry).parameters["max_samples"].default,
+    )
+    n = min(sum(batch_size(y) for _, y in batches), max_samples)
     if options.get("cov", "per_sample") == "minibatch":
         B, what = int(options["batch_size"]), f"batches of {options['batch_size']}"
     else:
@@ -298,6 +296,7 @@ def _check_sample_count(batches: list[Any], options: dict[str, Any]) -> None:
             f"`probe_data` must hold at least 2 {what} for a covariance; got {n} "
             "samples."
         )
+    return n
 
 
 def _append_line(path: str, line: str) -> None:
@@ -492,8 +491,7 @@ class NoiseProbe:
         check_per_sample_batches(loss_fn, head, device=device)
         n = None
         if isinstance(batches, list) and not distributed.is_distributed():
-            _check_sample_count(batches, options)
-            n = _sample_count(batches, options)
+            n = _check_sample_count(batches, options)
         _check_transformable(model, loss_fn, head, options, n)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
