@@ -442,7 +442,8 @@ def thick_restart_lanczos(
     spawned = 0  # checks started for a possible exact multiplicity
     first_conv = 0  # products at the first convergence
     window = 0  # products a multiplicity check waits for (0: the usual check)
-    history: list[tuple[int, Tensor]] = []  # (products, Ritz values) per step
+    # (products, outermost Ritz values at each end) per step
+    history: list[tuple[int, Tensor, Tensor]] = []
     while True:
         if pre_lo <= j < pre_hi:
             assert W is not None
@@ -478,7 +479,7 @@ def thick_restart_lanczos(
         tols[nt + n_bottom :] = tol * _GUARD_TOL
         done = j >= max(n_need, pre_hi) and bool((R[want] <= tols * scale).all())
         if verify and not first_conv:
-            history.append((n_mv, theta.clone()))
+            history.append((n_mv, *_outermost(theta, n_top, n_bottom, magnitude)))
         breakdown = beta <= 10 * eps * anorm * math.sqrt(j)
         if j >= P:
             converged = verified = True
@@ -519,7 +520,7 @@ def thick_restart_lanczos(
                     if group is not None:
                         spawned += 1
                         snap = None  # as many equal values as chains: one more
-                        window = _EMERGE * _emergence(history, magnitude, *group)
+                        window = _EMERGE * _emergence(history, *group)
                     else:
                         verified = True
                 elif checks >= _CHECKS + spawned:
@@ -731,23 +732,41 @@ def _may_hide_copies(
     return None
 
 
+def _outermost(
+    theta: Tensor, n_top: int, n_bottom: int, magnitude: bool
+) -> tuple[Tensor, Tensor]:
+    """The ``n_top`` and ``n_bottom`` outermost Ritz values as goodness.
+
+    Each end's values are taken from all of ``theta`` (ascending), as
+    "larger is further out" (see :func:`_goodness`), whatever the other end
+    holds: all that :func:`_emergence` reads of a step, since the groups it
+    looks up sit among the returned values.
+    """
+    if magnitude:
+        # copies, not views: a view would keep the whole step's values
+        good = theta.abs().sort(descending=True).values[:n_top].clone()
+        return good, theta.new_empty(0)
+    j = theta.shape[0]
+    return theta[max(j - n_top, 0) :].flip(0), -theta[: min(n_bottom, j)]
+
+
 def _emergence(
-    history: list[tuple[int, Tensor]],
-    magnitude: bool,
+    history: list[tuple[int, Tensor, Tensor]],
     top: bool,
     rank: int,
     level: float,
 ) -> int:
     """Products until the solve first had ``rank + 1`` Ritz values past ``level``.
 
-    ``history`` holds the Ritz values after each product up to the first
-    convergence; ``level`` is a goodness (see :func:`_goodness`) at the top end
-    (``top``) or the bottom one. The first member of a group of equal values
-    emerged then, and a fresh chain needs about as many products of its own
-    to bring in another copy.
+    ``history`` holds, after each product up to the first convergence, the
+    outermost Ritz values of each end (see :func:`_outermost`); ``level`` is a
+    goodness at the top end (``top``) or the bottom one, and ``rank`` is below
+    that end's count of returned values. The first member of a group of equal
+    values emerged then, and a fresh chain needs about as many products of its
+    own to bring in another copy.
     """
-    for n_mv, theta in history:
-        good = theta.abs() if magnitude else (theta if top else -theta)
+    for n_mv, good_top, good_bottom in history:
+        good = good_top if top else good_bottom
         if int((good >= level).sum()) > rank:
             return n_mv
     return history[-1][0] if history else 0

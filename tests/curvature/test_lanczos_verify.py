@@ -477,16 +477,36 @@ def test_may_hide_copies_groups_equal_values_per_end():
 
 
 def test_emergence_counts_values_past_the_level_at_each_end():
-    history = [
+    steps = [
         (1, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)),
         (2, torch.tensor([-3.0, 1.0, 4.0], dtype=torch.float64)),
         (3, torch.tensor([-3.0, 3.5, 4.0], dtype=torch.float64)),
     ]
-    assert lanczos._emergence(history, False, True, 0, 3.0) == 2
-    assert lanczos._emergence(history, False, True, 1, 3.0) == 3
-    assert lanczos._emergence(history, False, False, 0, 2.5) == 2
-    assert lanczos._emergence(history, True, True, 2, 3.0) == 3
-    assert lanczos._emergence(history, False, True, 2, 3.0) == 3  # never: the last
+
+    def history(n_top, n_bottom, magnitude):
+        return [
+            (n, *lanczos._outermost(t, n_top, n_bottom, magnitude)) for n, t in steps
+        ]
+
+    assert lanczos._emergence(history(2, 1, False), True, 0, 3.0) == 2
+    assert lanczos._emergence(history(2, 1, False), True, 1, 3.0) == 3
+    assert lanczos._emergence(history(2, 1, False), False, 0, 2.5) == 2
+    assert lanczos._emergence(history(3, 0, True), True, 2, 3.0) == 3
+    assert lanczos._emergence(history(3, 0, False), True, 2, 3.0) == 3  # never
+    # each end reads its own outermost values, also where the ends overlap
+    assert lanczos._emergence(history(3, 3, False), False, 1, -1.5) == 1
+
+
+def test_emergence_history_holds_only_the_outermost_values():
+    # the history grows by the returned count per step, not by the basis size
+    theta = torch.arange(50, dtype=torch.float64)
+    top, bottom = lanczos._outermost(theta, 3, 2, False)
+    assert top.tolist() == [49.0, 48.0, 47.0]
+    assert bottom.tolist() == [-0.0, -1.0]
+    mag, none = lanczos._outermost(theta - 40, 2, 0, True)
+    assert mag.tolist() == [40.0, 39.0] and none.numel() == 0
+    for t in (top, bottom, mag, none):
+        assert t.untyped_storage().nbytes() <= 3 * 8  # no view of all 50
 
 
 def test_breakdown_directions_count_as_start_directions(monkeypatch):
