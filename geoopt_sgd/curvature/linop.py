@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_finite_tensor
+from .._checks import check_finite_tensor, check_int
 from .._model import full_precision
 
 __all__ = ["DenseOperator", "LinearOperator"]
@@ -25,27 +25,91 @@ class LinearOperator:
     Subclasses implement :meth:`_matmat` on a validated ``(P, k)`` block in the
     operator's dtype and device. Inputs may also be given as a list of tensors
     shaped like :attr:`param_shapes` (one per parameter); the result then comes
-    back in the same form.
+    back in the same form. Every solver in :mod:`geoopt_sgd.curvature` takes such
+    an operator, so a curvature matrix of your own (a damped Hessian, a
+    Kronecker factorisation) runs through them by subclassing.
+
+    Args:
+        size: The dimension ``P``.
+        dtype: The floating dtype of the vectors it takes and returns.
+        device: Where those vectors live.
+        param_shapes: Shapes whose sizes add up to ``P``, for the per-parameter
+            form (:meth:`flatten` / :meth:`unflatten`); ``None`` for one flat
+            part.
 
     Attributes:
         n_matvec: Matrix-vector products applied so far.
+
+    Raises:
+        TypeError: If ``size`` is not an integer, ``dtype`` is not a floating
+            ``torch.dtype`` or ``param_shapes`` is not a sequence of shapes.
+        ValueError: If ``size`` is below 1, ``device`` is not a device, or the
+            sizes of ``param_shapes`` do not add up to ``size``.
+
+    Example:
+        >>> import torch
+        >>> class Damped(LinearOperator):
+        ...     def __init__(self, base, damping):
+        ...         super().__init__(base.shape[0], base.dtype, base.device)
+        ...         self.base, self.damping = base, damping
+        ...
+        ...     def _matmat(self, V):
+        ...         return self.base.matmat(V) + self.damping * V
+        >>> A = Damped(DenseOperator(torch.diag(torch.tensor([3.0, 1.0]))), 0.5)
+        >>> A.matvec(torch.tensor([1.0, 1.0]))
+        tensor([3.5000, 1.5000])
     """
 
     def __init__(
         self,
         size: int,
         dtype: torch.dtype,
-        device: torch.device,
-        param_shapes: Sequence[torch.Size] | None = None,
+        device: torch.device | str,
+        param_shapes: Sequence[Sequence[int]] | None = None,
     ) -> None:
-        self._size = int(size)
+        check_int("size", size, ge=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(
+                "`dtype` must be a floating torch.dtype (e.g. torch.float32); "
+                f"got {dtype!r} ({type(dtype).__name__})."
+            )
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"`device` must be a torch.device or a device string; got {device!r}."
+            ) from err
+        if param_shapes is None:
+            shapes = [torch.Size([size])]
+        else:
+            if isinstance(param_shapes, (Tensor, str)) or not isinstance(
+                param_shapes, Sequence
+            ):
+                raise TypeError(
+                    "`param_shapes` must be a sequence of shapes; got "
+                    f"{type(param_shapes).__name__}."
+                )
+            try:
+                shapes = [torch.Size(s) for s in param_shapes]
+            except (TypeError, ValueError) as err:
+                raise TypeError(
+                    "`param_shapes` must be a sequence of shapes; got "
+                    f"{param_shapes!r}."
+                ) from err
+            if any(d < 0 for s in shapes for d in s):
+                raise ValueError(
+                    f"`param_shapes` has a negative dimension: {param_shapes!r}."
+                )
+            total = sum(s.numel() for s in shapes)
+            if total != size:
+                raise ValueError(
+                    f"`param_shapes` hold {total} entries in all; the operator has "
+                    f"size {size}."
+                )
+        self._size = size
         self.dtype = dtype
-        self.device = torch.device(device)
-        self.param_shapes = (
-            [torch.Size(s) for s in param_shapes]
-            if param_shapes is not None
-            else [torch.Size([self._size])]
-        )
+        self.device = device
+        self.param_shapes = shapes
         self.n_matvec = 0
 
     @property
@@ -84,7 +148,24 @@ class LinearOperator:
         return torch.cat([t.reshape(-1) for t in tensors]).to(self.device, self.dtype)
 
     def unflatten(self, v: Tensor) -> list[Tensor]:
-        """Split a flat ``(P,)`` vector into per-parameter tensors (views)."""
+        """Split a flat ``(P,)`` vector into per-parameter tensors (views).
+
+        Args:
+            v: A flat vector ``(P,)``.
+
+        Returns:
+            One view of ``v`` per entry of :attr:`param_shapes`.
+
+        Raises:
+            TypeError: If ``v`` is not a tensor.
+            ValueError: If ``v`` is not ``(P,)``.
+        """
+        if not isinstance(v, Tensor):
+            raise TypeError(f"`v` must be a torch.Tensor; got {type(v).__name__}.")
+        if v.dim() != 1 or v.shape[0] != self._size:
+            raise ValueError(
+                f"`v`: expected shape ({self._size},), got {tuple(v.shape)}."
+            )
         out, i = [], 0
         for s in self.param_shapes:
             n = s.numel()
@@ -173,8 +254,11 @@ class LinearOperator:
     def __matmul__(self, x: Tensor) -> Tensor:
         return self.matvec(x) if x.dim() == 1 else self.matmat(x)  # type: ignore[return-value]
 
-    def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _matmat(self, V: Tensor) -> Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `_matmat(V)`: the product with a "
+            "(P, k) block, in the operator's dtype and device."
+        )
 
     @full_precision
     def to_dense(self) -> Tensor:
