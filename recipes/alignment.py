@@ -98,6 +98,10 @@ class Config(common.RunOptions):
     cnn_samples: int = option(300, "cnn: training digits")
     cnn_widths: tuple[int, ...] = option((6, 21, 68), "cnn: channels")
     cnn_lr: float = option(0.1, "cnn: SGD learning rate")
+    cnn_activation: str = option(
+        "relu", "cnn: activation, 'relu', 'gelu', 'softplus' or 'tanh'"
+    )
+    cnn_pool: str = option("max", "cnn: 2x2 pooling, 'max' or 'avg'")
     timm_model: str = option("test_resnet", "timm: a timm ResNet name")
     timm_samples: int = option(300, "timm: training digits")
     timm_widths: tuple[int, ...] = option((8,), "timm: channels of every stage")
@@ -214,6 +218,8 @@ def validate(cfg: Config) -> None:
     """
     common.check_config_basics(cfg)
     common.check_choice(cfg, "dtype", ("float32", "float64"))
+    common.check_choice(cfg, "cnn_activation", ("relu", "gelu", "softplus", "tanh"))
+    common.check_choice(cfg, "cnn_pool", ("max", "avg"))
     if not cfg.families:
         raise ValueError("`families` must name at least one family.")
     for fam in cfg.families:
@@ -374,6 +380,8 @@ def build_model(
             in_chans=1,
             image_size=cfg.image_size,
             width=width,
+            cnn_activation=cfg.cnn_activation,
+            cnn_pool=cfg.cnn_pool,
             seed=seed,
             dtype=dtype,
         )

@@ -125,18 +125,37 @@ class RandomFeatures(nn.Module):
         return self.head(torch.relu(x @ self.features.T) * self.scale)
 
 
-class _SmallCNN(nn.Module):
-    """Two conv layers of ``width`` channels (ReLU, 2×2 pooling) and a linear head."""
+_CNN_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+}
+_CNN_POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
-    def __init__(self, in_chans: int, num_classes: int, width: int, size: int):
+
+class _SmallCNN(nn.Module):
+    """Two conv layers of ``width`` channels (``activation``, 2×2 ``pool`` pooling)
+    and a linear head."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        num_classes: int,
+        width: int,
+        size: int,
+        activation: str = "relu",
+        pool: str = "max",
+    ):
         super().__init__()
+        act, pool_cls = _CNN_ACTIVATIONS[activation], _CNN_POOLS[pool]
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            act(),
+            pool_cls(2),
             nn.Conv2d(width, width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            act(),
+            pool_cls(2),
         )
         self.head = nn.Linear(width * (size // 4) ** 2, num_classes)
 
@@ -154,6 +173,8 @@ def make_model(
     width: int = 128,
     depth: int = 2,
     activation: str = "tanh",
+    cnn_activation: str = "relu",
+    cnn_pool: str = "max",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     timm_args: Mapping[str, Any] | None = None,
@@ -164,8 +185,9 @@ def make_model(
     * ``"mlp"``: the fully connected net of Wu, Wang & Su 2022 (arXiv:2207.02628),
       ``input_dim → width (×depth) → num_classes`` with ``activation`` (``"tanh"``
       or ``"relu"``); needs flat inputs.
-    * ``"cnn"``: two 3×3 conv layers of ``width`` channels with ReLU and 2×2
-      pooling, then a linear head; needs ``image_size``.
+    * ``"cnn"``: two 3×3 conv layers of ``width`` channels, each followed by
+      ``cnn_activation`` and 2×2 ``cnn_pool`` pooling, then a linear head; needs
+      ``image_size``.
     * ``"linear"``: one linear layer on flat inputs.
     * ``"rfm"``: the random-feature model :class:`RandomFeatures` with ``width``
       fixed ReLU features; needs flat inputs.
@@ -184,6 +206,9 @@ def make_model(
         width: Hidden width / channels of the small models.
         depth: Hidden layers of ``mlp`` and ``deep_linear``.
         activation: ``"tanh"`` or ``"relu"`` (``mlp``).
+        cnn_activation: ``"relu"``, ``"gelu"``, ``"softplus"`` or ``"tanh"``
+            (``cnn``).
+        cnn_pool: ``"max"`` or ``"avg"`` pooling (``cnn``).
         seed: Seed of the initialisation (the global RNG is restored afterwards).
         dtype: Parameter dtype.
         timm_args: More :func:`timm.create_model` arguments, for names that
@@ -244,7 +269,18 @@ def make_model(
         elif name == "cnn":
             if image_size is None:
                 raise ValueError("`image_size` is needed for model 'cnn'.")
-            model = _SmallCNN(in_chans, num_classes, width, image_size)
+            for arg, value, allowed in (
+                ("cnn_activation", cnn_activation, _CNN_ACTIVATIONS),
+                ("cnn_pool", cnn_pool, _CNN_POOLS),
+            ):
+                if value not in allowed:
+                    raise ValueError(
+                        f"`{arg}` must be one of {', '.join(map(repr, allowed))}; "
+                        f"got {value!r}."
+                    )
+            model = _SmallCNN(
+                in_chans, num_classes, width, image_size, cnn_activation, cnn_pool
+            )
         else:
             import timm
 

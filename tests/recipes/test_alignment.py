@@ -326,12 +326,25 @@ def test_every_row_can_fail():
         ({"tail": 0}, r"`tail` must be >= 1; got 0."),
         ({"cnn_flat_max": 0.9}, r"`cnn_flat_max` must be >= 1"),
         ({"dtype": "int8"}, r"`dtype` must be one of 'float32', 'float64'"),
+        ({"cnn_activation": "elu"}, r"`cnn_activation` must be one of 'relu', 'gelu'"),
+        ({"cnn_pool": "min"}, r"`cnn_pool` must be one of 'max', 'avg'"),
     ],
 )
 def test_bad_config(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
         R.main(tiny(tmp_path, **change))
     assert not (tmp_path / "alignment").exists()
+
+
+def test_cnn_activation_and_pool_options(tmp_path):
+    cfg = tiny(tmp_path)
+    assert (cfg.cnn_activation, cfg.cnn_pool) == ("relu", "max")  # the defaults
+    task = R.load_task("cnn", cfg, torch.device("cpu"))
+    kinds = [type(m) for m in R.build_model("cnn", 3, task, cfg, 0).features]
+    assert kinds == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.MaxPool2d] * 2
+    cfg = tiny(tmp_path, cnn_activation="softplus", cnn_pool="avg")
+    kinds = [type(m) for m in R.build_model("cnn", 3, task, cfg, 0).features]
+    assert kinds == [torch.nn.Conv2d, torch.nn.Softplus, torch.nn.AvgPool2d] * 2
 
 
 def test_diverging_run_names_its_lr(tmp_path):

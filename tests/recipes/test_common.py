@@ -215,6 +215,45 @@ def test_make_model_small_and_seeded():
     assert lin(torch.zeros(1, 5)).shape == (1, 2)
 
 
+def test_make_model_cnn_activation_and_pool():
+    def layers(m):
+        return [type(mod) for mod in m.features]
+
+    nn = torch.nn
+    default = C.make_model("cnn", 1, image_size=8, width=3, seed=5)
+    assert layers(default) == [nn.Conv2d, nn.ReLU, nn.MaxPool2d] * 2
+    # the default is the ReLU/max CNN with the same initialisation
+    explicit = C.make_model(
+        "cnn", 1, image_size=8, width=3, seed=5, cnn_activation="relu", cnn_pool="max"
+    )
+    for p, q in zip(default.parameters(), explicit.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for act, cls in [
+        ("gelu", nn.GELU),
+        ("softplus", nn.Softplus),
+        ("tanh", nn.Tanh),
+    ]:
+        m = C.make_model("cnn", 1, image_size=8, width=3, seed=5, cnn_activation=act)
+        assert layers(m) == [nn.Conv2d, cls, nn.MaxPool2d] * 2
+        # only the nonlinearity differs: the same parameters
+        for p, q in zip(default.parameters(), m.parameters(), strict=True):
+            assert torch.equal(p, q)
+    avg = C.make_model(
+        "cnn", 1, image_size=8, width=3, cnn_activation="gelu", cnn_pool="avg"
+    )
+    assert layers(avg) == [nn.Conv2d, nn.GELU, nn.AvgPool2d] * 2
+    assert all(m.kernel_size == 2 for m in avg.features if isinstance(m, nn.AvgPool2d))
+    assert avg(torch.zeros(2, 1, 8, 8)).shape == (2, 1)
+    # `activation` is the MLP's: it leaves the CNN's ReLU as it is
+    assert layers(C.make_model("cnn", 1, image_size=8, width=3, activation="tanh")) == (
+        layers(default)
+    )
+    with pytest.raises(ValueError, match="`cnn_activation` must be one of 'relu'"):
+        C.make_model("cnn", 1, image_size=8, cnn_activation="elu")
+    with pytest.raises(ValueError, match="`cnn_pool` must be one of 'max', 'avg'"):
+        C.make_model("cnn", 1, image_size=8, cnn_pool="min")
+
+
 def test_make_model_timm():
     m = C.make_model("test_efficientnet", 10, in_chans=1)
     assert m(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
