@@ -72,11 +72,13 @@ def _block_lanczos_tridiag(
     P, c = V0.shape
     eps = torch.finfo(operator.dtype).eps
     basis = [V0]
-    alpha = torch.zeros(c, num_steps, dtype=torch.float64)
-    beta = torch.zeros(c, num_steps, dtype=torch.float64)
-    steps = torch.full((c,), num_steps, dtype=torch.long)
-    alive = torch.ones(c, dtype=torch.bool)
-    anorm = torch.zeros(c, dtype=torch.float64)
+    # the recurrence coefficients are small: kept on the CPU
+    cpu = torch.device("cpu")
+    alpha = torch.zeros(c, num_steps, dtype=torch.float64, device=cpu)
+    beta = torch.zeros(c, num_steps, dtype=torch.float64, device=cpu)
+    steps = torch.full((c,), num_steps, dtype=torch.long, device=cpu)
+    alive = torch.ones(c, dtype=torch.bool, device=cpu)
+    anorm = torch.zeros(c, dtype=torch.float64, device=cpu)
     for j in range(num_steps):
         W = operator.matmat(basis[-1])
         check_operator_output(W)
@@ -208,7 +210,7 @@ def spectral_density(
             span = max(abs(lo), abs(hi))
         sigma = 0.01 * span if span > 0 else 1.0
     if grid is None:
-        grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
+        grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, device="cpu")
     grid = grid.detach().to("cpu", torch.float64)
     diff = (grid[:, None, None] - N[None]) / sigma
     kern = torch.exp(-0.5 * diff.square()) / (sigma * math.sqrt(2 * math.pi))

@@ -506,8 +506,9 @@ class DataOperator(LinearOperator):
         k = self.max_block if k is None else k
         check_int("k", k, ge=2)
         check_int("repeats", repeats, ge=1)
-        gen = torch.Generator().manual_seed(seed)
-        V = torch.randn(self._size, k, generator=gen, dtype=self.dtype).to(self.device)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        V = torch.randn(self._size, k, generator=gen, dtype=self.dtype, device="cpu")
+        V = V.to(self.device)
         routes = {"loop": self._matmat_loop, "batched": self._matmat_batched}
         times: dict[str, list[float]] = {r: [] for r in routes}
         routes["loop"](V)  # builds (and caches) the per-batch graphs
@@ -524,7 +525,9 @@ class DataOperator(LinearOperator):
                 sync()
                 times[r].append(time.perf_counter() - t0)
         med = torch.tensor(
-            [statistics.median(times[r]) / k for r in routes], dtype=torch.float64
+            [statistics.median(times[r]) / k for r in routes],
+            dtype=torch.float64,
+            device="cpu",
         )
         med = distributed.all_reduce_sum(med.to(self.device)).cpu()
         self.block_used = "batched" if med[1] < med[0] else "loop"

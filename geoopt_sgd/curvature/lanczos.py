@@ -276,8 +276,9 @@ def _select(theta: Tensor, n_top: int, n_bottom: int, magnitude: bool) -> Tensor
     if magnitude:
         order = torch.argsort(theta.abs(), descending=True, stable=True)
         return order[: min(n_top, j)]
-    top = torch.arange(j - 1, max(j - n_top, 0) - 1, -1)
-    bottom = torch.arange(0, min(n_bottom, max(j - top.numel(), 0)))
+    dev = theta.device
+    top = torch.arange(j - 1, max(j - n_top, 0) - 1, -1, device=dev)
+    bottom = torch.arange(0, min(n_bottom, max(j - top.numel(), 0)), device=dev)
     return torch.cat([top, bottom])
 
 
@@ -423,7 +424,7 @@ def thick_restart_lanczos(
     # rows are written before they are read: no need to zero (and touch) them
     rows = m + b_max + 4
     Vt = torch.empty(rows, P, dtype=dtype, device=device)
-    H = torch.zeros(rows, rows, dtype=torch.float64)
+    H = torch.zeros(rows, rows, dtype=torch.float64, device="cpu")  # small: on the CPU
     n = _start_block(v0, P, b_max, gen, Vt)
     pre_lo = pre_hi = 0  # rows Vt[pre_lo:pre_hi] have products in W
     W = None
@@ -463,17 +464,17 @@ def thick_restart_lanczos(
         T = torch.triu(H[:j, :j]) + torch.triu(H[:j, :j], 1).T
         theta, S = torch.linalg.eigh(T)
         anorm = max(anorm, float(theta.abs().max()))
-        R = H[: n + 1, :j] @ S - torch.cat([S, torch.zeros(n + 1 - j, j)]) * theta
+        R = H[: n + 1, :j] @ S - torch.cat([S, S.new_zeros(n + 1 - j, j)]) * theta
         R = R.norm(dim=0)
         denom = theta.abs().clamp_min(floor * anorm)
         want = _select(theta, w_top, w_bot, magnitude)
         scale = denom[want]
         if bottom_absolute and w_bot:
-            is_bot = torch.zeros(j, dtype=torch.bool)
+            is_bot = torch.zeros(j, dtype=torch.bool, device="cpu")
             is_bot[:w_bot] = True
             scale = torch.where(is_bot[want], anorm, scale)
         # guards (wanted beyond the k returned) converge to a looser tolerance
-        tols = torch.full((want.numel(),), tol, dtype=torch.float64)
+        tols = torch.full((want.numel(),), tol, dtype=torch.float64, device="cpu")
         nt = min(w_top, j)
         tols[n_top:nt] = tol * _GUARD_TOL
         tols[nt + n_bottom :] = tol * _GUARD_TOL
@@ -1032,7 +1033,8 @@ def top_eigenpairs(
             stacklevel=2,
         )
     order = torch.argsort(lam, descending=True, stable=True)
-    if not bool((order == torch.arange(order.numel())).all()):  # else no P x k copy
+    in_order = torch.arange(order.numel(), device=order.device)
+    if not bool((order == in_order).all()):  # else no P x k copy
         lam, Y, rel = lam[order], Y[:, order.to(Y.device)], rel[order]
     return EigenResult(
         lam,

@@ -435,5 +435,5 @@ def expected_sharpness(
         if absolute:
             diffs = [abs(d) for d in diffs]
         samples.append(sum(diffs) / len(diffs))
-    mean, se = mean_stderr(torch.tensor(samples, dtype=torch.float64))
+    mean, se = mean_stderr(torch.tensor(samples, dtype=torch.float64, device="cpu"))
     return Estimate(mean, se, 0, num_samples)

@@ -212,7 +212,7 @@ class NoiseSource:
                 to_device(targets, fm.device),
             )
             n = _model.batch_size(targets)
-            perm = torch.randperm(n, generator=generator)
+            perm = torch.randperm(n, generator=generator, device=generator.device)
             for c in range(n // B):
                 if num_batches is not None and len(rows) >= num_batches:
                     break
@@ -426,10 +426,13 @@ class NoiseSource:
             stats["clamped_negative"] = n_clamped
             stats["clamped_negative_total"] += n_clamped
         if kind in ("geometry_aware", "geometry_aware_isotropic"):
-            cache["loss"] = torch.tensor(float(op.loss()), dtype=fm.dtype)
+            # scalars are read with float(): kept on the CPU (as load_state_dict does)
+            cache["loss"] = torch.tensor(float(op.loss()), dtype=fm.dtype, device="cpu")
         if kind == "geometry_aware_isotropic":
             est = hutchinson_trace(op, seed=_noise.step_seed(seed, t, STREAM_TRACE))
-            cache["trace_h"] = torch.tensor(float(est.value), dtype=fm.dtype)
+            cache["trace_h"] = torch.tensor(
+                float(est.value), dtype=fm.dtype, device="cpu"
+            )
         stats["n_hvp"] += int(op.n_matvec)
         op.release()  # free the cached per-batch graphs now
         return cache

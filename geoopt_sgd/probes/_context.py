@@ -81,8 +81,9 @@ class ProbeContext:
         """Build the batch weights, the vector chunk and the operators."""
         n = probe.n
         M = n // B
-        gidx = torch.arange(probe.offset, probe.offset + probe.n_local)
-        W = torch.zeros(M, probe.n_local, dtype=dtype)
+        # built on the CPU, then moved
+        gidx = torch.arange(probe.offset, probe.offset + probe.n_local, device="cpu")
+        W = torch.zeros(M, probe.n_local, dtype=dtype, device="cpu")
         keep = gidx < M * B
         W[(gidx[keep] // B), torch.nonzero(keep).reshape(-1)] = 1.0 / B
         # vectors pushed per vmapped pass: 8 for large models, more for small ones
@@ -125,7 +126,9 @@ class ProbeContext:
         terms_tr, terms_fro2 = [], []
         for sl in chunks(num_probes, self.vec_chunk):
             shape = (self.P, sl.stop - sl.start)
-            Z = torch.randint(0, 2, shape, generator=self.gen, dtype=torch.int8)
+            Z = torch.randint(
+                0, 2, shape, generator=self.gen, dtype=torch.int8, device="cpu"
+            )
             Z = (Z.to(self.dtype) * 2 - 1).to(self.device)
             HZ = self.matmat("hessian", Z)
             ZHZ, HZ2 = Z * HZ, HZ * HZ

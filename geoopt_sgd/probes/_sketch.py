@@ -95,7 +95,7 @@ class Sketch:
         probe = ctx.probe
         s = Zu.shape[1]
         scale = math.sqrt(probe.P)
-        eye = torch.eye(s, dtype=torch.float64)
+        eye = torch.eye(s, dtype=torch.float64, device="cpu")
         tZ = tZ.combine(scale * eye)
         # Q = U S^{-1/2} (S = U^T U): orthonormal to float64 accuracy
         e, Qe = torch.linalg.eigh(gram64(U, U).cpu())
@@ -222,7 +222,7 @@ def _hessian_traces(ctx: ProbeContext, rbar: Tensor, s: int) -> Traces:
     # uncentred xi_1 probes, Cov = Sigma_1: Tr(Sigma_1 H); Hutchinson
     P, M = ctx.P, ctx.M
     st = Traces()
-    z = torch.randn(s, M, generator=ctx.gen, dtype=torch.float64)
+    z = torch.randn(s, M, generator=ctx.gen, dtype=torch.float64, device="cpu")
     c1 = (ctx.W.T @ z.to(ctx.device, ctx.dtype).T) / M**0.5
     t1 = 0.0
     terms = []

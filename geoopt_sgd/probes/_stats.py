@@ -61,7 +61,9 @@ def haar(k: int, draws: int, gen: torch.Generator) -> list[Tensor]:
     """Haar-distributed orthogonal ``(k, k)`` matrices (QR of Gaussians, sign-fixed)."""
     out = []
     for _ in range(draws):
-        Q, R = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+        Q, R = torch.linalg.qr(
+            torch.randn(k, k, generator=gen, dtype=torch.float64, device="cpu")
+        )
         out.append(Q * torch.sign(torch.diagonal(R)).unsqueeze(0))
     return out
 
@@ -70,9 +72,9 @@ def random_directions(
     P: int, r: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
 ) -> Tensor:
     """``r`` unit Gaussian directions ``(P, r)`` on the CPU, drawn column by column."""
-    R = torch.empty(P, r, dtype=dtype)
+    R = torch.empty(P, r, dtype=dtype, device="cpu")
     for j in range(r):
-        v = torch.randn(P, generator=gen, dtype=dtype)
+        v = torch.randn(P, generator=gen, dtype=dtype, device="cpu")
         R[:, j] = v / v.double().norm().to(dtype)
     return R
 
@@ -82,7 +84,9 @@ def jackknife(replicates: list[dict[str, float]]) -> dict[str, float]:
     s = len(replicates)
     out = {}
     for key in replicates[0]:
-        v = torch.tensor([r[key] for r in replicates], dtype=torch.float64)
+        v = torch.tensor(
+            [r[key] for r in replicates], dtype=torch.float64, device="cpu"
+        )
         se = ((s - 1) / s * ((v - v.mean()) ** 2).sum()).sqrt()
         out[key] = float(se) if bool(torch.isfinite(se)) else math.nan
     return out

@@ -569,7 +569,7 @@ def noise_geometry(
     # ranks given different seeds draw rank 0's probes (their products are
     # summed over ranks)
     seed = distributed.rank0_seed(0 if seed is None else seed, fm.device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # draws on the CPU
     B = 1 if cov == "per_sample" else int(batch_size)  # type: ignore[arg-type]
     probe, L = _probe_and_loss(
         fm, loss_fn, data, wanted, cov, B, max_samples, chunk_size, batch_fn
@@ -729,8 +729,10 @@ def _measure(
     timings: dict[str, float] = {}
     if wanted - {"loss"}:
         # one backward: non-finite gradients give NaN metrics, never an error
-        c = torch.full((probe.n_local,), 1.0 / ctx.n, dtype=ctx.dtype)
-        grad_L = probe.weighted_gradient(c.to(ctx.device))
+        c = torch.full(
+            (probe.n_local,), 1.0 / ctx.n, dtype=ctx.dtype, device=ctx.device
+        )
+        grad_L = probe.weighted_gradient(c)
         if not bool(torch.isfinite(grad_L).all()):
             return None
     if need_any and route == "exact":

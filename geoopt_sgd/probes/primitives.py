@@ -103,7 +103,7 @@ class ProbeSet:
         self.dtype, self.device = fmodel.dtype, fmodel.device
         self.sizes = [int(y.shape[0]) for _, y in batches]
         self.n_local = sum(self.sizes)
-        counts = torch.zeros(distributed.world_size(), dtype=torch.long)
+        counts = torch.zeros(distributed.world_size(), dtype=torch.long, device="cpu")
         counts[distributed.rank()] = self.n_local
         counts = distributed.all_reduce_sum(counts.to(self.device)).cpu()
         self.n = int(counts.sum())

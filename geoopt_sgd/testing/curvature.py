@@ -108,7 +108,7 @@ def dense_hessian(
     fm = FunctionalModel(model, params, mode=mode)  # type: ignore[arg-type]
     reduction = detect_reduction(loss_fn, loss_reduction)
     theta = torch.cat([p.detach().reshape(-1) for p in fm.params])
-    H = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    H = theta.new_zeros(theta.numel(), theta.numel())
     with fm.policy(), math_sdpa():
         for x, y, w in _weights(data, reduction, batch_fn):
 
@@ -158,7 +158,7 @@ def dense_ggn(
     reduction = detect_reduction(loss_fn, loss_reduction)
     theta = torch.cat([p.detach().reshape(-1) for p in fm.params])
     P = theta.numel()
-    G = torch.zeros(P, P, dtype=theta.dtype)
+    G = theta.new_zeros(P, P)
     with fm.policy(), math_sdpa():
         for x, y, w in _weights(data, reduction, batch_fn):
 
@@ -217,7 +217,11 @@ def assert_close_report(
         f"{float(err.max() / e.abs().max().clamp_min(1e-300)):.3e}. Worst:"
     ]
     for i in idx.tolist():
-        pos = tuple(torch.unravel_index(torch.tensor(i), a.shape)) if a.dim() else ()
+        pos = (
+            tuple(torch.unravel_index(torch.tensor(i, device="cpu"), a.shape))
+            if a.dim()
+            else ()
+        )
         pos = tuple(int(p) for p in pos)
         lines.append(
             f"  {pos}: actual {a.reshape(-1)[i].item():.10e}, "

@@ -180,7 +180,7 @@ def dense_curvature(
         out = outputs(flat0).detach()
         N = out.shape[0]
         J = jacrev(lambda v: outputs(v).reshape(N, -1))(flat0).detach()  # (N, K, P)
-        G = torch.zeros(flat0.numel(), flat0.numel(), dtype=flat0.dtype)
+        G = flat0.new_zeros(flat0.numel(), flat0.numel())
         for i in range(N):
             lam = hessian(lambda o, i=i: ell(o.reshape(out[i].shape), targets[i]))(
                 out[i].reshape(-1)
@@ -298,7 +298,7 @@ def dense_metrics(
                 out[i].reshape(-1).detach()
             )
             chi.append(float(torch.trace(lam @ J[i] @ G @ J[i].T)))
-    chi_t = torch.tensor(chi, dtype=torch.float64)
+    chi_t = torch.tensor(chi, dtype=torch.float64, device="cpu")
     v["gradient_uniformity"] = float(chi_t.min() / chi_t.mean())
     # eigenbasis
     if eigenvectors is None:

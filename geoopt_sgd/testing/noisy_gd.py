@@ -90,9 +90,9 @@ def noisy_gd_covariance(
     n, P = grads.shape
     centred = grads - grads.mean(0)
     sigma = centred.T @ centred / n
-    eye = torch.eye(P, dtype=torch.float64)
+    eye = torch.eye(P, dtype=torch.float64, device=grads.device)
     if kind == "none":
-        return torch.zeros(P, P, dtype=torch.float64)
+        return grads.new_zeros(P, P)
     if kind == "isotropic":
         return eye
     if kind == "sgd_matched":
