@@ -317,16 +317,16 @@ def load_task(family: str, cfg: Config, device: torch.device) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)
     if family == "rfm":
         d, n = cfg.rfm_dim, cfg.rfm_samples
-        x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        x = torch.randn(n, d, generator=gen, dtype=torch.float64, device="cpu")
         x = x / x.norm(dim=1, keepdim=True)
-        v = torch.randn(2, d, generator=gen, dtype=torch.float64)
+        v = torch.randn(2, d, generator=gen, dtype=torch.float64, device="cpu")
         v = v / v.norm(dim=1, keepdim=True) * math.sqrt(d)
         h = torch.relu(x @ v.T)
         y = (h[:, :1] - h[:, 1:]).contiguous()
     elif family == "linear_net":
         d, n = cfg.linear_dim, cfg.linear_samples
-        x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-        b = torch.randn(d, 1, generator=gen, dtype=torch.float64)
+        x = torch.randn(n, d, generator=gen, dtype=torch.float64, device="cpu")
+        b = torch.randn(d, 1, generator=gen, dtype=torch.float64, device="cpu")
         y = x @ b / math.sqrt(d)
     else:
         n = getattr(cfg, f"{family}_samples")
@@ -500,12 +500,12 @@ def _batches(
     n = len(y)
     B = min(cfg.batch_size, n)
     loss_fn = HalfSquaredError()
-    perm, pos = torch.randperm(n, generator=gen), 0
+    perm, pos = torch.randperm(n, generator=gen, device="cpu"), 0
 
     def step(t: int) -> int:
         nonlocal perm, pos
         if pos + B > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
+            perm, pos = torch.randperm(n, generator=gen, device="cpu"), 0
         idx = perm[pos : pos + B].to(x.device)
         pos += B
         model.train()
@@ -579,11 +579,11 @@ def nsweep_inputs(
     d = cfg.nsweep_dim
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * draw + 17 + n)
     if spectrum == "isotropic":
-        s = torch.ones(d, dtype=torch.float64)
+        s = torch.ones(d, dtype=torch.float64, device="cpu")
     else:
-        s = cfg.nsweep_decay ** torch.arange(d, dtype=torch.float64)
-    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    b = torch.randn(d, 1, generator=gen, dtype=torch.float64)
+        s = cfg.nsweep_decay ** torch.arange(d, dtype=torch.float64, device="cpu")
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64, device="cpu")
+    b = torch.randn(d, 1, generator=gen, dtype=torch.float64, device="cpu")
     x = z * s.sqrt()
     y = x @ b / math.sqrt(float(s.sum()))
     dtype = getattr(torch, cfg.dtype)

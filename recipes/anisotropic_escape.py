@@ -216,13 +216,15 @@ _C = _S = math.cos(math.pi / 4)
 
 def toy_basins(dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
     """Return the toy's fixed geometry: axes and Hessians of the two basins."""
-    v1 = torch.tensor([_C, -_S], dtype=dtype)  # soft axis of the sharp basin (20)
-    v2 = torch.tensor([_C, _S], dtype=dtype)  # stiff axis (200), toward (-1, -1)
+    # the toy runs on the CPU whatever --device is (2 parameters)
+    # soft axis of the sharp basin (20), stiff axis (200) toward (-1, -1)
+    v1 = torch.tensor([_C, -_S], dtype=dtype, device="cpu")
+    v2 = torch.tensor([_C, _S], dtype=dtype, device="cpu")
     return {
         "v1": v1,
         "v2": v2,
         "h_sharp": 20 * torch.outer(v1, v1) + 200 * torch.outer(v2, v2),
-        "h_flat": 2 * torch.eye(2, dtype=dtype),
+        "h_flat": 2 * torch.eye(2, dtype=dtype, device="cpu"),
     }
 
 
@@ -231,9 +233,9 @@ def toy_data(runs: int, n: int, generator: torch.Generator) -> Tensor:
 
     K is the 45° rotation [[c, -s], [s, c]] [C-Z19 2Dim].
     """
-    z = torch.randn(runs, n, 2, generator=generator, dtype=torch.float64)
-    z = z * torch.tensor([math.sqrt(10.0), 1.0], dtype=torch.float64)
-    rot = torch.tensor([[_C, -_S], [_S, _C]], dtype=torch.float64)
+    z = torch.randn(runs, n, 2, generator=generator, dtype=torch.float64, device="cpu")
+    z = z * torch.tensor([math.sqrt(10.0), 1.0], dtype=torch.float64, device="cpu")
+    rot = torch.tensor([[_C, -_S], [_S, _C]], dtype=torch.float64, device="cpu")
     return 0.01 * z @ rot
 
 
@@ -288,7 +290,7 @@ def toy_noise_covariance(kind: str, c: Tensor, h: Tensor, var: float) -> Tensor:
     Returns:
         The covariance.
     """
-    eye = torch.eye(2, dtype=c.dtype).expand_as(c)
+    eye = torch.eye(2, dtype=c.dtype, device=c.device).expand_as(c)
     if kind == "gd":
         return torch.zeros_like(c)
     if kind == "const":
@@ -328,7 +330,7 @@ def run_toy_dynamic(kind: str, x: Tensor, cfg: Config, seed: int) -> dict[str, A
     basins = toy_basins()
     gen = torch.Generator().manual_seed(seed)
     runs = x.shape[0]
-    w = torch.ones(runs, 2, dtype=torch.float64)
+    w = torch.ones(runs, 2, dtype=torch.float64, device="cpu")
     keep = min(cfg.toy_traj_runs, runs)
     traj = [w[:keep].clone()]
     tr_hs, mean_loss = [], []
@@ -339,7 +341,7 @@ def run_toy_dynamic(kind: str, x: Tensor, cfg: Config, seed: int) -> dict[str, A
         c = dev.transpose(1, 2) @ dev / grads.shape[1]
         s = toy_noise_covariance(kind, c, h, cfg.toy_noise_var)
         evals, evecs = torch.linalg.eigh(s)
-        z = torch.randn(runs, 2, 1, generator=gen, dtype=torch.float64)
+        z = torch.randn(runs, 2, 1, generator=gen, dtype=torch.float64, device="cpu")
         eps = (evecs * evals.clamp_min(0).sqrt()[:, None, :]) @ z
         tr_hs.append(float((h * s).sum((1, 2)).mean()))
         mean_loss.append(float(loss.mean()))
@@ -361,7 +363,7 @@ def toy_alignment_ratio(x: Tensor) -> float:
 
     Z19's escaping-efficiency indicator (docs/science/metrics.md).
     """
-    w = torch.ones(x.shape[0], 2, dtype=torch.float64)
+    w = torch.ones(x.shape[0], 2, dtype=torch.float64, device=x.device)
     _, grads, h = toy_terms(w, x, toy_basins())
     dev = grads - grads.mean(1, keepdim=True)
     c = dev.transpose(1, 2) @ dev / grads.shape[1]
@@ -433,7 +435,7 @@ def load_net_data(cfg: Config, seed: int, device: torch.device) -> common.DataSp
     y = data.y_train.clone()
     if cfg.num_corrupt:
         y[-cfg.num_corrupt :] = torch.randint(
-            0, data.num_classes, (cfg.num_corrupt,), generator=g
+            0, data.num_classes, (cfg.num_corrupt,), generator=g, device="cpu"
         )
     data.y_train = y
     return data.to(device)
@@ -671,7 +673,7 @@ def run_dynamic(
         model.train()
         opt.zero_grad(set_to_none=True)
         if kind == "sgd":
-            idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
+            idx = torch.randperm(n, generator=gen, device="cpu")[: cfg.batch_size]
             idx = idx.to(data.x_train.device)
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
         else:
@@ -881,10 +883,10 @@ def _plot_toy(plt: Any, toy: dict, out: Path) -> Path:
     """``toy.png``: trajectories over the loss contours, success rates, Tr(H_t S_t)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     basins = toy_basins()
-    g = torch.linspace(-1.6, 1.6, 161, dtype=torch.float64)
+    g = torch.linspace(-1.6, 1.6, 161, dtype=torch.float64, device="cpu")
     ww = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
     loss, _, _ = toy_terms(
-        ww, torch.zeros(ww.shape[0], 1, 2, dtype=torch.float64), basins
+        ww, torch.zeros(ww.shape[0], 1, 2, dtype=torch.float64, device="cpu"), basins
     )
     ax = axes[0]
     ax.contour(
@@ -897,7 +899,7 @@ def _plot_toy(plt: Any, toy: dict, out: Path) -> Path:
     )
     for i, (kind, d) in enumerate(toy["dynamics"].items()):
         for j, tr in enumerate(d["trajectories"]):
-            t = torch.tensor(tr)
+            t = torch.tensor(tr, device="cpu")
             ax.plot(
                 t[:, 0],
                 t[:, 1],

@@ -107,9 +107,9 @@ def _torchvision_raw(
         ) from None
 
     def arrays(ds):
-        x = torch.as_tensor(ds.data).float()
+        x = torch.as_tensor(ds.data, device="cpu").float()
         x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)
-        return x / 255.0, torch.as_tensor(ds.targets).long()
+        return x / 255.0, torch.as_tensor(ds.targets, device="cpu").long()
 
     xtr, ytr = arrays(train)
     xte, yte = arrays(test)
@@ -188,9 +188,12 @@ def load_data(
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.as_tensor(d.target, dtype=torch.long)
-        perm = torch.randperm(len(y), generator=g)
+        x = (
+            torch.as_tensor(d.images, dtype=torch.float32, device="cpu").unsqueeze(1)
+            / 16.0
+        )
+        y = torch.as_tensor(d.target, dtype=torch.long, device="cpu")
+        perm = torch.randperm(len(y), generator=g, device="cpu")
         n_test = int(round(test_fraction * len(y)))
         xte, yte = x[perm[:n_test]], y[perm[:n_test]]
         xtr, ytr = x[perm[n_test:]], y[perm[n_test:]]
@@ -203,7 +206,7 @@ def load_data(
             return x, y
         if n < 1 or n > len(y):
             raise ValueError(f"`{what}` must be in [1, {len(y)}]; got {n}.")
-        idx = torch.randperm(len(y), generator=g)[:n]
+        idx = torch.randperm(len(y), generator=g, device="cpu")[:n]
         return x[idx], y[idx]
 
     xtr, ytr = subset(xtr, ytr, num_train, "num_train")

@@ -233,70 +233,74 @@ def make_model(
     )
     if clash:
         raise ValueError(f"`timm_args` repeats keyword arguments: {clash}.")
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        if name == "mlp":
-            if input_dim is None:
-                raise ValueError("`input_dim` is needed for model 'mlp'.")
-            if activation not in ("tanh", "relu"):
-                raise ValueError(
-                    f"`activation` must be one of 'tanh', 'relu'; got {activation!r}."
-                )
-            act = nn.Tanh if activation == "tanh" else nn.ReLU
-            layers: list[nn.Module] = []
-            d = input_dim
-            for _ in range(depth):
-                layers += [nn.Linear(d, width), act()]
-                d = width
-            layers.append(nn.Linear(d, num_classes))
-            model: nn.Module = nn.Sequential(*layers)
-        elif name in ("linear", "rfm", "deep_linear"):
-            if input_dim is None:
-                raise ValueError(f"`input_dim` is needed for model {name!r}.")
-            if name == "linear":
-                model = nn.Linear(input_dim, num_classes)
-            elif name == "rfm":
-                model = RandomFeatures(input_dim, width, num_classes)
-            else:
-                dims = [input_dim] + [width] * depth + [num_classes]
-                model = nn.Sequential(
-                    *(
-                        nn.Linear(a, b, bias=False)
-                        for a, b in zip(dims[:-1], dims[1:], strict=True)
-                    )
-                )
-        elif name == "cnn":
-            if image_size is None:
-                raise ValueError("`image_size` is needed for model 'cnn'.")
-            for arg, value, allowed in (
-                ("cnn_activation", cnn_activation, _CNN_ACTIVATIONS),
-                ("cnn_pool", cnn_pool, _CNN_POOLS),
-            ):
-                if value not in allowed:
+    # built on the CPU whatever the default device: the seeded draws come from
+    # the CPU generator, and the recipes move the model to their device after
+    with torch.device("cpu"):
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            if name == "mlp":
+                if input_dim is None:
+                    raise ValueError("`input_dim` is needed for model 'mlp'.")
+                if activation not in ("tanh", "relu"):
                     raise ValueError(
-                        f"`{arg}` must be one of {', '.join(map(repr, allowed))}; "
-                        f"got {value!r}."
+                        "`activation` must be one of 'tanh', 'relu'; "
+                        f"got {activation!r}."
                     )
-            model = _SmallCNN(
-                in_chans, num_classes, width, image_size, cnn_activation, cnn_pool
-            )
-        else:
-            import timm
+                act = nn.Tanh if activation == "tanh" else nn.ReLU
+                layers: list[nn.Module] = []
+                d = input_dim
+                for _ in range(depth):
+                    layers += [nn.Linear(d, width), act()]
+                    d = width
+                layers.append(nn.Linear(d, num_classes))
+                model: nn.Module = nn.Sequential(*layers)
+            elif name in ("linear", "rfm", "deep_linear"):
+                if input_dim is None:
+                    raise ValueError(f"`input_dim` is needed for model {name!r}.")
+                if name == "linear":
+                    model = nn.Linear(input_dim, num_classes)
+                elif name == "rfm":
+                    model = RandomFeatures(input_dim, width, num_classes)
+                else:
+                    dims = [input_dim] + [width] * depth + [num_classes]
+                    model = nn.Sequential(
+                        *(
+                            nn.Linear(a, b, bias=False)
+                            for a, b in zip(dims[:-1], dims[1:], strict=True)
+                        )
+                    )
+            elif name == "cnn":
+                if image_size is None:
+                    raise ValueError("`image_size` is needed for model 'cnn'.")
+                for arg, value, allowed in (
+                    ("cnn_activation", cnn_activation, _CNN_ACTIVATIONS),
+                    ("cnn_pool", cnn_pool, _CNN_POOLS),
+                ):
+                    if value not in allowed:
+                        raise ValueError(
+                            f"`{arg}` must be one of {', '.join(map(repr, allowed))}; "
+                            f"got {value!r}."
+                        )
+                model = _SmallCNN(
+                    in_chans, num_classes, width, image_size, cnn_activation, cnn_pool
+                )
+            else:
+                import timm
 
-            model = timm.create_model(
-                name,
-                pretrained=False,
-                num_classes=num_classes,
-                in_chans=in_chans,
-                **timm_kwargs,
-                **timm_args,
-            )
-    finally:
-        torch.set_rng_state(state)
-    model = model.to(dtype)
-    if name not in SMALL_MODELS and image_size is not None:
-        _check_input_size(model, name, in_chans, image_size, dtype)
+                model = timm.create_model(
+                    name,
+                    pretrained=False,
+                    num_classes=num_classes,
+                    in_chans=in_chans,
+                    **timm_kwargs,
+                    **timm_args,
+                )
+        finally:
+            torch.set_rng_state(state)
+        model = model.to(dtype)
+        if name not in SMALL_MODELS and image_size is not None:
+            _check_input_size(model, name, in_chans, image_size, dtype)
     return model
 
 
