@@ -496,7 +496,7 @@ def curvature_at_minimum(
     # its eigenvalues agree; otherwise fall back to mu for every direction.
     g = geo.directional_alignment
     if g is None or g.numel() != cfg.num_eigs:
-        g = torch.full((cfg.num_eigs,), geo.values["mu"])
+        g = torch.full((cfg.num_eigs,), geo.values["mu"], device="cpu")
     lam = eig.eigenvalues.detach().double().cpu()
     if exact:
         values = gauss_newton_spectrum(model, X, K)
@@ -827,7 +827,7 @@ def escape_run(
     gen = torch.Generator().manual_seed(seed)
     theta = theta_star.clone()
     if kind == "gd":
-        noise = torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
+        noise = torch.randn(theta.shape, generator=gen, dtype=theta.dtype, device="cpu")
         theta = theta + cfg.perturbation * noise.to(theta.device)
     common.set_flat_parameters(model, theta)
     params = list(model.parameters())
@@ -853,7 +853,7 @@ def escape_run(
     for t in range(cfg.max_steps):
         opt.zero_grad(set_to_none=True)
         if kind == "sgd":
-            idx = torch.randperm(n, generator=gen)[:batch].to(X.device)
+            idx = torch.randperm(n, generator=gen, device="cpu")[:batch].to(X.device)
             loss = loss_fn(model(X[idx]), Y[idx])
         else:
             loss = loss_fn(model(X), Y)

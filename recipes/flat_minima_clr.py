@@ -477,6 +477,10 @@ def run_arm(
         gen.set_state(resume["generator"])
         rec, first = resume["record"], resume["cycle"]
         theta_prev, u_prev = resume["theta_prev"], resume["u_prev"]
+    # a resumed run's stage results and snapshot come back on the CPU (the
+    # checkpoint loads with map_location="cpu"); θ_prev meets the model's θ below
+    device = next(model.parameters()).device
+    theta_prev, u_prev = theta_prev.to(device), u_prev.to(device)
     period = 2 * cfg.phase_steps
     bar = common.progress_bar(
         total=cfg.cycles * period, initial=first * period, desc=f"{arm}+CLR s{seed}"
@@ -558,9 +562,8 @@ def run_cycle(
         common.maybe_interrupt(t)  # units: the arm's steps
         opt.zero_grad(set_to_none=True)
         if arm == "sgd":
-            idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(
-                d.x_train.device
-            )
+            idx = torch.randperm(n, generator=gen, device="cpu")[: cfg.batch_size]
+            idx = idx.to(d.x_train.device)
             loss = task["loss_fn"](model(d.x_train[idx]), task["y_train"][idx])
         else:
             loss = task["loss_fn"](model(d.x_train), task["y_train"])

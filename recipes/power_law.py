@@ -197,13 +197,14 @@ def build_model(cfg: Config, input_dim: int, num_classes: int) -> nn.Sequential:
     torch.manual_seed(cfg.seed)
     try:
         w = cfg.width
-        model = nn.Sequential(
-            nn.Linear(input_dim, w, bias=False),
-            nn.ReLU(),
-            nn.Linear(w, w, bias=False),
-            nn.ReLU(),
-            nn.Linear(w, num_classes, bias=False),
-        )
+        with torch.device("cpu"):  # seeded on the CPU; the caller moves it
+            model = nn.Sequential(
+                nn.Linear(input_dim, w, bias=False),
+                nn.ReLU(),
+                nn.Linear(w, w, bias=False),
+                nn.ReLU(),
+                nn.Linear(w, num_classes, bias=False),
+            )
     finally:
         torch.set_rng_state(state)
     return model
@@ -292,7 +293,7 @@ def train_and_measure(
         common.maybe_interrupt(index * cfg.epochs + epoch)  # units: epochs
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(n, generator=gen).to(data.x_train.device)
+        perm = torch.randperm(n, generator=gen, device="cpu").to(data.x_train.device)
         for b in range(per_epoch):
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             opt.zero_grad(set_to_none=True)
@@ -424,7 +425,9 @@ def minibatch_covariance(
 
 def haar(p: int, gen: torch.Generator) -> Tensor:
     """A Haar-distributed orthogonal ``(p, p)`` matrix (QR of a Gaussian)."""
-    Q, R = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))
+    Q, R = torch.linalg.qr(
+        torch.randn(p, p, generator=gen, dtype=torch.float64, device="cpu")
+    )
     return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
 
 
