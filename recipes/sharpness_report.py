@@ -217,7 +217,7 @@ def train(
     for epoch in range(first, cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(n, generator=gen).to(data.x_train.device)
+        perm = torch.randperm(n, generator=gen, device="cpu").to(data.x_train.device)
         for b in range(per_epoch):
             common.maybe_interrupt(epoch * per_epoch + b)  # units: training steps
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]

@@ -464,7 +464,7 @@ def bound_run(
         if t == cfg.steps:
             break
         model.train()
-        idx = torch.randint(0, n, (B,), generator=gen).to(x.device)
+        idx = torch.randint(0, n, (B,), generator=gen, device="cpu").to(x.device)
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
@@ -520,7 +520,8 @@ class OneHiddenLayer(nn.Module):
 def z19_data(cfg: Config, device: torch.device) -> tuple[Tensor, Tensor]:
     """``z19_samples`` inputs uniform on [−2, 2]², labels 1[x_1 ≥ x_2] (float64)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    x = 4 * torch.rand(cfg.z19_samples, 2, generator=gen, dtype=torch.float64) - 2
+    u = torch.rand(cfg.z19_samples, 2, generator=gen, dtype=torch.float64, device="cpu")
+    x = 4 * u - 2
     y = (x[:, 0] >= x[:, 1]).to(torch.float64).unsqueeze(1)
     return x.to(device), y.to(device)
 
@@ -543,7 +544,9 @@ def z19_run(cfg: Config, width: int, device: torch.device) -> dict[str, Any]:
     state = torch.get_rng_state()
     torch.manual_seed(cfg.seed * 1000 + width)
     try:
-        model = OneHiddenLayer(width).to(device, torch.float64)
+        with torch.device("cpu"):  # seeded on the CPU, then moved
+            model = OneHiddenLayer(width)
+        model = model.to(device, torch.float64)
     finally:
         torch.set_rng_state(state)
     loss_fn = nn.MSELoss()  # Z19: mean of (f - y)^2
@@ -562,7 +565,7 @@ def z19_run(cfg: Config, width: int, device: torch.device) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             opt.step()
-        perm = torch.randperm(len(y), generator=gen).to(x.device)
+        perm = torch.randperm(len(y), generator=gen, device="cpu").to(x.device)
         geo = noise_geometry(
             model,
             loss_fn,
