@@ -1,0 +1,119 @@
+"""The benchmark scripts compute on ``--device``, never on the default device.
+
+No GPU runs the suite, so, as ``tests/test_default_device.py`` does for the
+library and ``tests/recipes/test_recipes_default_device.py`` for the recipes,
+every benchmark entry point runs at tiny settings with ``--device cpu`` (the
+scripts without ``--device`` compute on the CPU) under a *meta* default device.
+The scripts build their models and data themselves, inside the context: an
+allocation that names no device (``torch.randn(n, generator=g)``, a model built
+without ``device=``) lands on meta and fails (a CPU generator drawing a meta
+tensor, a meta model moved to the CPU, ...). On CUDA the same allocation is a
+CPU tensor that meets CUDA ones. The scripts draw on the CPU and move the
+results to ``--device``, so on the CPU they compute what they always did.
+
+Peer tools are left out (``--tools``), except where the scripts catch their
+failures themselves (BackPACK in ``probes.py``). On a machine with CUDA the
+``--device`` scripts also run on ``cuda`` under the meta default device
+(``-m gpu``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+META = torch.device("meta")
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+# script: tiny arguments (seconds each on one core); "DEVICE" is --device's value
+TINY = {
+    "block_products": [
+        *("--models", "mlp", "test_resnet", "--operators", "hessian", "ggn"),
+        *("--blocks", "1", "2", "--resnet18-blocks", "1", "--reps", "1"),
+        *("--threads", "1", "--device", "DEVICE"),
+    ],
+    "curvature": [
+        *("--quick", "--models", "mlp", "digits", "clustered", "--ks", "2"),
+        *("--seeds", "1", "--hvp-reps", "1", "--device", "DEVICE"),
+        *("--tools", "geoopt_sgd", "geoopt_sgd_unchecked"),
+    ],
+    "probes": [
+        *("--quick", "--models", "test_resnet", "--per-sample-n", "4"),
+        *("--sections", "per_sample,metric_costs,overhead,overhead_lean,step_time"),
+        *("--probe-batch", "8", "--steps", "2", "--run-every", "2", "--k", "2"),
+        *("--lean-num-probes", "2", "--device", "DEVICE"),
+    ],
+    "optimizers": ["--quick", "--repeats", "1", "--block", "1", "--device", "DEVICE"],
+    # no --device: CPU only
+    "warm_start": ["--quick"],
+    "cluster_skips": ["--quick", "--starts", "1", "--tools", "checked,unchecked"],
+    "multiplicities": ["--quick", "--starts", "1"],
+}
+ON_DEVICE = sorted(s for s, argv in TINY.items() if "DEVICE" in argv)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import ``benchmarks/<name>.py`` as its command line does (its folder first).
+
+    As ``test_cli.py``'s fixture: the benchmarks' modules fresh, and the previous
+    entries of ``sys.modules`` (recipes/ has its own ``_common``) back afterwards.
+    """
+    monkeypatch.syspath_prepend(str(BENCH))
+    names = ["_common", "_noisy_gd_bench", *(p.stem for p in BENCH.glob("*.py"))]
+    saved = {name: sys.modules.pop(name, None) for name in names}
+    yield importlib.import_module
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+
+
+@pytest.fixture
+def threads():
+    """block_products and warm_start set torch's thread count: restored after."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(bench, monkeypatch, script, device, out):
+    argv = [device if a == "DEVICE" else a for a in TINY[script]]
+    argv += ["--out", str(out)]
+    module = bench(script)
+    torch.manual_seed(0)
+    with torch.device(META):
+        if script in ("cluster_skips", "multiplicities"):  # main() reads sys.argv
+            monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+            module.main()
+        else:
+            module.main(argv)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_under_meta_default(
+    bench, monkeypatch, threads, tmp_path, capsys, script
+):
+    result = _run(bench, monkeypatch, script, "cpu", tmp_path / "r.json")
+    assert result  # it completed and wrote its results
+    printed = capsys.readouterr().out
+    assert "crashed" not in printed and "device='meta'" not in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("script", ON_DEVICE)
+def test_benchmark_on_cuda_under_meta_default(
+    bench, monkeypatch, threads, tmp_path, capsys, script
+):
+    result = _run(bench, monkeypatch, script, "cuda", tmp_path / "r.json")
+    env = result.get("env") or result["environment"]
+    assert env["device"] == "cuda" and "gpu" in env
+    printed = capsys.readouterr().out
+    assert "crashed" not in printed and "device='meta'" not in printed
