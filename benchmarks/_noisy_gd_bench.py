@@ -40,7 +40,9 @@ def _step_times(
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype, device="cpu").to(
+            p.device
+        )
     opts = {
         "sgd_foreach": torch.optim.SGD(params, lr=1e-6, foreach=True),
         "noisy_none": NoisyGD(params, lr=1e-6, foreach=True),
@@ -94,8 +96,11 @@ def bench_noisy_gd(
         "torch": torch.__version__,
     }
 
-    # 1. step alone on a timm CNN's parameters
-    model = timm.create_model(model_name, pretrained=False, num_classes=10).to(device)
+    # 1. step alone on a timm CNN's parameters; the models are built on the CPU
+    # (the same init on every device) and moved
+    with torch.device("cpu"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=10)
+    model = model.to(device)
     numel = sum(p.numel() for p in model.parameters())
     steps = _step_times(model, repeats, warmup, device)
     result["step_alone"] = {
@@ -141,7 +146,8 @@ def bench_noisy_gd(
     # 3. Hessian-aligned noise on a small CNN: HVPs per step, amortised. Each
     # optimizer trains its own copy of the same initial model, after one untimed
     # forward/backward pass (the first pass's one-off costs fall on neither)
-    initial = timm.create_model(small_model_name, pretrained=False, num_classes=10)
+    with torch.device("cpu"):
+        initial = timm.create_model(small_model_name, pretrained=False, num_classes=10)
     initial = initial.to(device)
     xs = torch.randn(small_samples, 3, 32, 32, device=device)
     ys = torch.randint(0, 10, (small_samples,), device=device)

@@ -46,7 +46,17 @@ MODELS = ("mlp", "test_resnet", "resnet18")
 
 
 def make_problem(name, device):
-    """``(model, (X, y))`` of a named workload, on ``device``."""
+    """``(model, (X, y))`` of a named workload, on ``device``.
+
+    Built on the CPU whatever the default device (the same draws on every
+    device), then moved.
+    """
+    with torch.device("cpu"):
+        model, (X, y) = _make_problem(name)
+    return model.eval().to(device), (X.to(device), y.to(device))
+
+
+def _make_problem(name):
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     if name == "mlp":
@@ -63,7 +73,7 @@ def make_problem(name, device):
         model = timm.create_model(name, pretrained=False, num_classes=10)
         X = torch.randn(n, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (n,), generator=g)
-    return model.eval().to(device), (X.to(device), y.to(device))
+    return model, (X, y)
 
 
 def per_column_costs(model, data, operator, blocks, reps, max_block, device):
@@ -78,7 +88,7 @@ def per_column_costs(model, data, operator, blocks, reps, max_block, device):
     }
     P = ops["loop"].shape[0]
     g = torch.Generator().manual_seed(0)
-    V = {q: torch.randn(P, q, generator=g).to(device) for q in blocks}
+    V = {q: torch.randn(P, q, generator=g, device="cpu").to(device) for q in blocks}
 
     def grad():
         torch.autograd.grad(loss_fn(model(X), y), params)

@@ -68,12 +68,17 @@ def spectrum(k: int, width: float, P: int = 1000, seed: int = 0) -> torch.Tensor
         raise ValueError(f"k must be >= 3 (the run covers k-2..k+3), got {k}")
     g = torch.Generator().manual_seed(100 + seed)
     n_top = k - 3
-    top = 2.0 * 0.97 ** torch.arange(n_top, dtype=torch.float64)
-    first = float(top[-1]) * 0.97 if n_top else 2.0
-    run = first * (1 - width * TOL) ** torch.arange(6, dtype=torch.float64)
-    rest = run[-1] * 0.99 * 0.995 ** torch.arange(40, dtype=torch.float64)
-    bulk = 0.6 * rest[-1] * torch.rand(P - n_top - 46, generator=g, dtype=torch.float64)
-    return torch.cat([top, run, rest, bulk])
+    with torch.device("cpu"):  # a CPU benchmark, whatever the default device
+        top = 2.0 * 0.97 ** torch.arange(n_top, dtype=torch.float64)
+        first = float(top[-1]) * 0.97 if n_top else 2.0
+        run = first * (1 - width * TOL) ** torch.arange(6, dtype=torch.float64)
+        rest = run[-1] * 0.99 * 0.995 ** torch.arange(40, dtype=torch.float64)
+        bulk = (
+            0.6
+            * rest[-1]
+            * torch.rand(P - n_top - 46, generator=g, dtype=torch.float64)
+        )
+        return torch.cat([top, run, rest, bulk])
 
 
 def solve(

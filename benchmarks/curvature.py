@@ -12,7 +12,8 @@ tolerance 1e-3) with
 * ``curvlinops``: ``HessianLinearOperator(...).to_scipy()`` + scipy ``eigsh``
   (implicitly restarted Lanczos, ARPACK),
 
-on an MLP and a timm CNN on CPU (``--models mlp cnn``), and on two clustered
+on an MLP and a timm CNN on CPU (``--models mlp cnn``; ``--device cuda`` runs our
+tools on a GPU, the peers are skipped there), and on two clustered
 spectra (``--models digits clustered``): ``digits``, an MLP trained briefly on
 scikit-learn's digits, and ``clustered``, a synthetic symmetric matrix with runs of
 eigenvalues ``tol / 2`` and ``tol`` apart around the 20th, where a solver that
@@ -33,6 +34,7 @@ counted by wrapping their HVP function or operator.
 Commands::
 
     python benchmarks/curvature.py --quick  # minutes on 2 cores: MLP + test_resnet
+    python benchmarks/curvature.py --quick --device cuda  # ours on a GPU (not measured)
     python benchmarks/curvature.py          # MLP + resnet18 (batch 64): hours
     python benchmarks/curvature.py --models digits clustered --seeds 20 \
         --tools geoopt_sgd geoopt_sgd_unchecked curvlinops_eigsh pyhessian
@@ -52,12 +54,14 @@ import traceback
 
 import numpy as np
 import torch
-from _common import environment, load_average, positive
+from _common import environment, load_average, positive, synchronize, usable_device
 from torch import nn
 
 from geoopt_sgd import DenseOperator, HessianOperator, LinearOperator, top_eigenpairs
 
 MATCH_RTOL = 1e-3  # a reference eigenvalue is "found" if a value is within this
+# the tools that run on --device; the peers run on the CPU only (skipped elsewhere)
+ON_DEVICE = ("geoopt_sgd", "geoopt_sgd_unchecked")
 
 
 # --- problems ----------------------------------------------------------------
@@ -137,6 +141,24 @@ def make_clustered(tol, P=2000):
     A = (Q * torch.from_numpy(lam)) @ Q.T
     A = 0.5 * (A + A.T)
     return DenseOperator(A.float()), lam
+
+
+def to_device(model, data, device):
+    """A problem built on the CPU (model or bare operator, data), on ``device``."""
+    if isinstance(model, DenseOperator):
+        model = DenseOperator(model.matrix.to(device))
+    elif isinstance(model, nn.Module):
+        model = model.to(device)
+    if data is not None:
+        data = tuple(t.to(device) for t in data)
+    return model, data
+
+
+def device_of(model, data):
+    """The device a problem lives on."""
+    if data is not None:
+        return data[0].device
+    return model.matrix.device
 
 
 class NotApplicable(Exception):
@@ -221,10 +243,13 @@ EIGENTHINGS_SWEEP = [4, 8, 16, 32]  # max_iter = factor * k, full reorthogonalis
 
 
 def run_ours(model, data, k, tol, seed, verify=True):
+    device = device_of(model, data)
+    synchronize(device)
     t0 = time.perf_counter()
     bare = isinstance(model, LinearOperator)
     op = model if bare else HessianOperator(model, nn.CrossEntropyLoss(), data)
     res = top_eigenpairs(op, k, tol=tol, seed=seed, verify=verify)
+    synchronize(device)
     secs = time.perf_counter() - t0
     if not bare:
         op.release()
@@ -406,21 +431,28 @@ def hvp_cost(model, data, reps):
     def grad_once():
         return torch.autograd.grad(loss_fn(model(X), y), params)
 
+    device = X.device
     grad_once()
     op = HessianOperator(model, loss_fn, data)
-    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(op.shape[0], generator=g, device="cpu").to(device)
+    synchronize(device)
     t0 = time.perf_counter()
     op.matvec(v)  # builds and caches the first-order graph
+    synchronize(device)
     t_first = time.perf_counter() - t0
     # interleave gradients and HVPs and take medians, so that load from other
     # processes hits both alike
     tg, th = [], []
     for _ in range(reps):
+        synchronize(device)
         t0 = time.perf_counter()
         grad_once()
+        synchronize(device)
         tg.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         op.matvec(v)
+        synchronize(device)
         th.append(time.perf_counter() - t0)
     t_grad, t_hvp = float(np.median(tg)), float(np.median(th))
     method = op.method_used
@@ -489,24 +521,36 @@ def main(argv=None):
         "the max, missed the total)",
     )
     ap.add_argument(
+        "--device",
+        type=usable_device,
+        default="cpu",
+        help="'cpu' (measured) or 'cuda' (our tools on a GPU; the peers are "
+        "skipped there; not measured in benchmarks/README.md)",
+    )
+    ap.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "curvature.json"),
     )
     args = ap.parse_args(argv)
+    on_device = torch.device(args.device).type != "cpu"
 
-    results = {"config": vars(args), "env": environment(), "problems": []}
+    results = {"config": vars(args), "env": environment(args.device), "problems": []}
     for which in args.models:
-        if which == "mlp":
-            model, data = make_mlp(args.quick)
-            name = "mlp"
-        elif which == "digits":
-            model, data = make_digits()
-            name = "digits"
-        elif which == "clustered":
-            model, spectrum = make_clustered(args.tol)
-            data, name = None, "clustered"
-        else:
-            model, data, name = make_cnn(args.quick)
+        # built on the CPU whatever the default device (the same draws and the
+        # same digits training on every device), then moved to --device
+        with torch.device("cpu"):
+            if which == "mlp":
+                model, data = make_mlp(args.quick)
+                name = "mlp"
+            elif which == "digits":
+                model, data = make_digits()
+                name = "digits"
+            elif which == "clustered":
+                model, spectrum = make_clustered(args.tol)
+                data, name = None, "clustered"
+            else:
+                model, data, name = make_cnn(args.quick)
+        model, data = to_device(model, data, args.device)
         P = n_params(model)
         batch = None if data is None else int(data[1].shape[0])
         print(f"\n== {name}: P = {P:,}, batch {batch} ==", flush=True)
@@ -553,7 +597,12 @@ def main(argv=None):
             )
             for tool in args.tools:
                 row = {"tool": tool, "k": k, "seeds": []}
-                for seed in range(args.seeds):
+                if on_device and tool not in ON_DEVICE:
+                    row["not_applicable"] = (
+                        f"a peer tool, run on the CPU only; not on --device "
+                        f"{args.device}"
+                    )
+                for seed in range(0 if "not_applicable" in row else args.seeds):
                     try:
                         extra = (ref,) if tool in NEEDS_REF else ()
                         vals, n_hvp, secs, how = TOOLS[tool](

@@ -44,11 +44,14 @@ CASES = ((3, 2, 5), (3, 3, 5), (3, 4, 5), (9, 3, 10), (16, 3, 20), (1, 5, 5))
 
 def operator(first: int, copies: int, ratio: float, dtype: torch.dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
-    lam = 10 * ratio ** torch.arange(30, dtype=torch.float64)
-    lam[first : first + copies - 1] = lam[first - 1]
-    bulk = 0.5 * float(lam[-1]) * torch.rand(P - 30, generator=g, dtype=torch.float64)
-    lam = torch.cat([lam, bulk])
-    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    with torch.device("cpu"):  # a CPU benchmark, whatever the default device
+        lam = 10 * ratio ** torch.arange(30, dtype=torch.float64)
+        lam[first : first + copies - 1] = lam[first - 1]
+        bulk = (
+            0.5 * float(lam[-1]) * torch.rand(P - 30, generator=g, dtype=torch.float64)
+        )
+        lam = torch.cat([lam, bulk])
+        Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
     return DenseOperator(((Q * lam) @ Q.T).to(dtype)), lam.sort(descending=True).values
 
 

@@ -82,11 +82,13 @@ def bench_steps(
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, num_classes=10).to(device)
+    with torch.device("cpu"):  # the same init on every device, then moved
+        model = timm.create_model(model_name, pretrained=False, num_classes=10)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(p)
+        p.grad = torch.randn(p.shape, generator=g, device="cpu").to(p)
     opts = _optimizers(params)
     names = list(opts)
 

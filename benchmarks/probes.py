@@ -30,8 +30,12 @@ Commands (from the repository root)::
 
     OMP_NUM_THREADS=1 python benchmarks/probes.py --quick   # ~30 min on 1 busy core
     OMP_NUM_THREADS=2 python benchmarks/probes.py           # full settings
+    python benchmarks/probes.py --device cuda --models resnet18 --sections overhead \
+        --steps 1200 --run-every 400  # the target's setting on a GPU (not measured)
 
 All models are built with ``pretrained=False`` (no downloads); data are random.
+Models and data are drawn on the CPU and moved to ``--device`` (``cpu`` or
+``cuda``); on CUDA every timing starts and ends with a synchronisation.
 """
 
 from __future__ import annotations
@@ -43,7 +47,15 @@ import time
 from pathlib import Path
 
 import torch
-from _common import environment, load_average, median_seconds, positive, timm_model
+from _common import (
+    environment,
+    load_average,
+    median_seconds,
+    positive,
+    synchronize,
+    timm_model,
+    usable_device,
+)
 from torch import nn
 
 from geoopt_sgd import NoiseProbe, ProbedSGD, noise_geometry
@@ -57,18 +69,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --- helpers -------------------------------------------------------------------------
-def make_model(name, num_classes=10):
+def make_model(name, num_classes=10, device="cpu"):
+    """A timm model built on the CPU (the same init everywhere), on ``device``."""
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    with torch.device("cpu"):
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return model.to(device)
 
 
-def make_batch(n, size, num_classes=10, seed=0):
+def make_batch(n, size, num_classes=10, seed=0, device="cpu"):
+    """Random images and labels drawn on the CPU, on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g)
-    y = torch.randint(0, num_classes, (n,), generator=g)
-    return x, y
+    x = torch.randn(n, 3, size, size, generator=g, device="cpu")
+    y = torch.randint(0, num_classes, (n,), generator=g, device="cpu")
+    return x.to(device), y.to(device)
 
 
 def grad_time(model, loss_fn, x, y, reps=3):
@@ -79,17 +95,17 @@ def grad_time(model, loss_fn, x, y, reps=3):
     def run():
         torch.autograd.grad(loss_fn(model(x), y), params)
 
-    return median_seconds(run, repeats=reps)
+    return median_seconds(run, repeats=reps, device=x.device)
 
 
 # --- 1. per-sample gradients ---------------------------------------------------------
-def bench_per_sample(model_name, n, size, chunk_size, reps):
+def bench_per_sample(model_name, n, size, chunk_size, reps, device="cpu"):
     from geoopt_sgd import per_sample_gradients
 
-    model = make_model(model_name)
+    model = make_model(model_name, device=device)
     model.eval()
     loss_fn = nn.CrossEntropyLoss()
-    x, y = make_batch(n, size)
+    x, y = make_batch(n, size, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     P = sum(p.numel() for p in params)
     t_grad = grad_time(model, loss_fn, x, y, reps=reps)
@@ -106,12 +122,12 @@ def bench_per_sample(model_name, n, size, chunk_size, reps):
         return torch.stack(rows)
 
     out["vmap"] = {
-        "seconds": median_seconds(vmap_route, repeats=reps),
+        "seconds": median_seconds(vmap_route, repeats=reps, device=device),
         "chunk_size": chunk_size,
     }
-    out["loop"] = {"seconds": median_seconds(loop_route, repeats=reps)}
+    out["loop"] = {"seconds": median_seconds(loop_route, repeats=reps, device=device)}
     try:
-        seconds, complete = _backpack_time(model_name, x, y, reps)
+        seconds, complete = _backpack_time(model_name, x, y, reps, device)
         out["backpack"] = {"seconds": seconds, "all_params_have_grad_batch": complete}
     except Exception as e:  # BackPACK does not support every layer
         out["backpack"] = {"error": f"{type(e).__name__}: {e}"[:200]}
@@ -123,11 +139,11 @@ def bench_per_sample(model_name, n, size, chunk_size, reps):
     return out
 
 
-def _backpack_time(model_name, x, y, reps):
+def _backpack_time(model_name, x, y, reps, device="cpu"):
     from backpack import backpack, extend
     from backpack.extensions import BatchGrad
 
-    model = extend(make_model(model_name), use_converter=True)
+    model = extend(make_model(model_name), use_converter=True).to(device)
     model.eval()
     loss_fn = extend(nn.CrossEntropyLoss())
 
@@ -137,7 +153,7 @@ def _backpack_time(model_name, x, y, reps):
         with backpack(BatchGrad()):
             loss.backward()
 
-    seconds = median_seconds(run, repeats=reps)
+    seconds = median_seconds(run, repeats=reps, device=device)
     complete = all(
         getattr(p, "grad_batch", None) is not None and p.grad_batch.shape[0] == len(y)
         for p in model.parameters()
@@ -146,21 +162,23 @@ def _backpack_time(model_name, x, y, reps):
 
 
 # --- 2. metric costs -----------------------------------------------------------------
-def bench_metric_costs(model_name, n, size, k, names, reps):
-    model = make_model(model_name)
+def bench_metric_costs(model_name, n, size, k, names, reps, device="cpu"):
+    model = make_model(model_name, device=device)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = make_batch(n, size, seed=1)
+    x, y = make_batch(n, size, seed=1, device=device)
     t_grad = grad_time(model, loss_fn, x, y, reps=reps)
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     g = torch.Generator().manual_seed(3)
-    displacement = 1e-2 * torch.randn(P, generator=g)
+    displacement = 1e-2 * torch.randn(P, generator=g, device="cpu").to(device)
     noise_geometry(model, loss_fn, (x, y), metrics=["loss"], k=1)  # warm up
     rows = {}
     for name in names:
         metrics = list(DEFAULT_METRICS) if name == "default" else [name]
         kwargs = {"displacement": displacement} if name in ESCAPE else {}
+        synchronize(device)
         t0 = time.perf_counter()
         res = noise_geometry(model, loss_fn, (x, y), metrics=metrics, k=k, **kwargs)
+        synchronize(device)
         seconds = time.perf_counter() - t0
         rows[name] = {
             "seconds": seconds,
@@ -174,32 +192,45 @@ def bench_metric_costs(model_name, n, size, k, names, reps):
 
 # --- 3. probe overhead ---------------------------------------------------------------
 def _train(model, loss_fn, batches, opt, steps):
-    """Train ``steps`` steps; return each step's wall time."""
+    """Train ``steps`` steps; return each step's wall time (synchronised)."""
     model.train()
+    device = batches[0][0].device
     times = []
     for t in range(steps):
         x, y = batches[t % len(batches)]
+        synchronize(device)
         t0 = time.perf_counter()
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
 def bench_overhead(
-    model_name, batch, size, probe_batch, k, steps, run_every, every, metrics, options
+    model_name,
+    batch,
+    size,
+    probe_batch,
+    k,
+    steps,
+    run_every,
+    every,
+    metrics,
+    options,
+    device="cpu",
 ):
     loss_fn = nn.CrossEntropyLoss()
-    batches = [make_batch(batch, size, seed=10 + i) for i in range(4)]
-    probe_data = make_batch(probe_batch, size, seed=99)
+    batches = [make_batch(batch, size, seed=10 + i, device=device) for i in range(4)]
+    probe_data = make_batch(probe_batch, size, seed=99, device=device)
 
-    model = make_model(model_name)
+    model = make_model(model_name, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     _train(model, loss_fn, batches, opt, 2)  # warm up allocator and kernels
     base = _train(model, loss_fn, batches, opt, steps)
 
-    model = make_model(model_name)
+    model = make_model(model_name, device=device)
     probe = NoiseProbe(
         model, loss_fn, probe_data, every=run_every, k=k, metrics=metrics, **options
     )
@@ -267,7 +298,7 @@ def unit_costs(model, loss_fn, data, reps=3):
     params = [p for p in model.parameters() if p.requires_grad]
     probe = ProbeSet(FunctionalModel(model, None, mode="eval"), loss_fn, [(x, y)])
     g = torch.Generator().manual_seed(5)
-    V = torch.randn(probe.P, 8, generator=g)
+    V = torch.randn(probe.P, 8, generator=g, device="cpu").to(x.device)
 
     def grad():
         torch.autograd.grad(loss_fn(model(x), y), params)
@@ -282,8 +313,10 @@ def unit_costs(model, loss_fn, data, reps=3):
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            synchronize(x.device)
             t0 = time.perf_counter()
             f()
+            synchronize(x.device)
             times[k].append(time.perf_counter() - t0)
     t_grad = statistics.median(times["grad"])
     return {
@@ -294,15 +327,16 @@ def unit_costs(model, loss_fn, data, reps=3):
 
 
 # --- 4. ProbedSGD step time ----------------------------------------------------------
-def bench_step_time(model_name, reps, steps_per_rep):
+def bench_step_time(model_name, reps, steps_per_rep, device="cpu"):
     out = {}
     for foreach in (True, False):
-        model = make_model(model_name)
+        model = make_model(model_name, device=device)
         params_a = [p.detach().clone().requires_grad_() for p in model.parameters()]
         params_b = [p.detach().clone().requires_grad_() for p in model.parameters()]
         g = torch.Generator().manual_seed(0)
         for pa, pb in zip(params_a, params_b, strict=True):
-            pa.grad = 1e-3 * torch.randn(pa.shape, generator=g)
+            grad = torch.randn(pa.shape, generator=g, device="cpu").to(device)
+            pa.grad = 1e-3 * grad
             pb.grad = pa.grad.clone()
         sgd = torch.optim.SGD(params_a, lr=1e-3, momentum=0.9, foreach=foreach)
         probed = ProbedSGD(params_b, lr=1e-3, momentum=0.9, foreach=foreach)
@@ -313,9 +347,11 @@ def bench_step_time(model_name, reps, steps_per_rep):
                 ((sgd, "a"), (probed, "b")) if r % 2 else ((probed, "b"), (sgd, "a"))
             )
             for opt, key in order:
+                synchronize(device)
                 t0 = time.perf_counter()
                 for _ in range(steps_per_rep):
                     opt.step()
+                synchronize(device)
                 pair[key] = (time.perf_counter() - t0) / steps_per_rep
             if r > 0:  # first rep is warm-up
                 ta.append(pair["a"])
@@ -365,6 +401,13 @@ def main(argv=None):
         help=f"comma-separated, of {', '.join(SECTIONS)}",
     )
     ap.add_argument(
+        "--device",
+        type=usable_device,
+        default="cpu",
+        help="'cpu' (measured) or 'cuda' (the same script on a GPU; not measured "
+        "in benchmarks/README.md)",
+    )
+    ap.add_argument(
         "--out",
         default=None,
         help="JSON file (default results/probes.json, probes_quick.json with --quick)",
@@ -409,7 +452,7 @@ def main(argv=None):
             "steps": steps,
             "run_every": run_every,
         },
-        "env": environment(),
+        "env": environment(args.device),
     }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,7 +465,9 @@ def main(argv=None):
         results["per_sample"] = []
         for name in models:
             results["per_sample"].append(
-                bench_per_sample(name, per_sample_n, args.image_size, 8, reps)
+                bench_per_sample(
+                    name, per_sample_n, args.image_size, 8, reps, args.device
+                )
             )
             save()
     if "metric_costs" in sections:
@@ -433,7 +478,7 @@ def main(argv=None):
             names = ["default"] + [m for m in names if m != "n_nonfinite"]
             results["metric_costs"].append(
                 bench_metric_costs(
-                    name, probe_batch, args.image_size, args.k, names, reps
+                    name, probe_batch, args.image_size, args.k, names, reps, args.device
                 )
             )
             save()
@@ -458,6 +503,7 @@ def main(argv=None):
                 args.every,
                 metrics,
                 options,
+                args.device,
             )
             save()
     if "step_time" in sections:
@@ -465,6 +511,7 @@ def main(argv=None):
             "resnet18" if "resnet18" in models else models[-1],
             reps=100 if q else 200,
             steps_per_rep=10,
+            device=args.device,
         )
         save()
     save()

@@ -72,15 +72,16 @@ def _three(op_fn, prev, k, tol, seed):
 def synthetic(P: int = 800, steps: int = 5) -> list[dict[str, Any]]:
     """Products per warm solve on ``A + t dt E`` (previous block result as v0)."""
     g = torch.Generator().manual_seed(0)
-    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
-    lam = torch.cat(
-        [
-            10 * 0.93 ** torch.arange(30, dtype=torch.float64),
-            torch.rand(P - 30, generator=g, dtype=torch.float64),
-        ]
-    )
-    A = (Q * lam) @ Q.T
-    E = torch.randn(P, P, generator=g, dtype=torch.float64)
+    with torch.device("cpu"):  # a CPU benchmark, whatever the default device
+        Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+        lam = torch.cat(
+            [
+                10 * 0.93 ** torch.arange(30, dtype=torch.float64),
+                torch.rand(P - 30, generator=g, dtype=torch.float64),
+            ]
+        )
+        A = (Q * lam) @ Q.T
+        E = torch.randn(P, P, generator=g, dtype=torch.float64)
     E = (E + E.T) / (2 * P**0.5)
     rows = []
     for k in (5, 20):
@@ -105,9 +106,10 @@ def _timm(seed: int = 0):
     import timm
 
     torch.manual_seed(seed)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=10)
-    x = torch.randn(16, 3, 32, 32)
-    y = torch.randint(0, 10, (16,))
+    with torch.device("cpu"):  # a CPU benchmark, whatever the default device
+        model = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+        x = torch.randn(16, 3, 32, 32)
+        y = torch.randint(0, 10, (16,))
     return model, x, y, nn.CrossEntropyLoss()
 
 
