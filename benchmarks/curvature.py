@@ -161,6 +161,13 @@ def device_of(model, data):
     return model.matrix.device
 
 
+def off_device(tool, device):
+    """Why ``tool`` is not run on ``device``; ``None`` where it is."""
+    if torch.device(device).type == "cpu" or tool in ON_DEVICE:
+        return None
+    return f"a peer tool, run on the CPU only: skipped on --device {device}"
+
+
 class NotApplicable(Exception):
     """A tool that needs a model, asked to run on a bare operator."""
 
@@ -532,7 +539,6 @@ def main(argv=None):
         default=os.path.join(os.path.dirname(__file__), "results", "curvature.json"),
     )
     args = ap.parse_args(argv)
-    on_device = torch.device(args.device).type != "cpu"
 
     results = {"config": vars(args), "env": environment(args.device), "problems": []}
     for which in args.models:
@@ -597,11 +603,8 @@ def main(argv=None):
             )
             for tool in args.tools:
                 row = {"tool": tool, "k": k, "seeds": []}
-                if on_device and tool not in ON_DEVICE:
-                    row["not_applicable"] = (
-                        f"a peer tool, run on the CPU only; not on --device "
-                        f"{args.device}"
-                    )
+                if off_device(tool, args.device):
+                    row["not_applicable"] = off_device(tool, args.device)
                 for seed in range(0 if "not_applicable" in row else args.seeds):
                     try:
                         extra = (ref,) if tool in NEEDS_REF else ()

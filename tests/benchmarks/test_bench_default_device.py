@@ -107,6 +107,18 @@ def test_benchmark_under_meta_default(
     assert "crashed" not in printed and "device='meta'" not in printed
 
 
+def test_curvature_skips_the_peers_off_the_cpu(bench):
+    """On CUDA only our tools run; each peer's row says why it has no numbers."""
+    curvature = bench("curvature")
+    for tool in curvature.TOOLS:
+        assert curvature.off_device(tool, "cpu") is None
+        why = curvature.off_device(tool, "cuda")
+        if tool in ("geoopt_sgd", "geoopt_sgd_unchecked"):
+            assert why is None
+        else:
+            assert "skipped on --device cuda" in why
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("script", ON_DEVICE)
 def test_benchmark_on_cuda_under_meta_default(
