@@ -129,3 +129,28 @@ def test_benchmark_on_cuda_under_meta_default(
     assert env["device"] == "cuda" and "gpu" in env
     printed = capsys.readouterr().out
     assert "crashed" not in printed and "device='meta'" not in printed
+
+
+def test_timings_synchronise(bench, monkeypatch):
+    """Each timed stretch of curvature.py and probes.py starts and ends with a
+    ``synchronize`` of the run's device (a no-op on the CPU; counted here)."""
+    from torch import nn
+
+    calls = []
+    modules = {name: bench(name) for name in ("curvature", "probes")}
+    for module in modules.values():
+        monkeypatch.setattr(module, "synchronize", lambda d: calls.append(str(d)))
+    curvature, probes = modules["curvature"], modules["probes"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+
+    curvature.run_ours(model, data, 2, 1e-3, 0)
+    assert calls == ["cpu"] * 2
+    calls.clear()
+    curvature.hvp_cost(model, data, reps=2)
+    assert calls == ["cpu"] * (2 + 2 * 3)  # the first HVP; gradient, HVP per rep
+    calls.clear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes._train(model, nn.CrossEntropyLoss(), [data], opt, 3)
+    assert calls == ["cpu"] * 2 * 3
