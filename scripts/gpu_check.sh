@@ -102,6 +102,11 @@ EOF
     command -v nvidia-smi >/dev/null 2>&1 &&
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 } 2>&1 | tee "$OUT/preflight.txt"
+if [ "${DEVICE%%:*}" = cuda ] &&
+    ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    note "WARNING: --device $DEVICE but torch sees no CUDA: pytest -m gpu skips, the benchmarks exit 2"
+    FAILED=1
+fi
 
 B="$ROOT/benchmarks"
 if [ "$TINY" = 1 ]; then
@@ -114,18 +119,18 @@ if [ "$TINY" = 1 ]; then
     OP_ARGS=(--quick --repeats 2 --block 2)
 else
     BP_ARGS=(--models mlp test_resnet resnet18 --resnet18-blocks 1 4 8 16)
-    # not --quick: batch 128, probe batch 128, k 10; probes at steps 400 and 800
-    # (the first one cold: the projected ratio uses the warm one)
-    PR_ARGS=(--models resnet18 --steps 800 --run-every 400)
+    # not --quick: batch 128, probe batch 128, k 10; probes at steps 400, 800
+    # and 1200 (the first one cold: the projected ratio uses the warm ones)
+    PR_ARGS=(--models resnet18 --steps 1200 --run-every 400)
     CV_ARGS=(--quick)
     OP_ARGS=(--quick)
 fi
 
-run_part a1 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs
+run_part a1 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs
 run_part a2 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_default_device.py
 run_part b 120 "$PY" "$B/block_products.py" "${BP_ARGS[@]}" --operators hessian ggn \
     --device "$DEVICE" --out "$OUT/block_products.json"
-run_part c 180 "$PY" "$B/probes.py" "${PR_ARGS[@]}" --sections overhead --every 400 \
+run_part c 200 "$PY" "$B/probes.py" "${PR_ARGS[@]}" --sections overhead --every 400 \
     --device "$DEVICE" --out "$OUT/probes_overhead.json"
 run_part d 150 "$PY" "$B/curvature.py" "${CV_ARGS[@]}" --device "$DEVICE" \
     --out "$OUT/curvature.json"
