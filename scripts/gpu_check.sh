@@ -23,6 +23,8 @@
 #
 # GPU_CHECK_DEVICE (default cuda) is the benchmarks' --device; GPU_CHECK_TINY=1
 # gives every part tiny settings (a dry run of the script on a CPU, minutes).
+# Everything is also packed into $OUT/gpu_check.tar.gz; GPU_CHECK_PACK=1 then
+# leaves only that archive and summary.txt (for a tool that returns few files).
 # Python: $GPU_CHECK_PYTHON if set, else .venv/bin/python when it imports torch,
 # else python3 / python. The
 # repository root goes first on PYTHONPATH (the .venv's editable install may
@@ -229,4 +231,13 @@ for name, fn in (("b", block_products), ("c", probes), ("d", curvature),
 EOF
 RESULT=$([ "$FAILED" = 0 ] && echo "all parts ok" || echo "SOME PARTS FAILED")
 echo "total $(($(date +%s) - START))s; $RESULT" | tee -a "$SUMMARY"
+# everything in one archive beside the loose files; GPU_CHECK_PACK=1 keeps only
+# the archive and summary.txt (the device tool brings back at most 8 files)
+PACKED=$(mktemp "${TMPDIR:-/tmp}/gpu_check.XXXXXX") &&
+    tar -czf "$PACKED" -C "$OUT" --exclude ./gpu_check.tar.gz . &&
+    mv "$PACKED" "$OUT/gpu_check.tar.gz"
+if [ "${GPU_CHECK_PACK:-0}" = 1 ] && [ -f "$OUT/gpu_check.tar.gz" ]; then
+    find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu_check.tar.gz ! -name summary.txt \
+        -exec rm -rf {} +
+fi
 exit "$FAILED"
