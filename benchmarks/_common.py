@@ -139,3 +139,12 @@ def usable_device(text: str) -> str:
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: only 'cpu' and 'cuda' are timed")
     return text
+
+
+def add_device_argument(
+    parser: argparse.ArgumentParser,
+    help: str = "'cpu' (measured) or 'cuda' (the same script on a GPU; not measured "
+    "in benchmarks/README.md)",
+) -> None:
+    """The scripts' ``--device`` option (default ``cpu``; see :func:`usable_device`)."""
+    parser.add_argument("--device", type=usable_device, default="cpu", help=help)

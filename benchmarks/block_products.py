@@ -36,7 +36,13 @@ import statistics
 import time
 
 import torch
-from _common import environment, load_average, positive, synchronize, usable_device
+from _common import (
+    add_device_argument,
+    environment,
+    load_average,
+    positive,
+    synchronize,
+)
 from torch import nn
 
 from geoopt_sgd import GGNOperator, HessianOperator
@@ -151,13 +157,7 @@ def main(argv=None):
         "--reps", type=positive(int), default=7, help="timed repetitions (medians)"
     )
     ap.add_argument("--threads", type=positive(int), default=2)
-    ap.add_argument(
-        "--device",
-        type=usable_device,
-        default="cpu",
-        help="'cpu' (measured) or 'cuda' (the same script on a GPU; not measured "
-        "in benchmarks/README.md)",
-    )
+    add_device_argument(ap)
     ap.add_argument(
         "--out",
         default=os.path.join(

@@ -54,7 +54,13 @@ import traceback
 
 import numpy as np
 import torch
-from _common import environment, load_average, positive, synchronize, usable_device
+from _common import (
+    add_device_argument,
+    environment,
+    load_average,
+    positive,
+    synchronize,
+)
 from torch import nn
 
 from geoopt_sgd import DenseOperator, HessianOperator, LinearOperator, top_eigenpairs
@@ -527,11 +533,9 @@ def main(argv=None):
         help="start vectors per tool (HVPs and seconds are their means; errors "
         "the max, missed the total)",
     )
-    ap.add_argument(
-        "--device",
-        type=usable_device,
-        default="cpu",
-        help="'cpu' (measured) or 'cuda' (our tools on a GPU; the peers are "
+    add_device_argument(
+        ap,
+        "'cpu' (measured) or 'cuda' (our tools on a GPU; the peers are "
         "skipped there; not measured in benchmarks/README.md)",
     )
     ap.add_argument(

@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 from _common import (
+    add_device_argument,
     environment,
     load_average,
     positive,
     synchronize,
     timm_model,
-    usable_device,
 )
 
 from geoopt_sgd import CyclicLRWrapper, NoisyGD, ProbedSGD
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--block", type=positive(int), default=None, help="steps per timing"
     )
-    parser.add_argument("--device", type=usable_device, default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--no-hessian", action="store_true")
     parser.add_argument(
         "--out",

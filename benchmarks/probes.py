@@ -48,13 +48,13 @@ from pathlib import Path
 
 import torch
 from _common import (
+    add_device_argument,
     environment,
     load_average,
     median_seconds,
     positive,
     synchronize,
     timm_model,
-    usable_device,
 )
 from torch import nn
 
@@ -400,13 +400,7 @@ def main(argv=None):
         default="per_sample,metric_costs,overhead,step_time",
         help=f"comma-separated, of {', '.join(SECTIONS)}",
     )
-    ap.add_argument(
-        "--device",
-        type=usable_device,
-        default="cpu",
-        help="'cpu' (measured) or 'cuda' (the same script on a GPU; not measured "
-        "in benchmarks/README.md)",
-    )
+    add_device_argument(ap)
     ap.add_argument(
         "--out",
         default=None,

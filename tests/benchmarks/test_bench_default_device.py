@@ -19,7 +19,6 @@ failures themselves (BackPACK in ``probes.py``). On a machine with CUDA the
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -55,24 +54,6 @@ TINY = {
     "multiplicities": ["--quick", "--starts", "1"],
 }
 ON_DEVICE = sorted(s for s, argv in TINY.items() if "DEVICE" in argv)
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    """Import ``benchmarks/<name>.py`` as its command line does (its folder first).
-
-    As ``test_cli.py``'s fixture: the benchmarks' modules fresh, and the previous
-    entries of ``sys.modules`` (recipes/ has its own ``_common``) back afterwards.
-    """
-    monkeypatch.syspath_prepend(str(BENCH))
-    names = ["_common", "_noisy_gd_bench", *(p.stem for p in BENCH.glob("*.py"))]
-    saved = {name: sys.modules.pop(name, None) for name in names}
-    yield importlib.import_module
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
 
 
 @pytest.fixture

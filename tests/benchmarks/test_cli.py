@@ -8,7 +8,6 @@ measurements themselves are not run here (they take minutes to hours).
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -19,31 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
-
-
-@pytest.fixture
-def bench_modules(monkeypatch):
-    """``benchmarks/`` first on ``sys.path``, its modules fresh, restored afterwards.
-
-    recipes/ (on pytest's ``pythonpath``) has its own ``_common`` package, which
-    the recipe tests import: while a test here runs, ``_common`` is the benchmarks'
-    module, and afterwards the previous entries of ``sys.modules`` come back.
-    """
-    monkeypatch.syspath_prepend(str(BENCH))
-    names = ["_common", "_noisy_gd_bench", *(Path(s).stem for s in SCRIPTS)]
-    saved = {name: sys.modules.pop(name, None) for name in names}
-    yield
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
-
-
-@pytest.fixture
-def bench(bench_modules):
-    """Import ``benchmarks/<name>.py`` as its command line does (its folder first)."""
-    return importlib.import_module
 
 
 @pytest.mark.parametrize("script", [*SCRIPTS, "_noisy_gd_bench.py"])
