@@ -25,9 +25,10 @@ class LinearOperator:
     Subclasses implement :meth:`_matmat` on a validated ``(P, k)`` block in the
     operator's dtype and device. Inputs may also be given as a list of tensors
     shaped like :attr:`param_shapes` (one per parameter); the result then comes
-    back in the same form. Every solver in :mod:`geoopt_sgd.curvature` takes such
-    an operator, so a curvature matrix of your own (a damped Hessian, a
-    Kronecker factorisation) runs through them by subclassing.
+    back in the same form. The eigensolvers, the trace, diagonal and Frobenius
+    estimators and :func:`~geoopt_sgd.spectral_density` take any such operator, so
+    a curvature matrix of your own (a damped Hessian, a Kronecker factorisation)
+    runs through them by subclassing.
 
     Args:
         size: The dimension ``P``.
