@@ -239,69 +239,98 @@ def make_model(
         state = torch.get_rng_state()
         torch.manual_seed(seed)
         try:
-            if name == "mlp":
-                if input_dim is None:
-                    raise ValueError("`input_dim` is needed for model 'mlp'.")
-                if activation not in ("tanh", "relu"):
-                    raise ValueError(
-                        "`activation` must be one of 'tanh', 'relu'; "
-                        f"got {activation!r}."
-                    )
-                act = nn.Tanh if activation == "tanh" else nn.ReLU
-                layers: list[nn.Module] = []
-                d = input_dim
-                for _ in range(depth):
-                    layers += [nn.Linear(d, width), act()]
-                    d = width
-                layers.append(nn.Linear(d, num_classes))
-                model: nn.Module = nn.Sequential(*layers)
-            elif name in ("linear", "rfm", "deep_linear"):
-                if input_dim is None:
-                    raise ValueError(f"`input_dim` is needed for model {name!r}.")
-                if name == "linear":
-                    model = nn.Linear(input_dim, num_classes)
-                elif name == "rfm":
-                    model = RandomFeatures(input_dim, width, num_classes)
-                else:
-                    dims = [input_dim] + [width] * depth + [num_classes]
-                    model = nn.Sequential(
-                        *(
-                            nn.Linear(a, b, bias=False)
-                            for a, b in zip(dims[:-1], dims[1:], strict=True)
-                        )
-                    )
-            elif name == "cnn":
-                if image_size is None:
-                    raise ValueError("`image_size` is needed for model 'cnn'.")
-                for arg, value, allowed in (
-                    ("cnn_activation", cnn_activation, _CNN_ACTIVATIONS),
-                    ("cnn_pool", cnn_pool, _CNN_POOLS),
-                ):
-                    if value not in allowed:
-                        raise ValueError(
-                            f"`{arg}` must be one of {', '.join(map(repr, allowed))}; "
-                            f"got {value!r}."
-                        )
-                model = _SmallCNN(
-                    in_chans, num_classes, width, image_size, cnn_activation, cnn_pool
-                )
-            else:
-                import timm
-
-                model = timm.create_model(
-                    name,
-                    pretrained=False,
-                    num_classes=num_classes,
-                    in_chans=in_chans,
-                    **timm_kwargs,
-                    **timm_args,
-                )
+            model = _build(
+                name,
+                num_classes,
+                in_chans=in_chans,
+                input_dim=input_dim,
+                image_size=image_size,
+                width=width,
+                depth=depth,
+                activation=activation,
+                cnn_activation=cnn_activation,
+                cnn_pool=cnn_pool,
+                timm_args=timm_args,
+                **timm_kwargs,
+            )
         finally:
             torch.set_rng_state(state)
         model = model.to(dtype)
         if name not in SMALL_MODELS and image_size is not None:
             _check_input_size(model, name, in_chans, image_size, dtype)
     return model
+
+
+def _build(
+    name: str,
+    num_classes: int,
+    *,
+    in_chans: int,
+    input_dim: int | None,
+    image_size: int | None,
+    width: int,
+    depth: int,
+    activation: str,
+    cnn_activation: str,
+    cnn_pool: str,
+    timm_args: Mapping[str, Any],
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """The model :func:`make_model` names, on the current RNG and default device."""
+    if name == "mlp":
+        if input_dim is None:
+            raise ValueError("`input_dim` is needed for model 'mlp'.")
+        if activation not in ("tanh", "relu"):
+            raise ValueError(
+                f"`activation` must be one of 'tanh', 'relu'; got {activation!r}."
+            )
+        act = nn.Tanh if activation == "tanh" else nn.ReLU
+        layers: list[nn.Module] = []
+        d = input_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), act()]
+            d = width
+        layers.append(nn.Linear(d, num_classes))
+        return nn.Sequential(*layers)
+    if name in ("linear", "rfm", "deep_linear"):
+        if input_dim is None:
+            raise ValueError(f"`input_dim` is needed for model {name!r}.")
+        if name == "linear":
+            return nn.Linear(input_dim, num_classes)
+        if name == "rfm":
+            return RandomFeatures(input_dim, width, num_classes)
+        dims = [input_dim] + [width] * depth + [num_classes]
+        return nn.Sequential(
+            *(
+                nn.Linear(a, b, bias=False)
+                for a, b in zip(dims[:-1], dims[1:], strict=True)
+            )
+        )
+    if name == "cnn":
+        if image_size is None:
+            raise ValueError("`image_size` is needed for model 'cnn'.")
+        for arg, value, allowed in (
+            ("cnn_activation", cnn_activation, _CNN_ACTIVATIONS),
+            ("cnn_pool", cnn_pool, _CNN_POOLS),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"`{arg}` must be one of {', '.join(map(repr, allowed))}; "
+                    f"got {value!r}."
+                )
+        return _SmallCNN(
+            in_chans, num_classes, width, image_size, cnn_activation, cnn_pool
+        )
+    import timm
+
+    return timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        **timm_kwargs,
+        **timm_args,
+    )
 
 
 def _check_input_size(
