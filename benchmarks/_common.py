@@ -141,6 +141,16 @@ def usable_device(text: str) -> str:
     return text
 
 
+def build_timm(name: str, device: str | torch.device = "cpu", num_classes: int = 10):
+    """A timm model (no pretrained weights) built on the CPU from the global RNG,
+    then moved to ``device``: the same initialisation on every device."""
+    import timm
+
+    with torch.device("cpu"):
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return model.to(device)
+
+
 def add_device_argument(
     parser: argparse.ArgumentParser,
     help: str = "'cpu' (measured) or 'cuda' (the same script on a GPU; not measured "

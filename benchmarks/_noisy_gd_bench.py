@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import torch
-from _common import median_seconds, synchronize
+from _common import build_timm, median_seconds, synchronize
 from torch import nn
 
 from geoopt_sgd import NoisyGD
@@ -87,7 +87,6 @@ def bench_noisy_gd(
         A JSON-ready dict: per-measurement times in ms, ratios to SGD, the
         HVP accounting of the Hessian-aligned noise, and the settings.
     """
-    import timm
 
     torch.manual_seed(seed)
     result: dict[str, Any] = {
@@ -98,9 +97,7 @@ def bench_noisy_gd(
 
     # 1. step alone on a timm CNN's parameters; the models are built on the CPU
     # (the same init on every device) and moved
-    with torch.device("cpu"):
-        model = timm.create_model(model_name, pretrained=False, num_classes=10)
-    model = model.to(device)
+    model = build_timm(model_name, device)
     numel = sum(p.numel() for p in model.parameters())
     steps = _step_times(model, repeats, warmup, device)
     result["step_alone"] = {
@@ -146,9 +143,7 @@ def bench_noisy_gd(
     # 3. Hessian-aligned noise on a small CNN: HVPs per step, amortised. Each
     # optimizer trains its own copy of the same initial model, after one untimed
     # forward/backward pass (the first pass's one-off costs fall on neither)
-    with torch.device("cpu"):
-        initial = timm.create_model(small_model_name, pretrained=False, num_classes=10)
-    initial = initial.to(device)
+    initial = build_timm(small_model_name, device)
     xs = torch.randn(small_samples, 3, 32, 32, device=device)
     ys = torch.randint(0, 10, (small_samples,), device=device)
     timings = {}

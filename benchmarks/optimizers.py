@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from _common import (
     add_device_argument,
+    build_timm,
     environment,
     load_average,
     positive,
@@ -79,12 +80,9 @@ def bench_steps(
     Returns:
         Per-optimizer median ms per step, all repetitions, and ratios to SGD.
     """
-    import timm
 
     torch.manual_seed(0)
-    with torch.device("cpu"):  # the same init on every device, then moved
-        model = timm.create_model(model_name, pretrained=False, num_classes=10)
-    model = model.to(device)
+    model = build_timm(model_name, device)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     for p in params:

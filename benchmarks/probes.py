@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from _common import (
     add_device_argument,
+    build_timm,
     environment,
     load_average,
     median_seconds,
@@ -71,12 +72,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # --- helpers -------------------------------------------------------------------------
 def make_model(name, num_classes=10, device="cpu"):
     """A timm model built on the CPU (the same init everywhere), on ``device``."""
-    import timm
-
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    return model.to(device)
+    return build_timm(name, device, num_classes)
 
 
 def make_batch(n, size, num_classes=10, seed=0, device="cpu"):
